@@ -1,0 +1,158 @@
+"""Converters: a diffusers folder or single-file checkpoint -> an edgediff package.
+
+Needs the `convert` extra (torch, diffusers, transformers, onnx) for exporting; reading headers
+(`open_source`, family detection, `inspect`) works without it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from edgediff import __version__
+from edgediff.convert.sources import Source, open_source
+from edgediff.errors import SourceError, UsageError
+from edgediff.families import FAMILIES, Family, detect_family, get_family
+from edgediff.manifest import MANIFEST, ComponentEntry, Manifest, TextEncoderEntry
+
+FORMATS = ("onnx",)
+PRECISIONS = ("fp32",)
+BUILTIN = Path(__file__).parent / "builtin"
+_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json",
+                    "tokenizer_config.json")
+
+__all__ = ["convert", "open_source", "resolve_family", "Source"]
+
+
+def resolve_source(spec: str | Path) -> Path:
+    """A path, or `builtin:NAME` for a model shipped inside edgediff."""
+    text = str(spec)
+    if text.startswith("builtin:"):
+        name = text.split(":", 1)[1]
+        path = BUILTIN / name
+        if not path.is_dir():
+            known = ", ".join(sorted(p.name for p in BUILTIN.iterdir())) if BUILTIN.is_dir() else "none"
+            raise UsageError(f"unknown builtin model '{name}' (available: {known})")
+        return path
+    return Path(spec)
+
+
+def resolve_family(source: Source, family: str = "auto") -> tuple[Family, str]:
+    if family != "auto":
+        return get_family(family), "forced"
+    shapes = source.shapes
+    if source.kind == "diffusers":
+        return detect_family(shapes, str(source.path))
+    return detect_family(shapes, str(source.path))
+
+
+def _pad_token(tokenizer: Path, default: str) -> str:
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = tokenizer / name
+        if path.is_file():
+            value = json.loads(path.read_text(encoding="utf-8")).get("pad_token")
+            if isinstance(value, dict):
+                value = value.get("content")
+            if value:
+                return value
+    return default
+
+
+def _component_entry(files: list[Path], root: Path, precision: str) -> ComponentEntry:
+    from edgediff.convert.package import sha256_file
+
+    graph = files[0]
+    return ComponentEntry(
+        file=graph.relative_to(root).as_posix(),
+        precision=precision,
+        bytes=sum(f.stat().st_size for f in files),
+        sha256=sha256_file(graph),
+        data_files=tuple(f.relative_to(root).as_posix() for f in files[1:]),
+    )
+
+
+def convert(
+    source: str | Path,
+    output: str | Path,
+    *,
+    fmt: str = "onnx",
+    precision: str = "fp32",
+    family: str = "auto",
+    prediction: str | None = None,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Manifest:
+    """Convert `source` into a package at `output`, atomically; returns its manifest."""
+    from edgediff.convert.package import atomic_folder, check_output
+
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown --format '{fmt}'; this version writes: {', '.join(FORMATS)}")
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown --precision '{precision}'; this version writes: {', '.join(PRECISIONS)}")
+    if family != "auto" and family not in FAMILIES:
+        get_family(family)
+    if prediction not in (None, "eps", "v"):
+        raise UsageError(f"unknown --prediction '{prediction}'; choose eps or v")
+    output = Path(output)
+    check_output(output, overwrite)
+    src_path = resolve_source(source)
+    src = open_source(src_path, allow_pickle=allow_pickle)
+    fam, layout = resolve_family(src, family)
+    if not fam.convertible:
+        raise SourceError(
+            f"{src_path}: this is a {fam.title} model; this edgediff version cannot convert it yet "
+            f"(it converts: {', '.join(f.name for f in FAMILIES.values() if f.convertible)})"
+        )
+    from edgediff.convert.export import export_components
+    from edgediff.convert.load import load_torch_pipeline
+
+    started = time.perf_counter()
+    if progress:
+        progress(f"reading {src.kind} source ({fam.title}, {layout} layout)")
+    pipe = load_torch_pipeline(src, fam, prediction)
+    with atomic_folder(output, overwrite) as tmp:
+        written = export_components(pipe, tmp, progress=lambda name: progress and progress(f"exporting {name}"))
+        encoders = []
+        for spec, model, tok_dir in pipe.text_encoders:
+            dst = tmp / spec.tokenizer
+            dst.mkdir(exist_ok=True)
+            for name in _TOKENIZER_FILES:
+                if (tok_dir / name).is_file():
+                    shutil.copy2(tok_dir / name, dst / name)
+            encoders.append(TextEncoderEntry(
+                component=spec.component, tokenizer=spec.tokenizer,
+                layers=int(model.config.num_hidden_layers), norm_hidden=spec.norm_hidden,
+                pad_token=_pad_token(tok_dir, spec.pad_token), max_length=spec.max_length,
+                pooled=spec.pooled,
+            ))
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(pipe.scheduler_config, indent=2))
+        vae = pipe.vae.config
+        prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
+        manifest = Manifest(
+            family=fam.name,
+            prediction={"epsilon": "eps", "v_prediction": "v"}.get(prediction_type, prediction_type),
+            latent_channels=int(vae.latent_channels),
+            latent_scale=float(vae.scaling_factor),
+            latent_shift=float(getattr(vae, "shift_factor", None) or fam.latent.shift),
+            vae_downscale=2 ** (len(vae.block_out_channels) - 1),
+            components={k: _component_entry(v, tmp, precision) for k, v in written.items()},
+            text_encoders=tuple(encoders),
+            defaults={
+                "sampler": fam.defaults.sampler, "schedule": fam.defaults.schedule,
+                "steps": fam.defaults.steps, "guidance": fam.defaults.guidance,
+                "width": fam.defaults.resolution, "height": fam.defaults.resolution,
+            },
+            source={"path": str(src_path), "kind": src.kind, "layout": layout,
+                    "seconds": round(time.perf_counter() - started, 1), **pipe.info},
+            created_by=f"edgediff {__version__}",
+        )
+        index = {"_class_name": "ORTStableDiffusionPipeline", "_edgediff_version": __version__,
+                 **{name: ["onnx", entry.file] for name, entry in manifest.components.items()}}
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        (tmp / MANIFEST).write_text(manifest.to_json())
+    return manifest

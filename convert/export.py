@@ -1,0 +1,176 @@
+"""Torch modules -> one ONNX graph per component, with the input/output contract the runtime
+relies on. Uses torch.onnx's TorchScript exporter without constant folding, so every
+initializer keeps its state-dict name (what the quantizers and GGUF binding look weights up by);
+onnxruntime folds constants itself when it loads the graph."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgediff.errors import require
+
+OPSET = 18
+EXTERNAL_DATA_LIMIT = 1_800_000_000  # protobuf cannot hold 2 GiB: larger graphs keep weights beside
+
+
+@dataclass(frozen=True)
+class Contract:
+    """Names and dynamic axes of one component's graph."""
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    dynamic_axes: dict[str, dict[int, str]]
+
+
+TEXT_ENCODER = Contract(
+    ("input_ids",),
+    ("hidden_states", "pooled_output"),
+    {"input_ids": {0: "batch"}, "hidden_states": {1: "batch"}, "pooled_output": {0: "batch"}},
+)
+UNET = Contract(
+    ("sample", "timestep", "encoder_hidden_states"),
+    ("out_sample",),
+    {
+        "sample": {0: "batch", 2: "height", 3: "width"},
+        "timestep": {0: "batch"},
+        "encoder_hidden_states": {0: "batch", 1: "sequence"},
+        "out_sample": {0: "batch", 2: "height", 3: "width"},
+    },
+)
+VAE_DECODER = Contract(
+    ("latent_sample",),
+    ("sample",),
+    {"latent_sample": {0: "batch", 2: "height", 3: "width"}, "sample": {0: "batch", 2: "height", 3: "width"}},
+)
+VAE_ENCODER = Contract(
+    ("sample",),
+    ("latent_parameters",),
+    {"sample": {0: "batch", 2: "height", 3: "width"}, "latent_parameters": {0: "batch", 2: "height", 3: "width"}},
+)
+
+
+def _wrappers():
+    torch = require("torch", "convert", "Exporting to ONNX")
+
+    class TextEncoderGraph(torch.nn.Module):
+        """All hidden layers stacked (so clip-skip is chosen at run time) plus the pooled output."""
+
+        def __init__(self, model, norm_hidden: bool):
+            super().__init__()
+            self.model, self.norm_hidden = model, norm_hidden
+
+        def forward(self, input_ids):
+            out = self.model(input_ids=input_ids, output_hidden_states=True)
+            layers = out.hidden_states[1:]
+            if self.norm_hidden:
+                norm = getattr(self.model, "text_model", self.model).final_layer_norm
+                layers = [norm(h) for h in layers]
+            pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+            return torch.stack(layers, 0), pooled
+
+    class UNetGraph(torch.nn.Module):
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, sample, timestep, encoder_hidden_states):
+            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+    class VaeDecoderGraph(torch.nn.Module):
+        def __init__(self, vae):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, latent_sample):
+            return self.vae.decode(latent_sample, return_dict=False)[0]
+
+    class VaeEncoderGraph(torch.nn.Module):
+        """Mean and log-variance (the `moments`), so the runtime samples the latent itself."""
+
+        def __init__(self, vae):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, sample):
+            moments = self.vae.encoder(sample)
+            if self.vae.quant_conv is not None:
+                moments = self.vae.quant_conv(moments)
+            return moments
+
+    return TextEncoderGraph, UNetGraph, VaeDecoderGraph, VaeEncoderGraph
+
+
+def export_graph(module, args: tuple, contract: Contract, path: Path) -> list[Path]:
+    """Export `module` to `path` (weights beside it in `model.onnx_data` when too large).
+    Returns the files written."""
+    torch = require("torch", "convert", "Exporting to ONNX")
+    onnx = require("onnx", "convert", "Exporting to ONNX")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module.eval()
+    # The exporter may spill large weights into loose files: export into a scratch folder.
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        raw = Path(scratch) / "raw.onnx"
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module, args, str(raw), dynamo=False, opset_version=OPSET,
+                input_names=list(contract.inputs), output_names=list(contract.outputs),
+                dynamic_axes=contract.dynamic_axes, do_constant_folding=False,
+            )
+        model = onnx.load(str(raw), load_external_data=True)
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    if size > EXTERNAL_DATA_LIMIT:
+        data = path.name + "_data"
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data, size_threshold=1024)
+        return [path, path.parent / data]
+    onnx.save_model(model, str(path))
+    return [path]
+
+
+def export_components(pipe, out_dir: Path, progress=None) -> dict[str, list[Path]]:
+    """Export every component of a TorchPipeline under `out_dir` in optimum's folder layout."""
+    torch = require("torch", "convert", "Exporting to ONNX")
+    TextEncoderGraph, UNetGraph, VaeDecoderGraph, VaeEncoderGraph = _wrappers()
+    written: dict[str, list[Path]] = {}
+
+    def step(name: str) -> None:
+        if progress:
+            progress(name)
+
+    for spec, model, _ in pipe.text_encoders:
+        step(spec.component)
+        ids = torch.zeros((1, spec.max_length), dtype=torch.int64)
+        written[spec.component] = export_graph(
+            TextEncoderGraph(model, spec.norm_hidden), (ids,), TEXT_ENCODER,
+            out_dir / spec.component / "model.onnx",
+        )
+
+    unet, vae = pipe.unet, pipe.vae
+    channels = unet.config.in_channels
+    context = unet.config.cross_attention_dim
+    # An odd latent size makes diffusers trace explicit upsample sizes, so the graph works for
+    # every latent size, not only multiples of 2**levels.
+    side = 2 ** (len(unet.config.block_out_channels) - 1) + 1
+    step("unet")
+    written["unet"] = export_graph(
+        UNetGraph(unet),
+        (torch.randn(1, channels, side, side), torch.tensor([999.0]), torch.randn(1, 77, context)),
+        UNET, out_dir / "unet" / "model.onnx",
+    )
+    latent = vae.config.latent_channels
+    down = 2 ** (len(vae.config.block_out_channels) - 1)
+    step("vae_decoder")
+    written["vae_decoder"] = export_graph(
+        VaeDecoderGraph(vae), (torch.randn(1, latent, 8, 8),), VAE_DECODER,
+        out_dir / "vae_decoder" / "model.onnx",
+    )
+    step("vae_encoder")
+    written["vae_encoder"] = export_graph(
+        VaeEncoderGraph(vae), (torch.randn(1, vae.config.in_channels, 8 * down, 8 * down),), VAE_ENCODER,
+        out_dir / "vae_encoder" / "model.onnx",
+    )
+    return written

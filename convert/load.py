@@ -1,0 +1,243 @@
+"""Source -> torch modules in diffusers' layout (UNet, VAE, text encoders) plus the scheduler
+config and tokenizer folders. Single-file (LDM layout) checkpoints are renamed with diffusers'
+own converters; the architecture is read from tensor shapes, the rest from the family table."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgediff.convert.sources import Source
+from edgediff.errors import SourceError, require
+from edgediff.families import Family, TextEncoder
+
+BUNDLED_CLIP_TOKENIZER = Path(__file__).parent / "data" / "clip_tokenizer"
+_LDM_UNET = "model.diffusion_model."
+_LDM_VAE = "first_stage_model."
+
+
+@dataclass
+class TorchPipeline:
+    family: Family
+    text_encoders: list[tuple[TextEncoder, object, Path]]  # spec, module, tokenizer folder
+    unet: object
+    vae: object
+    scheduler_config: dict
+    info: dict = field(default_factory=dict)
+
+
+def _prediction_type(value: str | None, default: str) -> str:
+    return {"eps": "epsilon", "v": "v_prediction", None: default}.get(value, value)
+
+
+def load_torch_pipeline(source: Source, family: Family, prediction: str | None = None) -> TorchPipeline:
+    if source.kind == "diffusers":
+        return _load_diffusers(source, family, prediction)
+    if source.kind in ("safetensors", "checkpoint"):
+        return _load_ldm(source, family, prediction)
+    raise SourceError(
+        f"{source.path}: converting from {source.kind} files is not supported yet; "
+        "convert from the diffusers folder or the .safetensors checkpoint instead"
+    )
+
+
+def _load_diffusers(source: Source, family: Family, prediction: str | None) -> TorchPipeline:
+    torch = require("torch", "convert", "Converting a model")
+    diffusers = require("diffusers", "convert", "Converting a model")
+    transformers = require("transformers", "convert", "Converting a model")
+    folder = source.path
+    encoders = []
+    for spec in family.text_encoders:
+        if not (folder / spec.component).is_dir():
+            raise SourceError(f"{folder}: missing {spec.component}/ (needed by {family.title})")
+        module = transformers.CLIPTextModel.from_pretrained(folder / spec.component, dtype=torch.float32)
+        tokenizer = folder / spec.tokenizer
+        if not tokenizer.is_dir():
+            raise SourceError(f"{folder}: missing {spec.tokenizer}/ (the tokenizer of {spec.component})")
+        encoders.append((spec, module, tokenizer))
+    for part in ("unet", "vae"):
+        if not (folder / part).is_dir():
+            raise SourceError(f"{folder}: missing {part}/ (needed by {family.title})")
+    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
+    vae = diffusers.AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32)
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    scheduler = dict(family.scheduler_config)
+    if sched_path.is_file():
+        scheduler = json.loads(sched_path.read_text())
+    if prediction:
+        scheduler["prediction_type"] = _prediction_type(prediction, "epsilon")
+    return TorchPipeline(family, encoders, unet, vae, _resolve_spacing(scheduler))
+
+
+def _resolve_spacing(config: dict) -> dict:
+    """Record the spacing the config's own scheduler class uses when the file leaves it out."""
+    if not config.get("timestep_spacing"):
+        name = config.get("_class_name", "")
+        linspace = ("Euler", "Heun", "DPMSolver", "UniPC", "KDPM2", "LMS")
+        config = dict(config, timestep_spacing="linspace" if name.startswith(linspace) else "leading")
+    return config
+
+
+def _load_state(source: Source) -> dict:
+    torch = require("torch", "convert", "Converting a model")
+    if source.kind == "checkpoint":
+        data = torch.load(source.path, map_location="cpu", weights_only=True, mmap=True)
+        return dict(data.get("state_dict", data))
+    from safetensors.torch import load_file
+
+    return load_file(str(source.path))
+
+
+def _pick_ema(state: dict) -> tuple[dict, bool]:
+    """Use the EMA copy of each UNet weight when the file holds one (it gives better images)."""
+    ema_keys = {k for k in state if k.startswith("model_ema.")}
+    used = False
+    for key in [k for k in state if k.startswith(_LDM_UNET)]:
+        flat = "model_ema." + "".join(key.split(".")[1:])
+        if flat in ema_keys:
+            state[key] = state[flat]
+            used = True
+    return state, used
+
+
+def _count(keys, pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in keys if (m := rx.match(k))})
+
+
+def _unet_ldm_config(shapes: dict, family: Family) -> dict:
+    p = _LDM_UNET
+    model_channels, in_channels = shapes[p + "input_blocks.0.0.weight"][:2]
+    levels, mults, attn, depths = [], [], [], []
+    i, level_blocks, level_has_attn, level_depth = 1, 0, False, 1
+    while p + f"input_blocks.{i}.0.in_layers.0.weight" in shapes or p + f"input_blocks.{i}.0.op.weight" in shapes:
+        if p + f"input_blocks.{i}.0.op.weight" in shapes:  # downsample ends a level
+            levels.append(level_blocks)
+            attn.append(level_has_attn)
+            depths.append(level_depth)
+            level_blocks, level_has_attn, level_depth = 0, False, 1
+        else:
+            if level_blocks == 0:
+                mults.append(shapes[p + f"input_blocks.{i}.0.out_layers.3.weight"][0] // model_channels)
+            level_blocks += 1
+            if p + f"input_blocks.{i}.1.proj_in.weight" in shapes:
+                level_has_attn = True
+                level_depth = _count(shapes, re.escape(p + f"input_blocks.{i}.1.transformer_blocks.") + r"(\d+)\.")
+        i += 1
+    levels.append(level_blocks)
+    attn.append(level_has_attn)
+    depths.append(level_depth)
+    proj = next(k for k in shapes if k.startswith(p) and k.endswith("proj_in.weight"))
+    context = next(shapes[k][1] for k in shapes if k.startswith(p) and k.endswith("attn2.to_k.weight"))
+    params = {
+        "in_channels": in_channels,
+        "out_channels": shapes[p + "out.2.weight"][0],
+        "model_channels": model_channels,
+        "channel_mult": mults,
+        "num_res_blocks": levels[0],
+        "attention_resolutions": [2**k for k, a in enumerate(attn) if a],
+        "context_dim": context,
+        "use_linear_in_transformer": len(shapes[proj]) == 2,
+        "transformer_depth": depths[0] if len(set(depths)) == 1 else depths,
+    }
+    if family.unet_heads:
+        params["num_heads"] = family.unet_heads
+    else:
+        params["num_head_channels"] = family.unet_head_channels
+    return params
+
+
+def _vae_ldm_config(shapes: dict) -> dict:
+    p = _LDM_VAE + "encoder."
+    ch, in_ch = shapes[p + "conv_in.weight"][:2]
+    n_levels = _count(shapes, re.escape(p + "down.") + r"(\d+)\.")
+    mults = [shapes[p + f"down.{i}.block.0.conv2.weight"][0] // ch for i in range(n_levels)]
+    return {
+        "ch": ch,
+        "in_channels": in_ch,
+        "out_ch": shapes[_LDM_VAE + "decoder.conv_out.weight"][0],
+        "ch_mult": mults,
+        "num_res_blocks": _count(shapes, re.escape(p + "down.0.block.") + r"(\d+)\."),
+        "z_channels": shapes[_LDM_VAE + "decoder.conv_in.weight"][1],
+    }
+
+
+def _clip_from_ldm(state: dict, spec: TextEncoder):
+    transformers = require("transformers", "convert", "Converting a model")
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+
+    if spec.hidden_act != "quick_gelu":
+        raise SourceError(
+            f"reading OpenCLIP text encoders ({spec.ldm_prefix}*) from single files is not supported "
+            "yet; convert the diffusers folder of this model instead"
+        )
+    sub = {k: v for k, v in state.items() if k.startswith(spec.ldm_prefix)}
+    if not sub:
+        raise SourceError(f"the checkpoint has no text encoder weights ({spec.ldm_prefix}*)")
+    weights = convert_ldm_clip_checkpoint(sub, remove_prefix=spec.ldm_prefix)
+    weights.pop("text_model.embeddings.position_ids", None)
+    tok, pos = weights["text_model.embeddings.token_embedding.weight"], weights["text_model.embeddings.position_embedding.weight"]
+    hidden = tok.shape[1]
+    config = transformers.CLIPTextConfig(
+        vocab_size=tok.shape[0],
+        hidden_size=hidden,
+        intermediate_size=weights["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=_count(weights, r"text_model\.encoder\.layers\.(\d+)\."),
+        num_attention_heads=max(1, hidden // spec.head_dim),
+        max_position_embeddings=pos.shape[0],
+        hidden_act=spec.hidden_act,
+        bos_token_id=49406,
+        eos_token_id=49407,
+    )
+    model = transformers.CLIPTextModel(config)
+    if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers >= 5
+        weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
+    _load_strict(model, weights, "text encoder")
+    return model
+
+
+def _load_strict(module, weights: dict, what: str) -> None:
+    result = module.load_state_dict(weights, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise SourceError(
+            f"the {what} weights do not fit the architecture read from the checkpoint "
+            f"(missing: {result.missing_keys[:5]}, unexpected: {result.unexpected_keys[:5]}); "
+            "the file may be damaged or of an unsupported variant"
+        )
+
+
+def _load_ldm(source: Source, family: Family, prediction: str | None) -> TorchPipeline:
+    torch = require("torch", "convert", "Converting a model")
+    diffusers = require("diffusers", "convert", "Converting a model")
+    from diffusers.loaders import single_file_utils as sfu
+
+    state, ema = _pick_ema(_load_state(source))
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    for needed, what in ((_LDM_UNET, "UNet"), (_LDM_VAE, "VAE")):
+        if not any(k.startswith(needed) for k in shapes):
+            raise SourceError(f"{source.path}: the checkpoint has no {what} weights ({needed}*)")
+    kept = tuple([_LDM_UNET, _LDM_VAE] + [te.ldm_prefix for te in family.text_encoders])
+    dropped = sorted(k for k in state if not k.startswith(kept))
+    original = {"model": {"params": {
+        "unet_config": {"params": _unet_ldm_config(shapes, family)},
+        "first_stage_config": {"params": {"ddconfig": _vae_ldm_config(shapes)}},
+        "scale_factor": family.latent.scale,
+    }}}
+    unet_config = sfu.create_unet_diffusers_config_from_ldm(original, state)
+    unet = diffusers.UNet2DConditionModel(**unet_config)
+    _load_strict(unet, sfu.convert_ldm_unet_checkpoint(state, unet_config), "UNet")
+    vae_config = sfu.create_vae_diffusers_config_from_ldm(original, state, scaling_factor=family.latent.scale)
+    vae = diffusers.AutoencoderKL(**vae_config)
+    _load_strict(vae, sfu.convert_ldm_vae_checkpoint(state, vae_config), "VAE")
+    encoders = [(te, _clip_from_ldm(state, te), BUNDLED_CLIP_TOKENIZER) for te in family.text_encoders]
+    for module in (unet, vae, *(m for _, m, _ in encoders)):
+        module.to(torch.float32).eval()
+    scheduler = dict(family.scheduler_config)
+    if prediction:
+        scheduler["prediction_type"] = _prediction_type(prediction, "epsilon")
+    return TorchPipeline(
+        family, encoders, unet, vae, _resolve_spacing(scheduler),
+        info={"ema": ema, "dropped_keys": len(dropped)},
+    )

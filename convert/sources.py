@@ -1,0 +1,218 @@
+"""Reading what users have: a diffusers folder, a single-file checkpoint, or a GGUF file.
+
+Only headers are read here (names, dtypes, shapes), after validating them, so detection and
+`inspect` never allocate tensor data and never need torch. Pickle files are refused unless the
+caller explicitly allows them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgediff.errors import SourceError, UnsafeFileError
+
+SAFETENSORS_DTYPES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+MAX_HEADER = 100 * 1024 * 1024
+
+# Diffusers folder: component -> weight file names, in order of preference.
+DIFFUSERS_WEIGHTS = {
+    "unet": ("diffusion_pytorch_model.safetensors",),
+    "transformer": ("diffusion_pytorch_model.safetensors",),
+    "vae": ("diffusion_pytorch_model.safetensors",),
+    "text_encoder": ("model.safetensors",),
+    "text_encoder_2": ("model.safetensors",),
+    "text_encoder_3": ("model.safetensors",),
+}
+# Prefixes that stay in a ComfyUI-GGUF file after it strips `model.diffusion_model.`.
+_BARE_DENOISER = ("input_blocks.", "joint_blocks.", "double_blocks.", "time_embed.")
+
+
+@dataclass
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    name: str  # the name inside `file`
+
+
+@dataclass
+class Source:
+    """A model source: tensor names in its own layout, mapped to where each tensor lives."""
+
+    path: Path
+    kind: str  # 'diffusers' | 'safetensors' | 'checkpoint' | 'gguf'
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: v.shape for k, v in self.tensors.items()}
+
+    def dtype_counts(self) -> Counter:
+        return Counter(v.dtype for v in self.tensors.values())
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Validate a safetensors header against the file before anything is allocated."""
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise SourceError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(MAX_HEADER, size - 8):
+            raise SourceError(
+                f"{path}: corrupt safetensors header (it claims {length} bytes; the file has "
+                f"{size}); the file is truncated or not safetensors: download it again"
+            )
+        raw = fh.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SourceError(f"{path}: garbled safetensors header ({exc}); download the file again") from exc
+    metadata = header.pop("__metadata__", None) or {}
+    data_size = size - 8 - length
+    tensors: dict[str, TensorInfo] = {}
+    spans = []
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if dtype not in SAFETENSORS_DTYPES:
+                raise ValueError(f"unknown dtype {dtype!r}")
+            if not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise ValueError(f"bad shape {shape!r}")
+            if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+                raise ValueError(f"bad data offsets {[begin, end]!r}")
+            need = math.prod(shape) * SAFETENSORS_DTYPES[dtype]
+            if end - begin != need:
+                raise ValueError(f"{end - begin} data bytes for shape {shape} of {dtype} ({need} needed)")
+            if end > data_size:
+                raise ValueError(f"data ends at byte {end} but the file holds {data_size} data bytes (truncated?)")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SourceError(f"{path}: tensor '{name}' has an invalid header entry: {exc}") from exc
+        spans.append((begin, end, name))
+        tensors[name] = TensorInfo(dtype, tuple(shape), path, name)
+    spans.sort()
+    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
+        if b1 < e0:
+            raise SourceError(f"{path}: tensors '{n0}' and '{n1}' overlap in the data section (corrupt file)")
+    return tensors, metadata
+
+
+def _refuse_pickle(path: Path, allow_pickle: bool) -> None:
+    if not allow_pickle:
+        raise UnsafeFileError(
+            f"{path}: this is a pickle-based checkpoint, which can run arbitrary code when loaded; "
+            "edgediff will not open it. Use a .safetensors version of the model, or, if you trust "
+            "the file, pass --allow-pickle (it is then loaded with torch.load(weights_only=True))"
+        )
+
+
+def _open_diffusers(folder: Path, allow_pickle: bool) -> Source:
+    tensors: dict[str, TensorInfo] = {}
+    for component, names in DIFFUSERS_WEIGHTS.items():
+        sub = folder / component
+        if not sub.is_dir():
+            continue
+        files = [sub / n for n in names if (sub / n).is_file()]
+        index = sorted(sub.glob("*.safetensors.index.json"))
+        if not files and index:
+            weight_map = json.loads(index[0].read_text()).get("weight_map", {})
+            files = sorted({sub / f for f in weight_map.values()})
+        if not files:
+            pickles = [p for p in sub.iterdir() if p.suffix in PICKLE_SUFFIXES]
+            if pickles:
+                _refuse_pickle(pickles[0], allow_pickle)
+                raise SourceError(
+                    f"{pickles[0]}: diffusers folders with pickle weights are not supported; "
+                    "save the pipeline with safe_serialization=True"
+                )
+            raise SourceError(f"{sub}: no weights found (expected {' or '.join(names)})")
+        for file in files:
+            found, _ = read_safetensors_header(file)
+            for name, info in found.items():
+                tensors[f"{component}.{name}"] = info
+    if not tensors:
+        raise SourceError(
+            f"{folder}: a folder, but not a diffusers model (no unet/, transformer/, vae/ or "
+            "text_encoder/ with .safetensors weights)"
+        )
+    return Source(folder, "diffusers", tensors)
+
+
+def _open_checkpoint(path: Path) -> Source:
+    import torch
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise SourceError(f"{path}: could not be read as a weights-only checkpoint ({exc})") from exc
+    state = data.get("state_dict", data) if isinstance(data, dict) else None
+    if not isinstance(state, dict):
+        raise SourceError(f"{path}: no state dict inside this checkpoint")
+    tensors = {
+        k: TensorInfo(str(v.dtype).replace("torch.", ""), tuple(v.shape), path, k)
+        for k, v in state.items()
+        if hasattr(v, "shape")
+    }
+    return Source(path, "checkpoint", tensors)
+
+
+def _open_gguf(path: Path) -> Source:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as exc:
+        raise SourceError(f"{path}: not a readable GGUF file ({exc})") from exc
+    metadata: dict[str, object] = {}
+    for key, fld in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            metadata[key] = fld.contents()
+        except Exception:  # a field type gguf-py cannot render: keep the name only
+            metadata[key] = None
+    tensors: dict[str, TensorInfo] = {}
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ggml order is reversed
+        orig = metadata.get(f"comfy.gguf.orig_shape.{t.name}")
+        if isinstance(orig, list):
+            shape = tuple(int(d) for d in orig)
+        tensors[t.name] = TensorInfo(t.tensor_type.name, shape, path, t.name)
+    if tensors and all(k.startswith(_BARE_DENOISER) or "." not in k for k in tensors):
+        tensors = {"model.diffusion_model." + k: v for k, v in tensors.items()}  # ComfyUI-GGUF
+    return Source(path, "gguf", tensors, metadata)
+
+
+def open_source(path: str | Path, allow_pickle: bool = False) -> Source:
+    path = Path(path)
+    if not path.exists():
+        raise SourceError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return _open_diffusers(path, allow_pickle)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        tensors, metadata = read_safetensors_header(path)
+        return Source(path, "safetensors", tensors, dict(metadata))
+    if suffix == ".gguf":
+        return _open_gguf(path)
+    if suffix in PICKLE_SUFFIXES:
+        _refuse_pickle(path, allow_pickle)
+        return _open_checkpoint(path)
+    raise SourceError(
+        f"{path}: unknown model file type '{suffix}'; edgediff reads diffusers folders, "
+        ".safetensors, .gguf, and (with --allow-pickle) .ckpt/.pt/.bin"
+    )

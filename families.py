@@ -1,0 +1,294 @@
+"""The one table of model families: what differs between families is data here, not code.
+
+Constants are the models' own (diffusers configs, the LDM/SGM yaml files, ComfyUI's
+latent_formats.py). A row with `convertible=False` is detected (so users get a precise answer)
+but its export recipe does not exist yet.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from edgediff.errors import SourceError, UsageError
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A key pattern (fnmatch) that must (or must not) match a tensor, optionally of a rank."""
+
+    pattern: str
+    ndim: int | None = None
+    present: bool = True
+
+    def holds(self, shapes: Mapping[str, Sequence[int]]) -> bool:
+        hits = [k for k in fnmatch.filter(shapes, self.pattern)]
+        if self.ndim is not None:
+            hits = [k for k in hits if len(shapes[k]) == self.ndim]
+        return bool(hits) == self.present
+
+    def describe(self) -> str:
+        rank = f" of rank {self.ndim}" if self.ndim is not None else ""
+        return f"{'a' if self.present else 'no'} tensor '{self.pattern}'{rank}"
+
+
+@dataclass(frozen=True)
+class Signature:
+    """All rules of one layout ('ldm' single-file names or 'diffusers' folder names)."""
+
+    layout: str
+    rules: tuple[Rule, ...]
+
+    def score(self, shapes: Mapping[str, Sequence[int]]) -> tuple[int, list[Rule]]:
+        failed = [r for r in self.rules if not r.holds(shapes)]
+        return len(self.rules) - len(failed), failed
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """One text encoder and how the family uses it."""
+
+    component: str = "text_encoder"
+    tokenizer: str = "tokenizer"
+    ldm_prefix: str = "cond_stage_model.transformer."
+    hidden_act: str = "quick_gelu"  # when the config must be rebuilt from a single file
+    head_dim: int = 64
+    norm_hidden: bool = True  # final layer norm applied to the chosen hidden layer
+    pooled: bool = False  # the denoiser also takes the pooled output
+    pad_token: str = "<|endoftext|>"
+    max_length: int = 77
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """latent = (vae_latent - shift) * scale; the denoiser sees `latent`."""
+
+    channels: int
+    scale: float
+    shift: float = 0.0
+    downscale: int = 8
+
+
+@dataclass(frozen=True)
+class Defaults:
+    sampler: str
+    schedule: str
+    steps: int
+    guidance: float
+    resolution: int
+
+
+_SD_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    title: str
+    text_encoders: tuple[TextEncoder, ...]
+    latent: LatentFormat
+    prediction: str  # 'eps' | 'v' | 'flow' (a package's scheduler config may say otherwise)
+    defaults: Defaults
+    signatures: tuple[Signature, ...]
+    denoiser: str = "unet"
+    scheduler_config: Mapping[str, object] = field(default_factory=lambda: dict(_SD_SCHEDULER))
+    unet_heads: int | None = None  # LDM `num_heads` (SD 1.x) ...
+    unet_head_channels: int | None = None  # ... or `num_head_channels` (SD 2.x)
+    convertible: bool = True
+
+
+def _unet_rules(prefix: str, proj_ndim: int, label_emb: str, label: bool) -> tuple[Rule, ...]:
+    return (
+        Rule(prefix + "*proj_in.weight", ndim=proj_ndim),
+        Rule(prefix + label_emb, present=label),
+    )
+
+
+_SD1_TE = TextEncoder()
+_SD2_TE = TextEncoder(
+    ldm_prefix="cond_stage_model.model.", hidden_act="gelu", pad_token="!"
+)
+_LDM = "model.diffusion_model."
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family(
+            name="sd1",
+            title="Stable Diffusion 1.x",
+            text_encoders=(_SD1_TE,),
+            latent=LatentFormat(channels=4, scale=0.18215),
+            prediction="eps",
+            defaults=Defaults("dpmpp_2m", "karras", 20, 7.5, 512),
+            unet_heads=8,
+            signatures=(
+                Signature("ldm", (
+                    Rule(_LDM + "input_blocks.0.0.weight"),
+                    *_unet_rules(_LDM, 4, "label_emb.*", False),
+                    Rule("cond_stage_model.model.*", present=False),
+                    Rule("conditioner.*", present=False),
+                )),
+                Signature("diffusers", (
+                    Rule("unet.conv_in.weight"),
+                    *_unet_rules("unet.", 4, "add_embedding.*", False),
+                )),
+            ),
+        ),
+        Family(
+            name="sd2",
+            title="Stable Diffusion 2.x",
+            text_encoders=(_SD2_TE,),
+            latent=LatentFormat(channels=4, scale=0.18215),
+            prediction="eps",  # 768-v checkpoints say v in their scheduler config
+            defaults=Defaults("dpmpp_2m", "karras", 20, 7.5, 768),
+            unet_head_channels=64,
+            scheduler_config={**_SD_SCHEDULER, "_class_name": "DDIMScheduler"},
+            signatures=(
+                Signature("ldm", (
+                    Rule(_LDM + "input_blocks.0.0.weight"),
+                    *_unet_rules(_LDM, 2, "label_emb.*", False),
+                    Rule("conditioner.*", present=False),
+                )),
+                Signature("diffusers", (
+                    Rule("unet.conv_in.weight"),
+                    *_unet_rules("unet.", 2, "class_embedding.*", False),
+                    Rule("unet.add_embedding.*", present=False),
+                )),
+            ),
+        ),
+        Family(
+            name="sdxl",
+            title="Stable Diffusion XL (base)",
+            text_encoders=(
+                TextEncoder(norm_hidden=False, ldm_prefix="conditioner.embedders.0.transformer."),
+                TextEncoder(component="text_encoder_2", tokenizer="tokenizer_2", hidden_act="gelu",
+                            norm_hidden=False, pooled=True, pad_token="!",
+                            ldm_prefix="conditioner.embedders.1.model."),
+            ),
+            latent=LatentFormat(channels=4, scale=0.13025),
+            prediction="eps",
+            defaults=Defaults("dpmpp_2m", "karras", 30, 6.0, 1024),
+            scheduler_config={**_SD_SCHEDULER, "_class_name": "EulerDiscreteScheduler",
+                              "timestep_spacing": "leading"},
+            unet_head_channels=64,
+            convertible=False,
+            signatures=(
+                Signature("ldm", (
+                    *_unet_rules(_LDM, 2, "label_emb.*", True),
+                    Rule("conditioner.embedders.0.model.*", present=False),
+                )),
+                Signature("diffusers", (
+                    *_unet_rules("unet.", 2, "add_embedding.*", True),
+                    Rule("text_encoder.*"),
+                )),
+            ),
+        ),
+        Family(
+            name="sdxl-refiner",
+            title="Stable Diffusion XL refiner",
+            text_encoders=(
+                TextEncoder(component="text_encoder_2", tokenizer="tokenizer_2", hidden_act="gelu",
+                            norm_hidden=False, pooled=True, pad_token="!",
+                            ldm_prefix="conditioner.embedders.0.model."),
+            ),
+            latent=LatentFormat(channels=4, scale=0.13025),
+            prediction="eps",
+            defaults=Defaults("dpmpp_2m", "karras", 30, 6.0, 1024),
+            scheduler_config={**_SD_SCHEDULER, "_class_name": "EulerDiscreteScheduler",
+                              "timestep_spacing": "leading"},
+            unet_head_channels=64,
+            convertible=False,
+            signatures=(
+                Signature("ldm", (
+                    *_unet_rules(_LDM, 2, "label_emb.*", True),
+                    Rule("conditioner.embedders.0.model.*"),
+                )),
+                Signature("diffusers", (
+                    *_unet_rules("unet.", 2, "add_embedding.*", True),
+                    Rule("text_encoder.*", present=False),
+                )),
+            ),
+        ),
+        Family(
+            name="sd3",
+            title="Stable Diffusion 3 / 3.5 (MMDiT)",
+            text_encoders=(),
+            latent=LatentFormat(channels=16, scale=1.5305, shift=0.0609),
+            prediction="flow",
+            defaults=Defaults("euler", "simple", 28, 5.0, 1024),
+            denoiser="transformer",
+            convertible=False,
+            signatures=(
+                Signature("ldm", (Rule(_LDM + "joint_blocks.*"),)),
+                Signature("diffusers", (Rule("transformer.transformer_blocks.*.ff_context.*"),
+                                        Rule("transformer.single_transformer_blocks.*",
+                                             present=False))),
+            ),
+        ),
+        Family(
+            name="flux",
+            title="FLUX.1 (schnell / dev)",
+            text_encoders=(),
+            latent=LatentFormat(channels=16, scale=0.3611, shift=0.1159),
+            prediction="flow",
+            defaults=Defaults("euler", "simple", 20, 3.5, 1024),
+            denoiser="transformer",
+            convertible=False,
+            signatures=(
+                Signature("ldm", (Rule(_LDM + "double_blocks.*"),)),
+                Signature("diffusers", (Rule("transformer.single_transformer_blocks.*"),)),
+            ),
+        ),
+    )
+}
+
+
+def get_family(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise UsageError(
+            f"unknown model family '{name}'; known families: {', '.join(FAMILIES)}"
+        ) from None
+
+
+def detect_family(shapes: Mapping[str, Sequence[int]], where: str) -> tuple[Family, str]:
+    """The one family (and layout) whose signature `shapes` satisfies, or an error naming near misses."""
+    matches, scored = [], []
+    for family in FAMILIES.values():
+        for sig in family.signatures:
+            ok, failed = sig.score(shapes)
+            if not failed:
+                matches.append((family, sig.layout))
+            scored.append((ok / len(sig.rules), family, sig, failed))
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        names = ", ".join(f"{f.name} ({layout})" for f, layout in matches)
+        raise SourceError(
+            f"{where}: the tensors match more than one family ({names}); "
+            "pass --family NAME to choose"
+        )
+    scored.sort(key=lambda s: -s[0])
+    near = "; ".join(
+        f"{fam.name} ({sig.layout} names) lacks " + ", ".join(r.describe() for r in failed)
+        for frac, fam, sig, failed in scored[:3]
+        if frac > 0
+    )
+    raise SourceError(
+        f"{where}: not a known model architecture ({len(shapes)} tensors). "
+        f"Closest: {near or 'none share any tensor names'}. "
+        f"Supported families: {', '.join(FAMILIES)}; pass --family NAME if you know it."
+    )

@@ -1,0 +1,82 @@
+"""`edgediff.json`: the manifest of a package, written by the converter, read by the runtime."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgediff.errors import PackageError
+
+FORMAT = "edgediff-package"
+FORMAT_VERSION = 1
+MANIFEST = "edgediff.json"
+
+
+@dataclass(frozen=True)
+class ComponentEntry:
+    file: str  # path of the .onnx graph, relative to the package
+    precision: str
+    bytes: int  # graph plus external data
+    sha256: str  # of the graph file
+    data_files: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TextEncoderEntry:
+    component: str
+    tokenizer: str
+    layers: int
+    norm_hidden: bool
+    pad_token: str
+    max_length: int
+    pooled: bool
+
+
+@dataclass(frozen=True)
+class Manifest:
+    family: str
+    prediction: str  # 'eps' | 'v' | 'flow'
+    latent_channels: int
+    latent_scale: float
+    latent_shift: float
+    vae_downscale: int
+    components: dict[str, ComponentEntry]
+    text_encoders: tuple[TextEncoderEntry, ...]
+    defaults: dict[str, object]
+    source: dict[str, object] = field(default_factory=dict)
+    created_by: str = ""
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def read(cls, package: Path) -> Manifest:
+        path = Path(package) / MANIFEST
+        if not path.is_file():
+            raise PackageError(
+                f"{package}: not an edgediff package (no {MANIFEST}); "
+                "create one with `edgediff convert SOURCE --output DIR`"
+            )
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PackageError(f"{path}: unreadable manifest ({exc}); re-run `edgediff convert`") from exc
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise PackageError(f"{path}: not an edgediff manifest (format is {raw.get('format')!r})")
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise PackageError(
+                f"{path}: package format version {raw.get('format_version')} is not supported by this "
+                f"edgediff (it reads version {FORMAT_VERSION}); re-convert the model with this version"
+            )
+        try:
+            raw["components"] = {
+                k: ComponentEntry(**{**v, "data_files": tuple(v.get("data_files", ()))})
+                for k, v in raw["components"].items()
+            }
+            raw["text_encoders"] = tuple(TextEncoderEntry(**t) for t in raw["text_encoders"])
+            return cls(**raw)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise PackageError(f"{path}: manifest is missing or has malformed fields ({exc})") from exc

@@ -1,0 +1,109 @@
+"""onnxruntime sessions: provider choice, threads, and components that open on first use and
+can be released, so only the component in use holds memory."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgediff.errors import RuntimeFailure, UsageError
+
+DEVICES = ("auto", "cpu", "cuda")
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+                "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def _ort():
+    import onnxruntime
+
+    return onnxruntime
+
+
+def providers_for(device: str) -> list[str]:
+    """Execution providers for `device`; CUDA falls back to CPU with a warning that says why."""
+    if device not in DEVICES:
+        raise UsageError(f"unknown device '{device}'; choose one of: {', '.join(DEVICES)}")
+    available = _ort().get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        warnings.warn(
+            "CUDA was requested but this onnxruntime build has no CUDAExecutionProvider "
+            f"(available: {', '.join(available)}); running on the CPU. For CUDA, replace the "
+            "package: pip uninstall onnxruntime && pip install onnxruntime-gpu",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return ["CPUExecutionProvider"]
+
+
+@dataclass
+class SessionOptions:
+    device: str = "auto"
+    threads: int | None = None  # intra-op threads; None lets onnxruntime use all cores
+
+
+@dataclass
+class Component:
+    """One ONNX graph of a package, opened on first `run` and closed by `release`."""
+
+    name: str
+    path: Path
+    options: SessionOptions
+    _session: object | None = field(default=None, repr=False)
+    load_seconds: float = 0.0
+
+    @property
+    def session(self):
+        if self._session is None:
+            ort = _ort()
+            opts = ort.SessionOptions()
+            if self.options.threads:
+                opts.intra_op_num_threads = self.options.threads
+                opts.inter_op_num_threads = 1
+            start = time.perf_counter()
+            try:
+                self._session = ort.InferenceSession(
+                    str(self.path), sess_options=opts, providers=providers_for(self.options.device)
+                )
+            except Exception as exc:  # onnxruntime raises its own exception types
+                raise RuntimeFailure(
+                    f"{self.path}: onnxruntime could not load the {self.name} graph ({exc}); "
+                    "re-convert the model or check that the provider supports its operators"
+                ) from exc
+            self.load_seconds += time.perf_counter() - start
+        return self._session
+
+    def input_type(self, name: str):
+        for arg in self.session.get_inputs():
+            if arg.name == name:
+                return _NUMPY_TYPES.get(arg.type, np.float32)
+        raise RuntimeFailure(f"{self.path}: the {self.name} graph has no input '{name}'")
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run with inputs cast to the graph's own input types; outputs come back as float32."""
+        session = self.session
+        cast = {k: np.ascontiguousarray(v, dtype=self.input_type(k)) for k, v in feeds.items()}
+        names = [o.name for o in session.get_outputs()]
+        outputs = session.run(names, cast)
+        result = {}
+        for name, value in zip(names, outputs, strict=True):
+            value = np.asarray(value)
+            if value.dtype == np.float16:
+                value = value.astype(np.float32)
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise RuntimeFailure(
+                    f"the {self.name} component produced NaN or Inf in '{name}' "
+                    f"({self.path}); its precision may overflow: re-convert it at fp32"
+                )
+            result[name] = value
+        return result
+
+    def release(self) -> None:
+        self._session = None

@@ -1,0 +1,74 @@
+"""Prompt to conditioning: A1111-style 75-token chunks, each encoded as its own 77-token window
+and concatenated, so long prompts are not cut; clip-skip picks an earlier hidden layer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from edgediff.errors import UsageError
+from edgediff.runtime.tokenizer import BOS, EOS
+
+# A1111 `comma_padding_backtrack`: when a chunk fills up, a comma within the last 20 tokens
+# ends the chunk there, so a phrase is not split across two windows.
+COMMA_BACKTRACK = 20
+
+
+@dataclass(frozen=True)
+class ChunkedTokens:
+    ids: np.ndarray  # [chunks, max_length] int64
+
+
+def chunk_prompt(tok: Tokenizer, prompt: str, max_length: int, pad_id: int) -> list[list[int]]:
+    """Token ids of `prompt` in chunks of max_length - 2, each wrapped as BOS ... EOS PAD..."""
+    body = max_length - 2
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    comma = tok.token_to_id(",</w>")
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    last_comma = -1
+    for token in ids:
+        if token == comma:
+            last_comma = len(current)
+        elif len(current) == body and last_comma != -1 and len(current) - last_comma <= COMMA_BACKTRACK:
+            cut = last_comma + 1
+            chunks.append(current[:cut])
+            current = current[cut:]
+            last_comma = -1
+        if len(current) == body:
+            chunks.append(current)
+            current, last_comma = [], -1
+        current.append(token)
+    if current or not chunks:
+        chunks.append(current)
+    bos, eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
+    return [[bos, *c, eos] + [pad_id] * (body - len(c)) for c in chunks]
+
+
+def pad_chunks(chunks: list[list[int]], count: int, tok: Tokenizer, pad_id: int) -> list[list[int]]:
+    """Append empty chunks so prompt and negative prompt give contexts of equal length."""
+    length = len(chunks[0])
+    empty = [tok.token_to_id(BOS), tok.token_to_id(EOS)] + [pad_id] * (length - 2)
+    return chunks + [empty] * (count - len(chunks))
+
+
+def encode_chunks(
+    run: Callable[[np.ndarray], dict[str, np.ndarray]],
+    chunks: list[list[int]],
+    clip_skip: int,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Run the text encoder on each chunk; concatenate the chosen hidden layer along tokens.
+
+    Returns context [1, chunks*max_length, D] and the first chunk's pooled output (or None).
+    """
+    outputs = run(np.asarray(chunks, dtype=np.int64))
+    hidden = outputs["hidden_states"]  # [layers, chunks, T, D]
+    if not 1 <= clip_skip <= hidden.shape[0]:
+        raise UsageError(f"--clip-skip must be between 1 and {hidden.shape[0]} for this model (got {clip_skip})")
+    chosen = hidden[-clip_skip]
+    context = chosen.reshape(1, -1, chosen.shape[-1]).astype(np.float32)
+    pooled = outputs.get("pooled_output")
+    return context, (None if pooled is None else pooled[:1].astype(np.float32))
