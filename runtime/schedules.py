@@ -128,12 +128,24 @@ def simple(ds: DiscreteSchedule, n: int) -> np.ndarray:
     return _append_zero(np.array([ds.sigmas[-(1 + int(i * stride))] for i in range(n)]))
 
 
+def lcm(ds: DiscreteSchedule, n: int, original_steps: int = 50) -> np.ndarray:
+    """Latent Consistency Models' skipping schedule: n of the distillation's `original_steps`
+    timesteps (Luo et al. 2023; diffusers LCMScheduler)."""
+    total = len(ds.sigmas)
+    if n > original_steps:
+        raise UsageError(f"the lcm schedule has at most {original_steps} steps (got {n})")
+    origin = (np.arange(1, original_steps + 1) * (total // original_steps) - 1)[::-1]
+    t = origin[np.floor(np.linspace(0, original_steps, n, endpoint=False)).astype(int)]
+    return _append_zero(ds.sigmas[t])
+
+
 SCHEDULES: dict[str, Callable[[DiscreteSchedule, int], np.ndarray]] = {
     "normal": normal,
     "karras": karras,
     "exponential": exponential,
     "sgm_uniform": sgm_uniform,
     "simple": simple,
+    "lcm": lcm,
 }
 
 

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny seeded models (diffusers folders) and their converted packages, built
+once per test session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # the helpers beside this file
+
+from tiny_models import build_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tmp_path_factory):
+    """tiny_source(name) -> diffusers folder of the tiny config `name`."""
+    built: dict[str, Path] = {}
+
+    def get(name: str = "sd1") -> Path:
+        if name not in built:
+            built[name] = build_tiny(tmp_path_factory.mktemp(f"src-{name}") / name, name)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tmp_path_factory, tiny_source):
+    """tiny_package(name) -> converted edgediff package of the tiny config `name`."""
+    from edgediff.convert import convert
+
+    built: dict[str, Path] = {}
+
+    def get(name: str = "sd1") -> Path:
+        if name not in built:
+            out = tmp_path_factory.mktemp(f"pkg-{name}") / name
+            convert(tiny_source(name), out)
+            built[name] = out
+        return built[name]
+
+    return get

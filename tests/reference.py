@@ -1,0 +1,70 @@
+"""Reference pipelines: diffusers built from the same tiny models, for parity tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+PROMPT = "a red circle on a blue background, high quality"
+NEGATIVE = "blurry, low quality"
+
+
+def psnr(a, b) -> float:
+    """PSNR in dB of two 8-bit images (inf when identical)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    mse = float(((a - b) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def diffusers_pipeline(folder, img2img: bool = False):
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+    pipe = cls.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _at_timesteps(cls, timesteps_fn):
+    """A diffusers scheduler class that samples at our schedule's timesteps (for schedulers
+    that take no custom timesteps); the update rule stays diffusers' own."""
+    import torch
+
+    class AtTimesteps(cls):
+        def set_timesteps(self, num_inference_steps=None, device=None, **kw):
+            super().set_timesteps(num_inference_steps, device, **kw)
+            t = timesteps_fn(num_inference_steps)
+            table = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
+            sigmas = np.interp(t, np.arange(len(table)), table)
+            self.sigmas = torch.from_numpy(np.append(sigmas, 0.0)).float()
+            self.timesteps = torch.from_numpy(t.astype(np.int64))
+
+    return AtTimesteps
+
+
+def diffusers_scheduler(sampler: str, schedule: str, config, ours_schedule):
+    """The diffusers scheduler (built from the model's scheduler config) that `sampler` with
+    `schedule` must reproduce, and extra pipeline arguments."""
+    import diffusers as d
+
+    from edgediff.runtime.schedules import spaced_timesteps
+
+    def timesteps(n):
+        return spaced_timesteps(ours_schedule, n)
+
+    # diffusers draws karras sigmas between the extremes of the spaced timesteps: linspace
+    # spacing reaches t = 999 and t = 0, the full range karras is defined on
+    leading = {"timestep_spacing": "linspace" if schedule == "karras" else ours_schedule.timestep_spacing}
+    karras = {"use_karras_sigmas": True} if schedule == "karras" else {}
+    if sampler in ("euler", "euler_a", "heun", "ddim"):
+        cls = {"euler": d.EulerDiscreteScheduler, "euler_a": d.EulerAncestralDiscreteScheduler,
+               "heun": d.HeunDiscreteScheduler, "ddim": d.DDIMScheduler}[sampler]
+        return cls.from_config(config, **leading, **karras), {}
+    if sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
+        algo = {"algorithm_type": "sde-dpmsolver++"} if sampler == "dpmpp_2m_sde" else {}
+        sched = d.DPMSolverMultistepScheduler.from_config(config, **algo, **karras)
+        return sched, ({"timesteps": timesteps} if schedule == "normal" else {})
+    if sampler == "unipc":
+        return _at_timesteps(d.UniPCMultistepScheduler, timesteps).from_config(config), {}
+    if sampler == "lcm":
+        return d.LCMScheduler.from_config(config), {}
+    raise KeyError(sampler)
