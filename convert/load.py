@@ -213,6 +213,7 @@ def _load_ldm(source: Source, family: Family, prediction: str | None) -> TorchPi
     diffusers = require("diffusers", "convert", "Converting a model")
     from diffusers.loaders import single_file_utils as sfu
 
+    diffusers.utils.logging.set_verbosity_error()  # its EMA hint is about its own flag, not ours
     state, ema = _pick_ema(_load_state(source))
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     for needed, what in ((_LDM_UNET, "UNet"), (_LDM_VAE, "VAE")):
@@ -233,7 +234,7 @@ def _load_ldm(source: Source, family: Family, prediction: str | None) -> TorchPi
     _load_strict(vae, sfu.convert_ldm_vae_checkpoint(state, vae_config), "VAE")
     encoders = [(te, _clip_from_ldm(state, te), BUNDLED_CLIP_TOKENIZER) for te in family.text_encoders]
     for module in (unet, vae, *(m for _, m, _ in encoders)):
-        module.to(torch.float32).eval()
+        module.eval()
     scheduler = dict(family.scheduler_config)
     if prediction:
         scheduler["prediction_type"] = _prediction_type(prediction, "epsilon")

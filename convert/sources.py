@@ -216,3 +216,51 @@ def open_source(path: str | Path, allow_pickle: bool = False) -> Source:
         f"{path}: unknown model file type '{suffix}'; edgediff reads diffusers folders, "
         ".safetensors, .gguf, and (with --allow-pickle) .ckpt/.pt/.bin"
     )
+
+
+# Single-file prefixes -> the component they hold (LDM/SGM names, stable-diffusion.cpp names).
+_COMPONENT_PREFIXES = (
+    ("model.diffusion_model.", "denoiser"),
+    ("first_stage_model.", "vae"),
+    ("cond_stage_model.", "text_encoder"),
+    ("conditioner.embedders.0.", "text_encoder"),
+    ("conditioner.embedders.1.", "text_encoder_2"),
+    ("text_encoders.clip_l.", "clip_l"),
+    ("text_encoders.clip_g.", "clip_g"),
+    ("text_encoders.t5xxl.", "t5xxl"),
+    ("model_ema.", "ema (training copy)"),
+)
+
+
+def component_of(source: Source, name: str) -> str:
+    if source.kind == "diffusers":
+        return name.split(".", 1)[0]
+    for prefix, component in _COMPONENT_PREFIXES:
+        if name.startswith(prefix):
+            return component
+    return "other"
+
+
+def tensor_bytes(info: TensorInfo) -> int:
+    """Bytes of a tensor as stored (GGUF block types included, via gguf-py's size table)."""
+    if info.dtype in SAFETENSORS_DTYPES:
+        return math.prod(info.shape) * SAFETENSORS_DTYPES[info.dtype]
+    try:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[info.dtype]]
+        return math.prod(info.shape) // block * size
+    except (ImportError, KeyError):
+        torch_sizes = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8}
+        return math.prod(info.shape) * torch_sizes.get(info.dtype, 4)
+
+
+def summarize(source: Source) -> dict[str, dict[str, object]]:
+    """Per component: tensor count, bytes, and dtype counts."""
+    out: dict[str, dict[str, object]] = {}
+    for name, info in source.tensors.items():
+        entry = out.setdefault(component_of(source, name), {"tensors": 0, "bytes": 0, "dtypes": Counter()})
+        entry["tensors"] += 1
+        entry["bytes"] += tensor_bytes(info)
+        entry["dtypes"][info.dtype] += 1
+    return out

@@ -1,0 +1,197 @@
+"""The `edgediff` command: convert, generate, inspect.
+
+Errors edgediff expects print one line, no traceback: exit code 2 for usage errors, 1 for
+failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from edgediff import __version__
+from edgediff.errors import EdgediffError, UsageError
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+class ProgressBar:
+    """A one-line progress display on stderr, redrawn in place when stderr is a terminal."""
+
+    def __init__(self, label: str, stream=sys.stderr):
+        self.label, self.stream, self.started = label, stream, time.perf_counter()
+        self.tty = stream.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        if done == 0:
+            self.started = time.perf_counter()
+        if not self.tty and done not in (total,) and done % max(1, total // 10):
+            return
+        width = 24
+        filled = int(width * done / max(total, 1))
+        elapsed = time.perf_counter() - self.started
+        rate = f"{elapsed / done:.2f} s/step" if done else ""
+        line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {rate}"
+        end = "\r" if self.tty and done < total else "\n"
+        self.stream.write(line + end)
+        self.stream.flush()
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors: usage, exit 2, no traceback
+        self.print_usage(sys.stderr)
+        raise UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="edgediff", description="Quantized edge inference for diffusion image models.")
+    p.add_argument("--version", action="version", version=f"edgediff {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("convert", help="convert a diffusers folder or checkpoint into a package")
+    c.add_argument("source", help="diffusers folder, .safetensors checkpoint, or builtin:NAME")
+    c.add_argument("--output", "-o", required=True, help="package folder to create")
+    c.add_argument("--format", default="onnx", help="package format (onnx)")
+    c.add_argument("--precision", default="fp32", help="weight precision (fp32)")
+    c.add_argument("--family", default="auto", help="model family, or auto to detect it")
+    c.add_argument("--prediction", choices=("eps", "v"), help="override the prediction type")
+    c.add_argument("--allow-pickle", action="store_true",
+                   help="read pickle checkpoints (.ckpt/.pt/.bin) with torch.load(weights_only=True)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    g = sub.add_parser("generate", help="generate an image with a converted package")
+    g.add_argument("--model", "-m", required=True, help="package folder (from `edgediff convert`)")
+    g.add_argument("--prompt", "-p", required=True)
+    g.add_argument("--negative-prompt", "-n", default="")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--guidance", "--cfg", type=float)
+    g.add_argument("--sampler")
+    g.add_argument("--schedule")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--width", type=int)
+    g.add_argument("--height", type=int)
+    g.add_argument("--init-image", help="start from this image (img2img)")
+    g.add_argument("--strength", type=float, default=0.75, help="img2img: how much to change (0, 1]")
+    g.add_argument("--clip-skip", type=int, default=1, help="1 = last layer, 2 = the one before (A1111)")
+    g.add_argument("--output", "-o", help="PNG to write (default: edgediff-SEED.png)")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    g.add_argument("--threads", type=int, help="CPU threads for onnxruntime")
+    g.add_argument("--keep-loaded", action="store_true",
+                   help="keep every component in memory instead of releasing each after use")
+
+    i = sub.add_parser("inspect", help="describe a package, checkpoint, diffusers folder or GGUF file")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--allow-pickle", action="store_true")
+    return p
+
+
+def _convert(args) -> int:
+    from edgediff.convert import convert
+
+    def say(msg: str) -> None:
+        print(f"[convert] {msg}", file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    manifest = convert(args.source, args.output, fmt=args.format, precision=args.precision,
+                       family=args.family, prediction=args.prediction,
+                       allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=say)
+    size = sum(c.bytes for c in manifest.components.values())
+    print(f"wrote {args.output} ({manifest.family}, {args.precision}, {_human(size)}) "
+          f"in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def _generate(args) -> int:
+    from edgediff.runtime import Pipeline
+    from edgediff.runtime.image import save_png
+
+    if args.output:
+        out = Path(args.output)
+        if not out.parent.is_dir():
+            raise UsageError(f"--output {out}: the folder {out.parent} does not exist; create it first")
+    pipe = Pipeline(args.model, device=args.device, threads=args.threads, low_memory=not args.keep_loaded)
+    image = pipe.generate(
+        args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
+        sampler=args.sampler, schedule=args.schedule, seed=args.seed, width=args.width,
+        height=args.height, init_image=args.init_image, strength=args.strength,
+        clip_skip=args.clip_skip, progress=ProgressBar("sampling"),
+    )
+    seed = image.info["parameters"].split("Seed: ")[1].split(",")[0]
+    path = save_png(image, args.output or f"edgediff-{seed}.png", image.info["parameters"])
+    print(f"wrote {path} ({image.width}x{image.height}, seed {seed})")
+    print(f"time: {pipe.timings.summary()}")
+    return 0
+
+
+def _inspect(args) -> int:
+    path = Path(args.path)
+    if (path / "edgediff.json").is_file():
+        from edgediff.manifest import Manifest
+
+        m = Manifest.read(path)
+        if args.json:
+            print(m.to_json(), end="")
+            return 0
+        print(f"edgediff package: {path}")
+        print(f"  family: {m.family} (prediction {m.prediction}, latent {m.latent_channels}ch "
+              f"x{m.vae_downscale}, scale {m.latent_scale})")
+        for name, c in m.components.items():
+            print(f"  {name:14s} {c.precision:6s} {_human(c.bytes):>10s}  {c.file}")
+        print(f"  total: {_human(sum(c.bytes for c in m.components.values()))}; made by {m.created_by} "
+              f"from {m.source.get('kind')} {m.source.get('path')}")
+        return 0
+    from edgediff.convert import resolve_family
+    from edgediff.convert.sources import open_source, summarize
+
+    source = open_source(path, allow_pickle=args.allow_pickle)
+    parts = summarize(source)
+    try:
+        family, layout = resolve_family(source)
+        detected = {"family": family.name, "title": family.title, "layout": layout}
+    except EdgediffError as exc:
+        detected = {"family": None, "error": str(exc)}
+    if args.json:
+        print(json.dumps({"path": str(path), "kind": source.kind, **detected,
+                          "components": {k: {**v, "dtypes": dict(v["dtypes"])} for k, v in parts.items()}},
+                         indent=2))
+        return 0
+    print(f"{source.kind}: {path}")
+    if detected["family"]:
+        print(f"  family: {detected['family']} ({detected['title']}; {detected['layout']} names)")
+    else:
+        print(f"  family: unknown: {detected['error']}")
+    for name, v in sorted(parts.items()):
+        dtypes = ", ".join(f"{k} x{n}" for k, n in v["dtypes"].most_common())
+        print(f"  {name:20s} {v['tensors']:5d} tensors {_human(v['bytes']):>10s}  ({dtypes})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"edgediff: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        args = _parser().parse_args(argv)
+        return {"convert": _convert, "generate": _generate, "inspect": _inspect}[args.command](args)
+    except EdgediffError as exc:
+        print(f"edgediff: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("edgediff: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
