@@ -40,9 +40,12 @@ class Signature:
     layout: str
     rules: tuple[Rule, ...]
 
-    def score(self, shapes: Mapping[str, Sequence[int]]) -> tuple[int, list[Rule]]:
+    def score(self, shapes: Mapping[str, Sequence[int]]) -> tuple[float, list[Rule]]:
+        """(share of the required tensors that are there, the rules that fail)."""
         failed = [r for r in self.rules if not r.holds(shapes)]
-        return len(self.rules) - len(failed), failed
+        required = [r for r in self.rules if r.present]
+        found = sum(1 for r in required if r not in failed)
+        return found / max(len(required), 1), failed
 
 
 @dataclass(frozen=True)
@@ -269,10 +272,10 @@ def detect_family(shapes: Mapping[str, Sequence[int]], where: str) -> tuple[Fami
     matches, scored = [], []
     for family in FAMILIES.values():
         for sig in family.signatures:
-            ok, failed = sig.score(shapes)
+            share, failed = sig.score(shapes)
             if not failed:
                 matches.append((family, sig.layout))
-            scored.append((ok / len(sig.rules), family, sig, failed))
+            scored.append((share, family, sig, failed))
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:

@@ -33,7 +33,8 @@ DIFFUSERS_WEIGHTS = {
     "text_encoder_3": ("model.safetensors",),
 }
 # Prefixes that stay in a ComfyUI-GGUF file after it strips `model.diffusion_model.`.
-_BARE_DENOISER = ("input_blocks.", "joint_blocks.", "double_blocks.", "time_embed.")
+_BARE_DENOISER = ("input_blocks.", "middle_block.", "output_blocks.", "joint_blocks.",
+                  "double_blocks.", "single_blocks.", "time_embed.", "label_emb.", "out.")
 
 
 @dataclass
@@ -192,9 +193,15 @@ def _open_gguf(path: Path) -> Source:
         if isinstance(orig, list):
             shape = tuple(int(d) for d in orig)
         tensors[t.name] = TensorInfo(t.tensor_type.name, shape, path, t.name)
+    return Source(path, "gguf", _with_denoiser_prefix(tensors), metadata)
+
+
+def _with_denoiser_prefix(tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """Denoiser-only files often drop `model.diffusion_model.` (ComfyUI-GGUF, BFL's FLUX
+    release); put it back so names mean one thing everywhere."""
     if tensors and all(k.startswith(_BARE_DENOISER) or "." not in k for k in tensors):
-        tensors = {"model.diffusion_model." + k: v for k, v in tensors.items()}  # ComfyUI-GGUF
-    return Source(path, "gguf", tensors, metadata)
+        return {"model.diffusion_model." + k: v for k, v in tensors.items()}
+    return tensors
 
 
 def open_source(path: str | Path, allow_pickle: bool = False) -> Source:
@@ -206,7 +213,7 @@ def open_source(path: str | Path, allow_pickle: bool = False) -> Source:
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         tensors, metadata = read_safetensors_header(path)
-        return Source(path, "safetensors", tensors, dict(metadata))
+        return Source(path, "safetensors", _with_denoiser_prefix(tensors), dict(metadata))
     if suffix == ".gguf":
         return _open_gguf(path)
     if suffix in PICKLE_SUFFIXES:

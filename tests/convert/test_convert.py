@@ -1,0 +1,114 @@
+"""Conversion: each ONNX component matches its torch module; a single-file checkpoint and the
+diffusers folder of the same weights give the same package output; failures leave nothing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from ldm_checkpoint import write_ldm_checkpoint
+from reference import psnr
+
+from edgediff.convert import convert
+from edgediff.errors import SourceError, UsageError
+from edgediff.runtime import Pipeline
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd1-deep", "sd2-v"])
+def test_components_match_torch(tiny_source, tiny_package, name):
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    src, pkg = tiny_source(name), tiny_package(name)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(src / "unet")
+    session = ort.InferenceSession(str(pkg / "unet" / "model.onnx"))
+    dim = unet.config.cross_attention_dim
+    for h, w in ((8, 8), (9, 11), (16, 12)):  # sizes that are not multiples of 2**levels too
+        x, t, c = torch.randn(2, 4, h, w), torch.tensor([999.0, 10.5]), torch.randn(2, 154, dim)
+        with torch.no_grad():
+            ref = unet(x, t, c).sample.numpy()
+        out = session.run(None, {"sample": x.numpy(), "timestep": t.numpy(), "encoder_hidden_states": c.numpy()})[0]
+        np.testing.assert_allclose(out, ref, atol=1e-4)
+
+    vae = AutoencoderKL.from_pretrained(src / "vae")
+    z = torch.randn(1, 4, 8, 6)
+    with torch.no_grad():
+        ref = vae.decode(z).sample.numpy()
+        img = torch.rand(1, 3, 64, 48) * 2 - 1
+        moments = vae.quant_conv(vae.encoder(img)).numpy()
+    out = ort.InferenceSession(str(pkg / "vae_decoder" / "model.onnx")).run(None, {"latent_sample": z.numpy()})[0]
+    np.testing.assert_allclose(out, ref, atol=1e-4)
+    out = ort.InferenceSession(str(pkg / "vae_encoder" / "model.onnx")).run(None, {"sample": img.numpy()})[0]
+    np.testing.assert_allclose(out, moments, atol=1e-4)
+
+    te = CLIPTextModel.from_pretrained(src / "text_encoder")
+    ids = torch.randint(0, 49406, (2, 77))
+    ids[:, 0], ids[:, 9] = 49406, 49407
+    with torch.no_grad():
+        ref = te(ids, output_hidden_states=True)
+    out = ort.InferenceSession(str(pkg / "text_encoder" / "model.onnx")).run(None, {"input_ids": ids.numpy()})
+    np.testing.assert_allclose(out[0][-1], ref.last_hidden_state.numpy(), atol=1e-4)
+    np.testing.assert_allclose(out[1], ref.pooler_output.numpy(), atol=1e-4)
+    assert out[0].shape[0] == te.config.num_hidden_layers
+
+
+def test_manifest_describes_the_package(tiny_package):
+    m = json.loads((tiny_package("sd2-v") / "edgediff.json").read_text())
+    assert m["family"] == "sd2" and m["prediction"] == "v"
+    assert m["text_encoders"][0]["pad_token"] == "!"
+    assert set(m["components"]) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+    for entry in m["components"].values():
+        assert entry["precision"] == "fp32" and entry["bytes"] > 0 and len(entry["sha256"]) == 64
+    sched = json.loads((tiny_package("sd2-v") / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["timestep_spacing"] == "leading"  # PNDM's own default, written out
+
+
+def test_single_file_checkpoint_gives_the_same_image(tiny_source, tiny_package, tmp_path):
+    """EMA weights are chosen (the plain copies are perturbed, so using them would show) and
+    training-only keys are dropped."""
+    ckpt = write_ldm_checkpoint(tiny_source("sd1"), tmp_path / "tiny.safetensors", ema_noise=0.05)
+    out = tmp_path / "from-single"
+    manifest = convert(ckpt, out)
+    assert manifest.family == "sd1" and manifest.source["layout"] == "ldm"
+    assert manifest.source["ema"] is True and manifest.source["dropped_keys"] > 0
+    args = dict(steps=5, seed=11, width=64, height=64, sampler="dpmpp_2m", schedule="karras")
+    a = Pipeline(out, device="cpu").generate("a blue square", "red", **args)
+    b = Pipeline(tiny_package("sd1"), device="cpu").generate("a blue square", "red", **args)
+    assert psnr(a, b) >= 45.0
+
+
+def test_failed_conversion_leaves_nothing(tiny_source, tmp_path, monkeypatch):
+    import edgediff.convert.export as export
+
+    def broken(pipe, out_dir, progress=None):
+        (out_dir / "unet").mkdir()
+        (out_dir / "unet" / "model.onnx").write_bytes(b"half")
+        raise SourceError("simulated failure half way")
+
+    monkeypatch.setattr(export, "export_components", broken)
+    with pytest.raises(SourceError, match="simulated"):
+        convert(tiny_source("sd1"), tmp_path / "pkg")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_not_replaced_without_overwrite(tiny_source, tmp_path):
+    out = tmp_path / "pkg"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UsageError, match="already exists.*--overwrite"):
+        convert(tiny_source("sd1"), out)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_families_without_a_converter_say_so(tmp_path):
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "flux.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": np.zeros((6, 2), np.float16)}, str(path))
+    with pytest.raises(SourceError, match="FLUX.1.*cannot convert it yet"):
+        convert(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,129 @@
+"""The command line: the main jobs work, and every bad input gets one clear line, the right exit
+code (2 usage, 1 failure), no traceback, and no partial output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from edgediff.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def test_generate_writes_png_with_parameters(tiny_package, tmp_path, capsys):
+    out = tmp_path / "cat.png"
+    code, stdout, _ = run(capsys, "generate", "--model", str(tiny_package("sd1")), "--prompt", "a cat",
+                          "--negative-prompt", "dog", "--steps", "3", "--width", "64", "--height", "64",
+                          "--seed", "42", "--sampler", "euler_a", "--output", str(out), "--device", "cpu",
+                          "--threads", "1")
+    assert code == 0 and f"wrote {out}" in stdout and "s/step" in stdout
+    with Image.open(out) as img:
+        params = img.text["parameters"]
+    assert params.startswith("a cat\nNegative prompt: dog\nSteps: 3, Sampler: Euler a")
+    assert "Seed: 42, Size: 64x64" in params and list(tmp_path.iterdir()) == [out]
+
+
+def test_img2img_from_the_command_line(tiny_package, tmp_path, capsys):
+    init = tmp_path / "init.png"
+    Image.new("RGB", (70, 60), (200, 30, 30)).save(init)
+    out = tmp_path / "out.png"
+    code, stdout, _ = run(capsys, "generate", "-m", str(tiny_package("sd1")), "-p", "x", "--steps", "4",
+                          "--init-image", str(init), "--strength", "0.5", "-o", str(out))
+    assert code == 0
+    with Image.open(out) as img:
+        assert img.size == (64, 56)  # the init image's size, down to a multiple of 8
+        assert "Denoising strength: 0.5" in img.text["parameters"]
+
+
+def test_inspect_package_and_source(tiny_package, tiny_source, capsys):
+    code, out, _ = run(capsys, "inspect", str(tiny_package("sd1")))
+    assert code == 0 and "family: sd1" in out and "unet" in out and "fp32" in out
+    code, out, _ = run(capsys, "inspect", str(tiny_source("sd1")))
+    assert code == 0 and "family: sd1 (Stable Diffusion 1.x; diffusers names)" in out
+
+
+def _generate(tiny_package, *extra):
+    return ("generate", "--model", str(tiny_package("sd1")), "--prompt", "a cat", "--steps", "2",
+            "--width", "64", "--height", "64", *extra)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--width", "65"), "--width must be a positive multiple of 8 (got 65)"),
+    (("--height", "0"), "--height must be a positive multiple of 8 (got 0)"),
+    (("--steps", "0"), "steps must be at least 1 (got 0)"),
+    (("--sampler", "fastest"), "unknown sampler 'fastest'; choose one of: euler"),
+    (("--schedule", "linear"), "unknown schedule 'linear'"),
+    (("--init-image", "IMG", "--strength", "0"), "--strength must be in (0, 1] (got 0.0)"),
+    (("--init-image", "IMG", "--strength", "1.5"), "--strength must be in (0, 1] (got 1.5)"),
+    (("--init-image", "BAD"), "not a readable image"),
+    (("--init-image", "NOFILE"), "nofile.png: no such file"),
+    (("--output", "MISSING/out.png"), "the folder"),
+    (("--clip-skip", "0"), "--clip-skip must be at least 1"),
+    (("--threads", "0"), "--threads must be at least 1"),
+    (("--device", "tpu"), "invalid choice: 'tpu'"),
+    (("--steps", "many"), "invalid int value: 'many'"),
+])
+def test_generate_usage_errors(tiny_package, tmp_path, capsys, extra, message):
+    good = tmp_path / "init.png"
+    Image.new("RGB", (64, 64)).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image at all")
+    subst = {"IMG": str(good), "BAD": str(bad), "NOFILE": str(tmp_path / "nofile.png"),
+             "MISSING/out.png": str(tmp_path / "missing" / "out.png")}
+    before = sorted(tmp_path.iterdir())
+    code, _, err = run(capsys, *_generate(tiny_package, *(subst.get(a, a) for a in extra)))
+    assert code == 2
+    assert message in err
+    assert sorted(tmp_path.iterdir()) == before  # nothing written
+
+
+def test_missing_model_is_a_failure(tmp_path, capsys):
+    code, _, err = run(capsys, "generate", "--model", str(tmp_path / "none"), "--prompt", "x")
+    assert code == 1 and "none: no such package folder" in err
+
+
+def test_convert_errors(tmp_path, capsys):
+    code, _, err = run(capsys, "convert", str(tmp_path / "missing.safetensors"), "-o", str(tmp_path / "o"))
+    assert code == 1 and "missing.safetensors: no such file or folder" in err
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"\x80\x04K\x01.")
+    code, _, err = run(capsys, "convert", str(ckpt), "-o", str(tmp_path / "o"))
+    assert code == 1 and "pickle-based" in err and "--allow-pickle" in err
+    trunc = tmp_path / "t.safetensors"
+    trunc.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    code, _, err = run(capsys, "convert", str(trunc), "-o", str(tmp_path / "o"))
+    assert code == 1 and "t.safetensors" in err
+    code, _, err = run(capsys, "convert", str(trunc), "-o", str(tmp_path / "no" / "o"))
+    assert code == 2 and "does not exist; create it first" in err
+    code, _, err = run(capsys, "convert", str(trunc), "-o", str(tmp_path / "o"), "--precision", "int3")
+    assert code == 2 and "unknown --precision 'int3'" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_architecture_from_the_command_line(tmp_path, capsys):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "mystery.safetensors"
+    save_file({"encoder.layer.0.weight": np.zeros((2, 2), np.float32)}, str(path))
+    code, _, err = run(capsys, "convert", str(path), "-o", str(tmp_path / "o"))
+    assert code == 1 and "not a known model architecture" in err and "--family" in err
+
+
+def test_console_script_exit_codes_without_traceback(tmp_path):
+    """The installed `edgediff` entry point, as a user runs it."""
+    cmd = [sys.executable, "-m", "edgediff.cli", "generate", "--model", str(tmp_path), "--prompt", "x"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 1 and "not an edgediff package" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "edgediff.cli", "generate"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "the following arguments are required" in proc.stderr
