@@ -32,7 +32,16 @@ def _prediction_type(value: str | None, default: str) -> str:
     return {"eps": "epsilon", "v": "v_prediction", None: default}.get(value, value)
 
 
+def _quiet() -> None:
+    """diffusers/transformers log loading hints and draw progress bars; the CLI has its own."""
+    for name in ("diffusers", "transformers"):
+        logging = require(name, "convert", "Converting a model").utils.logging
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+
+
 def load_torch_pipeline(source: Source, family: Family, prediction: str | None = None) -> TorchPipeline:
+    _quiet()
     if source.kind == "diffusers":
         return _load_diffusers(source, family, prediction)
     if source.kind in ("safetensors", "checkpoint"):
@@ -209,11 +218,9 @@ def _load_strict(module, weights: dict, what: str) -> None:
 
 
 def _load_ldm(source: Source, family: Family, prediction: str | None) -> TorchPipeline:
-    torch = require("torch", "convert", "Converting a model")
     diffusers = require("diffusers", "convert", "Converting a model")
     from diffusers.loaders import single_file_utils as sfu
 
-    diffusers.utils.logging.set_verbosity_error()  # its EMA hint is about its own flag, not ours
     state, ema = _pick_ema(_load_state(source))
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     for needed, what in ((_LDM_UNET, "UNet"), (_LDM_VAE, "VAE")):

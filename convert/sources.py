@@ -106,7 +106,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         spans.append((begin, end, name))
         tensors[name] = TensorInfo(dtype, tuple(shape), path, name)
     spans.sort()
-    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
+    for (_, e0, n0), (b1, _, n1) in zip(spans, spans[1:], strict=False):
         if b1 < e0:
             raise SourceError(f"{path}: tensors '{n0}' and '{n1}' overlap in the data section (corrupt file)")
     return tensors, metadata

@@ -8,12 +8,13 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
-from ldm_checkpoint import write_ldm_checkpoint
-from reference import psnr
 
 from edgediff.convert import convert
 from edgediff.errors import SourceError, UsageError
 from edgediff.runtime import Pipeline
+
+from ldm_checkpoint import write_ldm_checkpoint
+from reference import psnr
 
 
 @pytest.mark.parametrize("name", ["sd1", "sd1-deep", "sd2-v"])

@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
-from reference import NEGATIVE, PROMPT, diffusers_pipeline, diffusers_scheduler, psnr
 
 from edgediff.runtime import Pipeline
+
+from reference import NEGATIVE, PROMPT, diffusers_pipeline, diffusers_scheduler, psnr
 
 FP32_PSNR = 45.0  # dB, the floor; measured values are 60 dB and up (most are 80+)
 SIZE = 64

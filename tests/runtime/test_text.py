@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from clip_vocab import write_clip_tokenizer
 
 from edgediff.errors import UsageError
 from edgediff.runtime import text
 from edgediff.runtime.tokenizer import BOS, EOS, load_clip_tokenizer
+
+from clip_vocab import write_clip_tokenizer
 
 
 @pytest.fixture(scope="module")

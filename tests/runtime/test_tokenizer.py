@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from clip_vocab import write_clip_tokenizer
 
 from edgediff.runtime.tokenizer import load_clip_tokenizer
+
+from clip_vocab import write_clip_tokenizer
 
 PROMPTS = [
     "a photo of a cat",

@@ -1,0 +1,54 @@
+"""Full-size architectures with random weights, so anyone can benchmark without downloading
+weights (compute does not depend on the values). Needs the `convert` extra.
+
+    python benchmarks/synthetic.py sd15 OUT_DIR     # writes a diffusers folder
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+# Stable Diffusion 1.5 (runwayml/stable-diffusion-v1-5 configs)
+SD15 = {
+    "unet": dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, cross_attention_dim=768,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+    "vae": dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+                block_out_channels=(128, 256, 512, 512),
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+    "text": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                 bos_token_id=49406, eos_token_id=49407, pad_token_id=1, projection_dim=768),
+    "scheduler": {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "clip_sample": False, "num_train_timesteps": 1000,
+                  "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+                  "trained_betas": None},
+}
+ARCHITECTURES = {"sd15": SD15}
+
+
+def build(name: str, dst: Path, seed: int = 0) -> Path:
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    import edgediff.convert
+
+    arch = ARCHITECTURES[name]
+    dst = Path(dst)
+    torch.manual_seed(seed)
+    UNet2DConditionModel(**arch["unet"]).save_pretrained(dst / "unet")
+    AutoencoderKL(**arch["vae"]).save_pretrained(dst / "vae")
+    CLIPTextModel(CLIPTextConfig(**arch["text"])).save_pretrained(dst / "text_encoder")
+    shutil.copytree(Path(edgediff.convert.__file__).parent / "data" / "clip_tokenizer", dst / "tokenizer")
+    (dst / "scheduler").mkdir(exist_ok=True)
+    (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps(arch["scheduler"], indent=2))
+    return dst
+
+
+if __name__ == "__main__":
+    print(build(sys.argv[1], Path(sys.argv[2])))
