@@ -43,10 +43,7 @@ def resolve_source(spec: str | Path) -> Path:
 def resolve_family(source: Source, family: str = "auto") -> tuple[Family, str]:
     if family != "auto":
         return get_family(family), "forced"
-    shapes = source.shapes
-    if source.kind == "diffusers":
-        return detect_family(shapes, str(source.path))
-    return detect_family(shapes, str(source.path))
+    return detect_family(source.shapes, str(source.path))
 
 
 def _pad_token(tokenizer: Path, default: str) -> str:

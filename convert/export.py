@@ -5,6 +5,7 @@ onnxruntime folds constants itself when it loads the graph."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -126,6 +127,9 @@ def export_graph(module, args: tuple, contract: Contract, path: Path) -> list[Pa
         data = path.name + "_data"
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data, size_threshold=1024)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path.parent / data, 0o666 & ~umask)  # onnx creates it owner-only
         return [path, path.parent / data]
     onnx.save_model(model, str(path))
     return [path]

@@ -58,9 +58,6 @@ class Source:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: v.shape for k, v in self.tensors.items()}
 
-    def dtype_counts(self) -> Counter:
-        return Counter(v.dtype for v in self.tensors.values())
-
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Validate a safetensors header against the file before anything is allocated."""

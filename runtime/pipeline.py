@@ -77,9 +77,15 @@ class Pipeline:
             self._components[name] = self.package.component(name, self.options)
         return self._components[name]
 
-    def _done(self, comp: Component) -> None:
+    def _open(self, name: str) -> Component:
+        """The component with its session created, its creation time counted as `load`."""
+        comp = self._component(name)
+        comp.session  # noqa: B018 - creates the session now, outside the timed stage
         self.timings.load += comp.load_seconds
         comp.load_seconds = 0.0
+        return comp
+
+    def _done(self, comp: Component) -> None:
         if self.low_memory:
             comp.release()
 
@@ -95,9 +101,11 @@ class Pipeline:
             uncond = text.chunk_prompt(tok, negative, entry.max_length, pad)
             count = max(len(cond), len(uncond))
             chunks = [text.pad_chunks(cond, count, tok, pad), text.pad_chunks(uncond, count, tok, pad)]
-        encoder = self._component(entry.component)
+        encoder = self._open(entry.component)
+        started = time.perf_counter()
         contexts = [text.encode_chunks(lambda ids: encoder.run({"input_ids": ids}), c, clip_skip)[0]
                     for c in chunks]
+        self.timings.text_encode = time.perf_counter() - started
         self._done(encoder)
         return contexts[0], (contexts[1] if negative is not None else None)
 
@@ -160,28 +168,26 @@ class Pipeline:
         self.timings = Timings()
         began = time.perf_counter()
         rng = TorchGenerator(seed)
-        t0 = time.perf_counter()
         cond, uncond = self._encode_prompts(prompt, negative_prompt if guidance > 1 else None, clip_skip)
-        self.timings.text_encode = time.perf_counter() - t0 - self.timings.load
 
         shape = (1, m.latent_channels, height // m.vae_downscale, width // m.vae_downscale)
         latent = None
         if init is not None:
-            t0, loaded = time.perf_counter(), self.timings.load
-            encoder = self._component("vae_encoder")
+            encoder = self._open("vae_encoder")
+            started = time.perf_counter()
             latent = vae.encode(encoder, img.from_pil(init, width, height), rng, m.latent_scale, m.latent_shift)
+            self.timings.vae_encode = time.perf_counter() - started
             self._done(encoder)
-            self.timings.vae_encode = time.perf_counter() - t0 - (self.timings.load - loaded)
         x = noisy_start(float(sigmas[0]), rng.randn(shape), latent)
 
-        unet = self._component("unet")
+        unet = self._open("unet")
         denoiser = make_denoiser(self._unet_fn(unet), self.schedule, m.prediction, cond, uncond, guidance)
         total = len(sigmas) - 1
         last = [time.perf_counter()]
 
         def on_step(i, _x, _denoised):
             now = time.perf_counter()
-            self.timings.steps.append(now - last[0] - (unet.load_seconds if i == 0 else 0.0))
+            self.timings.steps.append(now - last[0])
             last[0] = now
             if progress:
                 progress(i + 1, total)
@@ -191,11 +197,11 @@ class Pipeline:
         x = sample_fn(denoiser, x, sigmas, rng, on_step)
         self._done(unet)
 
-        t0, loaded = time.perf_counter(), self.timings.load
-        decoder = self._component("vae_decoder")
+        decoder = self._open("vae_decoder")
+        started = time.perf_counter()
         pixels = vae.decode(decoder, x.astype(np.float32), m.latent_scale, m.latent_shift)
+        self.timings.vae_decode = time.perf_counter() - started
         self._done(decoder)
-        self.timings.vae_decode = time.perf_counter() - t0 - (self.timings.load - loaded)
         self.timings.total = time.perf_counter() - began
 
         picture = img.to_pil(pixels)[0]

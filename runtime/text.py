@@ -4,7 +4,6 @@ and concatenated, so long prompts are not cut; clip-skip picks an earlier hidden
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -15,11 +14,6 @@ from edgediff.runtime.tokenizer import BOS, EOS
 # A1111 `comma_padding_backtrack`: when a chunk fills up, a comma within the last 20 tokens
 # ends the chunk there, so a phrase is not split across two windows.
 COMMA_BACKTRACK = 20
-
-
-@dataclass(frozen=True)
-class ChunkedTokens:
-    ids: np.ndarray  # [chunks, max_length] int64
 
 
 def chunk_prompt(tok: Tokenizer, prompt: str, max_length: int, pad_id: int) -> list[list[int]]:

@@ -45,20 +45,3 @@ def load_clip_tokenizer(folder: Path) -> Tokenizer:
         "re-run `edgediff convert` to rebuild the package"
     )
 
-
-def pad_token_id(tok: Tokenizer, folder: Path, default: str) -> int:
-    """The pad token the model was trained with: SD 1.x pads with <|endoftext|>, OpenCLIP with '!'."""
-    name = default
-    for fname in ("special_tokens_map.json", "tokenizer_config.json"):
-        path = Path(folder) / fname
-        if path.is_file():
-            value = json.loads(path.read_text(encoding="utf-8")).get("pad_token")
-            if isinstance(value, dict):
-                value = value.get("content")
-            if value:
-                name = value
-                break
-    token_id = tok.token_to_id(name)
-    if token_id is None:
-        raise PackageError(f"{folder}: pad token {name!r} is not in the vocabulary")
-    return token_id

@@ -113,3 +113,30 @@ def test_families_without_a_converter_say_so(tmp_path):
     with pytest.raises(SourceError, match="FLUX.1.*cannot convert it yet"):
         convert(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_large_graphs_keep_weights_beside_them(tiny_source, tiny_package, tmp_path, monkeypatch):
+    """Graphs over protobuf's 2 GiB limit are saved with external data (forced here)."""
+    import os
+    import stat
+
+    import edgediff.convert.export as export
+
+    monkeypatch.setattr(export, "EXTERNAL_DATA_LIMIT", 0)
+    out = tmp_path / "external"
+    manifest = convert(tiny_source("sd1"), out)
+    unet = manifest.components["unet"]
+    assert unet.data_files == ("unet/model.onnx_data",)
+    data = out / "unet" / "model.onnx_data"
+    assert unet.bytes == (out / unet.file).stat().st_size + data.stat().st_size
+    assert stat.S_IMODE(data.stat().st_mode) == 0o666 & ~_umask(os)
+    args = dict(steps=3, seed=2, width=64, height=64)
+    a = Pipeline(out, device="cpu").generate("a cat", **args)
+    b = Pipeline(tiny_package("sd1"), device="cpu").generate("a cat", **args)
+    assert psnr(a, b) == float("inf")
+
+
+def _umask(os) -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,43 @@
+"""Providers and component lifetime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edgediff.errors import RuntimeFailure, UsageError
+from edgediff.runtime import Pipeline
+from edgediff.runtime.sessions import providers_for
+
+
+def test_cpu_and_unknown_devices():
+    assert providers_for("cpu") == ["CPUExecutionProvider"]
+    with pytest.raises(UsageError, match="unknown device 'tpu'"):
+        providers_for("tpu")
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="a GPU is present")
+def test_cuda_falls_back_to_cpu_with_a_warning():
+    with pytest.warns(RuntimeWarning, match="no CUDAExecutionProvider.*onnxruntime-gpu"):
+        assert providers_for("cuda") == ["CPUExecutionProvider"]
+    assert providers_for("auto") == ["CPUExecutionProvider"]
+
+
+def test_components_are_released_after_use(tiny_package):
+    pipe = Pipeline(tiny_package("sd1"), device="cpu")
+    pipe.generate("a cat", steps=2, width=64, height=64, seed=0)
+    assert pipe._components and all(c._session is None for c in pipe._components.values())
+    kept = Pipeline(tiny_package("sd1"), device="cpu", low_memory=False)
+    kept.generate("a cat", steps=2, width=64, height=64, seed=0)
+    assert all(c._session is not None for c in kept._components.values())
+    assert kept.timings.load > 0 and len(kept.timings.steps) == 2
+
+
+def test_non_finite_output_names_the_component(tiny_package):
+    pipe = Pipeline(tiny_package("sd1"), device="cpu")
+    unet = pipe._component("unet")
+    latent = np.full((1, 4, 8, 8), np.inf, np.float32)
+    with pytest.raises(RuntimeFailure, match="the unet component produced NaN or Inf"):
+        unet.run({"sample": latent, "timestep": np.ones(1, np.float32),
+                  "encoder_hidden_states": np.zeros((1, 77, 64), np.float32)})
