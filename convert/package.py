@@ -25,8 +25,9 @@ def check_output(output: Path, overwrite: bool) -> None:
     """Fail before any work if the output cannot be written."""
     if output.exists() and not overwrite:
         raise UsageError(f"{output}: already exists; choose another --output or pass --overwrite")
-    if not output.parent.is_dir():
-        raise UsageError(f"{output}: the folder {output.parent} does not exist; create it first")
+    parent = next((p for p in output.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UsageError(f"{output}: {parent} is a file, not a folder; choose another --output")
 
 
 @contextlib.contextmanager
@@ -34,6 +35,8 @@ def atomic_folder(output: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a scratch folder; on success it replaces `output`, on any error it is deleted."""
     output = Path(output)
     check_output(output, overwrite)
+    created = [p for p in reversed(output.parents) if not p.exists()]  # made here, removed on failure
+    output.parent.mkdir(parents=True, exist_ok=True)
     scratch = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
@@ -48,4 +51,7 @@ def atomic_folder(output: Path, overwrite: bool = False) -> Iterator[Path]:
             scratch.rename(output)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise

@@ -103,7 +103,9 @@ def test_convert_errors(tmp_path, capsys):
     code, _, err = run(capsys, "convert", str(trunc), "-o", str(tmp_path / "o"))
     assert code == 1 and "t.safetensors" in err
     code, _, err = run(capsys, "convert", str(trunc), "-o", str(tmp_path / "no" / "o"))
-    assert code == 2 and "does not exist; create it first" in err
+    assert code == 1 and not (tmp_path / "no").exists()  # parents it made are removed again
+    code, _, err = run(capsys, "convert", str(trunc), "-o", str(trunc / "o"))
+    assert code == 2 and "is a file, not a folder" in err
     code, _, err = run(capsys, "convert", str(trunc), "-o", str(tmp_path / "o"), "--precision", "int3")
     assert code == 2 and "unknown --precision 'int3'" in err
     assert not (tmp_path / "o").exists()
