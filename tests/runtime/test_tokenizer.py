@@ -76,3 +76,23 @@ def test_bundled_tokenizer_is_the_real_clip_vocabulary(tmp_path):
     derived = write_clip_tokenizer(tmp_path)
     for name in ("vocab.json", "merges.txt"):
         assert (bundled / name).read_bytes() == (derived / name).read_bytes()
+
+
+def test_tokenizer_json_only_folder(tokenizers, tmp_path):
+    """transformers 5 saves a CLIP tokenizer as tokenizer.json alone; both forms read the same."""
+    ours, theirs = tokenizers
+    theirs.save_pretrained(tmp_path)
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / name).unlink(missing_ok=True)
+    assert (tmp_path / "tokenizer.json").is_file()
+    from_json = load_clip_tokenizer(tmp_path)
+    for prompt in PROMPTS:
+        assert from_json.encode(prompt, add_special_tokens=False).ids == ours.encode(
+            prompt, add_special_tokens=False).ids
+
+
+def test_folder_without_tokenizer(tmp_path):
+    from edgediff.errors import PackageError
+
+    with pytest.raises(PackageError, match="no tokenizer found"):
+        load_clip_tokenizer(tmp_path)
