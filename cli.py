@@ -70,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     g = sub.add_parser("generate", help="generate an image with a converted package")
-    g.add_argument("--model", "-m", required=True, help="package folder (from `edgediff convert`)")
+    g.add_argument("--model", "-m",
+                   help="package folder (from `edgediff convert`); default: the embedded tiny model")
     g.add_argument("--prompt", "-p", required=True)
     g.add_argument("--negative-prompt", "-n", default="")
     g.add_argument("--steps", type=int)
@@ -120,7 +121,12 @@ def _generate(args) -> int:
         out = Path(args.output)
         if not out.parent.is_dir():
             raise UsageError(f"--output {out}: the folder {out.parent} does not exist; create it first")
-    pipe = Pipeline(args.model, device=args.device, threads=args.threads, low_memory=not args.keep_loaded)
+    model = args.model
+    if model is None:
+        from edgediff.convert import default_package
+
+        model = default_package(progress=lambda msg: print(f"[convert] {msg}", file=sys.stderr, flush=True))
+    pipe = Pipeline(model, device=args.device, threads=args.threads, low_memory=not args.keep_loaded)
     image = pipe.generate(
         args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
         sampler=args.sampler, schedule=args.schedule, seed=args.seed, width=args.width,

@@ -18,13 +18,14 @@ from edgediff.errors import SourceError, UsageError
 from edgediff.families import FAMILIES, Family, detect_family, get_family
 from edgediff.manifest import MANIFEST, ComponentEntry, Manifest, TextEncoderEntry
 
+DEFAULT_MODEL = "tiny-sd1"
 FORMATS = ("onnx",)
 PRECISIONS = ("fp32",)
 BUILTIN = Path(__file__).parent / "builtin"
 _TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json",
                     "tokenizer_config.json")
 
-__all__ = ["convert", "open_source", "resolve_family", "Source"]
+__all__ = ["convert", "default_package", "open_source", "resolve_family", "Source"]
 
 
 def resolve_source(spec: str | Path) -> Path:
@@ -129,6 +130,9 @@ def convert(
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(pipe.scheduler_config, indent=2))
         vae = pipe.vae.config
+        downscale = 2 ** (len(vae.block_out_channels) - 1)
+        sample_size = pipe.unet.config.sample_size  # the model's native size, in latent pixels
+        resolution = int(sample_size) * downscale if isinstance(sample_size, int) else fam.defaults.resolution
         prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
         manifest = Manifest(
             family=fam.name,
@@ -136,13 +140,13 @@ def convert(
             latent_channels=int(vae.latent_channels),
             latent_scale=float(vae.scaling_factor),
             latent_shift=float(getattr(vae, "shift_factor", None) or fam.latent.shift),
-            vae_downscale=2 ** (len(vae.block_out_channels) - 1),
+            vae_downscale=downscale,
             components={k: _component_entry(v, tmp, precision) for k, v in written.items()},
             text_encoders=tuple(encoders),
             defaults={
                 "sampler": fam.defaults.sampler, "schedule": fam.defaults.schedule,
                 "steps": fam.defaults.steps, "guidance": fam.defaults.guidance,
-                "width": fam.defaults.resolution, "height": fam.defaults.resolution,
+                "width": resolution, "height": resolution,
             },
             source={"path": str(src_path), "kind": src.kind, "layout": layout,
                     "seconds": round(time.perf_counter() - started, 1), **pipe.info},
@@ -153,3 +157,23 @@ def convert(
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         (tmp / MANIFEST).write_text(manifest.to_json())
     return manifest
+
+
+def default_package(progress: Callable[[str], None] | None = None) -> Path:
+    """The embedded default model as a package, converted once into the user's cache (keyed by
+    the shipped files' contents, so a new model or edgediff version converts again)."""
+    import hashlib
+    import os
+
+    source = BUILTIN / DEFAULT_MODEL
+    digest = hashlib.sha256(__version__.encode())
+    for path in sorted(source.rglob("*")):
+        if path.is_file():
+            digest.update(path.relative_to(source).as_posix().encode() + path.read_bytes())
+    root = os.environ.get("EDGEDIFF_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgediff"
+    package = Path(root) / f"{DEFAULT_MODEL}-{digest.hexdigest()[:12]}"
+    if not (package / MANIFEST).is_file():
+        if progress:
+            progress(f"converting the embedded default model once, into {package}")
+        convert(source, package, overwrite=True, progress=progress)
+    return package

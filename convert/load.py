@@ -77,7 +77,10 @@ def _load_diffusers(source: Source, family: Family, prediction: str | None) -> T
         scheduler = json.loads(sched_path.read_text())
     if prediction:
         scheduler["prediction_type"] = _prediction_type(prediction, "epsilon")
-    return TorchPipeline(family, encoders, unet, vae, _resolve_spacing(scheduler))
+    info = {}
+    if (folder / "recipe.json").is_file():  # how a model edgediff trained was made
+        info["recipe"] = json.loads((folder / "recipe.json").read_text())
+    return TorchPipeline(family, encoders, unet, vae, _resolve_spacing(scheduler), info)
 
 
 def _resolve_spacing(config: dict) -> dict:

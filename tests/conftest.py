@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))  # the helpers beside this file
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the dataset and checker of the embedded model
 
 from tiny_models import build_tiny  # noqa: E402
 
@@ -41,3 +43,14 @@ def tiny_package(tmp_path_factory, tiny_source):
         return built[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def default_package(tmp_path_factory):
+    """The embedded default model, converted into a private cache."""
+    import os
+
+    from edgediff.convert import default_package as convert_default
+
+    os.environ["EDGEDIFF_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    return convert_default()
