@@ -62,7 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("source", help="diffusers folder, .safetensors checkpoint, or builtin:NAME")
     c.add_argument("--output", "-o", required=True, help="package folder to create")
     c.add_argument("--format", default="onnx", help="package format (onnx)")
-    c.add_argument("--precision", default="fp32", help="weight precision (fp32)")
+    c.add_argument("--precision", default="fp32",
+                   help="fp32, fp16, int8, int8-static, int8-weights or int4; or per component, "
+                        "e.g. unet=int4,text_encoder=int8,vae=fp16")
+    c.add_argument("--rule", action="append", default=[], metavar="REGEX=PRECISION",
+                   help="give weights whose name matches REGEX this precision (or 'keep'); repeatable")
     c.add_argument("--family", default="auto", help="model family, or auto to detect it")
     c.add_argument("--prediction", choices=("eps", "v"), help="override the prediction type")
     c.add_argument("--allow-pickle", action="store_true",
@@ -106,9 +110,11 @@ def _convert(args) -> int:
     started = time.perf_counter()
     manifest = convert(args.source, args.output, fmt=args.format, precision=args.precision,
                        family=args.family, prediction=args.prediction,
-                       allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=say)
+                       allow_pickle=args.allow_pickle, overwrite=args.overwrite, rules=args.rule,
+                       progress=say)
     size = sum(c.bytes for c in manifest.components.values())
-    print(f"wrote {args.output} ({manifest.family}, {args.precision}, {_human(size)}) "
+    kinds = ", ".join(sorted({c.precision for c in manifest.components.values()}))
+    print(f"wrote {args.output} ({manifest.family}, {kinds}, {_human(size)}) "
           f"in {time.perf_counter() - started:.1f} s")
     return 0
 

@@ -20,6 +20,7 @@ class ComponentEntry:
     bytes: int  # graph plus external data
     sha256: str  # of the graph file
     data_files: tuple[str, ...] = ()
+    notes: dict[str, object] = field(default_factory=dict)  # what the precision pass did
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from edgediff import __version__
@@ -18,9 +18,17 @@ from edgediff.errors import SourceError, UsageError
 from edgediff.families import FAMILIES, Family, detect_family, get_family
 from edgediff.manifest import MANIFEST, ComponentEntry, Manifest, TextEncoderEntry
 
+CALIBRATION_PROMPTS = (  # varied subjects, styles and lengths, for int8 activation ranges
+    "a photograph of a lighthouse on a rocky coast at sunset, dramatic clouds",
+    "portrait of an old man with a beard, oil painting, detailed",
+    "a red circle on a blue background",
+    "isometric illustration of a tiny city, vibrant colours, clean lines",
+    "a bowl of fruit on a wooden table, soft window light",
+    "",
+)
+
 DEFAULT_MODEL = "tiny-sd1"
 FORMATS = ("onnx",)
-PRECISIONS = ("fp32",)
 BUILTIN = Path(__file__).parent / "builtin"
 _TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json",
                     "tokenizer_config.json")
@@ -82,15 +90,20 @@ def convert(
     prediction: str | None = None,
     allow_pickle: bool = False,
     overwrite: bool = False,
+    rules: Sequence[str] = (),
     progress: Callable[[str], None] | None = None,
 ) -> Manifest:
-    """Convert `source` into a package at `output`, atomically; returns its manifest."""
+    """Convert `source` into a package at `output`, atomically; returns its manifest.
+
+    `precision` is one name ('int8') or per component ('unet=int4,vae=fp16'); `rules` are
+    'REGEX=PRECISION' overrides of which weights keep high precision."""
     from edgediff.convert.package import atomic_folder, check_output
+    from edgediff.convert.precision import parse_precision
+    from edgediff.kernels.policy import Rule
 
     if fmt not in FORMATS:
         raise UsageError(f"unknown --format '{fmt}'; this version writes: {', '.join(FORMATS)}")
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown --precision '{precision}'; this version writes: {', '.join(PRECISIONS)}")
+    parsed_rules = [Rule.parse(r) for r in rules]
     if family != "auto" and family not in FAMILIES:
         get_family(family)
     if prediction not in (None, "eps", "v"):
@@ -105,6 +118,8 @@ def convert(
             f"{src_path}: this is a {fam.title} model; this edgediff version cannot convert it yet "
             f"(it converts: {', '.join(f.name for f in FAMILIES.values() if f.convertible)})"
         )
+    components = [te.component for te in fam.text_encoders] + ["unet", "vae_decoder", "vae_encoder"]
+    precisions = parse_precision(precision, components)
     from edgediff.convert.export import export_components
     from edgediff.convert.load import load_torch_pipeline
 
@@ -141,7 +156,7 @@ def convert(
             latent_scale=float(vae.scaling_factor),
             latent_shift=float(getattr(vae, "shift_factor", None) or fam.latent.shift),
             vae_downscale=downscale,
-            components={k: _component_entry(v, tmp, precision) for k, v in written.items()},
+            components={k: _component_entry(v, tmp, "fp32") for k, v in written.items()},
             text_encoders=tuple(encoders),
             defaults={
                 "sampler": fam.defaults.sampler, "schedule": fam.defaults.schedule,
@@ -156,7 +171,61 @@ def convert(
                  **{name: ["onnx", entry.file] for name, entry in manifest.components.items()}}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         (tmp / MANIFEST).write_text(manifest.to_json())
+        if any(p != "fp32" for p in precisions.values()):
+            manifest = _apply_precisions(tmp, manifest, precisions, parsed_rules, progress)
+            (tmp / MANIFEST).write_text(manifest.to_json())
     return manifest
+
+
+def _apply_precisions(root: Path, manifest: Manifest, precisions: dict[str, str], rules,
+                      progress: Callable[[str], None] | None) -> Manifest:
+    """Rewrite each component to its precision (the fp32 package in `root` is complete, so
+    int8-static calibrates on its own sampling runs first)."""
+    import dataclasses
+
+    from edgediff.convert.precision import apply_precision
+
+    recorded: dict[str, list[dict]] = {}
+
+    def calibration(component: str):
+        def collect() -> list[dict]:
+            if not recorded:
+                recorded.update(_calibration_feeds(root, manifest, progress))
+            return recorded.get(component, [])
+        return collect
+
+    components = dict(manifest.components)
+    for name, precision in precisions.items():
+        if precision == "fp32" or name not in components:
+            continue
+        if progress:
+            progress(f"{name}: {precision}")
+        applied = apply_precision(root / components[name].file, name, precision, rules, calibration(name))
+        files = [root / components[name].file]
+        data = files[0].with_name(files[0].name + "_data")
+        if data.exists():
+            files.append(data)
+        entry = _component_entry(files, root, applied.precision)
+        components[name] = dataclasses.replace(entry, notes=applied.notes)
+    return dataclasses.replace(manifest, components=components)
+
+
+def _calibration_feeds(root: Path, manifest: Manifest, progress) -> dict[str, list[dict]]:
+    """Inputs of every component over fp32 sampling runs of the built-in prompts, at every
+    timestep of a 10-step schedule (activation ranges change with the timestep)."""
+    from edgediff.runtime import Pipeline
+
+    size = min(int(manifest.defaults["width"]), 256)
+    pipe = Pipeline(root, device="cpu", low_memory=False)
+    feeds: dict[str, list[dict]] = {}
+    for name in manifest.components:
+        pipe.component(name).tap = lambda f, name=name: feeds.setdefault(name, []).append(dict(f))
+    for i, prompt in enumerate(CALIBRATION_PROMPTS):
+        if progress:
+            progress(f"calibrating: fp32 run {i + 1}/{len(CALIBRATION_PROMPTS)} at {size}x{size}")
+        pipe.generate(prompt, "blurry, low quality", steps=10, sampler="euler", schedule="normal",
+                      seed=i, width=size, height=size)
+    return feeds
 
 
 def default_package(progress: Callable[[str], None] | None = None) -> Path:

@@ -72,14 +72,14 @@ class Pipeline:
     def manifest(self):
         return self.package.manifest
 
-    def _component(self, name: str) -> Component:
+    def component(self, name: str) -> Component:
         if name not in self._components:
             self._components[name] = self.package.component(name, self.options)
         return self._components[name]
 
     def _open(self, name: str) -> Component:
         """The component with its session created, its creation time counted as `load`."""
-        comp = self._component(name)
+        comp = self.component(name)
         comp.session  # noqa: B018 - creates the session now, outside the timed stage
         self.timings.load += comp.load_seconds
         comp.load_seconds = 0.0

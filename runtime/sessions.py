@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,7 @@ class Component:
     options: SessionOptions
     _session: object | None = field(default=None, repr=False)
     load_seconds: float = 0.0
+    tap: Callable[[dict[str, np.ndarray]], None] | None = None  # sees every run's inputs (calibration)
 
     @property
     def session(self):
@@ -90,6 +92,8 @@ class Component:
         """Run with inputs cast to the graph's own input types; outputs come back as float32."""
         session = self.session
         cast = {k: np.ascontiguousarray(v, dtype=self.input_type(k)) for k, v in feeds.items()}
+        if self.tap is not None:
+            self.tap(cast)
         names = [o.name for o in session.get_outputs()]
         outputs = session.run(names, cast)
         result = {}

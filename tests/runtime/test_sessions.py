@@ -36,7 +36,7 @@ def test_components_are_released_after_use(tiny_package):
 
 def test_non_finite_output_names_the_component(tiny_package):
     pipe = Pipeline(tiny_package("sd1"), device="cpu")
-    unet = pipe._component("unet")
+    unet = pipe.component("unet")
     latent = np.full((1, 4, 8, 8), np.inf, np.float32)
     with pytest.raises(RuntimeFailure, match="the unet component produced NaN or Inf"):
         unet.run({"sample": latent, "timestep": np.ones(1, np.float32),

@@ -1,0 +1,210 @@
+"""Precision passes over a package's exported ONNX graphs (fp32 in, the asked precision out).
+
+- fp16: onnxruntime's float16 converter with its default list of ops kept in fp32; IO stays
+  fp32 (its node/op block lists break graphs whose blocked nodes take initializers, as every
+  norm does here, so the policy's rules do not apply to fp16). For CUDA, whose fp16 norm and
+  softmax kernels accumulate in fp32; the runtime stops with the component's name on NaN/Inf.
+- int8-weights: weight-only int8; MatMul weights in MatMulNBits (8 bits, blocks of 32),
+  Conv weights per output channel behind DequantizeLinear.
+- int8-static: weights and activations (QDQ), per-channel weights, activation ranges calibrated
+  on the model's own fp32 sampling runs (onnxruntime.quantization.quantize_static).
+- int4: weight-only, blocks of 32 with zero points; MatMul in MatMulNBits (kept compact in
+  memory), Conv behind blocked int4 DequantizeLinear (compact on disk only: onnxruntime has no
+  int4 convolution, it dequantizes the weight when the Conv runs; the manifest says so).
+Which weights are converted is decided by kernels.policy (1-D, small, norms, embeddings, first
+and last convolution stay high precision; user rules first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgediff.errors import EdgediffError, UsageError, require
+from edgediff.kernels import graph
+from edgediff.kernels.policy import Rule, precision_for
+
+PRECISIONS = ("fp32", "fp16", "int8", "int8-static", "int8-weights", "int4")
+INT8_DEFAULT = "int8-weights"  # the faster at equal quality on the CPUs measured (see README)
+BLOCK = 32
+# Components that a single precision name applies to; the VAE stays fp32 under int8/int4
+# (its convolutions have no fast low-bit kernel on the CPU provider).
+LOW_BIT_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+class PrecisionError(EdgediffError):
+    """A component cannot be represented at the precision asked for."""
+
+
+@dataclass(frozen=True)
+class Applied:
+    precision: str
+    notes: dict[str, object]
+
+
+def parse_precision(spec: str, components: Sequence[str]) -> dict[str, str]:
+    """'int8' or 'unet=int8,vae_decoder=fp16' -> {component: precision} for every component."""
+    spec = spec.strip()
+    if "=" not in spec:
+        name = _check(spec, "--precision")
+        if name in ("fp32", "fp16"):
+            return dict.fromkeys(components, name)
+        return {c: (name if c in LOW_BIT_COMPONENTS else "fp32") for c in components}
+    result = dict.fromkeys(components, "fp32")
+    for part in spec.split(","):
+        component, sep, value = part.partition("=")
+        aliases = {"vae": ("vae_decoder", "vae_encoder")}
+        targets = aliases.get(component.strip(), (component.strip(),))
+        if not sep or any(t not in components for t in targets):
+            raise UsageError(
+                f"--precision '{part}': expected COMPONENT=PRECISION with a component among "
+                f"{', '.join(components)} (or vae)"
+            )
+        for target in targets:
+            result[target] = _check(value.strip(), f"--precision {component}")
+    return result
+
+
+def _check(name: str, where: str) -> str:
+    if name not in PRECISIONS:
+        raise UsageError(f"{where}: unknown precision '{name}'; choose one of: {', '.join(PRECISIONS)}")
+    return INT8_DEFAULT if name == "int8" else name
+
+
+def apply_precision(
+    path: Path,
+    component: str,
+    precision: str,
+    rules: Sequence[Rule] = (),
+    calibration: Callable[[], list[dict]] | None = None,
+) -> Applied:
+    """Rewrite the graph at `path` in place to `precision`."""
+    if precision == "fp32":
+        return Applied("fp32", {})
+    onnx = require("onnx", "convert", "Converting precision")
+    model = onnx.load(str(path), load_external_data=True)
+    kind = {"int8-weights": "int8", "int8-static": "int8"}.get(precision, precision)
+
+    def choose(name: str, shape: tuple[int, ...]) -> bool:
+        return precision_for(name, shape, kind, rules) == kind
+
+    if precision == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        _check_fp16_range(model, component)
+        model = convert_float_to_float16(_with_shapes(path), keep_io_types=True, disable_shape_infer=True)
+        notes = {"io": "fp32", "fp32_ops": "onnxruntime's float16.DEFAULT_OP_BLOCK_LIST"}
+    elif precision in ("int8-weights", "int4"):
+        bits = 8 if precision == "int8-weights" else 4
+        graph.fold_weight_transposes(model)
+        matmuls = graph.matmul_to_nbits(model, bits, BLOCK, choose)
+        convs = graph.conv_weights_to_dq(model, bits, choose, BLOCK)
+        notes = {"matmul_nbits": matmuls, "conv_dequantize": convs, "block": BLOCK,
+                 "conv_weights_in_memory": "fp32 while the Conv runs (no low-bit Conv kernel)"}
+    elif precision == "int8-static":
+        notes = _static_int8(model, path, choose, calibration)
+        return Applied(precision, notes)
+    else:
+        raise UsageError(f"unknown precision '{precision}'")
+    save_model(model, path)
+    return Applied(precision, notes)
+
+
+FP16_MAX = 65504.0
+
+
+def _check_fp16_range(model, component: str) -> None:
+    """fp16 cannot hold a weight beyond 65504; onnxruntime's converter would clip it silently."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    for t in model.graph.initializer:
+        if t.data_type == 1:  # float
+            peak = float(np.abs(numpy_helper.to_array(t)).max(initial=0.0))
+            if not peak <= FP16_MAX:
+                raise PrecisionError(
+                    f"{component}: weight '{t.name}' reaches {peak:.3g}, beyond fp16's {FP16_MAX:.0f}; "
+                    f"keep this component at fp32 (e.g. --precision {component}=fp32)"
+                )
+
+
+def _with_shapes(path: Path):
+    """The graph with inferred value types: the fp16 converter needs them to leave integer and
+    shape computations alone, and only the file-based inference handles graphs over 2 GB."""
+    import tempfile
+
+    import onnx
+
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        inferred = Path(scratch) / path.name
+        onnx.shape_inference.infer_shapes_path(str(path), str(inferred))
+        model = onnx.load(str(inferred), load_external_data=False)
+    onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+    return model
+
+
+def save_model(model, path: Path) -> list[Path]:
+    """Save, with weights beside the graph when protobuf cannot hold them."""
+    import onnx
+
+    from edgediff.convert.export import EXTERNAL_DATA_LIMIT
+
+    data = path.parent / (path.name + "_data")
+    data.unlink(missing_ok=True)
+    if sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_LIMIT:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+        return [path, data]
+    onnx.save_model(model, str(path))
+    return [path]
+
+
+class _Feeds:
+    """onnxruntime CalibrationDataReader over recorded inputs, read a range at a time (with
+    `CalibStridedMinMax` the calibrator keeps running min/max instead of every activation of
+    every input, which at 512x512 would not fit in memory)."""
+
+    def __init__(self, feeds: list[dict]):
+        self.feeds = feeds
+        self.set_range(0, len(feeds))
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._it = iter(self.feeds[start_index:end_index])
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def _static_int8(model, path: Path, choose, calibration) -> dict[str, object]:
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if calibration is None:
+        raise UsageError("int8-static needs calibration data from the fp32 model")
+    graph.fold_weight_transposes(model)
+    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    exclude = [n.name for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")
+               and any(i in inits and not choose(graph.weight_name(i), inits[i]) for i in n.input[1:2])]
+    feeds = calibration()
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        folded = Path(scratch) / "folded.onnx"
+        save_model(model, folded)
+        out = Path(scratch) / "quantized.onnx"
+        big = folded.with_name(folded.name + "_data").exists()
+        quantize_static(
+            str(folded), str(out), _Feeds(feeds), quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["Conv", "MatMul"], per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            nodes_to_exclude=exclude, use_external_data_format=big,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"CalibStridedMinMax": 1, "WeightSymmetric": True},
+        )
+        save_model(onnx.load(str(out), load_external_data=True), path)
+    return {"calibration_runs": len(feeds), "excluded_nodes": len(exclude),
+            "activations": "uint8 (MinMax over the model's own sampling runs)", "weights": "int8 per channel"}

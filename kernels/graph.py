@@ -1,0 +1,171 @@
+"""ONNX graph rewrites for weight quantization: fold weight transposes, MatMul -> MatMulNBits,
+and Conv weights behind a (blocked) DequantizeLinear.
+
+Each pass takes `choose(name, shape) -> bool`, the caller's precision policy, so which weights
+are rewritten is decided in one place (kernels.policy)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgediff.kernels.quant import pack_nibbles, quantize_blocks
+
+Choose = Callable[[str, tuple[int, ...]], bool]
+TRANSPOSED = ".transposed"  # suffix of a folded weight; the rest is its state-dict name
+
+
+def weight_name(initializer: str) -> str:
+    """The state-dict name behind an initializer the passes created."""
+    for suffix in (TRANSPOSED, "_Q4", "_Q8"):
+        initializer = initializer.removesuffix(suffix)
+    return initializer
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def _consumers(model: onnx.ModelProto) -> dict[str, int]:
+    count: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            count[name] = count.get(name, 0) + 1
+    return count
+
+
+def _replace_initializers(model: onnx.ModelProto, drop: set[str], add: list[onnx.TensorProto]) -> None:
+    keep = [t for t in model.graph.initializer if t.name not in drop]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep + add)
+
+
+def fold_weight_transposes(model: onnx.ModelProto) -> int:
+    """Transpose(W) of a 2-D initializer becomes the initializer W^T (named W + '.transposed'),
+    so MatMul sees a constant weight, as exporters with constant folding write it. Returns the
+    number of weights folded."""
+    inits = _initializers(model)
+    uses = _consumers(model)
+    folded, new, drop, kept_nodes = {}, [], set(), []
+    for node in model.graph.node:
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        src = node.input[0] if node.input else None
+        if (node.op_type == "Transpose" and src in inits and len(inits[src].dims) == 2
+                and perm in (None, [1, 0])):
+            array = numpy_helper.to_array(inits[src]).T.copy()
+            name = src + TRANSPOSED
+            if name not in folded.values():
+                new.append(numpy_helper.from_array(array, name))
+            folded[node.output[0]] = name
+            if uses.get(src, 0) == 1:
+                drop.add(src)
+            continue
+        kept_nodes.append(node)
+    for node in kept_nodes:
+        for i, name in enumerate(node.input):
+            if name in folded:
+                node.input[i] = folded[name]
+    del model.graph.node[:]
+    model.graph.node.extend(kept_nodes)
+    _replace_initializers(model, drop, new)
+    return len(folded)
+
+
+def matmul_to_nbits(model: onnx.ModelProto, bits: int, block: int, choose: Choose,
+                    symmetric: bool = False, accuracy_level: int = 0) -> int:
+    """MatMul(A, W[K, N] initializer) -> com.microsoft MatMulNBits with W quantized in blocks of
+    `block` along K (the layout and rounding of onnxruntime's MatMulNBitsQuantizer)."""
+    inits = _initializers(model)
+    uses = _consumers(model)
+    drop, new, count = set(), [], 0
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        w_init = inits[node.input[1]]
+        if len(w_init.dims) != 2 or not choose(weight_name(w_init.name), tuple(w_init.dims)):
+            continue
+        w = numpy_helper.to_array(w_init).astype(np.float32)
+        k, n = w.shape
+        q = quantize_blocks(w.T, bits, block, symmetric)  # [N, blocks, block]
+        data = pack_nibbles(q.q) if bits == 4 else q.q
+        base = w_init.name + f"_Q{bits}"
+        inputs = [node.input[0], base, base + "_scales"]
+        new += [numpy_helper.from_array(np.ascontiguousarray(data), base),
+                numpy_helper.from_array(q.scale.reshape(-1).astype(np.float32), base + "_scales")]
+        if not symmetric:
+            zp = pack_nibbles(q.zero_point, pad=8) if bits == 4 else q.zero_point
+            new.append(numpy_helper.from_array(np.ascontiguousarray(zp).reshape(-1), base + "_zero_points"))
+            inputs.append(base + "_zero_points")
+        attrs = {"K": k, "N": n, "bits": bits, "block_size": block}
+        if accuracy_level:
+            attrs["accuracy_level"] = accuracy_level
+        replacement = helper.make_node("MatMulNBits", inputs, list(node.output), name=node.name + "_nbits",
+                                       domain="com.microsoft", **attrs)
+        node.CopyFrom(replacement)
+        if uses.get(w_init.name, 0) == 1:
+            drop.add(w_init.name)
+        count += 1
+    _replace_initializers(model, drop, new)
+    _ensure_domain(model, "com.microsoft", 1)
+    return count
+
+
+def conv_weights_to_dq(model: onnx.ModelProto, bits: int, choose: Choose, block: int = 32) -> int:
+    """Conv weights stored quantized behind DequantizeLinear: int8 per output channel, or int4 in
+    blocks of `block` input channels (ONNX opset 21 blocked quantization). onnxruntime has no
+    low-bit convolution kernel: the weight is small on disk and dequantized when the Conv runs."""
+    inits = _initializers(model)
+    uses = _consumers(model)
+    drop, new, dq_nodes, count = set(), [], [], 0
+    for node in model.graph.node:
+        if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        w_init = inits[node.input[1]]
+        if not choose(weight_name(w_init.name), tuple(w_init.dims)):
+            continue
+        w = numpy_helper.to_array(w_init).astype(np.float32)
+        base = w_init.name + f"_Q{bits}"
+        if bits == 8:
+            absmax = np.abs(w.reshape(w.shape[0], -1)).max(1).astype(np.float64)
+            scale = np.where(absmax > 0, absmax / 127, 1.0).astype(np.float32)
+            q = np.clip(np.round(w / scale.reshape(-1, 1, 1, 1)), -127, 127).astype(np.int8)
+            tensors = [numpy_helper.from_array(q, base), numpy_helper.from_array(scale, base + "_scale")]
+            attrs = {"axis": 0}
+        else:
+            o, i, kh, kw = w.shape
+            b = min(block, i)
+            moved = w.transpose(0, 2, 3, 1)  # blocks along input channels
+            blocks = quantize_blocks(moved, 4, b, symmetric=True)
+            signed = (blocks.q.reshape(o, kh, kw, -1)[..., :i].astype(np.int16) - 8).astype(np.int8)
+            q = signed.transpose(0, 3, 1, 2)
+            scale = blocks.scale.reshape(o, kh, kw, -1).transpose(0, 3, 1, 2).astype(np.float32)
+            packed = pack_nibbles((q.reshape(-1) & 0x0F).astype(np.uint8)[None])[0]
+            tensors = [helper.make_tensor(base, TensorProto.INT4, list(q.shape), packed.tobytes(), raw=True),
+                       numpy_helper.from_array(np.ascontiguousarray(scale), base + "_scale")]
+            attrs = {"axis": 1, "block_size": b}
+        new += tensors
+        out = base + "_dequantized"
+        dq_nodes.append(helper.make_node("DequantizeLinear", [base, base + "_scale"], [out],
+                                         name=node.name + "_dq", **attrs))
+        node.input[1] = out
+        if uses.get(w_init.name, 0) == 1:
+            drop.add(w_init.name)
+        count += 1
+    _replace_initializers(model, drop, new)
+    nodes = dq_nodes + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    if bits == 4:
+        _ensure_domain(model, "", 21)
+    return count
+
+
+def _ensure_domain(model: onnx.ModelProto, domain: str, version: int) -> None:
+    for opset in model.opset_import:
+        if opset.domain == domain:
+            opset.version = max(opset.version, version)
+            return
+    model.opset_import.append(helper.make_opsetid(domain, version))
