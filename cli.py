@@ -94,6 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-loaded", action="store_true",
                    help="keep every component in memory instead of releasing each after use")
 
+    b = sub.add_parser("bench", help="run a benchmark scenario (TOML): stage times, memory, quality, peers")
+    b.add_argument("scenario", help="scenario file, or the name of one in benchmarks/scenarios/")
+    b.add_argument("--output", "-o", help="results folder (default: bench-results/NAME-TIME)")
+
     i = sub.add_parser("inspect", help="describe a package, checkpoint, diffusers folder or GGUF file")
     i.add_argument("path")
     i.add_argument("--json", action="store_true", help="machine-readable output")
@@ -143,6 +147,23 @@ def _generate(args) -> int:
     path = save_png(image, args.output or f"edgediff-{seed}.png", image.info["parameters"])
     print(f"wrote {path} ({image.width}x{image.height}, seed {seed})")
     print(f"time: {pipe.timings.summary()}")
+    return 0
+
+
+def _bench(args) -> int:
+    from edgediff.benchmarks.harness import check_runnable, run_scenario
+    from edgediff.benchmarks.report import chart, markdown
+    from edgediff.benchmarks.scenario import load_scenario
+
+    scenario = load_scenario(args.scenario)
+    check_runnable(scenario)
+    out = Path(args.output or f"bench-results/{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"--output {out}: exists and is not empty; choose another folder")
+    rows = run_scenario(scenario, out, lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+    (out / "report.md").write_text(markdown(rows, f"{scenario.name}: {scenario.model}"))
+    chart(rows, out / "chart.png")
+    print(f"wrote {out / 'runs.jsonl'}, {out / 'report.md'}, {out / 'chart.png'}")
     return 0
 
 
@@ -196,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = show
     try:
         args = _parser().parse_args(argv)
-        return {"convert": _convert, "generate": _generate, "inspect": _inspect}[args.command](args)
+        commands = {"convert": _convert, "generate": _generate, "inspect": _inspect, "bench": _bench}
+        return commands[args.command](args)
     except EdgediffError as exc:
         print(f"edgediff: error: {exc}", file=sys.stderr)
         return exc.exit_code

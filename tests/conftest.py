@@ -10,7 +10,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))  # the helpers beside this file
-sys.path.insert(0, str(ROOT / "benchmarks"))  # the dataset and checker of the embedded model
 
 from tiny_models import build_tiny  # noqa: E402
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import shapes
 from PIL import ImageFilter
+
+from edgediff.benchmarks import shapes
 
 
 def test_checker_reads_generated_images():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import shapes
 
+from edgediff.benchmarks import shapes
 from edgediff.convert import BUILTIN, DEFAULT_MODEL
 from edgediff.convert import default_package as convert_default
 from edgediff.manifest import Manifest

@@ -1,0 +1,208 @@
+"""Run a scenario: prepare the model once per precision, then every configuration in its own
+worker process, alternating configurations run by run (A B A B) so machine drift cancels."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from edgediff import __version__
+from edgediff.benchmarks import stats
+from edgediff.benchmarks.peers import PEERS, missing
+from edgediff.benchmarks.scenario import Scenario
+from edgediff.errors import EdgediffError, UsageError
+
+Progress = Callable[[str], None]
+
+
+def cache_root() -> Path:
+    root = os.environ.get("EDGEDIFF_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgediff"
+    return Path(root)
+
+
+def system_info(threads: int | None) -> dict[str, object]:
+    """What every row carries, so a figure can be traced to the machine and versions."""
+    import onnxruntime
+
+    cpu, flags = platform.processor() or platform.machine(), []
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        cpu = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+        present = set(next(line for line in text.splitlines() if line.startswith("flags")).split())
+        flags = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+                 if f in present]
+    except (OSError, StopIteration):
+        pass
+    return {"edgediff": __version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
+            "cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "threads": threads}
+
+
+def prepare(scenario: Scenario, progress: Progress) -> tuple[Path | None, dict[str, Path]]:
+    """The diffusers folder peers load (if any) and one edgediff package per precision."""
+    from edgediff.convert import convert, resolve_source
+
+    model = scenario.model
+    if model.startswith("synthetic:"):
+        from edgediff.benchmarks.synthetic import ARCHITECTURES, build
+
+        arch = model.split(":", 1)[1]
+        if arch not in ARCHITECTURES:
+            raise UsageError(f"unknown synthetic model '{arch}' (known: {', '.join(ARCHITECTURES)})")
+        base = cache_root() / "synthetic" / arch
+        source = base / "diffusers"
+        if not (source / "unet").is_dir():
+            progress(f"building {model} (random weights, real architecture) in {source}")
+            build(arch, source)
+    else:
+        source = resolve_source(model)
+        if (source / "edgediff.json").is_file():  # an existing package: benchmark it as it is
+            from edgediff.manifest import Manifest
+
+            kinds = {c.precision for c in Manifest.read(source).components.values()}
+            return None, {"/".join(sorted(kinds)): source}
+        digest = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:12]
+        base = cache_root() / "bench" / f"{source.name}-{digest}"
+    packages = {}
+    for precision in dict.fromkeys((scenario.reference, *scenario.precisions)):
+        package = base / f"package-{precision}"
+        if not (package / "edgediff.json").is_file():
+            progress(f"converting {model} to {precision}")
+            convert(source, package, precision=precision, overwrite=True)
+        packages[precision] = package
+    return source, packages
+
+
+def _sample_rss(proc: subprocess.Popen, peak: list[float]) -> None:
+    """Peak resident memory of the worker, sampled every 50 ms from /proc."""
+    status = Path(f"/proc/{proc.pid}/status")
+    while proc.poll() is None:
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    peak[0] = max(peak[0], int(line.split()[1]) / 1024)
+        except OSError:
+            break
+        time.sleep(0.05)
+
+
+def run_worker(config: dict, python: str = sys.executable) -> dict:
+    proc = subprocess.Popen([python, "-m", "edgediff.benchmarks.worker", json.dumps(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0.0]
+    sampler = threading.Thread(target=_sample_rss, args=(proc, peak), daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    sampler.join()
+    if proc.returncode != 0:
+        tail = (err or "").strip().splitlines()[-3:]
+        return {"status": "failed", "error": " | ".join(tail)}
+    result = json.loads(out.strip().splitlines()[-1])
+    return {"status": "ok", "rss_peak_sampled_mb": round(peak[0], 1), **result}
+
+
+def configurations(scenario: Scenario, packages: dict[str, Path], source: Path | None):
+    """(label, worker config, skip reason) for edgediff at each precision and each peer."""
+    out = []
+    for precision, package in packages.items():
+        if precision == scenario.reference and precision not in scenario.precisions:
+            continue
+        out.append((f"edgediff-{precision}", {"tool": "edgediff", "precision": precision, "package": str(package)}, None))
+    for name in scenario.peers:
+        peer = PEERS[name]
+        python = scenario.peer_python.get(name, sys.executable)
+        reason = missing(peer) if python == sys.executable else None
+        if peer.source == "diffusers" and source is None:
+            reason = f"{name}: skipped, the scenario's model is a package, not a diffusers folder"
+        cfg = {"tool": name, "module": peer.module, "variant": peer.variant, "precision": peer.variant,
+               "diffusers": str(source) if source else None, "python": python}
+        out.append((name, cfg, reason))
+    return out
+
+
+def run_scenario(scenario: Scenario, out_dir: Path, progress: Progress) -> list[dict]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "images").mkdir(exist_ok=True)
+    source, packages = prepare(scenario, progress)
+    info = system_info(scenario.threads)
+    configs = configurations(scenario, packages, source)
+    rows: list[dict] = []
+    runs = out_dir / "runs.jsonl"
+    common = {"scenario": scenario.name, "model": scenario.model, **info}
+    for label, _cfg, reason in configs:
+        if reason:
+            progress(reason)
+            rows.append({**common, "label": label, "status": "skipped", "reason": reason})
+    live = [(label, cfg) for label, cfg, reason in configs if not reason]
+    total = len(scenario.sizes) * len(scenario.prompts) * len(scenario.seeds) * scenario.repeats * len(live)
+    done = 0
+    for size in scenario.sizes:
+        for p, prompt in enumerate(scenario.prompts):
+            for seed in scenario.seeds:
+                for repeat in range(scenario.repeats):
+                    for label, cfg in live:  # A B A B: every configuration once per round
+                        image = out_dir / "images" / f"{label}-{size}-p{p}-s{seed}-r{repeat}.png"
+                        config = {**cfg, "size": size, "steps": scenario.steps, "sampler": scenario.sampler,
+                                  "schedule": scenario.schedule, "guidance": scenario.guidance, "seed": seed,
+                                  "prompt": prompt, "negative_prompt": scenario.negative_prompt,
+                                  "device": scenario.device, "threads": scenario.threads, "image": str(image)}
+                        done += 1
+                        progress(f"[{done}/{total}] {label} {size}x{size} prompt {p} seed {seed} round {repeat + 1}")
+                        result = run_worker(config, cfg.get("python", sys.executable))
+                        row = {**common, "label": label, "tool": cfg["tool"], "precision": cfg["precision"],
+                               "size": size, "steps": scenario.steps, "prompt_index": p, "seed": seed,
+                               "repeat": repeat, **result}
+                        if result["status"] == "ok":
+                            row["step_s"] = stats.summary(result["steps_s"])
+                            row["package_bytes"] = _package_bytes(cfg)
+                        rows.append(row)
+                        with runs.open("a") as fh:
+                            fh.write(json.dumps(row) + "\n")
+    add_quality(rows, f"edgediff-{scenario.reference}")
+    runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out_dir / "scenario.json").write_text(json.dumps(asdict(scenario), indent=2))
+    return rows
+
+
+def _package_bytes(cfg: dict) -> int | None:
+    if cfg["tool"] != "edgediff":
+        return None
+    from edgediff.manifest import Manifest
+
+    return sum(c.bytes for c in Manifest.read(Path(cfg["package"])).components.values())
+
+
+def add_quality(rows: list[dict], reference: str) -> None:
+    """PSNR/SSIM of each image against the reference configuration's image of the same size,
+    prompt and seed, for tools that start from the same noise; LPIPS where it is installed."""
+    from PIL import Image
+
+    refs = {(r["size"], r["prompt_index"], r["seed"]): r["image"] for r in rows
+            if r.get("label") == reference and r.get("status") == "ok" and r.get("repeat") == 0}
+    for row in rows:
+        if row.get("status") != "ok":
+            continue
+        same_noise = row["tool"] == "edgediff" or PEERS[row["tool"]].same_noise
+        ref = refs.get((row["size"], row["prompt_index"], row["seed"]))
+        if not same_noise or ref is None:
+            row["quality"] = None
+            continue
+        with Image.open(ref) as a, Image.open(row["image"]) as b:
+            a, b = a.convert("RGB"), b.convert("RGB")
+            row["quality"] = {"reference": reference, "psnr_db": stats.psnr(a, b), "ssim": stats.ssim(a, b)}
+
+
+def check_runnable(scenario: Scenario) -> None:
+    if scenario.device == "cuda":
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            raise EdgediffError("the scenario asks for device = 'cuda' but onnxruntime has no CUDA provider here")

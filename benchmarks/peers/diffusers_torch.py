@@ -1,0 +1,59 @@
+"""diffusers + PyTorch on the CPU (fp32, or bf16 autocast-free weights), timed per stage."""
+
+from __future__ import annotations
+
+import time
+
+SCHEDULERS = {"euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
+              "heun": "HeunDiscreteScheduler", "ddim": "DDIMScheduler",
+              "dpmpp_2m": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler",
+              "lcm": "LCMScheduler"}
+
+
+def run(config: dict) -> dict:
+    import diffusers
+    import torch
+
+    if config.get("threads"):
+        torch.set_num_threads(int(config["threads"]))
+    dtype = torch.bfloat16 if config["variant"] == "bf16" else torch.float32
+    started = time.perf_counter()
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+        config["diffusers"], torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    load = time.perf_counter() - started
+    cls = getattr(diffusers, SCHEDULERS[config["sampler"]])
+    extra = {"use_karras_sigmas": True} if config["schedule"] == "karras" else {}
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, timestep_spacing="leading", **extra)
+    guided = config["guidance"] > 1
+
+    def once(steps: int) -> dict:
+        timings: dict = {"steps_s": []}
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            cond, uncond = pipe.encode_prompt(config["prompt"], "cpu", 1, guided, config["negative_prompt"])
+            timings["text_encode_s"] = time.perf_counter() - t0
+            last = [time.perf_counter()]
+
+            def on_step(_pipe, _i, _t, kwargs):
+                now = time.perf_counter()
+                timings["steps_s"].append(now - last[0])
+                last[0] = now
+                return kwargs
+
+            latents = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps,
+                           guidance_scale=config["guidance"], width=config["size"], height=config["size"],
+                           generator=torch.Generator().manual_seed(config["seed"]), output_type="latent",
+                           callback_on_step_end=on_step).images
+            t0 = time.perf_counter()
+            pixels = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+            timings["vae_decode_s"] = time.perf_counter() - t0
+        timings["image"] = pipe.image_processor.postprocess(pixels.float(), output_type="pil")[0]
+        timings["total_s"] = timings["text_encode_s"] + sum(timings["steps_s"]) + timings["vae_decode_s"]
+        return timings
+
+    once(1)  # warm-up: first-call allocations and kernel selection
+    result = once(config["steps"])
+    result["image"].save(config["image"])
+    result["image"] = config["image"]
+    return {**result, "load_cold_s": load, "load_warm_s": 0.0, "provider": f"torch {torch.__version__} CPU"}

@@ -1,0 +1,83 @@
+"""A benchmark scenario: what to run, read from a small TOML file.
+
+    name = "sd15-512"
+    model = "synthetic:sd15"      # a package, a diffusers folder, synthetic:<arch>, builtin:<name>
+    precisions = ["fp32", "int8"]
+    sizes = [512]
+    steps = 4
+    sampler = "euler"
+    schedule = "normal"
+    guidance = 7.5
+    batch = 1
+    device = "cpu"
+    threads = 2
+    repeats = 2
+    seeds = [0]
+    prompts = ["a photograph of a lighthouse at dusk"]
+    peers = ["diffusers-fp32", "diffusers-bf16", "optimum-fp32", "sdcpp-q8_0"]
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from edgediff.errors import UsageError
+
+SCENARIOS = Path(__file__).parent / "scenarios"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    model: str
+    precisions: tuple[str, ...] = ("fp32",)
+    sizes: tuple[int, ...] = (512,)
+    steps: int = 4
+    sampler: str = "euler"
+    schedule: str = "normal"
+    guidance: float = 7.5
+    batch: int = 1
+    device: str = "cpu"
+    threads: int | None = None
+    repeats: int = 2
+    seeds: tuple[int, ...] = (0,)
+    prompts: tuple[str, ...] = ("a photograph of a lighthouse on a rocky coast at dusk",)
+    negative_prompt: str = "blurry, low quality"
+    peers: tuple[str, ...] = ()
+    reference: str = "fp32"  # the precision images are compared with
+    peer_python: dict[str, str] = field(default_factory=dict)  # peer -> interpreter that has it
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and validate a scenario file (a name in benchmarks/scenarios/ works too)."""
+    path = Path(path)
+    if not path.is_file() and (SCENARIOS / f"{path.name}.toml").is_file():
+        path = SCENARIOS / f"{path.name}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in SCENARIOS.glob("*.toml")))
+        raise UsageError(f"{path}: no such scenario file (built-in scenarios: {known})")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: not valid TOML ({exc})") from exc
+    known = {f.name: f for f in fields(Scenario)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise UsageError(f"{path}: unknown keys {unknown}; scenario keys are: {', '.join(known)}")
+    for key in ("name", "model"):
+        if key not in raw:
+            raise UsageError(f"{path}: missing '{key}'")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    scenario = Scenario(**values)
+    if scenario.batch != 1:
+        raise UsageError(f"{path}: batch {scenario.batch}: this version generates one image per run (batch = 1)")
+    if scenario.repeats < 1 or scenario.steps < 1:
+        raise UsageError(f"{path}: repeats and steps must be at least 1")
+    from edgediff.benchmarks.peers import PEERS
+
+    for peer in scenario.peers:
+        if peer not in PEERS:
+            raise UsageError(f"{path}: unknown peer '{peer}' (known: {', '.join(PEERS)})")
+    return scenario
