@@ -1,0 +1,87 @@
+"""The harness end to end on a tiny model: JSON rows that validate, a Markdown table, a PNG
+chart, a skipped peer reported as skipped, and quality against the reference."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from edgediff.benchmarks import peers
+from edgediff.benchmarks.harness import run_scenario
+from edgediff.benchmarks.report import aggregate, chart, markdown, validate_row
+from edgediff.benchmarks.scenario import Scenario, load_scenario
+from edgediff.errors import UsageError
+
+
+@pytest.fixture
+def fake_peer(monkeypatch):
+    missing = peers.Peer("ghost-tool", "diffusers_torch", "fp32", ("no_such_module_edgediff",),
+                         "pip install ghost-tool", True, "diffusers")
+    monkeypatch.setitem(peers.PEERS, "ghost-tool", missing)
+    return missing
+
+
+def test_scenario_runs_end_to_end(tiny_source, tmp_path, monkeypatch, fake_peer):
+    monkeypatch.setenv("EDGEDIFF_CACHE", str(tmp_path / "cache"))
+    scenario = Scenario(name="t", model=str(tiny_source("sd1")), precisions=("fp32", "int8"), sizes=(64,),
+                        steps=3, repeats=2, threads=1, prompts=("a red circle",),
+                        peers=("diffusers-fp32", "ghost-tool"))
+    out = tmp_path / "out"
+    rows = run_scenario(scenario, out, progress=lambda msg: None)
+    for row in rows:
+        assert validate_row(row) == [], row
+    by_label = {}
+    for row in rows:
+        by_label.setdefault(row["label"], []).append(row)
+    assert set(by_label) == {"edgediff-fp32", "edgediff-int8", "diffusers-fp32", "ghost-tool"}
+    assert by_label["ghost-tool"][0]["status"] == "skipped"
+    assert "pip install ghost-tool" in by_label["ghost-tool"][0]["reason"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 6 and [r["label"] for r in ok[:3]] == ["edgediff-fp32", "edgediff-int8", "diffusers-fp32"]
+    assert all(len(r["steps_s"]) == 3 and r["peak_rss_mb"] > 10 for r in ok)
+    assert by_label["edgediff-fp32"][0]["quality"]["psnr_db"] == float("inf")
+    assert by_label["diffusers-fp32"][0]["quality"]["psnr_db"] > 45  # same weights, same noise
+    saved = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert len(saved) == len(rows)
+
+    text = markdown(rows, "t")
+    assert "| edgediff-int8 | 64 |" in text and "ghost-tool: skipped" in text
+    path = chart(rows, out / "chart.png")
+    with Image.open(path) as img:
+        assert img.size[0] == 900 and img.size[1] > 100
+
+
+def test_aggregate_pairs_rounds():
+    base = {"status": "ok", "size": 64, "prompt_index": 0, "seed": 0, "text_encode_s": 0.1, "vae_decode_s": 0.1,
+            "load_cold_s": 1.0, "peak_rss_mb": 100.0, "rss_peak_sampled_mb": 90.0, "provider": "x"}
+    rows = []
+    for repeat, (a, b) in enumerate([(2.0, 1.0), (4.0, 2.0)]):  # machine drift doubles round 2
+        rows.append({**base, "label": "A", "repeat": repeat, "total_s": a, "steps_s": [a]})
+        rows.append({**base, "label": "B", "repeat": repeat, "total_s": b, "steps_s": [b]})
+    lines = {ln["label"]: ln for ln in aggregate(rows)}
+    assert lines["B"]["speedup_vs_baseline"] == 2.0  # pairwise ratios cancel the drift
+    assert lines["A"]["step_median_s"] == 3.0 and lines["A"]["step_min_s"] == 2.0
+
+
+def test_schema_flags_problems():
+    assert "missing 'cpu'" in validate_row({"status": "ok"})
+    assert any("reason" in p for p in validate_row({"status": "skipped"}))
+
+
+def test_scenario_files(tmp_path):
+    good = load_scenario("sd15-512")
+    assert good.model == "synthetic:sd15" and good.sizes == (512,) and "diffusers-bf16" in good.peers
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\nmodel = "m"\nspeed = 3\n')
+    with pytest.raises(UsageError, match="unknown keys \\['speed'\\]"):
+        load_scenario(bad)
+    bad.write_text('name = "x"\nmodel = "m"\npeers = ["tensorrt"]\n')
+    with pytest.raises(UsageError, match="unknown peer 'tensorrt'"):
+        load_scenario(bad)
+    bad.write_text('name = "x"\nmodel = "m"\nbatch = 4\n')
+    with pytest.raises(UsageError, match="batch = 1"):
+        load_scenario(bad)
+    with pytest.raises(UsageError, match="no such scenario"):
+        load_scenario(tmp_path / "missing.toml")
