@@ -28,6 +28,7 @@ CALIBRATION_PROMPTS = (  # varied subjects, styles and lengths, for int8 activat
 )
 
 DEFAULT_MODEL = "tiny-sd1"
+ALL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 FORMATS = ("onnx",)
 BUILTIN = Path(__file__).parent / "builtin"
 _TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json",
@@ -104,6 +105,7 @@ def convert(
     if fmt not in FORMATS:
         raise UsageError(f"unknown --format '{fmt}'; this version writes: {', '.join(FORMATS)}")
     parsed_rules = [Rule.parse(r) for r in rules]
+    parse_precision(precision, ALL_COMPONENTS)  # usage errors before any file is read
     if family != "auto" and family not in FAMILIES:
         get_family(family)
     if prediction not in (None, "eps", "v"):

@@ -107,7 +107,7 @@ def test_convert_errors(tmp_path, capsys):
     code, _, err = run(capsys, "convert", str(trunc), "-o", str(trunc / "o"))
     assert code == 2 and "is a file, not a folder" in err
     code, _, err = run(capsys, "convert", str(trunc), "-o", str(tmp_path / "o"), "--precision", "int3")
-    assert code == 2 and "unknown --precision 'int3'" in err
+    assert code == 2 and "unknown precision 'int3'" in err
     assert not (tmp_path / "o").exists()
 
 
