@@ -93,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, help="CPU threads for onnxruntime")
     g.add_argument("--keep-loaded", action="store_true",
                    help="keep every component in memory instead of releasing each after use")
+    g.add_argument("--split-guidance", action="store_true",
+                   help="run the denoiser on prompt and negative prompt separately (less memory)")
 
     b = sub.add_parser("bench", help="run a benchmark scenario (TOML): stage times, memory, quality, peers")
     b.add_argument("scenario", help="scenario file, or the name of one in benchmarks/scenarios/")
@@ -136,7 +138,8 @@ def _generate(args) -> int:
         from edgediff.convert import default_package
 
         model = default_package(progress=lambda msg: print(f"[convert] {msg}", file=sys.stderr, flush=True))
-    pipe = Pipeline(model, device=args.device, threads=args.threads, low_memory=not args.keep_loaded)
+    pipe = Pipeline(model, device=args.device, threads=args.threads, low_memory=not args.keep_loaded,
+                    split_guidance=args.split_guidance)
     image = pipe.generate(
         args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
         sampler=args.sampler, schedule=args.schedule, seed=args.seed, width=args.width,

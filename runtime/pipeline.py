@@ -62,13 +62,14 @@ class Pipeline:
     """A converted package ready to generate images: `Pipeline(path).generate(prompt)`."""
 
     def __init__(self, model: str | Path, device: str = "auto", threads: int | None = None,
-                 low_memory: bool = True):
+                 low_memory: bool = True, split_guidance: bool = False):
         if threads is not None and threads < 1:
             raise UsageError(f"--threads must be at least 1 (got {threads})")
         providers_for(device)  # validates the name, warns once about a CUDA fallback
         self.package: Package = open_package(model)
         self.options = SessionOptions(device=device, threads=threads)
         self.low_memory = low_memory
+        self.split_guidance = split_guidance  # guidance as two batch-1 runs: half the activations
         self.schedule = DiscreteSchedule.from_config(self.package.scheduler_config)
         self._components: dict[str, Component] = {}
         self._tokenizers: dict[str, object] = {}
@@ -188,7 +189,8 @@ class Pipeline:
         x = noisy_start(float(sigmas[0]), rng.randn(shape), latent)
 
         unet = self._open("unet")
-        denoiser = make_denoiser(self._unet_fn(unet), self.schedule, m.prediction, cond, uncond, guidance)
+        denoiser = make_denoiser(self._unet_fn(unet), self.schedule, m.prediction, cond, uncond, guidance,
+                                 split_batch=self.split_guidance)
         total = len(sigmas) - 1
         last = [time.perf_counter()]
 

@@ -41,3 +41,12 @@ def test_non_finite_output_names_the_component(tiny_package):
     with pytest.raises(RuntimeFailure, match="the unet component produced NaN or Inf"):
         unet.run({"sample": latent, "timestep": np.ones(1, np.float32),
                   "encoder_hidden_states": np.zeros((1, 77, 64), np.float32)})
+
+
+def test_split_guidance_gives_the_same_image(tiny_package):
+    from reference import psnr
+
+    args = dict(steps=3, width=64, height=64, seed=4)
+    a = Pipeline(tiny_package("sd1"), device="cpu").generate("a cat", "dog", **args)
+    b = Pipeline(tiny_package("sd1"), device="cpu", split_guidance=True).generate("a cat", "dog", **args)
+    assert psnr(a, b) > 60

@@ -1,0 +1,79 @@
+"""Image quality of each precision against the reference precision, same seeds and prompts,
+one process per precision (the model loads once for all its images).
+
+    python -m edgediff.benchmarks.quality sd15-512 --seeds 8 --steps 2
+
+takes the model, precisions, size and prompts of a scenario; the tiny model's "draws what it
+is asked" score is in `tests/convert/test_builtin.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from edgediff.benchmarks import stats
+from edgediff.benchmarks.harness import prepare
+from edgediff.benchmarks.scenario import load_scenario
+
+PROMPTS = ("a photograph of a lighthouse on a rocky coast at dusk, dramatic clouds",
+           "portrait of an old fisherman, oil painting, detailed brush strokes")
+
+
+def sweep(packages: dict[str, Path], reference: str, prompts, seeds, size: int, steps: int,
+          out: Path, progress=print) -> list[dict]:
+    from edgediff.runtime import Pipeline
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows, ref_images = [], {}
+    for precision in [reference, *(p for p in packages if p != reference)]:
+        pipe = Pipeline(packages[precision], device="cpu", low_memory=False)
+        for p, prompt in enumerate(prompts):
+            for seed in seeds:
+                progress(f"{precision}: prompt {p} seed {seed}")
+                image = pipe.generate(prompt, "blurry, low quality", steps=steps, sampler="euler",
+                                      schedule="normal", seed=seed, width=size, height=size)
+                path = out / f"{precision}-p{p}-s{seed}.png"
+                image.save(path)
+                if precision == reference:
+                    ref_images[p, seed] = image
+                ref = ref_images[p, seed]
+                rows.append({"precision": precision, "prompt_index": p, "seed": seed, "size": size,
+                             "steps": steps, "psnr_db": stats.psnr(ref, image), "ssim": stats.ssim(ref, image),
+                             "image": str(path)})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| precision | images | PSNR dB median (min) | SSIM median (min) |", "| --- | --- | --- | --- |"]
+    for precision in dict.fromkeys(r["precision"] for r in rows):
+        sel = [r for r in rows if r["precision"] == precision]
+        ps, ss = stats.summary([r["psnr_db"] for r in sel]), stats.summary([r["ssim"] for r in sel])
+        out.append(f"| {precision} | {len(sel)} | {ps['median']:.1f} ({ps['min']:.1f}) | "
+                   f"{ss['median']:.3f} ({ss['min']:.3f}) |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("scenario")
+    parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--output", type=Path, default=Path("bench-results/quality"))
+    args = parser.parse_args(argv)
+    scenario = load_scenario(args.scenario)
+    _, packages = prepare(scenario, progress=lambda m: print(m, file=sys.stderr))
+    prompts = scenario.prompts if len(scenario.prompts) >= 2 else PROMPTS
+    rows = sweep(packages, scenario.reference, prompts, range(args.seeds), scenario.sizes[0], args.steps,
+                 args.output, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    (args.output / "quality.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = table(rows)
+    (args.output / "quality.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
