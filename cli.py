@@ -97,8 +97,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="run the denoiser on prompt and negative prompt separately (less memory)")
 
     b = sub.add_parser("bench", help="run a benchmark scenario (TOML): stage times, memory, quality, peers")
-    b.add_argument("scenario", help="scenario file, or the name of one in benchmarks/scenarios/")
+    b.add_argument("scenario", nargs="?", help="scenario file, or the name of one in benchmarks/scenarios/")
     b.add_argument("--output", "-o", help="results folder (default: bench-results/NAME-TIME)")
+    b.add_argument("--install-peer", metavar="PEER",
+                   help="create the environment of a peer whose packages clash with edgediff's")
 
     i = sub.add_parser("inspect", help="describe a package, checkpoint, diffusers folder or GGUF file")
     i.add_argument("path")
@@ -158,12 +160,20 @@ def _bench(args) -> int:
     from edgediff.benchmarks.report import chart, markdown
     from edgediff.benchmarks.scenario import load_scenario
 
+    say = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    if args.install_peer:
+        from edgediff.benchmarks.harness import install_peer
+
+        print(f"installed {args.install_peer}: {install_peer(args.install_peer, say)}")
+        return 0
+    if not args.scenario:
+        raise UsageError("edgediff bench needs a SCENARIO (or --install-peer PEER)")
     scenario = load_scenario(args.scenario)
     check_runnable(scenario)
     out = Path(args.output or f"bench-results/{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--output {out}: exists and is not empty; choose another folder")
-    rows = run_scenario(scenario, out, lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+    rows = run_scenario(scenario, out, say)
     (out / "report.md").write_text(markdown(rows, f"{scenario.name}: {scenario.model}"))
     chart(rows, out / "chart.png")
     print(f"wrote {out / 'runs.jsonl'}, {out / 'report.md'}, {out / 'chart.png'}")

@@ -4,6 +4,7 @@ worker process, alternating configurations run by run (A B A B) so machine drift
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import platform
@@ -44,6 +45,32 @@ def system_info(threads: int | None) -> dict[str, object]:
         pass
     return {"edgediff": __version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
             "cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "threads": threads}
+
+
+def peer_python(name: str, scenario: Scenario | None = None) -> Path:
+    """The interpreter a peer runs in: the scenario's choice, its own environment under the
+    cache (for peers whose packages clash with ours), or this one."""
+    if scenario and name in scenario.peer_python:
+        return Path(scenario.peer_python[name])
+    if PEERS[name].venv:
+        return cache_root() / "peers" / name / "bin" / "python"
+    return Path(sys.executable)
+
+
+def install_peer(name: str, progress: Progress) -> Path:
+    """Create the peer's own environment: its packages, and this edgediff without dependencies."""
+    if name not in PEERS:
+        raise UsageError(f"unknown peer '{name}' (known: {', '.join(PEERS)})")
+    peer = PEERS[name]
+    if not peer.venv:
+        raise UsageError(f"{name} runs in edgediff's own environment: {peer.install}")
+    venv = cache_root() / "peers" / name
+    progress(f"creating {venv} with {' '.join(peer.venv)}")
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, *peer.venv], check=True)
+    subprocess.run([*pip, "--no-deps", "-e", str(Path(__file__).resolve().parents[1])], check=True)
+    return venv / "bin" / "python"
 
 
 def prepare(scenario: Scenario, progress: Progress) -> tuple[Path | None, dict[str, Path]]:
@@ -118,12 +145,18 @@ def configurations(scenario: Scenario, packages: dict[str, Path], source: Path |
         out.append((f"edgediff-{precision}", {"tool": "edgediff", "precision": precision, "package": str(package)}, None))
     for name in scenario.peers:
         peer = PEERS[name]
-        python = scenario.peer_python.get(name, sys.executable)
-        reason = missing(peer) if python == sys.executable else None
+        python = peer_python(name, scenario)
+        if python == Path(sys.executable):
+            reason = missing(peer)
+        else:
+            reason = None if python.is_file() else (
+                f"{name}: skipped, its environment {python.parent.parent} does not exist "
+                f"(create it with: edgediff bench --install-peer {name})")
         if peer.source == "diffusers" and source is None:
             reason = f"{name}: skipped, the scenario's model is a package, not a diffusers folder"
         cfg = {"tool": name, "module": peer.module, "variant": peer.variant, "precision": peer.variant,
-               "diffusers": str(source) if source else None, "python": python}
+               "diffusers": str(source) if source else None, "python": str(python),
+               "work_dir": str(source.parent if source else cache_root())}
         out.append((name, cfg, reason))
     return out
 
@@ -142,6 +175,13 @@ def run_scenario(scenario: Scenario, out_dir: Path, progress: Progress) -> list[
             progress(reason)
             rows.append({**common, "label": label, "status": "skipped", "reason": reason})
     live = [(label, cfg) for label, cfg, reason in configs if not reason]
+    for label, cfg in live:
+        module = PEERS[cfg["tool"]].module if cfg["tool"] in PEERS else None
+        if module and hasattr(importlib.import_module(f"edgediff.benchmarks.peers.{module}"), "prepare"):
+            progress(f"{label}: preparing its own conversion of the model")
+            prep = run_worker({**cfg, "action": "prepare"}, cfg["python"])
+            if prep["status"] != "ok":
+                raise EdgediffError(f"{label}: preparing failed: {prep['error']}")
     total = len(scenario.sizes) * len(scenario.prompts) * len(scenario.seeds) * scenario.repeats * len(live)
     done = 0
     for size in scenario.sizes:

@@ -30,10 +30,10 @@ SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 
 @dataclass
 class Recipe:
     seed: int = 0
-    vae_steps: int = 1500
+    vae_steps: int = 4000
     vae_batch: int = 16
-    vae_lr: float = 2e-3
-    vae_kl: float = 1e-6
+    vae_lr: float = 1e-3
+    vae_latent_l2: float = 1e-4
     dataset: int = 20000
     unet_steps: int = 6000
     unet_batch: int = 32
@@ -52,17 +52,19 @@ def train_vae(r: Recipe, rng: np.random.Generator):
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-                        block_out_channels=(16, 32, 32, 32), norm_num_groups=16, sample_size=IMAGE,
+                        block_out_channels=(16, 32, 32, 32), norm_num_groups=4, sample_size=IMAGE,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
     opt = torch.optim.AdamW(vae.parameters(), lr=r.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, r.vae_lr, total_steps=r.vae_steps, pct_start=0.05)
     started = time.perf_counter()
     for step in range(1, r.vae_steps + 1):
         x = torch.from_numpy(shapes.batch(rng, r.vae_batch, IMAGE)[0])
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample()).sample
+        # The posterior's mean with a small L2 pull on it, not a sample under a KL term: on these
+        # flat shapes the sampling noise slowed reconstruction several-fold (measured).
+        z = vae.encode(x).latent_dist.mode()
+        recon = vae.decode(z).sample
         rec = (recon - x).abs().mean() + ((recon - x) ** 2).mean()
-        loss = rec + r.vae_kl * posterior.kl().mean()
+        loss = rec + r.vae_latent_l2 * (z**2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -107,6 +109,7 @@ def train_denoiser(latents, ids, empty, r: Recipe):
         text.get_input_embeddings().weight.zero_()
     unet = UNet2DConditionModel(sample_size=IMAGE // 8, in_channels=4, out_channels=4, layers_per_block=1,
                                 block_out_channels=(32, 64), attention_head_dim=8, cross_attention_dim=64,
+                                norm_num_groups=8,
                                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
     noise_sched = DDPMScheduler(**{k: SCHEDULER[k] for k in ("beta_start", "beta_end", "beta_schedule",

@@ -47,6 +47,10 @@ def peak_rss_mb() -> float:
 def main(argv: list[str]) -> int:
     config = json.loads(argv[0])
     started = time.perf_counter()
+    if config.get("action") == "prepare":  # a peer's one-time conversion, outside the measurements
+        importlib.import_module(f"edgediff.benchmarks.peers.{config['module']}").prepare(config)
+        print(json.dumps({"prepared": True}), flush=True)
+        return 0
     if config["tool"] == "edgediff":
         result = run_edgediff(config)
     else:

@@ -19,7 +19,8 @@ class Peer:
     needs: tuple[str, ...]  # importable modules
     install: str
     same_noise: bool  # draws its starting noise as torch's CPU generator does (images comparable)
-    source: str  # what it loads: 'diffusers' folder, 'onnx' (optimum export), 'checkpoint' (LDM file)
+    source: str  # what it loads: 'diffusers' folder, 'checkpoint' (LDM single file)
+    venv: tuple[str, ...] = ()  # packages of an interpreter of its own, when they clash with ours
 
 
 PEERS: dict[str, Peer] = {
@@ -29,6 +30,10 @@ PEERS: dict[str, Peer] = {
              "pip install 'edgediff[convert]'", True, "diffusers"),
         Peer("diffusers-bf16", "diffusers_torch", "bf16", ("torch", "diffusers"),
              "pip install 'edgediff[convert]'", True, "diffusers"),
+        Peer("optimum-fp32", "optimum_ort", "fp32", ("optimum.onnxruntime",),
+             "edgediff bench --install-peer optimum-fp32", True, "diffusers",
+             venv=("torch==2.13.0", "optimum-onnx==0.1.0", "diffusers==0.39.0", "transformers==4.57.6",
+                   "onnxruntime", "pillow")),
     )
 }
 

@@ -1,4 +1,5 @@
-"""diffusers + PyTorch on the CPU (fp32, or bf16 autocast-free weights), timed per stage."""
+"""diffusers + PyTorch on the CPU (fp32 or bf16 weights), timed per stage. `measure` also
+drives optimum's onnxruntime pipeline, which is a diffusers pipeline underneath."""
 
 from __future__ import annotations
 
@@ -10,18 +11,12 @@ SCHEDULERS = {"euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscr
               "lcm": "LCMScheduler"}
 
 
-def run(config: dict) -> dict:
+def measure(pipe, config: dict) -> dict:
+    """A warm-up run of one step, then the measured run: text, each step, VAE decode."""
     import diffusers
     import torch
 
-    if config.get("threads"):
-        torch.set_num_threads(int(config["threads"]))
-    dtype = torch.bfloat16 if config["variant"] == "bf16" else torch.float32
-    started = time.perf_counter()
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-        config["diffusers"], torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    load = time.perf_counter() - started
     cls = getattr(diffusers, SCHEDULERS[config["sampler"]])
     extra = {"use_karras_sigmas": True} if config["schedule"] == "karras" else {}
     pipe.scheduler = cls.from_config(pipe.scheduler.config, timestep_spacing="leading", **extra)
@@ -46,9 +41,9 @@ def run(config: dict) -> dict:
                            generator=torch.Generator().manual_seed(config["seed"]), output_type="latent",
                            callback_on_step_end=on_step).images
             t0 = time.perf_counter()
-            pixels = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+            pixels = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
             timings["vae_decode_s"] = time.perf_counter() - t0
-        timings["image"] = pipe.image_processor.postprocess(pixels.float(), output_type="pil")[0]
+        timings["image"] = pipe.image_processor.postprocess(torch.as_tensor(pixels).float(), output_type="pil")[0]
         timings["total_s"] = timings["text_encode_s"] + sum(timings["steps_s"]) + timings["vae_decode_s"]
         return timings
 
@@ -56,4 +51,19 @@ def run(config: dict) -> dict:
     result = once(config["steps"])
     result["image"].save(config["image"])
     result["image"] = config["image"]
+    return result
+
+
+def run(config: dict) -> dict:
+    import diffusers
+    import torch
+
+    if config.get("threads"):
+        torch.set_num_threads(int(config["threads"]))
+    dtype = torch.bfloat16 if config["variant"] == "bf16" else torch.float32
+    started = time.perf_counter()
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+        config["diffusers"], torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    load = time.perf_counter() - started
+    result = measure(pipe, config)
     return {**result, "load_cold_s": load, "load_warm_s": 0.0, "provider": f"torch {torch.__version__} CPU"}
