@@ -17,6 +17,9 @@ OK_KEYS = {"tool": str, "precision": str, "size": int, "steps": int, "seed": int
            "peak_rss_mb": float, "rss_peak_sampled_mb": float, "image": str, "provider": str}
 
 
+OPTIONAL_STAGES = {"text_encode_s", "vae_decode_s"}  # null for tools that do not time them apart
+
+
 def validate_row(row: dict) -> list[str]:
     """The schema problems of one JSON row (empty when it is valid)."""
     problems = []
@@ -24,6 +27,8 @@ def validate_row(row: dict) -> list[str]:
     for key, kind in keys.items():
         if key not in row:
             problems.append(f"missing '{key}'")
+        elif row[key] is None and key in OPTIONAL_STAGES:
+            continue
         elif not isinstance(row[key], kind) and not (kind is float and isinstance(row[key], int)):
             problems.append(f"'{key}' is {type(row[key]).__name__}, expected {kind.__name__}")
     if row.get("status") not in ("ok", "skipped", "failed"):
@@ -47,7 +52,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
     for (label, size), runs in groups.items():
 
         def med(key: str, runs=runs) -> float:
-            return stats.summary([r[key] for r in runs])["median"]
+            return stats.summary([r[key] for r in runs if r[key] is not None])["median"]
 
         pairs = [base[k]["total_s"] / r["total_s"] for r in runs
                  if (k := (r["size"], r["prompt_index"], r["seed"], r["repeat"])) in base]
@@ -112,7 +117,10 @@ def chart(rows: list[dict], path: Path) -> Path:
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
     colours = {"text": (90, 140, 210), "denoise": (230, 120, 50), "vae": (100, 180, 100), "rss": (150, 150, 150)}
-    max_t = max((ln["text_encode_s"] + ln["denoise_s"] + ln["vae_decode_s"] for ln in lines), default=1) or 1
+    def known(v: float) -> float:
+        return 0.0 if v is None or math.isnan(v) else v
+
+    max_t = max((ln["total_s"] for ln in lines), default=1) or 1
     max_m = max((ln["rss_peak_mb"] for ln in lines), default=1) or 1
     span = width - left - 120
     draw.text((10, 10), "seconds per image (text | denoise | VAE), and peak RSS in MB (grey)", fill="black")
@@ -123,7 +131,9 @@ def chart(rows: list[dict], path: Path) -> Path:
     for ln in lines:
         draw.text((10, y + 4), f"{ln['label']} @{ln['size']}", fill="black")
         x = left
-        for key, value in (("text", ln["text_encode_s"]), ("denoise", ln["denoise_s"]), ("vae", ln["vae_decode_s"])):
+        text, vae = known(ln["text_encode_s"]), known(ln["vae_decode_s"])
+        # a tool that does not time its stages apart shows its whole time as denoising
+        for key, value in (("text", text), ("denoise", ln["total_s"] - text - vae), ("vae", vae)):
             w = int(span * value / max_t)
             draw.rectangle((x, y, x + max(w, 1), y + bar_h), fill=colours[key])
             x += w

@@ -1,113 +1,25 @@
-"""Write a diffusers folder back as a single-file checkpoint in the original LDM layout, as
-community sites share them (`model.diffusion_model.*`, `first_stage_model.*`,
-`cond_stage_model.transformer.*`). The renaming follows diffusers'
-scripts/convert_diffusers_to_original_stable_diffusion.py, generalised to any depth."""
+"""A training-style single-file checkpoint for the tests: convert.ldm's renaming, plus EMA
+copies and the training-only keys a converter must drop."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
-           ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
-_VAE_RESNET = (("conv_shortcut", "nin_shortcut"),)
-_VAE_ATTN = (("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out."))
-
-
-def _unet_prefixes(config) -> list[tuple[str, str]]:
-    """(diffusers prefix, LDM prefix) pairs, longest first."""
-    n = config["layers_per_block"]
-    levels = len(config["block_out_channels"])
-    pairs = [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
-             ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."),
-             ("mid_block.attentions.0.", "middle_block.1.")]
-    for j in range(2):
-        pairs.append((f"mid_block.resnets.{j}.", f"middle_block.{2 * j}."))
-    for i in range(levels):
-        for j in range(n):
-            pairs.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{i * (n + 1) + j + 1}.0."))
-            pairs.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{i * (n + 1) + j + 1}.1."))
-        if i < levels - 1:
-            pairs.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(i + 1) * (n + 1)}.0.op."))
-        up_attn = config["up_block_types"][i].startswith("CrossAttn")
-        for j in range(n + 1):
-            pairs.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{i * (n + 1) + j}.0."))
-            pairs.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{i * (n + 1) + j}.1."))
-        if i < levels - 1:
-            pairs.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{i * (n + 1) + n}.{2 if up_attn else 1}."))
-    return sorted(pairs, key=lambda p: -len(p[0]))
-
-
-def _rename(key: str, prefixes, inner=()) -> str:
-    for hf, sd in prefixes:
-        if key.startswith(hf):
-            rest = key[len(hf):]
-            for a, b in inner:
-                rest = rest.replace(a, b)
-            return sd + rest
-    raise KeyError(key)
-
-
-def _vae_prefixes(config) -> list[tuple[str, str]]:
-    levels = len(config["block_out_channels"])
-    n = config["layers_per_block"]
-    pairs = [("encoder.conv_norm_out.", "encoder.norm_out."), ("decoder.conv_norm_out.", "decoder.norm_out."),
-             ("encoder.mid_block.attentions.0.", "encoder.mid.attn_1."),
-             ("decoder.mid_block.attentions.0.", "decoder.mid.attn_1.")]
-    for part in ("encoder", "decoder"):
-        for j in range(2):
-            pairs.append((f"{part}.mid_block.resnets.{j}.", f"{part}.mid.block_{j + 1}."))
-        pairs += [(f"{part}.conv_in.", f"{part}.conv_in."), (f"{part}.conv_out.", f"{part}.conv_out.")]
-    for i in range(levels):
-        for j in range(n):
-            pairs.append((f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}."))
-        for j in range(n + 1):
-            pairs.append((f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{levels - 1 - i}.block.{j}."))
-        if i < levels - 1:
-            pairs.append((f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample."))
-            pairs.append((f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{levels - 1 - i}.upsample."))
-    pairs += [("quant_conv.", "quant_conv."), ("post_quant_conv.", "post_quant_conv.")]
-    return sorted(pairs, key=lambda p: -len(p[0]))
-
-
-def to_ldm_state_dict(folder: Path, ema_noise: float | None = None) -> dict:
-    """The LDM-layout state dict of a tiny diffusers folder (torch tensors). With `ema_noise`,
-    the UNet weights are also stored as `model_ema.*` copies and the plain copies perturbed by
-    that much, as training checkpoints hold them (so a test can tell which copy was used)."""
-    import json
-
-    import torch
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    out: dict[str, torch.Tensor] = {}
-    unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
-    prefixes = _unet_prefixes(unet_cfg)
-    for k, v in load_file(folder / "unet" / "diffusion_pytorch_model.safetensors").items():
-        name = "model.diffusion_model." + _rename(k, prefixes, _RESNET if ".resnets." in k else ())
-        out[name] = v
-        if ema_noise is not None:
-            out["model_ema." + "".join(name.split(".")[1:])] = v.clone()
-            out[name] = v + ema_noise * torch.randn_like(v)
-    vae_cfg = json.loads((folder / "vae" / "config.json").read_text())
-    prefixes = _vae_prefixes(vae_cfg)
-    for k, v in load_file(folder / "vae" / "diffusion_pytorch_model.safetensors").items():
-        inner = _VAE_ATTN if ".attentions." in k else _VAE_RESNET
-        name = "first_stage_model." + _rename(k, prefixes, inner)
-        if ".attn_1." in name and name.endswith("weight") and v.ndim == 2:
-            v = v[:, :, None, None]  # LDM's VAE attention uses 1x1 convolutions
-        out[name] = v
-    for k, v in load_file(folder / "text_encoder" / "model.safetensors").items():
-        key = k if k.startswith("text_model.") else "text_model." + k
-        out["cond_stage_model.transformer." + key] = v
-    # what training checkpoints also carry, and a converter must drop
-    out["alphas_cumprod"] = torch.linspace(0.99, 0.01, 1000)
-    out["model_ema.decay"] = torch.tensor(0.9999)
-    return out
+from edgediff.convert.ldm import to_ldm_state_dict
+from edgediff.convert.ldm import write_ldm_checkpoint as _write
 
 
 def write_ldm_checkpoint(folder: Path, path: Path, ema_noise: float | None = None) -> Path:
-    from safetensors.torch import save_file
+    """With `ema_noise`, the UNet weights are also stored as `model_ema.*` copies and the plain
+    copies perturbed by that much, as training checkpoints hold them (so a test can tell which
+    copy was used)."""
+    import torch
 
-    state = {k: v.contiguous() for k, v in to_ldm_state_dict(folder, ema_noise).items()}
-    save_file(state, str(path))
-    return path
+    state = to_ldm_state_dict(folder)
+    if ema_noise is not None:
+        for name in [k for k in state if k.startswith("model.diffusion_model.")]:
+            state["model_ema." + "".join(name.split(".")[1:])] = state[name].clone()
+            state[name] = state[name] + ema_noise * torch.randn_like(state[name])
+    state["alphas_cumprod"] = torch.linspace(0.99, 0.01, 1000)
+    state["model_ema.decay"] = torch.tensor(0.9999)
+    return _write(folder, path, state)

@@ -34,6 +34,10 @@ PEERS: dict[str, Peer] = {
              "edgediff bench --install-peer optimum-fp32", True, "diffusers",
              venv=("torch==2.13.0", "optimum-onnx==0.1.0", "diffusers==0.39.0", "transformers==4.57.6",
                    "onnxruntime", "pillow")),
+        *(Peer(f"sdcpp-{w}", "sdcpp", w, ("stable_diffusion_cpp",),
+               "edgediff bench --install-peer sdcpp-" + w, True, "diffusers",
+               venv=("stable-diffusion-cpp-python==0.4.7", "safetensors", "torch==2.13.0", "pillow", "numpy"))
+          for w in ("f16", "q8_0", "q4_0")),
     )
 }
 

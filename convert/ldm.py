@@ -1,0 +1,104 @@
+"""A diffusers folder as a single-file checkpoint in the original LDM layout, the one community
+sites share and stable-diffusion.cpp and A1111 read (`model.diffusion_model.*`,
+`first_stage_model.*`, `cond_stage_model.transformer.*`). The renaming follows diffusers'
+scripts/convert_diffusers_to_original_stable_diffusion.py, generalised to any depth; it is the
+inverse of the single-file reader (a test round-trips it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
+           ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
+_VAE_RESNET = (("conv_shortcut", "nin_shortcut"),)
+_VAE_ATTN = (("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out."))
+
+
+def _unet_prefixes(config) -> list[tuple[str, str]]:
+    """(diffusers prefix, LDM prefix) pairs, longest first."""
+    n = config["layers_per_block"]
+    levels = len(config["block_out_channels"])
+    pairs = [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
+             ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."),
+             ("mid_block.attentions.0.", "middle_block.1.")]
+    for j in range(2):
+        pairs.append((f"mid_block.resnets.{j}.", f"middle_block.{2 * j}."))
+    for i in range(levels):
+        for j in range(n):
+            pairs.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{i * (n + 1) + j + 1}.0."))
+            pairs.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{i * (n + 1) + j + 1}.1."))
+        if i < levels - 1:
+            pairs.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(i + 1) * (n + 1)}.0.op."))
+        up_attn = config["up_block_types"][i].startswith("CrossAttn")
+        for j in range(n + 1):
+            pairs.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{i * (n + 1) + j}.0."))
+            pairs.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{i * (n + 1) + j}.1."))
+        if i < levels - 1:
+            pairs.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{i * (n + 1) + n}.{2 if up_attn else 1}."))
+    return sorted(pairs, key=lambda p: -len(p[0]))
+
+
+def _rename(key: str, prefixes, inner=()) -> str:
+    for hf, sd in prefixes:
+        if key.startswith(hf):
+            rest = key[len(hf):]
+            for a, b in inner:
+                rest = rest.replace(a, b)
+            return sd + rest
+    raise KeyError(key)
+
+
+def _vae_prefixes(config) -> list[tuple[str, str]]:
+    levels = len(config["block_out_channels"])
+    n = config["layers_per_block"]
+    pairs = [("encoder.conv_norm_out.", "encoder.norm_out."), ("decoder.conv_norm_out.", "decoder.norm_out."),
+             ("encoder.mid_block.attentions.0.", "encoder.mid.attn_1."),
+             ("decoder.mid_block.attentions.0.", "decoder.mid.attn_1.")]
+    for part in ("encoder", "decoder"):
+        for j in range(2):
+            pairs.append((f"{part}.mid_block.resnets.{j}.", f"{part}.mid.block_{j + 1}."))
+        pairs += [(f"{part}.conv_in.", f"{part}.conv_in."), (f"{part}.conv_out.", f"{part}.conv_out.")]
+    for i in range(levels):
+        for j in range(n):
+            pairs.append((f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}."))
+        for j in range(n + 1):
+            pairs.append((f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{levels - 1 - i}.block.{j}."))
+        if i < levels - 1:
+            pairs.append((f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample."))
+            pairs.append((f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{levels - 1 - i}.upsample."))
+    pairs += [("quant_conv.", "quant_conv."), ("post_quant_conv.", "post_quant_conv.")]
+    return sorted(pairs, key=lambda p: -len(p[0]))
+
+
+def to_ldm_state_dict(folder: Path) -> dict:
+    """The LDM-layout state dict (torch tensors) of an SD 1.x diffusers folder."""
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    out: dict = {}
+    unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
+    prefixes = _unet_prefixes(unet_cfg)
+    for k, v in load_file(folder / "unet" / "diffusion_pytorch_model.safetensors").items():
+        out["model.diffusion_model." + _rename(k, prefixes, _RESNET if ".resnets." in k else ())] = v
+    vae_cfg = json.loads((folder / "vae" / "config.json").read_text())
+    prefixes = _vae_prefixes(vae_cfg)
+    for k, v in load_file(folder / "vae" / "diffusion_pytorch_model.safetensors").items():
+        inner = _VAE_ATTN if ".attentions." in k else _VAE_RESNET
+        name = "first_stage_model." + _rename(k, prefixes, inner)
+        if ".attn_1." in name and name.endswith("weight") and v.ndim == 2:
+            v = v[:, :, None, None]  # LDM's VAE attention uses 1x1 convolutions
+        out[name] = v
+    for k, v in load_file(folder / "text_encoder" / "model.safetensors").items():
+        key = k if k.startswith("text_model.") else "text_model." + k
+        out["cond_stage_model.transformer." + key] = v
+    return out
+
+
+def write_ldm_checkpoint(folder: Path, path: Path, state: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    state = to_ldm_state_dict(folder) if state is None else state
+    save_file({k: v.contiguous().float() for k, v in state.items()}, str(path))
+    return path
