@@ -52,8 +52,8 @@ def peer_python(name: str, scenario: Scenario | None = None) -> Path:
     cache (for peers whose packages clash with ours), or this one."""
     if scenario and name in scenario.peer_python:
         return Path(scenario.peer_python[name])
-    if PEERS[name].venv:
-        return cache_root() / "peers" / name / "bin" / "python"
+    if PEERS[name].venv:  # one environment per adapter module (sdcpp-f16/q8_0/q4_0 share one)
+        return cache_root() / "peers" / PEERS[name].module / "bin" / "python"
     return Path(sys.executable)
 
 
@@ -64,7 +64,7 @@ def install_peer(name: str, progress: Progress) -> Path:
     peer = PEERS[name]
     if not peer.venv:
         raise UsageError(f"{name} runs in edgediff's own environment: {peer.install}")
-    venv = cache_root() / "peers" / name
+    venv = cache_root() / "peers" / peer.module
     progress(f"creating {venv} with {' '.join(peer.venv)}")
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
