@@ -20,14 +20,10 @@ from edgediff import __version__
 from edgediff.benchmarks import stats
 from edgediff.benchmarks.peers import PEERS, missing
 from edgediff.benchmarks.scenario import Scenario
+from edgediff.convert import cache_root
 from edgediff.errors import EdgediffError, UsageError
 
 Progress = Callable[[str], None]
-
-
-def cache_root() -> Path:
-    root = os.environ.get("EDGEDIFF_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgediff"
-    return Path(root)
 
 
 def system_info(threads: int | None) -> dict[str, object]:

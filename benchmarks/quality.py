@@ -3,8 +3,11 @@ one process per precision (the model loads once for all its images).
 
     python -m edgediff.benchmarks.quality sd15-512 --seeds 8 --steps 2
 
-takes the model, precisions, size and prompts of a scenario; the tiny model's "draws what it
-is asked" score is in `tests/convert/test_builtin.py`.
+takes the model, precisions, size and prompts of a scenario. For the embedded shapes model,
+
+    python -m edgediff.benchmarks.quality tiny --draw
+
+scores instead what share of 50 images show the prompted shape and colours, per precision.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import json
 import sys
 from pathlib import Path
 
-from edgediff.benchmarks import stats
+import numpy as np
+
+from edgediff.benchmarks import shapes, stats
 from edgediff.benchmarks.harness import prepare
 from edgediff.benchmarks.scenario import load_scenario
 
@@ -46,6 +51,22 @@ def sweep(packages: dict[str, Path], reference: str, prompts, seeds, size: int, 
     return rows
 
 
+def evaluation_prompts(n: int = 50, seed: int = 2024) -> list[tuple[str, int, shapes.Sample]]:
+    """Varied (caption, seed, truth) triples, with wordings from the training templates."""
+    rng = np.random.default_rng(seed)
+    return [(truth.caption, 1000 + i, truth) for i, (_, truth) in enumerate(shapes.sample(rng) for _ in range(n))]
+
+
+def draw_score(package: Path, n: int = 50, **kwargs) -> float:
+    """Share of generated images that show the prompted shape and colours (package defaults)."""
+    from edgediff.runtime import Pipeline
+
+    pipe = Pipeline(package, device="cpu", low_memory=False)
+    hits = [shapes.check(pipe.generate(caption, seed=seed, **kwargs)).matches(truth)
+            for caption, seed, truth in evaluation_prompts(n)]
+    return sum(hits) / len(hits)
+
+
 def table(rows: list[dict]) -> str:
     out = ["| precision | images | PSNR dB median (min) | SSIM median (min) |", "| --- | --- | --- | --- |"]
     for precision in dict.fromkeys(r["precision"] for r in rows):
@@ -62,9 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--output", type=Path, default=Path("bench-results/quality"))
+    parser.add_argument("--draw", action="store_true", help="score shapes drawn (the embedded model)")
     args = parser.parse_args(argv)
     scenario = load_scenario(args.scenario)
     _, packages = prepare(scenario, progress=lambda m: print(m, file=sys.stderr))
+    if args.draw:
+        scores = {precision: draw_score(package) for precision, package in packages.items()}
+        ref = scores[scenario.reference]
+        print("| precision | images drawn right (of 50) | share of the reference's score |\n| --- | --- | --- |")
+        for precision, score in scores.items():
+            print(f"| {precision} | {score:.0%} | {score / ref:.0%} |" if ref else f"| {precision} | {score:.0%} | - |")
+        return 0
     prompts = scenario.prompts if len(scenario.prompts) >= 2 else PROMPTS
     rows = sweep(packages, scenario.reference, prompts, range(args.seeds), scenario.sizes[0], args.steps,
                  args.output, progress=lambda m: print(m, file=sys.stderr, flush=True))

@@ -230,19 +230,25 @@ def _calibration_feeds(root: Path, manifest: Manifest, progress) -> dict[str, li
     return feeds
 
 
+def cache_root() -> Path:
+    """Where converted defaults, synthetic models and peer environments are kept."""
+    import os
+
+    root = os.environ.get("EDGEDIFF_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgediff"
+    return Path(root)
+
+
 def default_package(progress: Callable[[str], None] | None = None) -> Path:
     """The embedded default model as a package, converted once into the user's cache (keyed by
     the shipped files' contents, so a new model or edgediff version converts again)."""
     import hashlib
-    import os
 
     source = BUILTIN / DEFAULT_MODEL
     digest = hashlib.sha256(__version__.encode())
     for path in sorted(source.rglob("*")):
         if path.is_file():
             digest.update(path.relative_to(source).as_posix().encode() + path.read_bytes())
-    root = os.environ.get("EDGEDIFF_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgediff"
-    package = Path(root) / f"{DEFAULT_MODEL}-{digest.hexdigest()[:12]}"
+    package = cache_root() / f"{DEFAULT_MODEL}-{digest.hexdigest()[:12]}"
     if not (package / MANIFEST).is_file():
         if progress:
             progress(f"converting the embedded default model once, into {package}")
