@@ -8,6 +8,7 @@ import importlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import threading
@@ -117,13 +118,21 @@ def _sample_rss(proc: subprocess.Popen, peak: list[float]) -> None:
         time.sleep(0.05)
 
 
-def run_worker(config: dict, python: str = sys.executable) -> dict:
+def run_worker(config: dict, python: str = sys.executable, timeout: float | None = None) -> dict:
     proc = subprocess.Popen([python, "-m", "edgediff.benchmarks.worker", json.dumps(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     peak = [0.0]
     sampler = threading.Thread(target=_sample_rss, args=(proc, peak), daemon=True)
     sampler.start()
-    out, err = proc.communicate()
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException as exc:  # a timeout or Ctrl-C: stop the worker and anything it started
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        sampler.join()
+        if isinstance(exc, subprocess.TimeoutExpired):
+            return {"status": "failed", "error": f"timed out after {timeout:.0f} s (the scenario's timeout)"}
+        raise
     sampler.join()
     if proc.returncode != 0:
         tail = (err or "").strip().splitlines()[-3:]
@@ -192,7 +201,7 @@ def run_scenario(scenario: Scenario, out_dir: Path, progress: Progress) -> list[
                                   "device": scenario.device, "threads": scenario.threads, "image": str(image)}
                         done += 1
                         progress(f"[{done}/{total}] {label} {size}x{size} prompt {p} seed {seed} round {repeat + 1}")
-                        result = run_worker(config, cfg.get("python", sys.executable))
+                        result = run_worker(config, cfg.get("python", sys.executable), scenario.timeout)
                         row = {**common, "label": label, "tool": cfg["tool"], "precision": cfg["precision"],
                                "size": size, "steps": scenario.steps, "prompt_index": p, "seed": seed,
                                "repeat": repeat, **result}

@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("scenario")
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--size", type=int, help="image size (default: the scenario's first)")
     parser.add_argument("--output", type=Path, default=Path("bench-results/quality"))
     parser.add_argument("--draw", action="store_true", help="score shapes drawn (the embedded model)")
     args = parser.parse_args(argv)
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {precision} | {score:.0%} | {score / ref:.0%} |" if ref else f"| {precision} | {score:.0%} | - |")
         return 0
     prompts = scenario.prompts if len(scenario.prompts) >= 2 else PROMPTS
-    rows = sweep(packages, scenario.reference, prompts, range(args.seeds), scenario.sizes[0], args.steps,
+    rows = sweep(packages, scenario.reference, prompts, range(args.seeds), args.size or scenario.sizes[0], args.steps,
                  args.output, progress=lambda m: print(m, file=sys.stderr, flush=True))
     (args.output / "quality.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = table(rows)

@@ -15,6 +15,7 @@
     seeds = [0]
     prompts = ["a photograph of a lighthouse at dusk"]
     peers = ["diffusers-fp32", "diffusers-bf16", "optimum-fp32", "sdcpp-q8_0"]
+    timeout = 900                 # seconds per run, then it is stopped and reported failed
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Scenario:
     negative_prompt: str = "blurry, low quality"
     peers: tuple[str, ...] = ()
     reference: str = "fp32"  # the precision images are compared with
+    timeout: float | None = None  # seconds a run may take before it is stopped and reported failed
     peer_python: dict[str, str] = field(default_factory=dict)  # peer -> interpreter that has it
 
 

@@ -85,3 +85,13 @@ def test_scenario_files(tmp_path):
         load_scenario(bad)
     with pytest.raises(UsageError, match="no such scenario"):
         load_scenario(tmp_path / "missing.toml")
+
+
+def test_a_run_past_the_timeout_is_stopped_and_reported(tmp_path):
+    from edgediff.benchmarks.harness import run_worker
+
+    slow = tmp_path / "slow-python"
+    slow.write_text("#!/bin/sh\nsleep 30\n")
+    slow.chmod(0o755)
+    result = run_worker({"tool": "edgediff"}, str(slow), timeout=0.5)
+    assert result["status"] == "failed" and "timed out" in result["error"]
