@@ -193,7 +193,11 @@ def _inspect(args) -> int:
         print(f"  family: {m.family} (prediction {m.prediction}, latent {m.latent_channels}ch "
               f"x{m.vae_downscale}, scale {m.latent_scale})")
         for name, c in m.components.items():
-            print(f"  {name:14s} {c.precision:6s} {_human(c.bytes):>10s}  {c.file}")
+            stored = ""
+            if c.notes.get("weights_quantized"):
+                stored = (f"  ({c.notes['weights_quantized'] / 1e6:.1f}M weights at {c.notes['bits_per_quantized_weight']:.2f} "
+                          f"bits with scales, {c.notes['weights_kept'] / 1e6:.1f}M kept)")
+            print(f"  {name:14s} {c.precision:12s} {_human(c.bytes):>10s}  {c.file}{stored}")
         print(f"  total: {_human(sum(c.bytes for c in m.components.values()))}; made by {m.created_by} "
               f"from {m.source.get('kind')} {m.source.get('path')}")
         return 0

@@ -101,7 +101,8 @@ def apply_precision(
         matmuls = graph.matmul_to_nbits(model, bits, BLOCK, choose)
         convs = graph.conv_weights_to_dq(model, bits, choose, BLOCK)
         notes = {"matmul_nbits": matmuls, "conv_dequantize": convs, "block": BLOCK,
-                 "conv_weights_in_memory": "fp32 while the Conv runs (no low-bit Conv kernel)"}
+                 "conv_weights_in_memory": "fp32 while the Conv runs (no low-bit Conv kernel)",
+                 **_storage(model)}
     elif precision == "int8-static":
         notes = _static_int8(model, path, choose, calibration)
         return Applied(precision, notes)
@@ -205,6 +206,18 @@ def _static_int8(model, path: Path, choose, calibration) -> dict[str, object]:
             calibrate_method=CalibrationMethod.MinMax,
             extra_options={"CalibStridedMinMax": 1, "WeightSymmetric": True},
         )
-        save_model(onnx.load(str(out), load_external_data=True), path)
+        quantized = onnx.load(str(out), load_external_data=True)
+        storage = _storage(quantized)
+        save_model(quantized, path)
     return {"calibration_runs": len(feeds), "excluded_nodes": len(exclude),
-            "activations": "uint8 (MinMax over the model's own sampling runs)", "weights": "int8 per channel"}
+            "activations": "uint8 (MinMax over the model's own sampling runs)", "weights": "int8 per channel",
+            **storage}
+
+
+def _storage(model) -> dict[str, object]:
+    """What the size should add up to: weights converted, their bits each with scales and zero
+    points, and weights kept (the policy's exceptions) at their own precision."""
+    w = graph.weight_storage(model)
+    bits = 8 * w["quantized_bytes"] / w["quantized_weights"] if w["quantized_weights"] else 0.0
+    return {"weights_quantized": w["quantized_weights"], "bits_per_quantized_weight": round(bits, 3),
+            "weights_kept": w["kept_weights"], "kept_bytes": w["kept_bytes"]}

@@ -169,3 +169,38 @@ def _ensure_domain(model: onnx.ModelProto, domain: str, version: int) -> None:
             opset.version = max(opset.version, version)
             return
     model.opset_import.append(helper.make_opsetid(domain, version))
+
+
+_BITS = {TensorProto.FLOAT: 32, TensorProto.FLOAT16: 16, TensorProto.BFLOAT16: 16, TensorProto.DOUBLE: 64,
+         TensorProto.INT8: 8, TensorProto.UINT8: 8, TensorProto.INT4: 4, TensorProto.UINT4: 4,
+         TensorProto.INT32: 32, TensorProto.INT64: 64, TensorProto.BOOL: 8}
+
+
+def _stored_bytes(t: onnx.TensorProto) -> int:
+    return -(-int(np.prod(t.dims, dtype=np.int64)) * _BITS.get(t.data_type, 32) // 8)
+
+
+def weight_storage(model: onnx.ModelProto) -> dict[str, int]:
+    """How the weights are stored: the quantized ones (payload, scales and zero points) and the
+    rest at their own precision. A package's size should add up to this, give or take the graph."""
+    inits = _initializers(model)
+    counted: set[str] = set()
+    quantized = quantized_bytes = 0
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in node.attribute}
+            quantized += attrs["K"] * attrs["N"]
+            parts = node.input[1:4]
+        elif node.op_type == "DequantizeLinear" and node.input[0] in inits and len(inits[node.input[0]].dims) > 1:
+            quantized += int(np.prod(inits[node.input[0]].dims, dtype=np.int64))
+            parts = node.input[:3]
+        else:
+            continue
+        for name in parts:
+            if name in inits and name not in counted:
+                counted.add(name)
+                quantized_bytes += _stored_bytes(inits[name])
+    kept = [t for name, t in inits.items() if name not in counted]
+    return {"quantized_weights": quantized, "quantized_bytes": quantized_bytes,
+            "kept_weights": sum(int(np.prod(t.dims, dtype=np.int64)) for t in kept),
+            "kept_bytes": sum(_stored_bytes(t) for t in kept)}

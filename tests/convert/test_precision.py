@@ -50,6 +50,20 @@ def test_manifest_records_each_component(quantized):
     assert static["notes"]["calibration_runs"] == 60  # 6 prompts x 10 steps
 
 
+# Bits per converted weight, scales and zero points included: the payload plus an fp32 scale
+# and a zero point per block of 32 (MatMulNBits and DequantizeLinear take fp32 scales here).
+CLAIMED_BITS = {"int4": (4, 4 + 32 / 32 + 4 / 32), "int8-weights": (8, 8 + 32 / 32 + 8 / 32),
+                "int8-static": (8, 8 + 32 / 32 + 8 / 32)}
+
+
+@pytest.mark.parametrize("precision", list(CLAIMED_BITS))
+def test_weights_are_stored_at_the_bits_claimed(quantized, precision):
+    m = json.loads((quantized[precision] / "edgediff.json").read_text())["components"]["unet"]
+    low, high = CLAIMED_BITS[precision]
+    assert low < m["notes"]["bits_per_quantized_weight"] <= high
+    assert m["notes"]["weights_quantized"] > 5 * m["notes"]["weights_kept"]  # the policy keeps few
+
+
 def test_low_bit_graphs_use_compact_ops(quantized):
     import onnx
 
