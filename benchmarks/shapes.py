@@ -38,6 +38,8 @@ TEMPLATES = (
 SIZES = {"small": (0.28, 0.4), "large": (0.6, 0.8)}
 SQUARE_FILL, CIRCLE_FILL = 0.9, 0.64  # between 1.0, 0.79 and the pointed shapes' 0.5 / 0.33
 TRIANGLE_WIDEST = 0.7  # widest row, as a fraction of the height from the top: 1.0 vs 0.38
+CORNER, CORNER_FILL = 0.2, 0.5  # corner patches (fraction of the box side): a circle fills ~17%
+# of them, a square all, a square with rounded corners (as decoders draw them) ~80%
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,9 @@ def check(image: Image.Image) -> Reading:
     cols = np.nonzero(mask.any(0))[0]
     box = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     fill = box.mean()
-    if fill >= SQUARE_FILL:
+    c = max(1, round(CORNER * min(box.shape)))
+    corners = np.mean([box[:c, :c].mean(), box[:c, -c:].mean(), box[-c:, :c].mean(), box[-c:, -c:].mean()])
+    if fill >= SQUARE_FILL or (fill >= CIRCLE_FILL and corners >= CORNER_FILL):
         shape = "square"
     elif fill >= CIRCLE_FILL:
         shape = "circle"

@@ -21,14 +21,6 @@ CONFIGS = {
         vae=dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1),
         family="sd1",
     ),
-    "builtin": dict(  # the random stand-in shipped as builtin:tiny-sd1 until a trained one exists
-        unet=dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8,
-                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
-        text=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=1, intermediate_size=64),
-        vae=dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1),
-        family="sd1",
-    ),
     "sd1-deep": dict(
         unet=dict(block_out_channels=(32, 64, 64), layers_per_block=2, attention_head_dim=4,
                   transformer_layers_per_block=(1, 2, 1),
@@ -65,9 +57,8 @@ SCHEDULER = {
 }
 
 
-def build_tiny(dst: Path, name: str = "sd1", seed: int = 0, fp16: bool = False) -> Path:
-    """Write a diffusers folder for config `name`, every weight drawn from `seed` (stored in
-    float16 when `fp16`, to keep a shipped copy small)."""
+def build_tiny(dst: Path, name: str = "sd1", seed: int = 0) -> Path:
+    """Write a diffusers folder for config `name`, every weight drawn from `seed`."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -91,7 +82,7 @@ def build_tiny(dst: Path, name: str = "sd1", seed: int = 0, fp16: bool = False) 
                 if param.ndim == 1 and torch.all(param == param.flatten()[0]):
                     param.add_(torch.randn_like(param) * 0.02)
     for module, folder in ((unet, "unet"), (vae, "vae"), (text_encoder, "text_encoder")):
-        (module.half() if fp16 else module).save_pretrained(dst / folder)
+        module.save_pretrained(dst / folder)
     pad = "!" if cfg["family"] == "sd2" else "<|endoftext|>"
     write_clip_tokenizer(dst / "tokenizer", pad_token=pad)
     scheduler = dict(SCHEDULER, prediction_type=cfg.get("prediction", "epsilon"))
@@ -112,8 +103,3 @@ def build_tiny(dst: Path, name: str = "sd1", seed: int = 0, fp16: bool = False) 
     (dst / "model_index.json").write_text(json.dumps(index, indent=2))
     return dst
 
-
-if __name__ == "__main__":  # regenerate the shipped stand-in: python tests/tiny_models.py
-    target = Path(__file__).resolve().parents[1] / "convert" / "builtin" / "tiny-sd1"
-    build_tiny(target, "builtin", seed=0, fp16=True)
-    print(f"wrote {target}")

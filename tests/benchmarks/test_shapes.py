@@ -42,3 +42,16 @@ def test_batch_is_scaled_to_unit_range():
     images, samples = shapes.batch(np.random.default_rng(0), 4)
     assert images.shape == (4, 3, 64, 64) and len(samples) == 4
     assert images.min() >= -1 and images.max() <= 1
+
+
+def test_rounded_squares_are_squares_and_circles_stay_circles():
+    """Decoders round a square's corners; corner occupancy still tells it from a circle."""
+    from PIL import Image, ImageDraw
+
+    for radius in (0.1, 0.2, 0.25):
+        img = Image.new("RGB", (64, 64), shapes.COLORS["green"])
+        ImageDraw.Draw(img).rounded_rectangle((12, 14, 50, 52), radius=radius * 38, fill=shapes.COLORS["red"])
+        assert shapes.check(img).shape == "square", radius
+    img = Image.new("RGB", (64, 64), shapes.COLORS["green"])
+    ImageDraw.Draw(img).ellipse((12, 14, 50, 52), fill=shapes.COLORS["red"])
+    assert shapes.check(img).shape == "circle"

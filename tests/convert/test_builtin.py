@@ -9,10 +9,10 @@ from edgediff.convert import BUILTIN, DEFAULT_MODEL
 from edgediff.convert import default_package as convert_default
 from edgediff.manifest import Manifest
 
-DRAW_FLOOR = 0.90  # the issue's bar for the fp32 package
-KEEP = 0.95  # and the share of fp32's score every other precision keeps
-pytestmark = pytest.mark.skipif(not (BUILTIN / DEFAULT_MODEL / "recipe.json").is_file(),
-                                reason="transitional: the shipped model is still the random stand-in")
+# The issue's bars. Measured 2026-11-22 (50 images, AMD EPYC AVX2): fp32 94%, fp16 94%,
+# int8-weights 94%, int8-static 90%, int4 92%.
+DRAW_FLOOR = 0.90  # for the fp32 package
+KEEP = 0.95  # the share of fp32's score every other precision keeps
 
 
 def test_shipped_weights_load_and_record_their_recipe(default_package):
