@@ -144,6 +144,8 @@ def run_worker(config: dict, python: str = sys.executable, timeout: float | None
 def configurations(scenario: Scenario, packages: dict[str, Path], source: Path | None):
     """(label, worker config, skip reason) for edgediff at each precision and each peer."""
     out = []
+    # where peers keep their own conversions: beside our packages in the cache, never in the source
+    work_dir = next(iter(packages.values())).parent if packages else cache_root()
     for precision, package in packages.items():
         if precision == scenario.reference and precision not in scenario.precisions:
             continue
@@ -161,7 +163,7 @@ def configurations(scenario: Scenario, packages: dict[str, Path], source: Path |
             reason = f"{name}: skipped, the scenario's model is a package, not a diffusers folder"
         cfg = {"tool": name, "module": peer.module, "variant": peer.variant, "precision": peer.variant,
                "diffusers": str(source) if source else None, "python": str(python),
-               "work_dir": str(source.parent if source else cache_root())}
+               "work_dir": str(work_dir)}
         out.append((name, cfg, reason))
     return out
 

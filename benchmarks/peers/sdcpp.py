@@ -33,10 +33,15 @@ def run(config: dict) -> dict:
     def once(steps: int) -> dict:
         marks = []
         t0 = time.perf_counter()
-        images = sd.generate_image(prompt=config["prompt"], negative_prompt=config["negative_prompt"],
-                                   width=config["size"], height=config["size"], cfg_scale=config["guidance"],
-                                   sample_method=config["sampler"], sample_steps=steps, seed=config["seed"],
-                                   progress_callback=lambda step, total, _t: marks.append(time.perf_counter()))
+        try:
+            images = sd.generate_image(
+                prompt=config["prompt"], negative_prompt=config["negative_prompt"], width=config["size"],
+                height=config["size"], cfg_scale=config["guidance"], sample_method=config["sampler"],
+                sample_steps=steps, seed=config["seed"],
+                progress_callback=lambda step, total, _t: marks.append(time.perf_counter()))
+        except ValueError as exc:  # the bindings dereference the NULL sd.cpp returns on failure
+            raise RuntimeError("stable-diffusion.cpp returned no image: it did not recognise the checkpoint "
+                               "(it knows the real SD architectures only) or failed while sampling") from exc
         total = time.perf_counter() - t0
         step_marks = marks[-steps:] if len(marks) >= steps else marks
         steps_s = [b - a for a, b in zip(step_marks, step_marks[1:], strict=False)]

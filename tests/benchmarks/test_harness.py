@@ -95,3 +95,13 @@ def test_a_run_past_the_timeout_is_stopped_and_reported(tmp_path):
     slow.chmod(0o755)
     result = run_worker({"tool": "edgediff"}, str(slow), timeout=0.5)
     assert result["status"] == "failed" and "timed out" in result["error"]
+
+
+def test_peers_keep_their_conversions_in_the_cache_not_in_the_source(tmp_path):
+    from edgediff.benchmarks.harness import configurations
+
+    source, cache = tmp_path / "model", tmp_path / "cache" / "bench" / "model-1234"
+    scenario = Scenario(name="t", model=str(source), peers=("sdcpp-q8_0",))
+    (cfg,) = [c for label, c, _ in configurations(scenario, {"fp32": cache / "package-fp32"}, source)
+              if label == "sdcpp-q8_0"]
+    assert cfg["work_dir"] == str(cache)
