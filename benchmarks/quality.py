@@ -72,8 +72,8 @@ def table(rows: list[dict]) -> str:
     for precision in dict.fromkeys(r["precision"] for r in rows):
         sel = [r for r in rows if r["precision"] == precision]
         ps, ss = stats.summary([r["psnr_db"] for r in sel]), stats.summary([r["ssim"] for r in sel])
-        out.append(f"| {precision} | {len(sel)} | {ps['median']:.1f} ({ps['min']:.1f}) | "
-                   f"{ss['median']:.3f} ({ss['min']:.3f}) |")
+        psnr = "identical" if ps["min"] == float("inf") else f"{ps['median']:.1f} ({ps['min']:.1f})"
+        out.append(f"| {precision} | {len(sel)} | {psnr} | {ss['median']:.3f} ({ss['min']:.3f}) |")
     return "\n".join(out) + "\n"
 
 

@@ -31,6 +31,18 @@ SD15 = {
 ARCHITECTURES = {"sd15": SD15}
 
 
+SD1_MODEL_INDEX = {  # what diffusers' and optimum's pipelines read to know the folder's parts
+    "_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
+    "requires_safety_checker": False, "safety_checker": [None, None],
+    "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"]}
+
+
+def write_model_index(dst: Path) -> None:
+    (Path(dst) / "model_index.json").write_text(json.dumps(SD1_MODEL_INDEX, indent=2))
+
+
 def build(name: str, dst: Path, seed: int = 0) -> Path:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -47,6 +59,7 @@ def build(name: str, dst: Path, seed: int = 0) -> Path:
     shutil.copytree(Path(edgediff.convert.__file__).parent / "data" / "clip_tokenizer", dst / "tokenizer")
     (dst / "scheduler").mkdir(exist_ok=True)
     (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps(arch["scheduler"], indent=2))
+    write_model_index(dst)
     return dst
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edgediff.benchmarks import shapes
+from edgediff.benchmarks.synthetic import write_model_index
 
 IMAGE = 64
 SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
@@ -172,12 +173,7 @@ def main() -> None:
     shutil.copytree(tok_dir, scratch / "tokenizer")
     (scratch / "scheduler").mkdir()
     (scratch / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
-    index = {"_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
-             "requires_safety_checker": False, "safety_checker": [None, None],
-             "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-             "vae": ["diffusers", "AutoencoderKL"]}
-    (scratch / "model_index.json").write_text(json.dumps(index, indent=2))
+    write_model_index(scratch)
     recipe = {"script": "benchmarks/train_tiny.py", **asdict(r), "latent_scale": scale,
               "final_vae_loss": vae_loss, "final_denoiser_loss": unet_loss,
               "vae_seconds": round(vae_seconds), "denoiser_seconds": round(unet_seconds),

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from edgediff.benchmarks.synthetic import write_model_index
+
 from clip_vocab import write_clip_tokenizer
 
 CONFIGS = {
@@ -88,18 +90,6 @@ def build_tiny(dst: Path, name: str = "sd1", seed: int = 0) -> Path:
     scheduler = dict(SCHEDULER, prediction_type=cfg.get("prediction", "epsilon"))
     (dst / "scheduler").mkdir(parents=True, exist_ok=True)
     (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.42.1",
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "PNDMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (dst / "model_index.json").write_text(json.dumps(index, indent=2))
+    write_model_index(dst)
     return dst
 
