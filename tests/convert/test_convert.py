@@ -57,6 +57,16 @@ def test_components_match_torch(tiny_source, tiny_package, name):
     assert out[0].shape[0] == te.config.num_hidden_layers
 
 
+@pytest.mark.parametrize("component", ["unet", "vae_decoder", "vae_encoder"])
+def test_attention_is_one_fused_node(tiny_package, component):
+    """No queries x keys score matrix in the graph: every attention is a MultiHeadAttention."""
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(tiny_package("sd1") / component / "model.onnx")).graph.node]
+    assert "MultiHeadAttention" in ops
+    assert "Softmax" not in ops
+
+
 def test_manifest_describes_the_package(tiny_package):
     m = json.loads((tiny_package("sd2-v") / "edgediff.json").read_text())
     assert m["family"] == "sd2" and m["prediction"] == "v"
