@@ -99,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run a benchmark scenario (TOML): stage times, memory, quality, peers")
     b.add_argument("scenario", nargs="?", help="scenario file, or the name of one in benchmarks/scenarios/")
     b.add_argument("--output", "-o", help="results folder (default: bench-results/NAME-TIME)")
+    b.add_argument("--reconvert", action="store_true",
+                   help="convert the model again instead of using the packages cached by an earlier run")
     b.add_argument("--install-peer", metavar="PEER",
                    help="create the environment of a peer whose packages clash with edgediff's")
 
@@ -173,7 +175,7 @@ def _bench(args) -> int:
     out = Path(args.output or f"bench-results/{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--output {out}: exists and is not empty; choose another folder")
-    rows = run_scenario(scenario, out, say)
+    rows = run_scenario(scenario, out, say, args.reconvert)
     (out / "report.md").write_text(markdown(rows, f"{scenario.name}: {scenario.model}"))
     chart(rows, out / "chart.png")
     print(f"wrote {out / 'runs.jsonl'}, {out / 'report.md'}, {out / 'chart.png'}")

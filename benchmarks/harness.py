@@ -70,8 +70,9 @@ def install_peer(name: str, progress: Progress) -> Path:
     return venv / "bin" / "python"
 
 
-def prepare(scenario: Scenario, progress: Progress) -> tuple[Path | None, dict[str, Path]]:
-    """The diffusers folder peers load (if any) and one edgediff package per precision."""
+def prepare(scenario: Scenario, progress: Progress, reconvert: bool = False) -> tuple[Path | None, dict[str, Path]]:
+    """The diffusers folder peers load (if any) and one edgediff package per precision, converted
+    once and cached (`reconvert` converts again, e.g. after the converter changed)."""
     from edgediff.convert import convert, resolve_source
 
     model = scenario.model
@@ -98,7 +99,7 @@ def prepare(scenario: Scenario, progress: Progress) -> tuple[Path | None, dict[s
     packages = {}
     for precision in dict.fromkeys((scenario.reference, *scenario.precisions)):
         package = base / f"package-{precision}"
-        if not (package / "edgediff.json").is_file():
+        if reconvert or not (package / "edgediff.json").is_file():
             progress(f"converting {model} to {precision}")
             convert(source, package, precision=precision, overwrite=True)
         packages[precision] = package
@@ -168,10 +169,10 @@ def configurations(scenario: Scenario, packages: dict[str, Path], source: Path |
     return out
 
 
-def run_scenario(scenario: Scenario, out_dir: Path, progress: Progress) -> list[dict]:
+def run_scenario(scenario: Scenario, out_dir: Path, progress: Progress, reconvert: bool = False) -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "images").mkdir(exist_ok=True)
-    source, packages = prepare(scenario, progress)
+    source, packages = prepare(scenario, progress, reconvert)
     info = system_info(scenario.threads)
     configs = configurations(scenario, packages, source)
     rows: list[dict] = []

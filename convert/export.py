@@ -177,7 +177,6 @@ def export_graph(module, args: tuple, contract: Contract, path: Path) -> list[Pa
                 module, args, str(raw), dynamo=False, opset_version=OPSET,
                 input_names=list(contract.inputs), output_names=list(contract.outputs),
                 dynamic_axes=contract.dynamic_axes, do_constant_folding=False,
-                custom_opsets={"com.microsoft": 1},
             )
         model = onnx.load(str(raw), load_external_data=True)
     size = sum(t.ByteSize() for t in model.graph.initializer)
