@@ -105,3 +105,24 @@ def test_peers_keep_their_conversions_in_the_cache_not_in_the_source(tmp_path):
     (cfg,) = [c for label, c, _ in configurations(scenario, {"fp32": cache / "package-fp32"}, source)
               if label == "sdcpp-q8_0"]
     assert cfg["work_dir"] == str(cache)
+
+
+def test_packages_are_cached_until_reconvert_is_asked(tiny_source, tmp_path, monkeypatch):
+    import edgediff.convert
+    from edgediff.benchmarks.harness import prepare
+
+    monkeypatch.setenv("EDGEDIFF_CACHE", str(tmp_path / "cache"))
+    converted = []
+
+    def convert(source, package, precision, overwrite):
+        converted.append(precision)
+        package.mkdir(parents=True, exist_ok=True)
+        (package / "edgediff.json").write_text("{}")
+
+    monkeypatch.setattr(edgediff.convert, "convert", convert)
+    scenario = Scenario(name="t", model=str(tiny_source("sd1")), precisions=("fp32", "int4"))
+    prepare(scenario, progress=lambda msg: None)
+    prepare(scenario, progress=lambda msg: None)
+    assert converted == ["fp32", "int4"]
+    prepare(scenario, progress=lambda msg: None, reconvert=True)
+    assert converted == ["fp32", "int4", "fp32", "int4"]
