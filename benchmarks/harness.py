@@ -132,7 +132,8 @@ def run_worker(config: dict, python: str = sys.executable, timeout: float | None
         proc.communicate()
         sampler.join()
         if isinstance(exc, subprocess.TimeoutExpired):
-            return {"status": "failed", "error": f"timed out after {timeout:.0f} s (the scenario's timeout)"}
+            return {"status": "failed", "timed_out": True,
+                    "error": f"timed out after {timeout:.0f} s (the scenario's timeout)"}
         raise
     sampler.join()
     if proc.returncode != 0:
@@ -191,7 +192,7 @@ def run_scenario(scenario: Scenario, out_dir: Path, progress: Progress, reconver
             if prep["status"] != "ok":
                 raise EdgediffError(f"{label}: preparing failed: {prep['error']}")
     total = len(scenario.sizes) * len(scenario.prompts) * len(scenario.seeds) * scenario.repeats * len(live)
-    done = 0
+    done, timed_out = 0, set()
     for size in scenario.sizes:
         for p, prompt in enumerate(scenario.prompts):
             for seed in scenario.seeds:
@@ -204,7 +205,13 @@ def run_scenario(scenario: Scenario, out_dir: Path, progress: Progress, reconver
                                   "device": scenario.device, "threads": scenario.threads, "image": str(image)}
                         done += 1
                         progress(f"[{done}/{total}] {label} {size}x{size} prompt {p} seed {seed} round {repeat + 1}")
+                        if label in timed_out:  # it would only spend the timeout again
+                            rows.append({**common, "label": label, "status": "skipped",
+                                         "reason": f"{label}: timed out in an earlier round"})
+                            continue
                         result = run_worker(config, cfg.get("python", sys.executable), scenario.timeout)
+                        if result.get("timed_out"):
+                            timed_out.add(label)
                         row = {**common, "label": label, "tool": cfg["tool"], "precision": cfg["precision"],
                                "size": size, "steps": scenario.steps, "prompt_index": p, "seed": seed,
                                "repeat": repeat, **result}

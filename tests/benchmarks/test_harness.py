@@ -97,6 +97,25 @@ def test_a_run_past_the_timeout_is_stopped_and_reported(tmp_path):
     assert result["status"] == "failed" and "timed out" in result["error"]
 
 
+def test_a_configuration_that_timed_out_is_not_run_again(tmp_path, monkeypatch):
+    from edgediff.benchmarks import harness
+
+    calls = []
+
+    def worker(config, python=None, timeout=None):
+        calls.append(config["tool"])
+        return {"status": "failed", "timed_out": True, "error": "timed out after 1 s"}
+
+    monkeypatch.setattr(harness, "run_worker", worker)
+    monkeypatch.setattr(harness, "prepare", lambda scenario, progress, reconvert=False: (None, {"fp32": tmp_path}))
+    scenario = Scenario(name="t", model="x", precisions=("fp32",), repeats=3)
+    rows = harness.run_scenario(scenario, tmp_path / "out", progress=lambda msg: None)
+    assert calls == ["edgediff"]
+    assert [r["status"] for r in rows] == ["failed", "skipped", "skipped"]
+    assert all(validate_row(r) == [] for r in rows)
+    assert "timed out" in markdown(rows, "t")
+
+
 def test_peers_keep_their_conversions_in_the_cache_not_in_the_source(tmp_path):
     from edgediff.benchmarks.harness import configurations
 
