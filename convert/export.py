@@ -4,8 +4,8 @@ initializer keeps its state-dict name (what the quantizers and GGUF binding look
 onnxruntime folds constants itself when it loads the graph.
 
 Attention is written as one `com.microsoft.MultiHeadAttention` node instead of the
-MatMul-Softmax-MatMul that torch traces: onnxruntime runs it as flash attention on the CPU (and
-fused kernels on CUDA), so the queries x keys score matrix (1 GiB per layer for SD 1.5 at
+MatMul-Softmax-MatMul that torch traces: onnxruntime runs it as flash attention on the CPU (CUDA has
+its own kernels for it), so the queries x keys score matrix (1 GiB per layer for SD 1.5 at
 512x512) never exists; the quantizers leave it in float."""
 
 from __future__ import annotations
