@@ -72,7 +72,8 @@ def test_schema_flags_problems():
 
 def test_scenario_files(tmp_path):
     good = load_scenario("sd15-512")
-    assert good.model == "synthetic:sd15" and good.sizes == (512,) and "diffusers-bf16" in good.peers
+    assert good.model == "synthetic:sd15" and good.sizes == (512,) and "sdcpp-q4_0" in good.peers
+    assert "diffusers-bf16" in load_scenario("sd15-256").peers
     bad = tmp_path / "bad.toml"
     bad.write_text('name = "x"\nmodel = "m"\nspeed = 3\n')
     with pytest.raises(UsageError, match="unknown keys \\['speed'\\]"):
