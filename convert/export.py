@@ -211,8 +211,9 @@ def export_components(pipe, out_dir: Path, progress=None) -> dict[str, list[Path
         )
 
     unet, vae = pipe.unet, pipe.vae
+    fused = _fused_attention()
     for model in (unet, vae):
-        model.set_attn_processor(_fused_attention())
+        model.set_attn_processor(fused)
     channels = unet.config.in_channels
     context = unet.config.cross_attention_dim
     # An odd latent size makes diffusers trace explicit upsample sizes, so the graph works for

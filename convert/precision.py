@@ -27,7 +27,7 @@ from edgediff.kernels.policy import Rule, precision_for
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-static", "int8-weights", "int4")
 # int8 = the one at fp32's quality: int8-weights is 49.9 dB from fp32 on the full-size SD 1.5
-# architecture, int8-static 20.9 dB though 1.11x faster at 512x512 (benchmarks/RESULTS.md).
+# architecture, int8-static 21.0 dB though 1.46x faster per step at 512x512 (benchmarks/RESULTS.md).
 INT8_DEFAULT = "int8-weights"
 BLOCK = 32
 # Components that a single precision name applies to; the VAE stays fp32 under int8/int4
