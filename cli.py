@@ -61,10 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert a diffusers folder or checkpoint into a package")
     c.add_argument("source", help="diffusers folder, .safetensors checkpoint, or builtin:NAME")
     c.add_argument("--output", "-o", required=True, help="package folder to create")
-    c.add_argument("--format", default="onnx", help="package format (onnx)")
+    c.add_argument("--format", choices=("onnx", "gguf"),
+                   help="onnx (a folder of graphs) or gguf (one file stable-diffusion.cpp also reads); "
+                        "default: gguf when --output ends in .gguf, else onnx")
     c.add_argument("--precision", default="fp32",
-                   help="fp32, fp16, int8, int8-static, int8-weights or int4; or per component, "
-                        "e.g. unet=int4,text_encoder=int8,vae=fp16")
+                   help="onnx: fp32, fp16, int8, int8-static, int8-weights or int4; gguf: f32, f16, q8_0, "
+                        "q5_0, q5_1, q4_0 or q4_1; or per component, e.g. unet=int4,text_encoder=int8,vae=fp16")
     c.add_argument("--rule", action="append", default=[], metavar="REGEX=PRECISION",
                    help="give weights whose name matches REGEX this precision (or 'keep'); repeatable")
     c.add_argument("--family", default="auto", help="model family, or auto to detect it")

@@ -54,7 +54,8 @@ class TextEncoder:
 
     component: str = "text_encoder"
     tokenizer: str = "tokenizer"
-    ldm_prefix: str = "cond_stage_model.transformer."
+    ldm_prefix: str = "cond_stage_model.transformer."  # where single files keep it, when read
+    gguf_prefix: str = "cond_stage_model.transformer."  # where edgediff writes it (stable-diffusion.cpp's names)
     hidden_act: str = "quick_gelu"  # when the config must be rebuilt from a single file
     head_dim: int = 64
     norm_hidden: bool = True  # final layer norm applied to the chosen hidden layer

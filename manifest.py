@@ -15,12 +15,13 @@ MANIFEST = "edgediff.json"
 
 @dataclass(frozen=True)
 class ComponentEntry:
-    file: str  # path of the .onnx graph, relative to the package
+    file: str  # the .onnx graph, relative to the package (in a .gguf: the metadata key holding it)
     precision: str
     bytes: int  # graph plus external data
     sha256: str  # of the graph file
     data_files: tuple[str, ...] = ()
     notes: dict[str, object] = field(default_factory=dict)  # what the precision pass did
+    weights: str = ""  # a weight file bound into the (weight-less) graph at load; "" = in the graph
 
 
 @dataclass(frozen=True)
@@ -62,14 +63,24 @@ class Manifest:
                 "create one with `edgediff convert SOURCE --output DIR`"
             )
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
             raise PackageError(f"{path}: unreadable manifest ({exc}); re-run `edgediff convert`") from exc
+        return cls.parse(text, str(path))
+
+    @classmethod
+    def parse(cls, text: str, where: str) -> Manifest:
+        """A manifest from its JSON text (`where` names the file or GGUF key in errors)."""
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PackageError(f"{where}: unreadable manifest ({exc}); re-run `edgediff convert`") from exc
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise PackageError(f"{path}: not an edgediff manifest (format is {raw.get('format')!r})")
+            found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+            raise PackageError(f"{where}: not an edgediff manifest (format is {found!r})")
         if raw.get("format_version") != FORMAT_VERSION:
             raise PackageError(
-                f"{path}: package format version {raw.get('format_version')} is not supported by this "
+                f"{where}: package format version {raw.get('format_version')} is not supported by this "
                 f"edgediff (it reads version {FORMAT_VERSION}); re-convert the model with this version"
             )
         try:
@@ -80,4 +91,4 @@ class Manifest:
             raw["text_encoders"] = tuple(TextEncoderEntry(**t) for t in raw["text_encoders"])
             return cls(**raw)
         except (KeyError, TypeError, AttributeError) as exc:
-            raise PackageError(f"{path}: manifest is missing or has malformed fields ({exc})") from exc
+            raise PackageError(f"{where}: manifest is missing or has malformed fields ({exc})") from exc

@@ -29,7 +29,7 @@ CALIBRATION_PROMPTS = (  # varied subjects, styles and lengths, for int8 activat
 
 DEFAULT_MODEL = "tiny-sd1"
 ALL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "gguf")
 BUILTIN = Path(__file__).parent / "builtin"
 _TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json",
                     "tokenizer_config.json")
@@ -85,7 +85,7 @@ def convert(
     source: str | Path,
     output: str | Path,
     *,
-    fmt: str = "onnx",
+    fmt: str | None = None,
     precision: str = "fp32",
     family: str = "auto",
     prediction: str | None = None,
@@ -96,21 +96,25 @@ def convert(
 ) -> Manifest:
     """Convert `source` into a package at `output`, atomically; returns its manifest.
 
-    `precision` is one name ('int8') or per component ('unet=int4,vae=fp16'); `rules` are
-    'REGEX=PRECISION' overrides of which weights keep high precision."""
-    from edgediff.convert.package import atomic_folder, check_output
+    `fmt` is 'onnx' (a folder) or 'gguf' (one file; the default when `output` ends in .gguf).
+    `precision` is one name ('int8', or for GGUF 'q4_0') or per component ('unet=int4,vae=fp16');
+    `rules` are 'REGEX=PRECISION' overrides of which weights keep high precision."""
+    from edgediff.convert.package import atomic_file, atomic_folder, check_output
     from edgediff.convert.precision import parse_precision
     from edgediff.kernels.policy import Rule
 
+    output = Path(output)
+    fmt = fmt or ("gguf" if output.suffix.lower() == ".gguf" else "onnx")
     if fmt not in FORMATS:
         raise UsageError(f"unknown --format '{fmt}'; this version writes: {', '.join(FORMATS)}")
+    if fmt == "gguf" and output.suffix.lower() != ".gguf":
+        raise UsageError(f"--output {output}: a GGUF package is one file; name it NAME.gguf")
     parsed_rules = [Rule.parse(r) for r in rules]
-    parse_precision(precision, ALL_COMPONENTS)  # usage errors before any file is read
+    parse_precision(precision, ALL_COMPONENTS, fmt)  # usage errors before any file is read
     if family != "auto" and family not in FAMILIES:
         get_family(family)
     if prediction not in (None, "eps", "v"):
         raise UsageError(f"unknown --prediction '{prediction}'; choose eps or v")
-    output = Path(output)
     check_output(output, overwrite)
     src_path = resolve_source(source)
     src = open_source(src_path, allow_pickle=allow_pickle)
@@ -121,61 +125,101 @@ def convert(
             f"(it converts: {', '.join(f.name for f in FAMILIES.values() if f.convertible)})"
         )
     components = [te.component for te in fam.text_encoders] + ["unet", "vae_decoder", "vae_encoder"]
-    precisions = parse_precision(precision, components)
-    from edgediff.convert.export import export_components
+    precisions = parse_precision(precision, components, fmt)
     from edgediff.convert.load import load_torch_pipeline
 
-    started = time.perf_counter()
     if progress:
         progress(f"reading {src.kind} source ({fam.title}, {layout} layout)")
     pipe = load_torch_pipeline(src, fam, prediction)
+    if fmt == "gguf":
+        import tempfile
+
+        from edgediff.convert.gguf import gguf_format, write_gguf
+
+        with atomic_file(output, overwrite) as target, tempfile.TemporaryDirectory(
+                dir=output.parent, prefix=f".{output.name}.export-") as scratch:
+            manifest = _export(pipe, src, src_path, layout, Path(scratch), progress)
+            return write_gguf(Path(scratch), manifest, target,
+                              {c: gguf_format(p) for c, p in precisions.items()}, parsed_rules,
+                              _ldm_names(pipe), _ldm_shape, progress)
     with atomic_folder(output, overwrite) as tmp:
-        written = export_components(pipe, tmp, progress=lambda name: progress and progress(f"exporting {name}"))
-        encoders = []
-        for spec, model, tok_dir in pipe.text_encoders:
-            dst = tmp / spec.tokenizer
-            dst.mkdir(exist_ok=True)
-            for name in _TOKENIZER_FILES:
-                if (tok_dir / name).is_file():
-                    shutil.copy2(tok_dir / name, dst / name)
-            encoders.append(TextEncoderEntry(
-                component=spec.component, tokenizer=spec.tokenizer,
-                layers=int(model.config.num_hidden_layers), norm_hidden=spec.norm_hidden,
-                pad_token=_pad_token(tok_dir, spec.pad_token), max_length=spec.max_length,
-                pooled=spec.pooled,
-            ))
-        (tmp / "scheduler").mkdir()
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(pipe.scheduler_config, indent=2))
-        vae = pipe.vae.config
-        downscale = 2 ** (len(vae.block_out_channels) - 1)
-        sample_size = pipe.unet.config.sample_size  # the model's native size, in latent pixels
-        resolution = int(sample_size) * downscale if isinstance(sample_size, int) else fam.defaults.resolution
-        prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
-        manifest = Manifest(
-            family=fam.name,
-            prediction={"epsilon": "eps", "v_prediction": "v"}.get(prediction_type, prediction_type),
-            latent_channels=int(vae.latent_channels),
-            latent_scale=float(vae.scaling_factor),
-            latent_shift=float(getattr(vae, "shift_factor", None) or fam.latent.shift),
-            vae_downscale=downscale,
-            components={k: _component_entry(v, tmp, "fp32") for k, v in written.items()},
-            text_encoders=tuple(encoders),
-            defaults={
-                "sampler": fam.defaults.sampler, "schedule": fam.defaults.schedule,
-                "steps": fam.defaults.steps, "guidance": fam.defaults.guidance,
-                "width": resolution, "height": resolution,
-            },
-            source={"path": str(src_path), "kind": src.kind, "layout": layout,
-                    "seconds": round(time.perf_counter() - started, 1), **pipe.info},
-            created_by=f"edgediff {__version__}",
-        )
-        index = {"_class_name": "ORTStableDiffusionPipeline", "_edgediff_version": __version__,
-                 **{name: ["onnx", entry.file] for name, entry in manifest.components.items()}}
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-        (tmp / MANIFEST).write_text(manifest.to_json())
+        manifest = _export(pipe, src, src_path, layout, tmp, progress)
         if any(p != "fp32" for p in precisions.values()):
             manifest = _apply_precisions(tmp, manifest, precisions, parsed_rules, progress)
             (tmp / MANIFEST).write_text(manifest.to_json())
+    return manifest
+
+
+def _ldm_names(pipe) -> dict[str, Callable[[str], str]]:
+    """Graph initializer name -> the tensor's name in single files (LDM layout, as
+    stable-diffusion.cpp names them), per component."""
+    from edgediff.convert.ldm import clip_name, unet_name, vae_name
+
+    unet, vae = pipe.unet.config, pipe.vae.config
+    names = {"unet": lambda n: unet_name(n.removeprefix("unet."), unet),
+             "vae_decoder": lambda n: vae_name(n.removeprefix("vae."), vae),
+             "vae_encoder": lambda n: vae_name(n.removeprefix("vae."), vae)}
+    for spec, _, _ in pipe.text_encoders:
+        names[spec.component] = lambda n, p=spec.gguf_prefix: clip_name(n.removeprefix("model."), p)
+    return names
+
+
+def _ldm_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    from edgediff.convert.ldm import ldm_shape
+
+    return ldm_shape(name, shape)
+
+
+def _export(pipe, src: Source, src_path: Path, layout: str, tmp: Path,
+            progress: Callable[[str], None] | None) -> Manifest:
+    """The fp32 ONNX package of `pipe` in the folder `tmp`; returns its manifest."""
+    from edgediff.convert.export import export_components
+
+    fam = pipe.family
+    started = time.perf_counter()
+    written = export_components(pipe, tmp, progress=lambda name: progress and progress(f"exporting {name}"))
+    encoders = []
+    for spec, model, tok_dir in pipe.text_encoders:
+        dst = tmp / spec.tokenizer
+        dst.mkdir(exist_ok=True)
+        for name in _TOKENIZER_FILES:
+            if (tok_dir / name).is_file():
+                shutil.copy2(tok_dir / name, dst / name)
+        encoders.append(TextEncoderEntry(
+            component=spec.component, tokenizer=spec.tokenizer,
+            layers=int(model.config.num_hidden_layers), norm_hidden=spec.norm_hidden,
+            pad_token=_pad_token(tok_dir, spec.pad_token), max_length=spec.max_length,
+            pooled=spec.pooled,
+        ))
+    (tmp / "scheduler").mkdir()
+    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(pipe.scheduler_config, indent=2))
+    vae = pipe.vae.config
+    downscale = 2 ** (len(vae.block_out_channels) - 1)
+    sample_size = pipe.unet.config.sample_size  # the model's native size, in latent pixels
+    resolution = int(sample_size) * downscale if isinstance(sample_size, int) else fam.defaults.resolution
+    prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
+    manifest = Manifest(
+        family=fam.name,
+        prediction={"epsilon": "eps", "v_prediction": "v"}.get(prediction_type, prediction_type),
+        latent_channels=int(vae.latent_channels),
+        latent_scale=float(vae.scaling_factor),
+        latent_shift=float(getattr(vae, "shift_factor", None) or fam.latent.shift),
+        vae_downscale=downscale,
+        components={k: _component_entry(v, tmp, "fp32") for k, v in written.items()},
+        text_encoders=tuple(encoders),
+        defaults={
+            "sampler": fam.defaults.sampler, "schedule": fam.defaults.schedule,
+            "steps": fam.defaults.steps, "guidance": fam.defaults.guidance,
+            "width": resolution, "height": resolution,
+        },
+        source={"path": str(src_path), "kind": src.kind, "layout": layout,
+                "seconds": round(time.perf_counter() - started, 1), **pipe.info},
+        created_by=f"edgediff {__version__}",
+    )
+    index = {"_class_name": "ORTStableDiffusionPipeline", "_edgediff_version": __version__,
+             **{name: ["onnx", entry.file] for name, entry in manifest.components.items()}}
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    (tmp / MANIFEST).write_text(manifest.to_json())
     return manifest
 
 

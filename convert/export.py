@@ -1,7 +1,8 @@
 """Torch modules -> one ONNX graph per component, with the input/output contract the runtime
-relies on. Uses torch.onnx's TorchScript exporter without constant folding, so every
-initializer keeps its state-dict name (what the quantizers and GGUF binding look weights up by);
-onnxruntime folds constants itself when it loads the graph.
+relies on. Uses torch.onnx's TorchScript exporter without constant folding and without
+merging weights of equal value, so every weight is its own initializer under its state-dict name
+(what the quantizers and GGUF binding look weights up by); onnxruntime folds constants itself
+when it loads the graph.
 
 Attention is written as one `com.microsoft.MultiHeadAttention` node instead of the
 MatMul-Softmax-MatMul that torch traces: onnxruntime runs it as flash attention on the CPU (CUDA has
@@ -177,8 +178,13 @@ def export_graph(module, args: tuple, contract: Contract, path: Path) -> list[Pa
                 module, args, str(raw), dynamo=False, opset_version=OPSET,
                 input_names=list(contract.inputs), output_names=list(contract.outputs),
                 dynamic_axes=contract.dynamic_axes, do_constant_folding=False,
+                keep_initializers_as_inputs=True,  # so weights of equal value are not merged into one
             )
         model = onnx.load(str(raw), load_external_data=True)
+    weights = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in weights]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
     size = sum(t.ByteSize() for t in model.graph.initializer)
     if size > EXTERNAL_DATA_LIMIT:
         data = path.name + "_data"

@@ -70,6 +70,30 @@ def _vae_prefixes(config) -> list[tuple[str, str]]:
     return sorted(pairs, key=lambda p: -len(p[0]))
 
 
+def unet_name(key: str, config) -> str:
+    """A diffusers UNet weight name -> its LDM name (with `model.diffusion_model.`)."""
+    return "model.diffusion_model." + _rename(key, _unet_prefixes(config), _RESNET if ".resnets." in key else ())
+
+
+def vae_name(key: str, config) -> str:
+    """A diffusers VAE weight name -> its LDM name (with `first_stage_model.`). LDM's attention
+    weights are 1x1 convolutions: [C, C, 1, 1] where diffusers has the Linear [C, C]."""
+    inner = _VAE_ATTN if ".attentions." in key else _VAE_RESNET
+    return "first_stage_model." + _rename(key, _vae_prefixes(config), inner)
+
+
+def clip_name(key: str, prefix: str = "cond_stage_model.transformer.") -> str:
+    """A transformers CLIPTextModel weight name (with or without `text_model.`) -> its LDM name."""
+    return prefix + (key if key.startswith("text_model.") else "text_model." + key)
+
+
+def ldm_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape LDM files give a weight the graph holds as `shape`."""
+    if ".attn_1." in name and name.endswith("weight") and len(shape) == 2:
+        return (*shape, 1, 1)
+    return tuple(shape)
+
+
 def to_ldm_state_dict(folder: Path) -> dict:
     """The LDM-layout state dict (torch tensors) of an SD 1.x diffusers folder."""
     import json
@@ -79,20 +103,14 @@ def to_ldm_state_dict(folder: Path) -> dict:
     folder = Path(folder)
     out: dict = {}
     unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
-    prefixes = _unet_prefixes(unet_cfg)
     for k, v in load_file(folder / "unet" / "diffusion_pytorch_model.safetensors").items():
-        out["model.diffusion_model." + _rename(k, prefixes, _RESNET if ".resnets." in k else ())] = v
+        out[unet_name(k, unet_cfg)] = v
     vae_cfg = json.loads((folder / "vae" / "config.json").read_text())
-    prefixes = _vae_prefixes(vae_cfg)
     for k, v in load_file(folder / "vae" / "diffusion_pytorch_model.safetensors").items():
-        inner = _VAE_ATTN if ".attentions." in k else _VAE_RESNET
-        name = "first_stage_model." + _rename(k, prefixes, inner)
-        if ".attn_1." in name and name.endswith("weight") and v.ndim == 2:
-            v = v[:, :, None, None]  # LDM's VAE attention uses 1x1 convolutions
-        out[name] = v
+        name = vae_name(k, vae_cfg)
+        out[name] = v.reshape(ldm_shape(name, tuple(v.shape)))
     for k, v in load_file(folder / "text_encoder" / "model.safetensors").items():
-        key = k if k.startswith("text_model.") else "text_model." + k
-        out["cond_stage_model.transformer." + key] = v
+        out[clip_name(k)] = v
     return out
 
 

@@ -33,25 +33,46 @@ def check_output(output: Path, overwrite: bool) -> None:
 @contextlib.contextmanager
 def atomic_folder(output: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a scratch folder; on success it replaces `output`, on any error it is deleted."""
+    with _atomic(output, overwrite, folder=True) as scratch:
+        yield scratch
+
+
+@contextlib.contextmanager
+def atomic_file(output: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a scratch file path beside `output`; on success it replaces `output`."""
+    with _atomic(output, overwrite, folder=False) as scratch:
+        yield scratch
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _atomic(output: Path, overwrite: bool, folder: bool) -> Iterator[Path]:
     output = Path(output)
     check_output(output, overwrite)
     created = [p for p in reversed(output.parents) if not p.exists()]  # made here, removed on failure
     output.parent.mkdir(parents=True, exist_ok=True)
     scratch = output.parent / f".{output.name}.partial-{os.getpid()}"
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir()
+    _remove(scratch)
+    if folder:
+        scratch.mkdir()
     try:
         yield scratch
         if output.exists():
             old = output.parent / f".{output.name}.old-{os.getpid()}"
             output.rename(old)
             scratch.rename(output)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+            _remove(old)
         else:
             scratch.rename(output)
     except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        for folder in reversed(created):
+        _remove(scratch)
+        for parent in reversed(created):
             with contextlib.suppress(OSError):
-                folder.rmdir()
+                parent.rmdir()
         raise

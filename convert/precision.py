@@ -45,15 +45,18 @@ class Applied:
     notes: dict[str, object]
 
 
-def parse_precision(spec: str, components: Sequence[str]) -> dict[str, str]:
-    """'int8' or 'unet=int8,vae_decoder=fp16' -> {component: precision} for every component."""
+def parse_precision(spec: str, components: Sequence[str], fmt: str = "onnx") -> dict[str, str]:
+    """'int8' or 'unet=int8,vae_decoder=fp16' -> {component: precision} for every component.
+    With fmt 'gguf' the names are ggml types (f32, f16, q8_0, q5_0, q5_1, q4_0, q4_1)."""
+    check = _check if fmt == "onnx" else _check_gguf
+    full = "fp32" if fmt == "onnx" else "f32"
     spec = spec.strip()
     if "=" not in spec:
-        name = _check(spec, "--precision")
-        if name in ("fp32", "fp16"):
+        name = check(spec, "--precision")
+        if name in ("fp32", "fp16", "f32", "f16"):
             return dict.fromkeys(components, name)
-        return {c: (name if c in LOW_BIT_COMPONENTS else "fp32") for c in components}
-    result = dict.fromkeys(components, "fp32")
+        return {c: (name if c in LOW_BIT_COMPONENTS else full) for c in components}
+    result = dict.fromkeys(components, full)
     for part in spec.split(","):
         component, sep, value = part.partition("=")
         aliases = {"vae": ("vae_decoder", "vae_encoder")}
@@ -64,7 +67,7 @@ def parse_precision(spec: str, components: Sequence[str]) -> dict[str, str]:
                 f"{', '.join(components)} (or vae)"
             )
         for target in targets:
-            result[target] = _check(value.strip(), f"--precision {component}")
+            result[target] = check(value.strip(), f"--precision {component}")
     return result
 
 
@@ -72,6 +75,15 @@ def _check(name: str, where: str) -> str:
     if name not in PRECISIONS:
         raise UsageError(f"{where}: unknown precision '{name}'; choose one of: {', '.join(PRECISIONS)}")
     return INT8_DEFAULT if name == "int8" else name
+
+
+def _check_gguf(name: str, where: str) -> str:
+    from edgediff.convert.gguf import gguf_format
+
+    try:
+        return gguf_format(name).name
+    except UsageError as exc:
+        raise UsageError(f"{where}: {exc}") from None
 
 
 def apply_precision(

@@ -1,4 +1,9 @@
-"""Opening a package: the manifest, its scheduler config and tokenizers, and lazy components."""
+"""Opening a package: the manifest, its scheduler config and tokenizers, and lazy components.
+
+Two containers hold the same manifest: a folder (ONNX graphs in optimum's layout plus
+`edgediff.json`) and a single `.gguf` file (tensors, and in `edgediff.*` metadata the manifest,
+tokenizer files and each component's weight-less graph). A component whose graph is weight-less
+gets its weights bound when its session opens (kernels.bind)."""
 
 from __future__ import annotations
 
@@ -10,12 +15,22 @@ from edgediff.errors import PackageError
 from edgediff.manifest import Manifest
 from edgediff.runtime.sessions import Component, SessionOptions
 
+GGUF_MANIFEST = "edgediff.manifest"
+GGUF_SCHEDULER = "edgediff.scheduler"
+GGUF_TOKENIZER = "edgediff.tokenizer."  # + folder + "." + file name
+GGUF_GRAPH = "edgediff.graph."  # + component
+
 
 @dataclass
 class Package:
-    root: Path
+    root: Path  # the folder, or the .gguf file
     manifest: Manifest
     scheduler_config: dict
+    gguf: object | None = None  # runtime.gguf_file.GGUFFile of a single-file package
+
+    @property
+    def name(self) -> str:
+        return self.root.stem if self.gguf is not None else self.root.name
 
     def component(self, name: str, options: SessionOptions) -> Component:
         entry = self.manifest.components.get(name)
@@ -24,16 +39,63 @@ class Package:
                 f"{self.root}: the package has no '{name}' component "
                 f"(it has: {', '.join(self.manifest.components)})"
             )
-        return Component(name, self.root / entry.file, options)
+        if self.gguf is not None:
+            return Component(name, self.root, options, bind=lambda: self._bind(entry.file, self.gguf))
+        path = self.root / entry.file
+        if entry.weights:
+            return Component(name, path, options,
+                             bind=lambda: self._bind(path, open_weights(self.root / entry.weights)))
+        return Component(name, path, options)
+
+    def _bind(self, graph, weights):
+        import onnx
+
+        from edgediff.kernels.bind import bind
+
+        if self.gguf is not None:
+            data, where = self.gguf.blob(graph), f"{self.root} ({graph})"
+            if data is None:
+                raise PackageError(f"{self.root}: metadata '{graph}' (a component's graph) is missing")
+        else:
+            data, where = Path(graph).read_bytes(), str(graph)
+        try:
+            model = onnx.load_model_from_string(data)
+        except Exception as exc:  # protobuf's DecodeError and friends
+            raise PackageError(f"{where}: the stored graph is not a valid ONNX model ({exc})") from exc
+        return bind(model, weights.weight, str(weights.path))
+
+    def tokenizer(self, folder: str):
+        from edgediff.runtime.tokenizer import (
+            TOKENIZER_FILES,
+            load_clip_tokenizer,
+            tokenizer_from_texts,
+        )
+
+        if self.gguf is None:
+            return load_clip_tokenizer(self.root / folder)
+        files = {n: text for n in TOKENIZER_FILES
+                 if (text := self.gguf.string(f"{GGUF_TOKENIZER}{folder}.{n}")) is not None}
+        return tokenizer_from_texts(files, f"{self.root} ({GGUF_TOKENIZER}{folder}.*)")
+
+
+def open_weights(path: Path):
+    """A weight file a weight-less graph binds to."""
+    if Path(path).suffix.lower() != ".gguf":
+        raise PackageError(f"{path}: weight files must be .gguf (got '{Path(path).suffix}')")
+    from edgediff.runtime.gguf_file import GGUFFile
+
+    return GGUFFile(path)
 
 
 def open_package(path: str | Path) -> Package:
     root = Path(path)
     if not root.exists():
-        raise PackageError(f"{root}: no such package folder; create one with `edgediff convert`")
+        raise PackageError(f"{root}: no such package; create one with `edgediff convert`")
+    if root.is_file() and root.suffix.lower() == ".gguf":
+        return _open_gguf(root)
     manifest = Manifest.read(root)
     for name, entry in manifest.components.items():
-        for rel in (entry.file, *entry.data_files):
+        for rel in (entry.file, *entry.data_files, *([entry.weights] if entry.weights else [])):
             if not (root / rel).is_file():
                 raise PackageError(
                     f"{root}: component '{name}' is incomplete ({rel} is missing); re-run `edgediff convert`"
@@ -44,3 +106,21 @@ def open_package(path: str | Path) -> Package:
     except (OSError, ValueError) as exc:
         raise PackageError(f"{sched}: unreadable scheduler config ({exc}); re-run `edgediff convert`") from exc
     return Package(root, manifest, scheduler_config)
+
+
+def _open_gguf(path: Path) -> Package:
+    from edgediff.runtime.gguf_file import GGUFFile
+
+    gguf = GGUFFile(path)
+    text = gguf.string(GGUF_MANIFEST)
+    if text is None:
+        raise PackageError(
+            f"{path}: a GGUF file without edgediff's metadata (written by {gguf.writer}); make a package "
+            f"of it first: edgediff convert {path} --format gguf --output model.gguf"
+        )
+    manifest = Manifest.parse(text, f"{path} ({GGUF_MANIFEST})")
+    try:
+        scheduler_config = json.loads(gguf.string(GGUF_SCHEDULER) or "")
+    except ValueError as exc:
+        raise PackageError(f"{path}: unreadable scheduler config in '{GGUF_SCHEDULER}' ({exc})") from exc
+    return Package(path, manifest, scheduler_config, gguf)

@@ -25,7 +25,6 @@ from edgediff.runtime.package import Package, open_package
 from edgediff.runtime.samplers import A1111_NAMES, get_sampler
 from edgediff.runtime.schedules import DiscreteSchedule, get_sigmas
 from edgediff.runtime.sessions import Component, SessionOptions, providers_for
-from edgediff.runtime.tokenizer import load_clip_tokenizer
 
 Progress = Callable[[int, int], None]
 A1111_SCHEDULES = {"karras": "Karras", "exponential": "Exponential", "sgm_uniform": "SGM Uniform",
@@ -100,7 +99,7 @@ class Pipeline:
         """Conditioning for the prompt (and the negative prompt when guidance is on)."""
         entry = self.manifest.text_encoders[0]
         if entry.tokenizer not in self._tokenizers:  # building the BPE tables costs ~0.1 s
-            self._tokenizers[entry.tokenizer] = load_clip_tokenizer(self.package.root / entry.tokenizer)
+            self._tokenizers[entry.tokenizer] = self.package.tokenizer(entry.tokenizer)
         tok = self._tokenizers[entry.tokenizer]
         pad = tok.token_to_id(entry.pad_token)
         cond = text.chunk_prompt(tok, prompt, entry.max_length, pad)
@@ -221,7 +220,7 @@ class Pipeline:
             "CFG scale": guidance,
             "Seed": seed,
             "Size": f"{width}x{height}",
-            "Model": self.package.root.name,
+            "Model": self.package.name,
             "Denoising strength": strength if init is not None else None,
             "Clip skip": clip_skip if clip_skip > 1 else None,
             "Version": f"edgediff {__version__}",

@@ -52,12 +52,16 @@ class SessionOptions:
 
 @dataclass
 class Component:
-    """One ONNX graph of a package, opened on first `run` and closed by `release`."""
+    """One ONNX graph of a package, opened on first `run` and closed by `release`. With `bind`,
+    the graph is weight-less and `bind()` gives it with its weights (a kernels.bind.Bound)."""
 
     name: str
     path: Path
     options: SessionOptions
+    bind: Callable[[], object] | None = None
     _session: object | None = field(default=None, repr=False)
+    _held: dict | None = field(default=None, repr=False)  # arrays onnxruntime reads in place
+    bindings: list = field(default_factory=list)  # how each bound weight is resident
     load_seconds: float = 0.0
     tap: Callable[[dict[str, np.ndarray]], None] | None = None  # sees every run's inputs (calibration)
 
@@ -70,9 +74,17 @@ class Component:
                 opts.intra_op_num_threads = self.options.threads
                 opts.inter_op_num_threads = 1
             start = time.perf_counter()
+            source: str | bytes = str(self.path)
+            if self.bind is not None:
+                bound = self.bind()
+                names = list(bound.arrays)
+                opts.add_external_initializers(
+                    names, [ort.OrtValue.ortvalue_from_numpy(bound.arrays[n]) for n in names])
+                self._held, self.bindings = bound.arrays, bound.bindings  # must outlive the session
+                source = bound.model.SerializeToString()
             try:
                 self._session = ort.InferenceSession(
-                    str(self.path), sess_options=opts, providers=providers_for(self.options.device)
+                    source, sess_options=opts, providers=providers_for(self.options.device)
                 )
             except Exception as exc:  # onnxruntime raises its own exception types
                 raise RuntimeFailure(
@@ -111,3 +123,4 @@ class Component:
 
     def release(self) -> None:
         self._session = None
+        self._held = None

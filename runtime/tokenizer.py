@@ -15,9 +15,10 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 _SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
-def clip_tokenizer_from_files(vocab_json: Path, merges_txt: Path) -> Tokenizer:
-    vocab = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
-    lines = Path(merges_txt).read_text(encoding="utf-8").splitlines()
+def clip_tokenizer(vocab_json: str, merges_txt: str) -> Tokenizer:
+    """From the texts of vocab.json and merges.txt."""
+    vocab = json.loads(vocab_json)
+    lines = merges_txt.splitlines()
     merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
     tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
                         end_of_word_suffix="</w>", fuse_unk=False, unk_token=EOS))
@@ -33,15 +34,24 @@ def clip_tokenizer_from_files(vocab_json: Path, merges_txt: Path) -> Tokenizer:
     return tok
 
 
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json")
+
+
 def load_clip_tokenizer(folder: Path) -> Tokenizer:
     """A tokenizer folder as diffusers/transformers write it: tokenizer.json, or vocab.json + merges.txt."""
     folder = Path(folder)
-    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-        return clip_tokenizer_from_files(folder / "vocab.json", folder / "merges.txt")
-    if (folder / "tokenizer.json").is_file():
-        return Tokenizer.from_file(str(folder / "tokenizer.json"))
+    files = {n: (folder / n).read_text(encoding="utf-8") for n in TOKENIZER_FILES if (folder / n).is_file()}
+    return tokenizer_from_texts(files, str(folder))
+
+
+def tokenizer_from_texts(files: dict[str, str], where: str) -> Tokenizer:
+    """The same from file texts (a GGUF package stores them in its metadata)."""
+    if "vocab.json" in files and "merges.txt" in files:
+        return clip_tokenizer(files["vocab.json"], files["merges.txt"])
+    if "tokenizer.json" in files:
+        return Tokenizer.from_str(files["tokenizer.json"])
     raise PackageError(
-        f"{folder}: no tokenizer found (expected vocab.json + merges.txt, or tokenizer.json); "
+        f"{where}: no tokenizer found (expected vocab.json + merges.txt, or tokenizer.json); "
         "re-run `edgediff convert` to rebuild the package"
     )
 

@@ -1,0 +1,252 @@
+"""Weight-less graphs and the binding of weights into them when a session opens.
+
+A component can be stored as an ONNX graph whose weight initializers carry no data (their
+`external_data` location is `PLACEHOLDER`, their name the weight's name in its file) plus a
+weight source: a GGUF file's tensors, a safetensors file. `bind` turns the pair into what
+onnxruntime runs: a Linear weight stored in a ggml block format becomes a `MatMulNBits` node fed
+with the same codes and scales (repacked, never requantized); any other weight becomes a float
+array of the graph's type (F32 as it is, zero-copy from a memory map; F16 and block types
+dequantized once). The arrays are handed to onnxruntime with
+`SessionOptions.add_external_initializers`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from edgediff.errors import PackageError
+from edgediff.kernels.gguf_blocks import BlockFormat, dequantize, to_matmul_nbits
+
+PLACEHOLDER = "edgediff:bound"  # external-data location of an initializer bound at session time
+_FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
+
+
+@dataclass(frozen=True)
+class Weight:
+    """A tensor as its file stores it: `data` is a float array for float formats, or the stored
+    bytes [rows, bytes per row] of a block format. `shape` is the logical (torch-order) shape."""
+
+    name: str
+    fmt: BlockFormat
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+
+@dataclass(frozen=True)
+class Binding:
+    """How one weight ended up in memory."""
+
+    name: str
+    stored: str  # its format in the file
+    kind: str  # 'quantized' (a low-bit kernel runs it), 'float' (as stored), 'expanded' (dequantized at load)
+    weights: int
+    resident_bytes: int
+
+
+@dataclass
+class Bound:
+    model: onnx.ModelProto
+    arrays: dict[str, np.ndarray]
+    bindings: list[Binding]
+
+
+def placeholder(name: str, data_type: int, dims) -> TensorProto:
+    t = TensorProto()
+    t.name, t.data_type = name, data_type
+    t.dims.extend(int(d) for d in dims)
+    t.data_location = TensorProto.EXTERNAL
+    entry = t.external_data.add()
+    entry.key, entry.value = "location", PLACEHOLDER
+    return t
+
+
+def is_placeholder(t: TensorProto) -> bool:
+    return t.data_location == TensorProto.EXTERNAL and any(
+        e.key == "location" and e.value == PLACEHOLDER for e in t.external_data)
+
+
+def strip_weights(model: onnx.ModelProto, names: Mapping[str, str]) -> onnx.ModelProto:
+    """The graph without the data of the initializers named in `names` (graph name -> the
+    weight's name in its file), each renamed to its file name. Other initializers (constants the
+    exporter made) keep their data."""
+    rename = {}
+    inits = []
+    for t in model.graph.initializer:
+        if t.name in names:
+            rename[t.name] = names[t.name]
+            inits.append(placeholder(names[t.name], t.data_type, t.dims))
+        else:
+            inits.append(t)
+    stripped = onnx.ModelProto()
+    _copy_without_initializers(model, stripped)
+    stripped.graph.initializer.extend(inits)
+    for node in stripped.graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    return stripped
+
+
+def _copy_without_initializers(model: onnx.ModelProto, out: onnx.ModelProto) -> None:
+    """Copy a model but not its (possibly gigabytes of) initializer data."""
+    inits = list(model.graph.initializer)
+    del model.graph.initializer[:]
+    try:
+        out.CopyFrom(model)
+    finally:
+        model.graph.initializer.extend(inits)
+
+
+def weight_names(model: onnx.ModelProto) -> list[str]:
+    return [t.name for t in model.graph.initializer if is_placeholder(t)]
+
+
+def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    uses: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses.setdefault(name, []).append(node)
+    return uses
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _linear_uses(name: str, uses: dict[str, list[onnx.NodeProto]]) -> list[onnx.NodeProto] | None:
+    """The nodes that use weight `name` [N, K] as a Linear layer (x @ W.T): Transpose -> MatMul,
+    or Gemm(transB=1); None if any use is something else."""
+    found = []
+    for node in uses.get(name, []):
+        if node.op_type == "Transpose" and _attr(node, "perm", [1, 0]) in ([1, 0], (1, 0)):
+            after = uses.get(node.output[0], [])
+            if not after or any(n.op_type != "MatMul" or n.input[1] != node.output[0] for n in after):
+                return None
+            found += [node, *after]
+        elif (node.op_type == "Gemm" and node.input[1] == name and _attr(node, "transB", 0) == 1
+              and _attr(node, "transA", 0) == 0 and _attr(node, "alpha", 1.0) == 1.0
+              and _attr(node, "beta", 1.0) == 1.0):
+            found.append(node)
+        else:
+            return None
+    return found or None
+
+
+def _rewrite_linear(name: str, nodes: list[onnx.NodeProto], n: int, k: int, nb,
+                    replaced: dict[str, list[onnx.NodeProto]]) -> dict[str, np.ndarray]:
+    """Replace x @ W.T by MatMulNBits over the repacked blocks (plus the per-block minimum term
+    when the format has one and onnxruntime cannot take it as a zero point)."""
+    base = f"{name}.nbits{nb.bits}"
+    arrays = {base: nb.b, base + ".scales": nb.scales}
+    inputs = [base, base + ".scales"]
+    if nb.zero_points is not None:
+        arrays[base + ".zero_points"] = nb.zero_points
+        inputs.append(base + ".zero_points")
+    if nb.minimum is not None:
+        arrays[base + ".minimum"] = np.ascontiguousarray(nb.minimum.T)  # [blocks, N]
+    for node in nodes:
+        new_nodes = replaced.setdefault(node.output[0], [])
+        if node.op_type == "Transpose":
+            continue
+        out = node.output[0]
+        y = out if node.op_type == "MatMul" and nb.minimum is None else out + ".nbits"
+        new_nodes.append(helper.make_node(
+            "MatMulNBits", [node.input[0], *inputs], [y], name=(node.name or out) + ".nbits",
+            domain="com.microsoft", K=k, N=n, bits=nb.bits, block_size=nb.block))
+        if nb.minimum is not None:
+            z = _minimum_term(node.input[0], base, k // nb.block, nb.block, y, new_nodes)
+            y2 = out if node.op_type == "MatMul" else out + ".min"
+            new_nodes.append(helper.make_node("Add", [y, z], [y2]))
+            y = y2
+        if node.op_type == "Gemm":
+            bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            new_nodes.append(helper.make_node("Add", [y, bias], [out]) if bias
+                             else helper.make_node("Identity", [y], [out]))
+    return arrays
+
+
+def _minimum_term(x: str, base: str, blocks: int, block: int, like: str,
+                  nodes: list[onnx.NodeProto]) -> str:
+    """(x summed over each block of the reduced axis) @ minimum, shaped like `like`."""
+    p = f"{like}.mterm"
+    nodes += [
+        helper.make_node("Constant", [], [p + ".shape"], value=helper.make_tensor(
+            p + ".shape", TensorProto.INT64, [3], [-1, blocks, block])),
+        helper.make_node("Reshape", [x, p + ".shape"], [p + ".blocks"]),
+        helper.make_node("Constant", [], [p + ".axes"], value=helper.make_tensor(
+            p + ".axes", TensorProto.INT64, [1], [2])),
+        helper.make_node("ReduceSum", [p + ".blocks", p + ".axes"], [p + ".sums"], keepdims=0),
+        helper.make_node("MatMul", [p + ".sums", base + ".minimum"], [p + ".flat"]),
+        helper.make_node("Shape", [like], [p + ".like"]),
+        helper.make_node("Reshape", [p + ".flat", p + ".like"], [p]),
+    ]
+    return p
+
+
+def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: str) -> Bound:
+    """The runnable graph and the arrays its placeholders stand for. `lookup(name)` gives the
+    stored weight (None: missing, an error naming the file and tensor)."""
+    uses = _consumers(model)
+    arrays: dict[str, np.ndarray] = {}
+    bindings: list[Binding] = []
+    replaced: dict[str, list[onnx.NodeProto]] = {}  # node -> what takes its place
+    inits = []
+    for t in model.graph.initializer:
+        if not is_placeholder(t):
+            inits.append(t)
+            continue
+        w = lookup(t.name)
+        dims = tuple(int(d) for d in t.dims)
+        if w is None:
+            raise PackageError(f"{where}: tensor '{t.name}' is missing; the {model.graph.name or 'graph'} "
+                               "needs it. The file is incomplete or for another model")
+        if math.prod(w.shape) != math.prod(dims) or _squeezed(w.shape) != _squeezed(dims):
+            raise PackageError(f"{where}: tensor '{t.name}' has shape {list(w.shape)} but the graph "
+                               f"needs {list(dims)}; the file is for another architecture")
+        count = math.prod(dims)
+        linear = _linear_uses(t.name, uses) if w.fmt.nbits and len(dims) == 2 else None
+        if linear and tuple(w.shape) == dims and dims[1] % w.fmt.block == 0:
+            nb = to_matmul_nbits(np.asarray(w.data).reshape(dims[0], -1), w.fmt)
+            parts = _rewrite_linear(t.name, linear, dims[0], dims[1], nb, replaced)
+            for name, array in parts.items():
+                arrays[name] = array
+                inits.append(placeholder(name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape))
+            bindings.append(Binding(t.name, w.fmt.name, "quantized", count, nb.nbytes))
+            continue
+        dtype = _FLOAT_TYPES.get(t.data_type)
+        if dtype is None:
+            raise PackageError(f"{where}: tensor '{t.name}' is bound to a graph input of type "
+                               f"{TensorProto.DataType.Name(t.data_type)}; only float weights can be bound")
+        if w.fmt.float and np.asarray(w.data).dtype == dtype:
+            array, kind = np.asarray(w.data).reshape(dims), "float"  # a view: zero-copy from a memory map
+        else:
+            array, kind = dequantize(w.data, w.fmt, dims).astype(dtype, copy=False), "expanded"
+        arrays[t.name] = array
+        inits.append(t)
+        bindings.append(Binding(t.name, w.fmt.name, kind, count, array.nbytes))
+    out = onnx.ModelProto()
+    _copy_without_initializers(model, out)
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(inits)
+    if replaced:  # in place of the nodes they replace, so the order stays topological
+        nodes = [new for node in model.graph.node for new in replaced.get(node.output[0], [node])]
+        del out.graph.node[:]
+        out.graph.node.extend(nodes)
+        if not any(o.domain == "com.microsoft" for o in out.opset_import):
+            out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return Bound(out, arrays, bindings)
+
+
+def _squeezed(shape) -> tuple[int, ...]:
+    """A shape without its size-1 axes: LDM files store 1x1 attention convolutions as [C, C, 1, 1]
+    where the graph has the Linear [C, C]."""
+    return tuple(d for d in shape if d != 1)

@@ -1,0 +1,155 @@
+"""Reading a GGUF file: validated before any tensor is used, memory-mapped, and its tensors given
+as `kernels.bind.Weight`s (torch-order shapes, ComfyUI-GGUF's reshapes undone).
+
+gguf-py's `GGUFReader` does the parsing; each tensor's type, shape and data range are checked
+first, so a damaged file is one `SourceError` naming the file, the tensor and the offset.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
+
+from edgediff.errors import SourceError
+from edgediff.kernels.bind import Weight
+from edgediff.kernels.gguf_blocks import format_of
+
+MAGIC = b"GGUF"
+ORIG_SHAPE = "comfy.gguf.orig_shape."  # ComfyUI-GGUF stores a reshaped tensor's true shape here
+PREFIX = "edgediff."  # our metadata keys
+DENOISER = "model.diffusion_model."
+
+
+class _CheckedReader(GGUFReader):
+    """GGUFReader that checks every tensor's type and data range before mapping it."""
+
+    def _build_tensors(self, start_offs, fields):
+        size = len(self.data)
+        for field in fields:
+            _, name_data, _, dims, raw_dtype, offset = field.parts
+            name = bytes(name_data).decode("utf-8", "replace")
+            try:
+                ggml = GGMLQuantizationType(int(raw_dtype[0]))
+            except ValueError:
+                raise _Bad(f"tensor '{name}' has unknown type number {int(raw_dtype[0])}") from None
+            block, type_size = GGML_QUANT_SIZES[ggml]
+            count = math.prod(int(d) for d in dims)
+            if dims.size and int(dims[0]) % block:
+                raise _Bad(f"tensor '{name}' ({ggml.name}) has rows of {int(dims[0])} values, not whole "
+                           f"blocks of {block}")
+            begin = int(start_offs) + int(offset[0])
+            end = begin + count // block * type_size
+            if end > size:
+                raise _Bad(f"tensor '{name}' data runs from byte {begin} to {end}, past the end of the "
+                           f"file ({size} bytes): the file is truncated")
+        super()._build_tensors(start_offs, fields)
+
+
+class _Bad(Exception):
+    pass
+
+
+class GGUFFile:
+    """A GGUF file: `metadata` (key -> value), `tensors` (name -> Weight), `writer`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            with self.path.open("rb") as fh:
+                magic = fh.read(4)
+        except OSError as exc:
+            raise SourceError(f"{self.path}: cannot be read ({exc})") from exc
+        if magic != MAGIC:
+            raise SourceError(f"{self.path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+        try:
+            self.reader = _CheckedReader(self.path)
+        except _Bad as exc:
+            raise SourceError(f"{self.path}: {exc}") from None
+        except (ValueError, KeyError, IndexError, OverflowError) as exc:
+            raise SourceError(f"{self.path}: corrupt or truncated GGUF header ({exc}); download the file "
+                              "again") from exc
+        self.tensors: dict[str, Weight] = {}
+        self.unsupported: dict[str, str] = {}  # tensor -> its type, for types edgediff cannot read
+        reshaped = 0
+        for t in self.reader.tensors:
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            orig = self.reader.fields.get(ORIG_SHAPE + t.name)
+            if orig is not None:
+                true = tuple(int(orig.parts[i][0]) for i in orig.data)
+                if math.prod(true) != math.prod(shape):
+                    raise SourceError(f"{self.path}: {ORIG_SHAPE}{t.name} says {list(true)}, which does not "
+                                      f"hold the tensor's {math.prod(shape)} values")
+                shape, reshaped = true, reshaped + 1
+            fmt = format_of(t.tensor_type)
+            if fmt is None:
+                self.unsupported[t.name] = t.tensor_type.name
+                continue
+            data = t.data if fmt.float and fmt.name != "bf16" else t.data.reshape(-1, t.data.shape[-1])
+            self.tensors[t.name] = Weight(t.name, fmt, shape, data)
+        self.reshaped = reshaped
+
+    # metadata -------------------------------------------------------------
+    def field(self, key: str):
+        """A metadata value: str, int, float, bool or list; None when absent."""
+        f = self.reader.fields.get(key)
+        if f is None:
+            return None
+        try:
+            return f.contents()
+        except Exception as exc:  # gguf-py raises its own errors on odd values
+            raise SourceError(f"{self.path}: metadata '{key}' cannot be read ({exc})") from exc
+
+    def string(self, key: str) -> str | None:
+        f = self.reader.fields.get(key)
+        if f is None:
+            return None
+        if f.types != [GGUFValueType.STRING]:
+            raise SourceError(f"{self.path}: metadata '{key}' should be a string")
+        try:
+            return bytes(f.parts[f.data[0]]).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SourceError(f"{self.path}: metadata '{key}' is not UTF-8 text ({exc})") from exc
+
+    def blob(self, key: str) -> bytes | None:
+        """Binary metadata edgediff stores as a base64 string."""
+        text = self.string(key)
+        if text is None:
+            return None
+        try:
+            return base64.b64decode(text, validate=True)
+        except ValueError as exc:
+            raise SourceError(f"{self.path}: metadata '{key}' is not valid base64 ({exc})") from exc
+
+    @property
+    def keys(self) -> list[str]:
+        return [k for k in self.reader.fields if not k.startswith("GGUF.")]
+
+    @property
+    def writer(self) -> str:
+        """Which tool wrote the file, as far as its metadata tells."""
+        if self.string(PREFIX + "manifest") is not None:
+            return "edgediff"
+        if any(k.startswith(ORIG_SHAPE) for k in self.keys) or (
+                self.keys and self.tensors and not any(n.startswith(DENOISER) for n in self.tensors)
+                and self.field("general.architecture") is not None):
+            return "ComfyUI-GGUF"
+        if not self.keys:
+            return "stable-diffusion.cpp (no metadata)"
+        return "unknown"
+
+    def weight(self, name: str) -> Weight | None:
+        return self.tensors.get(name)
+
+    def bytes_by_type(self) -> dict[str, tuple[int, int, int]]:
+        """Format -> (tensors, values, bytes) as stored."""
+        out: dict[str, list[int]] = {}
+        for w in self.tensors.values():
+            entry = out.setdefault(w.fmt.name, [0, 0, 0])
+            entry[0] += 1
+            entry[1] += math.prod(w.shape)
+            entry[2] += int(np.asarray(w.data).nbytes)
+        return {k: tuple(v) for k, v in out.items()}
