@@ -53,6 +53,19 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def _parts_arguments(p: argparse.ArgumentParser) -> None:
+    """What supplies the components a GGUF file lacks (a denoiser-only ComfyUI-GGUF file)."""
+    p.add_argument("--base", help="the checkpoint (.safetensors or .gguf) whose other components go with a "
+                                  "denoiser-only GGUF file")
+    p.add_argument("--vae", help="a VAE file (.safetensors or .gguf) to use instead of the model's")
+    p.add_argument("--text-encoder", action="append", default=[], metavar="FILE",
+                   help="a text encoder file (.safetensors or .gguf); repeatable, in the family's order")
+
+
+def _parts(args) -> dict:
+    return {"base": args.base, "vae": args.vae, "text_encoders": args.text_encoder}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="edgediff", description="Quantized edge inference for diffusion image models.")
     p.add_argument("--version", action="version", version=f"edgediff {__version__}")
@@ -64,9 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--format", choices=("onnx", "gguf"),
                    help="onnx (a folder of graphs) or gguf (one file stable-diffusion.cpp also reads); "
                         "default: gguf when --output ends in .gguf, else onnx")
-    c.add_argument("--precision", default="fp32",
+    c.add_argument("--precision",
                    help="onnx: fp32, fp16, int8, int8-static, int8-weights or int4; gguf: f32, f16, q8_0, "
-                        "q5_0, q5_1, q4_0 or q4_1; or per component, e.g. unet=int4,text_encoder=int8,vae=fp16")
+                        "q5_0, q5_1, q4_0 or q4_1; or per component, e.g. unet=int4,text_encoder=int8,vae=fp16. "
+                        "Default: fp32; a GGUF source keeps its own types (nothing is requantized)")
     c.add_argument("--rule", action="append", default=[], metavar="REGEX=PRECISION",
                    help="give weights whose name matches REGEX this precision (or 'keep'); repeatable")
     c.add_argument("--family", default="auto", help="model family, or auto to detect it")
@@ -74,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--allow-pickle", action="store_true",
                    help="read pickle checkpoints (.ckpt/.pt/.bin) with torch.load(weights_only=True)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _parts_arguments(c)
 
     g = sub.add_parser("generate", help="generate an image with a converted package")
     g.add_argument("--model", "-m",
@@ -91,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--strength", type=float, default=0.75, help="img2img: how much to change (0, 1]")
     g.add_argument("--clip-skip", type=int, default=1, help="1 = last layer, 2 = the one before (A1111)")
     g.add_argument("--output", "-o", help="PNG to write (default: edgediff-SEED.png)")
+    _parts_arguments(g)
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     g.add_argument("--threads", type=int, help="CPU threads for onnxruntime")
     g.add_argument("--keep-loaded", action="store_true",
@@ -123,7 +139,7 @@ def _convert(args) -> int:
     manifest = convert(args.source, args.output, fmt=args.format, precision=args.precision,
                        family=args.family, prediction=args.prediction,
                        allow_pickle=args.allow_pickle, overwrite=args.overwrite, rules=args.rule,
-                       progress=say)
+                       progress=say, **_parts(args))
     size = sum(c.bytes for c in manifest.components.values())
     kinds = ", ".join(sorted({c.precision for c in manifest.components.values()}))
     print(f"wrote {args.output} ({manifest.family}, {kinds}, {_human(size)}) "
@@ -140,10 +156,15 @@ def _generate(args) -> int:
         if not out.parent.is_dir():
             raise UsageError(f"--output {out}: the folder {out.parent} does not exist; create it first")
     model = args.model
+    say = lambda msg: print(f"[convert] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     if model is None:
         from edgediff.convert import default_package
 
-        model = default_package(progress=lambda msg: print(f"[convert] {msg}", file=sys.stderr, flush=True))
+        model = default_package(progress=say)
+    elif str(model).lower().endswith(".gguf") or args.base or args.vae or args.text_encoder:
+        from edgediff.convert.adopt import runnable
+
+        model = runnable(Path(model), progress=say, **_parts(args))
     pipe = Pipeline(model, device=args.device, threads=args.threads, low_memory=not args.keep_loaded,
                     split_guidance=args.split_guidance)
     image = pipe.generate(

@@ -22,6 +22,7 @@ class ComponentEntry:
     data_files: tuple[str, ...] = ()
     notes: dict[str, object] = field(default_factory=dict)  # what the precision pass did
     weights: str = ""  # a weight file bound into the (weight-less) graph at load; "" = in the graph
+    weights_prefix: str = ""  # put before the names a bare weight file lacks (a VAE-only file)
 
 
 @dataclass(frozen=True)

@@ -86,19 +86,26 @@ def convert(
     output: str | Path,
     *,
     fmt: str | None = None,
-    precision: str = "fp32",
+    precision: str | None = None,
     family: str = "auto",
     prediction: str | None = None,
     allow_pickle: bool = False,
     overwrite: bool = False,
     rules: Sequence[str] = (),
     progress: Callable[[str], None] | None = None,
+    base: str | Path | None = None,
+    vae: str | Path | None = None,
+    text_encoders: Sequence[str | Path] = (),
 ) -> Manifest:
     """Convert `source` into a package at `output`, atomically; returns its manifest.
 
     `fmt` is 'onnx' (a folder) or 'gguf' (one file; the default when `output` ends in .gguf).
     `precision` is one name ('int8', or for GGUF 'q4_0') or per component ('unet=int4,vae=fp16');
-    `rules` are 'REGEX=PRECISION' overrides of which weights keep high precision."""
+    `rules` are 'REGEX=PRECISION' overrides of which weights keep high precision.
+
+    A GGUF source (and `base`, `vae`, `text_encoders`, which supply the components it lacks)
+    written to GGUF without a `precision` keeps every tensor as stored; otherwise it is
+    dequantized and converted as any checkpoint."""
     from edgediff.convert.package import atomic_file, atomic_folder, check_output
     from edgediff.convert.precision import parse_precision
     from edgediff.kernels.policy import Rule
@@ -110,6 +117,8 @@ def convert(
     if fmt == "gguf" and output.suffix.lower() != ".gguf":
         raise UsageError(f"--output {output}: a GGUF package is one file; name it NAME.gguf")
     parsed_rules = [Rule.parse(r) for r in rules]
+    keep_types = precision is None
+    precision = precision or "fp32"
     parse_precision(precision, ALL_COMPONENTS, fmt)  # usage errors before any file is read
     if family != "auto" and family not in FAMILIES:
         get_family(family)
@@ -117,6 +126,14 @@ def convert(
         raise UsageError(f"unknown --prediction '{prediction}'; choose eps or v")
     check_output(output, overwrite)
     src_path = resolve_source(source)
+    parts = {"base": base and Path(base), "vae": vae and Path(vae),
+             "text_encoders": [Path(p) for p in text_encoders]}
+    if src_path.suffix.lower() == ".gguf" or base or vae or text_encoders:
+        from edgediff.convert import adopt
+
+        if fmt == "gguf" and keep_types:
+            return adopt.write_adopted_gguf(src_path, output, family=family, prediction=prediction,
+                                            overwrite=overwrite, progress=progress, **parts)
     src = open_source(src_path, allow_pickle=allow_pickle)
     fam, layout = resolve_family(src, family)
     if not fam.convertible:
@@ -130,7 +147,10 @@ def convert(
 
     if progress:
         progress(f"reading {src.kind} source ({fam.title}, {layout} layout)")
-    pipe = load_torch_pipeline(src, fam, prediction)
+    if src.kind == "gguf" or base or vae or text_encoders:
+        pipe = adopt.dequantized(src_path, family=family, prediction=prediction, **parts)
+    else:
+        pipe = load_torch_pipeline(src, fam, prediction)
     if fmt == "gguf":
         import tempfile
 
@@ -139,9 +159,9 @@ def convert(
         with atomic_file(output, overwrite) as target, tempfile.TemporaryDirectory(
                 dir=output.parent, prefix=f".{output.name}.export-") as scratch:
             manifest = _export(pipe, src, src_path, layout, Path(scratch), progress)
-            return write_gguf(Path(scratch), manifest, target,
-                              {c: gguf_format(p) for c, p in precisions.items()}, parsed_rules,
-                              _ldm_names(pipe), _ldm_shape, progress)
+            return write_gguf(Path(scratch), manifest, target, _ldm_names(pipe),
+                              formats={c: gguf_format(p) for c, p in precisions.items()}, rules=parsed_rules,
+                              shapes=_ldm_shape, progress=progress)
     with atomic_folder(output, overwrite) as tmp:
         manifest = _export(pipe, src, src_path, layout, tmp, progress)
         if any(p != "fp32" for p in precisions.values()):

@@ -16,14 +16,17 @@ import hashlib
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edgediff.errors import UsageError
+from edgediff.kernels.bind import Weight
 from edgediff.kernels.gguf_blocks import FORMATS, BlockFormat, can_store, quantize
 from edgediff.kernels.policy import SMALL, Rule, precision_for
 from edgediff.manifest import Manifest
+from edgediff.runtime.gguf_file import ORIG_SHAPE
 from edgediff.runtime.package import GGUF_GRAPH, GGUF_MANIFEST, GGUF_SCHEDULER, GGUF_TOKENIZER
 from edgediff.runtime.tokenizer import TOKENIZER_FILES
 
@@ -52,28 +55,40 @@ def stored_format(name: str, shape: tuple[int, ...], fmt: BlockFormat, rules: Se
     return chosen if can_store(chosen, shape) else FORMATS["f16"]
 
 
-def write_gguf(package: Path, manifest: Manifest, output: Path, formats: Mapping[str, BlockFormat],
-               rules: Sequence[Rule], names: Mapping[str, Callable[[str], str]],
-               shapes: Callable[[str, tuple[int, ...]], tuple[int, ...]],
+@dataclass(frozen=True)
+class _Planned:
+    component: str
+    graph_name: str
+    name: str  # in the file
+    shape: tuple[int, ...]  # as written
+    fmt: BlockFormat
+    true_shape: tuple[int, ...] | None = None  # ComfyUI-GGUF's reshaped tensors: the real shape
+
+
+def write_gguf(package: Path, manifest: Manifest, output: Path, names: Mapping[str, Callable[[str], str]], *,
+               formats: Mapping[str, BlockFormat] | None = None, rules: Sequence[Rule] = (),
+               shapes: Callable[[str, tuple[int, ...]], tuple[int, ...]] = lambda name, shape: shape,
+               stored: Callable[[str, str], Weight | None] | None = None,
                progress: Callable[[str], None] | None = None) -> Manifest:
     """Write the fp32 ONNX package in `package` as one GGUF file at `output`.
 
-    `names[component](graph initializer name)` is the tensor's name in the file, `shapes(name,
-    graph shape)` its shape there; `formats[component]` the component's type."""
+    `names[component](graph initializer name)` is each weight's name in the file, `shapes(name,
+    graph shape)` its shape there. The weights are the package's, quantized to `formats[component]`
+    under the precision `rules`; or, with `stored(component, name)`, tensors taken as another file
+    stores them (not requantized)."""
     import onnx
     from gguf import GGUFWriter, LlamaFileType
 
-    from edgediff.kernels.bind import strip_weights
+    from edgediff.kernels.bind import check_shape, strip_weights
 
-    plan = []  # (component, graph name, file name, shape, format)
+    plan: list[_Planned] = []
     graphs: dict[str, bytes] = {}
     components = {}
     seen: dict[str, str] = {}
     for component, entry in manifest.components.items():
         model = onnx.load(str(package / entry.file), load_external_data=False)
         rename = {}
-        counts: Counter[str] = Counter()
-        total = 0
+        sizes: Counter[str] = Counter()
         for t in model.graph.initializer:
             if t.data_type != onnx.TensorProto.FLOAT or not t.dims:
                 continue
@@ -81,30 +96,36 @@ def write_gguf(package: Path, manifest: Manifest, output: Path, formats: Mapping
             if name in seen:
                 raise UsageError(f"two weights map to the tensor name '{name}' ({seen[name]} and {t.name})")
             seen[name] = t.name
-            shape = tuple(int(d) for d in t.dims)
-            fmt = stored_format(t.name, shape, formats[component], rules)
-            plan.append((component, t.name, name, shapes(name, shape), fmt))
+            dims = tuple(int(d) for d in t.dims)
+            if stored is None:
+                item = _Planned(component, t.name, name, shapes(name, dims),
+                                stored_format(t.name, dims, formats[component], rules))
+            else:
+                w = stored(component, name)
+                check_shape(w, name, dims, component)
+                written = w.shape if can_store(w.fmt, w.shape) else (
+                    w.data.shape[0], w.data.shape[1] // w.fmt.block_bytes * w.fmt.block)
+                item = _Planned(component, t.name, name, written, w.fmt, None if written == w.shape else w.shape)
+            plan.append(item)
             rename[t.name] = name
-            counts[fmt.name] += 1
-            total += _stored_bytes(shape, fmt)
+            sizes[item.fmt.name] += _stored_bytes(item.shape, item.fmt)
         graph = strip_weights(model, rename).SerializeToString()
         key = GGUF_GRAPH + component
         graphs[key] = graph
-        main = formats[component].name
+        blocks = Counter({k: v for k, v in sizes.items() if not FORMATS[k].float})
+        main = formats[component].name if formats else (blocks or sizes).most_common(1)[0][0]
         components[component] = dataclasses.replace(
-            entry, file=key, precision=main, bytes=total, sha256=hashlib.sha256(graph).hexdigest(),
-            data_files=(), weights="", notes={"tensors_by_type": dict(counts)})
+            entry, file=key, precision=main, bytes=sum(sizes.values()), sha256=hashlib.sha256(graph).hexdigest(),
+            data_files=(), weights="", notes={"bytes_by_type": dict(sizes)})
     original = manifest.components
     manifest = dataclasses.replace(manifest, components=components)
 
     writer = GGUFWriter(str(output), arch=manifest.family)
     writer.add_quantization_version(2)
-    main = formats.get("unet") or next(iter(formats.values()))
-    file_type = getattr(LlamaFileType, f"MOSTLY_{main.name.upper()}", None) or (
-        LlamaFileType.ALL_F32 if main.name == "f32" else None)
+    main = manifest.components["unet"].precision
+    file_type = getattr(LlamaFileType, "ALL_F32" if main == "f32" else f"MOSTLY_{main.upper()}", None)
     if file_type is not None:
         writer.add_file_type(int(file_type))
-    writer.add_name(manifest.source.get("path", "") and Path(str(manifest.source["path"])).name or manifest.family)
     writer.add_string(GGUF_MANIFEST, manifest.to_json())
     writer.add_string(GGUF_SCHEDULER, (package / "scheduler" / "scheduler_config.json").read_text())
     for te in manifest.text_encoders:
@@ -114,25 +135,29 @@ def write_gguf(package: Path, manifest: Manifest, output: Path, formats: Mapping
                 writer.add_string(f"{GGUF_TOKENIZER}{te.tokenizer}.{file}", path.read_text(encoding="utf-8"))
     for key, graph in graphs.items():
         writer.add_string(key, base64.b64encode(graph).decode("ascii"))
-    for _, _, name, shape, fmt in plan:
-        nbytes = _stored_bytes(shape, fmt)
-        if fmt.float:
-            writer.add_tensor_info(name, shape, np.dtype(np.float32 if fmt.name == "f32" else np.float16), nbytes)
-        else:
-            writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=fmt.ggml)
+    for item in plan:
+        if item.true_shape:
+            writer.add_array(ORIG_SHAPE + item.name, list(item.true_shape))
+        dtype = {"f32": np.float32, "f16": np.float16}.get(item.fmt.name, np.float32)
+        writer.add_tensor_info(item.name, item.shape, np.dtype(dtype), _stored_bytes(item.shape, item.fmt),
+                               raw_dtype=None if item.fmt.name in ("f32", "f16") else item.fmt.ggml)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     loaded, weights = None, {}
-    for component, graph_name, _, shape, fmt in plan:
-        if component != loaded:
-            loaded = component
+    for item in plan:
+        if item.component != loaded:
+            loaded = item.component
             if progress:
-                progress(f"writing {component} as {formats[component].name}")
-            weights = _weights(package / original[component].file)
-        array = weights.pop(graph_name).reshape(shape)
-        writer.write_tensor_data(array.astype(np.float32 if fmt.name == "f32" else np.float16)
-                                 if fmt.float else quantize(array, fmt))
+                progress(f"writing {item.component} as {manifest.components[item.component].precision}")
+            if stored is None:
+                weights = _weights(package / original[item.component].file)
+        if stored is not None:
+            writer.write_tensor_data(np.ascontiguousarray(stored(item.component, item.name).data))
+            continue
+        array = weights.pop(item.graph_name).reshape(item.shape)
+        writer.write_tensor_data(array.astype(np.float32 if item.fmt.name == "f32" else np.float16)
+                                 if item.fmt.float else quantize(array, item.fmt))
     writer.close()
     return manifest
 

@@ -176,37 +176,41 @@ def _vae_ldm_config(shapes: dict) -> dict:
     }
 
 
-def _clip_from_ldm(state: dict, spec: TextEncoder):
+def _clip_from_ldm(shapes: dict, spec: TextEncoder, state: dict | None):
+    """A CLIPTextModel of the architecture the LDM-named `shapes` describe, with the weights of
+    `state` (None: random weights, for exporting a weight-less graph)."""
     transformers = require("transformers", "convert", "Converting a model")
-    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
 
     if spec.hidden_act != "quick_gelu":
         raise SourceError(
             f"reading OpenCLIP text encoders ({spec.ldm_prefix}*) from single files is not supported "
             "yet; convert the diffusers folder of this model instead"
         )
-    sub = {k: v for k, v in state.items() if k.startswith(spec.ldm_prefix)}
-    if not sub:
+    p = spec.ldm_prefix + "text_model."
+    if p + "embeddings.token_embedding.weight" not in shapes:
         raise SourceError(f"the checkpoint has no text encoder weights ({spec.ldm_prefix}*)")
-    weights = convert_ldm_clip_checkpoint(sub, remove_prefix=spec.ldm_prefix)
-    weights.pop("text_model.embeddings.position_ids", None)
-    tok, pos = weights["text_model.embeddings.token_embedding.weight"], weights["text_model.embeddings.position_embedding.weight"]
-    hidden = tok.shape[1]
+    vocab, hidden = shapes[p + "embeddings.token_embedding.weight"]
     config = transformers.CLIPTextConfig(
-        vocab_size=tok.shape[0],
+        vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=weights["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=_count(weights, r"text_model\.encoder\.layers\.(\d+)\."),
+        intermediate_size=shapes[p + "encoder.layers.0.mlp.fc1.weight"][0],
+        num_hidden_layers=_count(shapes, re.escape(p + "encoder.layers.") + r"(\d+)\."),
         num_attention_heads=max(1, hidden // spec.head_dim),
-        max_position_embeddings=pos.shape[0],
+        max_position_embeddings=shapes[p + "embeddings.position_embedding.weight"][0],
         hidden_act=spec.hidden_act,
         bos_token_id=49406,
         eos_token_id=49407,
     )
     model = transformers.CLIPTextModel(config)
-    if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers >= 5
-        weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
-    _load_strict(model, weights, "text encoder")
+    if state is not None:
+        from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+
+        sub = {k: v for k, v in state.items() if k.startswith(spec.ldm_prefix)}
+        weights = convert_ldm_clip_checkpoint(sub, remove_prefix=spec.ldm_prefix)
+        weights.pop("text_model.embeddings.position_ids", None)
+        if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers >= 5
+            weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
+        _load_strict(model, weights, "text encoder")
     return model
 
 
@@ -221,34 +225,44 @@ def _load_strict(module, weights: dict, what: str) -> None:
 
 
 def _load_ldm(source: Source, family: Family, prediction: str | None) -> TorchPipeline:
+    state, ema = _pick_ema(_load_state(source))
+    kept = tuple([_LDM_UNET, _LDM_VAE] + [te.ldm_prefix for te in family.text_encoders])
+    dropped = sorted(k for k in state if not k.startswith(kept))
+    pipe = ldm_architecture({k: tuple(v.shape) for k, v in state.items()}, family, prediction, state,
+                            str(source.path))
+    pipe.info.update(ema=ema, dropped_keys=len(dropped))
+    return pipe
+
+
+def ldm_architecture(shapes: dict, family: Family, prediction: str | None = None, state: dict | None = None,
+                     where: str = "the model") -> TorchPipeline:
+    """Torch modules of the architecture that LDM-named `shapes` describe, holding the weights of
+    `state`, or random weights when it is None (graphs exported from them are then bound to the
+    file's own weights: nothing is dequantized or copied to build them)."""
+    torch = require("torch", "convert", "Converting a model")
     diffusers = require("diffusers", "convert", "Converting a model")
     from diffusers.loaders import single_file_utils as sfu
 
-    state, ema = _pick_ema(_load_state(source))
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
     for needed, what in ((_LDM_UNET, "UNet"), (_LDM_VAE, "VAE")):
         if not any(k.startswith(needed) for k in shapes):
-            raise SourceError(f"{source.path}: the checkpoint has no {what} weights ({needed}*)")
-    kept = tuple([_LDM_UNET, _LDM_VAE] + [te.ldm_prefix for te in family.text_encoders])
-    dropped = sorted(k for k in state if not k.startswith(kept))
+            raise SourceError(f"{where}: the checkpoint has no {what} weights ({needed}*)")
     original = {"model": {"params": {
         "unet_config": {"params": _unet_ldm_config(shapes, family)},
         "first_stage_config": {"params": {"ddconfig": _vae_ldm_config(shapes)}},
         "scale_factor": family.latent.scale,
     }}}
-    unet_config = sfu.create_unet_diffusers_config_from_ldm(original, state)
+    meta = state if state is not None else {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+    unet_config = sfu.create_unet_diffusers_config_from_ldm(original, meta)
     unet = diffusers.UNet2DConditionModel(**unet_config)
-    _load_strict(unet, sfu.convert_ldm_unet_checkpoint(state, unet_config), "UNet")
-    vae_config = sfu.create_vae_diffusers_config_from_ldm(original, state, scaling_factor=family.latent.scale)
+    vae_config = sfu.create_vae_diffusers_config_from_ldm(original, meta, scaling_factor=family.latent.scale)
     vae = diffusers.AutoencoderKL(**vae_config)
-    _load_strict(vae, sfu.convert_ldm_vae_checkpoint(state, vae_config), "VAE")
-    encoders = [(te, _clip_from_ldm(state, te), BUNDLED_CLIP_TOKENIZER) for te in family.text_encoders]
+    if state is not None:
+        _load_strict(unet, sfu.convert_ldm_unet_checkpoint(state, unet_config), "UNet")
+        _load_strict(vae, sfu.convert_ldm_vae_checkpoint(state, vae_config), "VAE")
+    encoders = [(te, _clip_from_ldm(shapes, te, state), BUNDLED_CLIP_TOKENIZER) for te in family.text_encoders]
     for module in (unet, vae, *(m for _, m, _ in encoders)):
         module.eval()
     scheduler = dict(family.scheduler_config)
     if prediction:
         scheduler["prediction_type"] = _prediction_type(prediction, "epsilon")
-    return TorchPipeline(
-        family, encoders, unet, vae, _resolve_spacing(scheduler),
-        info={"ema": ema, "dropped_keys": len(dropped)},
-    )
+    return TorchPipeline(family, encoders, unet, vae, _resolve_spacing(scheduler))

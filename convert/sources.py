@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgediff.errors import SourceError, UnsafeFileError
+from edgediff.runtime.gguf_file import DENOISER, bare_denoiser
+from edgediff.runtime.safetensors_file import (
+    SAFETENSORS_DTYPES,
+    TensorInfo,
+    read_safetensors_header,
+)
 
-SAFETENSORS_DTYPES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-}
+__all__ = ["SAFETENSORS_DTYPES", "Source", "TensorInfo", "open_source", "read_safetensors_header"]
+
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-MAX_HEADER = 100 * 1024 * 1024
 
 # Diffusers folder: component -> weight file names, in order of preference.
 DIFFUSERS_WEIGHTS = {
@@ -32,17 +34,6 @@ DIFFUSERS_WEIGHTS = {
     "text_encoder_2": ("model.safetensors",),
     "text_encoder_3": ("model.safetensors",),
 }
-# Prefixes that stay in a ComfyUI-GGUF file after it strips `model.diffusion_model.`.
-_BARE_DENOISER = ("input_blocks.", "middle_block.", "output_blocks.", "joint_blocks.",
-                  "double_blocks.", "single_blocks.", "time_embed.", "label_emb.", "out.")
-
-
-@dataclass
-class TensorInfo:
-    dtype: str
-    shape: tuple[int, ...]
-    file: Path
-    name: str  # the name inside `file`
 
 
 @dataclass
@@ -57,56 +48,6 @@ class Source:
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: v.shape for k, v in self.tensors.items()}
-
-
-def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Validate a safetensors header against the file before anything is allocated."""
-    path = Path(path)
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise SourceError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
-        (length,) = struct.unpack("<Q", head)
-        if length > min(MAX_HEADER, size - 8):
-            raise SourceError(
-                f"{path}: corrupt safetensors header (it claims {length} bytes; the file has "
-                f"{size}); the file is truncated or not safetensors: download it again"
-            )
-        raw = fh.read(length)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise SourceError(f"{path}: garbled safetensors header ({exc}); download the file again") from exc
-    metadata = header.pop("__metadata__", None) or {}
-    data_size = size - 8 - length
-    tensors: dict[str, TensorInfo] = {}
-    spans = []
-    for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            if dtype not in SAFETENSORS_DTYPES:
-                raise ValueError(f"unknown dtype {dtype!r}")
-            if not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise ValueError(f"bad shape {shape!r}")
-            if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
-                raise ValueError(f"bad data offsets {[begin, end]!r}")
-            need = math.prod(shape) * SAFETENSORS_DTYPES[dtype]
-            if end - begin != need:
-                raise ValueError(f"{end - begin} data bytes for shape {shape} of {dtype} ({need} needed)")
-            if end > data_size:
-                raise ValueError(f"data ends at byte {end} but the file holds {data_size} data bytes (truncated?)")
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SourceError(f"{path}: tensor '{name}' has an invalid header entry: {exc}") from exc
-        spans.append((begin, end, name))
-        tensors[name] = TensorInfo(dtype, tuple(shape), path, name)
-    spans.sort()
-    for (_, e0, n0), (b1, _, n1) in zip(spans, spans[1:], strict=False):
-        if b1 < e0:
-            raise SourceError(f"{path}: tensors '{n0}' and '{n1}' overlap in the data section (corrupt file)")
-    return tensors, metadata
 
 
 def _refuse_pickle(path: Path, allow_pickle: bool) -> None:
@@ -169,35 +110,23 @@ def _open_checkpoint(path: Path) -> Source:
 
 
 def _open_gguf(path: Path) -> Source:
-    from gguf import GGUFReader
+    from edgediff.runtime.gguf_file import GGUFFile
 
-    try:
-        reader = GGUFReader(path)
-    except Exception as exc:
-        raise SourceError(f"{path}: not a readable GGUF file ({exc})") from exc
-    metadata: dict[str, object] = {}
-    for key, fld in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            metadata[key] = fld.contents()
-        except Exception:  # a field type gguf-py cannot render: keep the name only
-            metadata[key] = None
-    tensors: dict[str, TensorInfo] = {}
-    for t in reader.tensors:
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ggml order is reversed
-        orig = metadata.get(f"comfy.gguf.orig_shape.{t.name}")
-        if isinstance(orig, list):
-            shape = tuple(int(d) for d in orig)
-        tensors[t.name] = TensorInfo(t.tensor_type.name, shape, path, t.name)
-    return Source(path, "gguf", _with_denoiser_prefix(tensors), metadata)
+    gguf = GGUFFile(path)
+    metadata = {}
+    for key in gguf.keys:
+        value = gguf.field(key) if gguf.reader.fields[key].types[0].name != "STRING" else gguf.string(key)
+        metadata[key] = f"<{len(value)} characters>" if isinstance(value, str) and len(value) > 200 else value
+    tensors = {name: TensorInfo(w.fmt.name.upper(), w.shape, path, w.name) for name, w in gguf.tensors.items()}
+    tensors.update({name: TensorInfo(kind, (), path, name) for name, kind in gguf.unsupported.items()})
+    return Source(path, "gguf", tensors, metadata)
 
 
 def _with_denoiser_prefix(tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
     """Denoiser-only files often drop `model.diffusion_model.` (ComfyUI-GGUF, BFL's FLUX
     release); put it back so names mean one thing everywhere."""
-    if tensors and all(k.startswith(_BARE_DENOISER) or "." not in k for k in tensors):
-        return {"model.diffusion_model." + k: v for k, v in tensors.items()}
+    if bare_denoiser(tensors):
+        return {DENOISER + k: v for k, v in tensors.items()}
     return tensors
 
 

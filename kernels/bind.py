@@ -206,12 +206,7 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
             continue
         w = lookup(t.name)
         dims = tuple(int(d) for d in t.dims)
-        if w is None:
-            raise PackageError(f"{where}: tensor '{t.name}' is missing; the {model.graph.name or 'graph'} "
-                               "needs it. The file is incomplete or for another model")
-        if math.prod(w.shape) != math.prod(dims) or _squeezed(w.shape) != _squeezed(dims):
-            raise PackageError(f"{where}: tensor '{t.name}' has shape {list(w.shape)} but the graph "
-                               f"needs {list(dims)}; the file is for another architecture")
+        check_shape(w, t.name, dims, where)
         count = math.prod(dims)
         linear = _linear_uses(t.name, uses) if w.fmt.nbits and len(dims) == 2 else None
         if linear and tuple(w.shape) == dims and dims[1] % w.fmt.block == 0:
@@ -244,6 +239,17 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
         if not any(o.domain == "com.microsoft" for o in out.opset_import):
             out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return Bound(out, arrays, bindings)
+
+
+def check_shape(w: Weight | None, name: str, dims: tuple[int, ...], where: str) -> None:
+    """The stored tensor exists and holds what the graph needs (LDM's [C, C, 1, 1] for a [C, C]
+    Linear is the same weight)."""
+    if w is None:
+        raise PackageError(f"{where}: tensor '{name}' is missing; the graph needs it. The file is "
+                           "incomplete or for another model")
+    if math.prod(w.shape) != math.prod(dims) or _squeezed(w.shape) != _squeezed(dims):
+        raise PackageError(f"{where}: tensor '{name}' has shape {list(w.shape)} but the graph needs "
+                           f"{list(dims)}; the file is for another architecture")
 
 
 def _squeezed(shape) -> tuple[int, ...]:

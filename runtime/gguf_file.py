@@ -22,6 +22,16 @@ MAGIC = b"GGUF"
 ORIG_SHAPE = "comfy.gguf.orig_shape."  # ComfyUI-GGUF stores a reshaped tensor's true shape here
 PREFIX = "edgediff."  # our metadata keys
 DENOISER = "model.diffusion_model."
+# Prefixes that stay in a ComfyUI-GGUF file after it strips `model.diffusion_model.`.
+_BARE_DENOISER = ("input_blocks.", "middle_block.", "output_blocks.", "joint_blocks.",
+                  "double_blocks.", "single_blocks.", "time_embed.", "label_emb.", "out.")
+
+
+def bare_denoiser(names) -> bool:
+    """Names of a denoiser-only file without `model.diffusion_model.` (ComfyUI-GGUF, BFL's FLUX
+    release)."""
+    names = list(names)
+    return bool(names) and all(k.startswith(_BARE_DENOISER) or "." not in k for k in names)
 
 
 class _CheckedReader(GGUFReader):
@@ -91,6 +101,9 @@ class GGUFFile:
             data = t.data if fmt.float and fmt.name != "bf16" else t.data.reshape(-1, t.data.shape[-1])
             self.tensors[t.name] = Weight(t.name, fmt, shape, data)
         self.reshaped = reshaped
+        self.stripped = bare_denoiser(self.tensors)  # names are kept with the prefix put back
+        if self.stripped:
+            self.tensors = {DENOISER + k: v for k, v in self.tensors.items()}
 
     # metadata -------------------------------------------------------------
     def field(self, key: str):
@@ -134,8 +147,7 @@ class GGUFFile:
         if self.string(PREFIX + "manifest") is not None:
             return "edgediff"
         if any(k.startswith(ORIG_SHAPE) for k in self.keys) or (
-                self.keys and self.tensors and not any(n.startswith(DENOISER) for n in self.tensors)
-                and self.field("general.architecture") is not None):
+                self.stripped and self.field("general.architecture") is not None):
             return "ComfyUI-GGUF"
         if not self.keys:
             return "stable-diffusion.cpp (no metadata)"

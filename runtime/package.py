@@ -44,7 +44,8 @@ class Package:
         path = self.root / entry.file
         if entry.weights:
             return Component(name, path, options,
-                             bind=lambda: self._bind(path, open_weights(self.root / entry.weights)))
+                             bind=lambda: self._bind(path, open_weights(self.root / entry.weights,
+                                                                        entry.weights_prefix)))
         return Component(name, path, options)
 
     def _bind(self, graph, weights):
@@ -78,19 +79,24 @@ class Package:
         return tokenizer_from_texts(files, f"{self.root} ({GGUF_TOKENIZER}{folder}.*)")
 
 
-def open_weights(path: Path):
-    """A weight file a weight-less graph binds to."""
-    if Path(path).suffix.lower() != ".gguf":
-        raise PackageError(f"{path}: weight files must be .gguf (got '{Path(path).suffix}')")
-    from edgediff.runtime.gguf_file import GGUFFile
+def open_weights(path: Path, prefix: str = ""):
+    """A weight file a weight-less graph binds to (.gguf or .safetensors)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".gguf":
+        from edgediff.runtime.gguf_file import GGUFFile
 
-    return GGUFFile(path)
+        return GGUFFile(path)
+    if suffix == ".safetensors":
+        from edgediff.runtime.safetensors_file import SafetensorsFile
+
+        return SafetensorsFile(path, prefix)
+    raise PackageError(f"{path}: weight files must be .gguf or .safetensors (got '{suffix}')")
 
 
 def open_package(path: str | Path) -> Package:
     root = Path(path)
     if not root.exists():
-        raise PackageError(f"{root}: no such package; create one with `edgediff convert`")
+        raise PackageError(f"{root}: no such package folder or .gguf file; create one with `edgediff convert`")
     if root.is_file() and root.suffix.lower() == ".gguf":
         return _open_gguf(root)
     manifest = Manifest.read(root)

@@ -160,5 +160,5 @@ def test_gguf_names_and_shapes(tmp_path):
 def test_not_a_gguf(tmp_path):
     path = tmp_path / "x.gguf"
     path.write_bytes(b"GGUF" + b"\0" * 10)
-    with pytest.raises(SourceError, match="not a readable GGUF file"):
+    with pytest.raises(SourceError, match="corrupt or truncated GGUF header"):
         open_source(path)
