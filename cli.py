@@ -113,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep every component in memory instead of releasing each after use")
     g.add_argument("--split-guidance", action="store_true",
                    help="run the denoiser on prompt and negative prompt separately (less memory)")
+    g.add_argument("--weights", choices=("compact", "expanded"), default="compact",
+                   help="GGUF weights stored as F16 (convolutions): compact keeps them so, memory-mapped "
+                        "(default); expanded converts them to fp32 at load: faster steps, more memory")
 
     b = sub.add_parser("bench", help="run a benchmark scenario (TOML): stage times, memory, quality, peers")
     b.add_argument("scenario", nargs="?", help="scenario file, or the name of one in benchmarks/scenarios/")
@@ -166,7 +169,7 @@ def _generate(args) -> int:
 
         model = runnable(Path(model), progress=say, **_parts(args))
     pipe = Pipeline(model, device=args.device, threads=args.threads, low_memory=not args.keep_loaded,
-                    split_guidance=args.split_guidance)
+                    split_guidance=args.split_guidance, weights=args.weights)
     image = pipe.generate(
         args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
         sampler=args.sampler, schedule=args.schedule, seed=args.seed, width=args.width,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -24,27 +25,32 @@ from edgediff.errors import PackageError
 from edgediff.kernels.gguf_blocks import BlockFormat, dequantize, to_matmul_nbits
 
 PLACEHOLDER = "edgediff:bound"  # external-data location of an initializer bound at session time
+CAST = ".as_graph_type"  # suffix of a weight cast from its stored float type
 _FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
+_STORED_TYPES = {"f32": TensorProto.FLOAT, "f16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 
 
 @dataclass(frozen=True)
 class Weight:
     """A tensor as its file stores it: `data` is a float array for float formats, or the stored
-    bytes [rows, bytes per row] of a block format. `shape` is the logical (torch-order) shape."""
+    bytes [rows, bytes per row] of a block format. `shape` is the logical (torch-order) shape.
+    `file` and `offset` say where its bytes lie, when onnxruntime may read them there itself."""
 
     name: str
     fmt: BlockFormat
     shape: tuple[int, ...]
     data: np.ndarray
+    file: Path | None = None
+    offset: int = 0
 
 
 @dataclass(frozen=True)
 class Binding:
-    """How one weight ended up in memory."""
+    """How one weight is held while the graph runs."""
 
     name: str
     stored: str  # its format in the file
-    kind: str  # 'quantized' (a low-bit kernel runs it), 'float' (as stored), 'expanded' (dequantized at load)
+    kind: str  # 'quantized' (a low-bit kernel runs it), 'stored' (as in the file), 'expanded' (dequantized at load)
     weights: int
     resident_bytes: int
 
@@ -52,8 +58,9 @@ class Binding:
 @dataclass
 class Bound:
     model: onnx.ModelProto
-    arrays: dict[str, np.ndarray]
+    arrays: dict[str, np.ndarray]  # handed to onnxruntime, which copies them
     bindings: list[Binding]
+    folder: Path | None = None  # where the files that external data names lie
 
 
 def placeholder(name: str, data_type: int, dims) -> TensorProto:
@@ -192,13 +199,22 @@ def _minimum_term(x: str, base: str, blocks: int, block: int, like: str,
     return p
 
 
-def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: str) -> Bound:
-    """The runnable graph and the arrays its placeholders stand for. `lookup(name)` gives the
-    stored weight (None: missing, an error naming the file and tensor)."""
+def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: str,
+         dry_run: bool = False) -> Bound:
+    """The runnable graph and what its placeholders stand for. `lookup(name)` gives the stored
+    weight (None: missing, an error naming the file and tensor).
+
+    Float weights lying in a file as they are become external data pointing into it
+    (onnxruntime memory-maps them; `Bound.folder` is the file's folder); when stored in another
+    float type than the graph's, a Cast follows them, which onnxruntime either folds at load
+    (expanded) or runs each time (compact: the weight stays as stored). With `dry_run` only the
+    bindings are computed (what `edgediff inspect` reports), nothing is repacked."""
     uses = _consumers(model)
     arrays: dict[str, np.ndarray] = {}
     bindings: list[Binding] = []
-    replaced: dict[str, list[onnx.NodeProto]] = {}  # node -> what takes its place
+    replaced: dict[str, list[onnx.NodeProto]] = {}  # node (by its output) -> what takes its place
+    casts: list[onnx.NodeProto] = []
+    folders: set[Path] = set()
     inits = []
     for t in model.graph.initializer:
         if not is_placeholder(t):
@@ -210,6 +226,9 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
         count = math.prod(dims)
         linear = _linear_uses(t.name, uses) if w.fmt.nbits and len(dims) == 2 else None
         if linear and tuple(w.shape) == dims and dims[1] % w.fmt.block == 0:
+            if dry_run:
+                bindings.append(Binding(t.name, w.fmt.name, "quantized", count, nbits_bytes(w.fmt, *dims)))
+                continue
             nb = to_matmul_nbits(np.asarray(w.data).reshape(dims[0], -1), w.fmt)
             parts = _rewrite_linear(t.name, linear, dims[0], dims[1], nb, replaced)
             for name, array in parts.items():
@@ -221,24 +240,64 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
         if dtype is None:
             raise PackageError(f"{where}: tensor '{t.name}' is bound to a graph input of type "
                                f"{TensorProto.DataType.Name(t.data_type)}; only float weights can be bound")
+        stored = _STORED_TYPES.get(w.fmt.name)
+        if w.file is not None and stored is not None:
+            inits.append(_file_reference(t.name, stored, dims, w))
+            folders.add(w.file.parent)
+            if stored != t.data_type:
+                casts.append(helper.make_node("Cast", [t.name], [t.name + CAST], to=t.data_type,
+                                              name=t.name + CAST))
+            bindings.append(Binding(t.name, w.fmt.name, "stored", count, count * w.fmt.block_bytes))
+            continue
+        if dry_run:
+            bindings.append(Binding(t.name, w.fmt.name, "expanded", count, count * np.dtype(dtype).itemsize))
+            continue
         if w.fmt.float and np.asarray(w.data).dtype == dtype:
-            array, kind = np.asarray(w.data).reshape(dims), "float"  # a view: zero-copy from a memory map
+            array, kind = np.asarray(w.data).reshape(dims), "stored"
         else:
             array, kind = dequantize(w.data, w.fmt, dims).astype(dtype, copy=False), "expanded"
         arrays[t.name] = array
         inits.append(t)
         bindings.append(Binding(t.name, w.fmt.name, kind, count, array.nbytes))
+    if len(folders) > 1:
+        raise PackageError(f"{where}: one graph's weights lie in several folders ({sorted(map(str, folders))})")
     out = onnx.ModelProto()
     _copy_without_initializers(model, out)
     del out.graph.initializer[:]
     out.graph.initializer.extend(inits)
-    if replaced:  # in place of the nodes they replace, so the order stays topological
+    if replaced or casts:  # in place of the nodes they replace, so the order stays topological
+        cast = {c.input[0] for c in casts}
         nodes = [new for node in model.graph.node for new in replaced.get(node.output[0], [node])]
+        for node in nodes:
+            for i, name in enumerate(node.input):
+                if name in cast:
+                    node.input[i] = name + CAST
         del out.graph.node[:]
-        out.graph.node.extend(nodes)
-        if not any(o.domain == "com.microsoft" for o in out.opset_import):
+        out.graph.node.extend(casts + nodes)
+        if replaced and not any(o.domain == "com.microsoft" for o in out.opset_import):
             out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return Bound(out, arrays, bindings)
+    return Bound(out, arrays, bindings, next(iter(folders), None))
+
+
+def _file_reference(name: str, data_type: int, dims, w: Weight) -> TensorProto:
+    """An initializer whose data onnxruntime reads from the weight's own file."""
+    t = TensorProto()
+    t.name, t.data_type = name, data_type
+    t.dims.extend(int(d) for d in dims)
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", w.file.name), ("offset", str(w.offset)),
+                       ("length", str(math.prod(dims) * w.fmt.block_bytes))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
+
+
+def nbits_bytes(fmt: BlockFormat, n: int, k: int) -> int:
+    """Bytes MatMulNBits holds for an [N, K] weight repacked from `fmt`: codes, fp32 scales, and
+    zero points or the per-block minimum where the format has one."""
+    blocks = n * (k // fmt.block)
+    extra = 4 * blocks if fmt.has_min else 0
+    return n * k * fmt.nbits // 8 + 4 * blocks + extra
 
 
 def check_shape(w: Weight | None, name: str, dims: tuple[int, ...], where: str) -> None:

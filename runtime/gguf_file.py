@@ -99,7 +99,8 @@ class GGUFFile:
                 self.unsupported[t.name] = t.tensor_type.name
                 continue
             data = t.data if fmt.float and fmt.name != "bf16" else t.data.reshape(-1, t.data.shape[-1])
-            self.tensors[t.name] = Weight(t.name, fmt, shape, data)
+            self.tensors[t.name] = Weight(t.name, fmt, shape, data, self.path if fmt.float else None,
+                                          int(t.data_offset))
         self.reshaped = reshaped
         self.stripped = bare_denoiser(self.tensors)  # names are kept with the prefix put back
         if self.stripped:
@@ -155,6 +156,15 @@ class GGUFFile:
 
     def weight(self, name: str) -> Weight | None:
         return self.tensors.get(name)
+
+    def drop_pages(self) -> None:
+        """Let go of the file pages read while binding (onnxruntime holds its own copy now): they
+        count as this process's memory while mapped."""
+        import mmap
+
+        handle = getattr(self.reader.data, "_mmap", None)
+        if handle is not None and hasattr(handle, "madvise"):
+            handle.madvise(mmap.MADV_DONTNEED)
 
     def bytes_by_type(self) -> dict[str, tuple[int, int, int]]:
         """Format -> (tensors, values, bytes) as stored."""

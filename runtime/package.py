@@ -63,7 +63,9 @@ class Package:
             model = onnx.load_model_from_string(data)
         except Exception as exc:  # protobuf's DecodeError and friends
             raise PackageError(f"{where}: the stored graph is not a valid ONNX model ({exc})") from exc
-        return bind(model, weights.weight, str(weights.path))
+        bound = bind(model, weights.weight, str(weights.path))
+        weights.drop_pages()
+        return bound
 
     def tokenizer(self, folder: str):
         from edgediff.runtime.tokenizer import (

@@ -24,7 +24,7 @@ from edgediff.runtime.noise import TorchGenerator
 from edgediff.runtime.package import Package, open_package
 from edgediff.runtime.samplers import A1111_NAMES, get_sampler
 from edgediff.runtime.schedules import DiscreteSchedule, get_sigmas
-from edgediff.runtime.sessions import Component, SessionOptions, providers_for
+from edgediff.runtime.sessions import WEIGHTS, Component, SessionOptions, providers_for
 
 Progress = Callable[[int, int], None]
 A1111_SCHEDULES = {"karras": "Karras", "exponential": "Exponential", "sgm_uniform": "SGM Uniform",
@@ -61,12 +61,14 @@ class Pipeline:
     """A converted package ready to generate images: `Pipeline(path).generate(prompt)`."""
 
     def __init__(self, model: str | Path, device: str = "auto", threads: int | None = None,
-                 low_memory: bool = True, split_guidance: bool = False):
+                 low_memory: bool = True, split_guidance: bool = False, weights: str = "compact"):
         if threads is not None and threads < 1:
             raise UsageError(f"--threads must be at least 1 (got {threads})")
         providers_for(device)  # validates the name, warns once about a CUDA fallback
         self.package: Package = open_package(model)
-        self.options = SessionOptions(device=device, threads=threads)
+        if weights not in WEIGHTS:
+            raise UsageError(f"unknown --weights '{weights}'; choose one of: {', '.join(WEIGHTS)}")
+        self.options = SessionOptions(device=device, threads=threads, weights=weights)
         self.low_memory = low_memory
         self.split_guidance = split_guidance  # guidance as two batch-1 runs: half the activations
         self.schedule = DiscreteSchedule.from_config(self.package.scheduler_config)

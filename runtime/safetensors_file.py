@@ -106,4 +106,11 @@ class SafetensorsFile:
         size = math.prod(info.shape) * SAFETENSORS_DTYPES[info.dtype]
         raw = self._map[info.offset:info.offset + size]
         data = raw.view(dtype) if dtype is not np.uint8 else raw.reshape(-1, 2 * info.shape[-1] if info.shape else 2)
-        return Weight(name, FORMATS[fmt], info.shape, data)
+        return Weight(name, FORMATS[fmt], info.shape, data, self.path, info.offset)
+
+    def drop_pages(self) -> None:
+        import mmap
+
+        handle = getattr(self._map, "_mmap", None)
+        if handle is not None and hasattr(handle, "madvise"):
+            handle.madvise(mmap.MADV_DONTNEED)

@@ -44,10 +44,17 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+WEIGHTS = ("compact", "expanded")
+
+
 @dataclass
 class SessionOptions:
     device: str = "auto"
     threads: int | None = None  # intra-op threads; None lets onnxruntime use all cores
+    # Weights a file stores in another float type (F16 in a GGUF): 'compact' keeps them so and
+    # casts them as each node runs; 'expanded' lets onnxruntime convert them once at load (faster
+    # steps, twice their memory).
+    weights: str = "compact"
 
 
 @dataclass
@@ -60,8 +67,7 @@ class Component:
     options: SessionOptions
     bind: Callable[[], object] | None = None
     _session: object | None = field(default=None, repr=False)
-    _held: dict | None = field(default=None, repr=False)  # arrays onnxruntime reads in place
-    bindings: list = field(default_factory=list)  # how each bound weight is resident
+    bindings: list = field(default_factory=list)  # how each bound weight is held
     load_seconds: float = 0.0
     tap: Callable[[dict[str, np.ndarray]], None] | None = None  # sees every run's inputs (calibration)
 
@@ -77,10 +83,18 @@ class Component:
             source: str | bytes = str(self.path)
             if self.bind is not None:
                 bound = self.bind()
-                names = list(bound.arrays)
+                names = list(bound.arrays)  # onnxruntime copies them while creating the session
                 opts.add_external_initializers(
                     names, [ort.OrtValue.ortvalue_from_numpy(bound.arrays[n]) for n in names])
-                self._held, self.bindings = bound.arrays, bound.bindings  # must outlive the session
+                if bound.folder is not None:
+                    opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                                  str(bound.folder))
+                if self.options.weights == "compact" and any(b.kind == "stored" and b.stored != "f32"
+                                                             for b in bound.bindings):
+                    # folding their casts (and the NCHWc rewrite) would expand the weights to fp32
+                    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+                    opts.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
+                self.bindings = bound.bindings
                 source = bound.model.SerializeToString()
             try:
                 self._session = ort.InferenceSession(
@@ -123,4 +137,3 @@ class Component:
 
     def release(self) -> None:
         self._session = None
-        self._held = None
