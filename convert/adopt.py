@@ -208,6 +208,7 @@ def runnable(model: Path, *, base=None, vae=None, text_encoders=(), progress=Non
 def dequantized(main: Path, **kwargs):
     """The model as torch modules holding its weights dequantized to fp32 (to convert a GGUF
     file to ONNX or to other GGUF types)."""
+    import numpy as np
     import torch
 
     from edgediff.convert.load import ldm_architecture
@@ -218,6 +219,6 @@ def dequantized(main: Path, **kwargs):
     for part in {id(p): p for p in adopted.parts.values()}.values():
         for name in _names(part.file):
             if name.startswith(part.prefix) and (w := part.file.weight(name)) is not None:
-                state[name] = torch.from_numpy(dequantize(w.data, w.fmt, w.shape))
+                state[name] = torch.from_numpy(np.array(dequantize(w.data, w.fmt, w.shape)))
     return ldm_architecture({k: tuple(v.shape) for k, v in state.items()}, adopted.family,
                             kwargs.get("prediction"), state, str(main))

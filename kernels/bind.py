@@ -249,16 +249,13 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
                                               name=t.name + CAST))
             bindings.append(Binding(t.name, w.fmt.name, "stored", count, count * w.fmt.block_bytes))
             continue
+        kind = "stored" if w.fmt.float and np.asarray(w.data).dtype == dtype else "expanded"
+        bindings.append(Binding(t.name, w.fmt.name, kind, count, count * np.dtype(dtype).itemsize))
         if dry_run:
-            bindings.append(Binding(t.name, w.fmt.name, "expanded", count, count * np.dtype(dtype).itemsize))
             continue
-        if w.fmt.float and np.asarray(w.data).dtype == dtype:
-            array, kind = np.asarray(w.data).reshape(dims), "stored"
-        else:
-            array, kind = dequantize(w.data, w.fmt, dims).astype(dtype, copy=False), "expanded"
-        arrays[t.name] = array
+        arrays[t.name] = (np.asarray(w.data).reshape(dims) if kind == "stored"
+                          else dequantize(w.data, w.fmt, dims).astype(dtype, copy=False))
         inits.append(t)
-        bindings.append(Binding(t.name, w.fmt.name, kind, count, array.nbytes))
     if len(folders) > 1:
         raise PackageError(f"{where}: one graph's weights lie in several folders ({sorted(map(str, folders))})")
     out = onnx.ModelProto()

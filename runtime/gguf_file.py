@@ -39,9 +39,13 @@ class _CheckedReader(GGUFReader):
 
     def _build_tensors(self, start_offs, fields):
         size = len(self.data)
+        seen = set()
         for field in fields:
             _, name_data, _, dims, raw_dtype, offset = field.parts
             name = bytes(name_data).decode("utf-8", "replace")
+            if name in seen:
+                raise _Bad(f"tensor '{name}' appears twice; the file is damaged")
+            seen.add(name)
             try:
                 ggml = GGMLQuantizationType(int(raw_dtype[0]))
             except ValueError:
@@ -155,6 +159,10 @@ class GGUFFile:
         return "unknown"
 
     def weight(self, name: str) -> Weight | None:
+        if name in self.unsupported or name.removeprefix(DENOISER) in self.unsupported:
+            kind = self.unsupported.get(name) or self.unsupported[name.removeprefix(DENOISER)]
+            raise SourceError(f"{self.path}: tensor '{name}' is stored as {kind}, a type edgediff cannot "
+                              "read (it reads F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K to Q6_K)")
         return self.tensors.get(name)
 
     def drop_pages(self) -> None:

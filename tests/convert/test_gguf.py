@@ -1,0 +1,313 @@
+"""GGUF packages: written with stable-diffusion.cpp's names and gguf-py's quantization (bit for
+bit), read back by gguf-py, run by binding the blocks into onnxruntime; files from
+stable-diffusion.cpp and ComfyUI-GGUF run through the same door; damaged files are named."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+
+import gguf
+import numpy as np
+import pytest
+
+from edgediff.convert import convert
+from edgediff.convert.adopt import adopted_package
+from edgediff.convert.ldm import to_ldm_state_dict
+from edgediff.errors import EdgediffError, PackageError, SourceError, UsageError
+from edgediff.kernels.gguf_blocks import FORMATS, WRITABLE
+from edgediff.runtime import Pipeline
+
+from reference import psnr
+
+TYPES = [t for t in WRITABLE if t != "f32"]
+# Mean PSNR (dB) over 3 seeds against the fp32 ONNX package of the tiny "sd1" model, measured
+# 2026-12-03 (/tmp script, same settings as below): f16 65.5, q8_0 58.2, q5_1 48.2, q5_0 48.7,
+# q4_1 42.0, q4_0 42.3. Floors leave ~5 dB.
+FLOORS = {"f16": 60.0, "q8_0": 53.0, "q5_1": 43.0, "q5_0": 43.0, "q4_1": 37.0, "q4_0": 37.0}
+PROMPT = "a red circle on a blue background"
+
+
+@pytest.fixture(scope="module")
+def packages(tiny_source, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf")
+    return {t: convert(tiny_source("sd1"), root / f"sd1-{t}.gguf", precision=t) and root / f"sd1-{t}.gguf"
+            for t in WRITABLE}
+
+
+def _images(model, seeds=(0, 1, 2), **kw):
+    pipe = Pipeline(model, device="cpu", low_memory=False, **kw)
+    return [pipe.generate(PROMPT, "blurry", steps=8, seed=s, width=64, height=64) for s in seeds]
+
+
+def test_gguf_py_reads_the_names_types_and_metadata(packages):
+    reader = gguf.GGUFReader(packages["q4_0"])
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    unet, vae, text = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model."
+    assert {n.split(".")[0] for n in types} == {"model", "first_stage_model", "cond_stage_model"}
+    assert types[unet + "input_blocks.1.1.transformer_blocks.0.ff.net.0.proj.weight"] == "Q4_0"  # Linear
+    assert types[unet + "input_blocks.1.0.in_layers.2.weight"] == "F16"  # 3x3 conv: rows of 3 values
+    assert types[unet + "input_blocks.1.0.in_layers.2.bias"] == "F32"  # 1-D: kept by the policy
+    assert types[unet + "time_embed.0.weight"] == "F16"  # an embedding: kept, at 16 bits
+    assert types[text + "encoder.layers.0.self_attn.q_proj.weight"] == "Q4_0"
+    assert types[vae + "decoder.conv_in.weight"] == "F32"  # a single low-bit name leaves the VAE at f32
+    attn = next(t for t in reader.tensors if t.name == vae + "decoder.mid.attn_1.q.weight")
+    assert len(attn.shape) == 4  # LDM's 1x1 convolution, as stable-diffusion.cpp expects
+    field = reader.fields["general.architecture"]
+    assert bytes(field.parts[field.data[0]]).decode() == "sd1"
+    manifest = json.loads(bytes(reader.fields["edgediff.manifest"].parts[-1]).decode())
+    assert manifest["family"] == "sd1" and manifest["components"]["unet"]["precision"] == "q4_0"
+    for component in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+        graph = base64.b64decode(bytes(reader.fields[f"edgediff.graph.{component}"].parts[-1]))
+        import onnx
+
+        model = onnx.load_model_from_string(graph)
+        assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer if t.dims and t.data_type == 1)
+    assert "edgediff.tokenizer.tokenizer.vocab.json" in reader.fields
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_tensors_are_gguf_py_quantizations_of_the_weights(tiny_source, packages, kind):
+    """Every tensor is what gguf-py's quantize gives for the source weight, byte for byte."""
+    source = {k: v.float().numpy() for k, v in to_ldm_state_dict(tiny_source("sd1")).items()}
+    reader = gguf.GGUFReader(packages[kind])
+    checked = 0
+    for t in reader.tensors:
+        fmt = FORMATS[t.tensor_type.name.lower()]
+        expected = gguf.quants.quantize(source[t.name], fmt.ggml) if not fmt.float else source[t.name].astype(
+            np.float16 if fmt.name == "f16" else np.float32)
+        assert np.array_equal(np.asarray(t.data).reshape(-1).view(np.uint8),
+                              np.ascontiguousarray(expected).reshape(-1).view(np.uint8)), t.name
+        checked += 1
+    assert checked == len(source)  # every weight, none merged or dropped
+
+
+def test_f32_gguf_gives_the_onnx_package_image(tiny_package, packages):
+    for a, b in zip(_images(packages["f32"]), _images(tiny_package("sd1")), strict=True):
+        assert psnr(a, b) == float("inf")
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_image_quality_floor(tiny_package, packages, kind):
+    reference = _images(tiny_package("sd1"))
+    got = _images(packages[kind])
+    assert np.mean([psnr(a, b) for a, b in zip(reference, got, strict=True)]) >= FLOORS[kind]
+
+
+def test_expanded_weights_match_compact(packages):
+    compact = _images(packages["q8_0"], seeds=(0,))
+    expanded = _images(packages["q8_0"], seeds=(0,), weights="expanded")
+    assert psnr(compact[0], expanded[0]) >= 60
+
+
+def test_bound_components_say_how_weights_are_held(packages):
+    pipe = Pipeline(packages["q4_0"], device="cpu", low_memory=False)
+    pipe.generate(PROMPT, steps=1, seed=0, width=64, height=64)
+    kinds = {(b.stored, b.kind) for b in pipe.component("unet").bindings}
+    assert ("q4_0", "quantized") in kinds and ("f16", "stored") in kinds and ("f32", "stored") in kinds
+
+
+# -- files edgediff did not write -----------------------------------------------------------
+
+def _rewrite(src, dst, *, keep_keys=True, only=None, rename=None, reshape=False, arch=None, kv=None):
+    """Copy a GGUF file's tensors (raw) into a new file: without our metadata (as
+    stable-diffusion.cpp writes), or denoiser-only with bare names and ComfyUI-GGUF's reshapes."""
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(str(dst), arch if arch is not None else "")
+    if keep_keys:
+        for key, field in reader.fields.items():
+            if key.startswith("edgediff.") and not key.startswith("GGUF."):
+                value = (kv or {}).get(key) or bytes(field.parts[-1]).decode()
+                writer.add_string(key, value)
+    for t in reader.tensors:
+        if only and not t.name.startswith(only):
+            continue
+        name = rename(t.name) if rename else t.name
+        data = np.asarray(t.data)
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if reshape and len(shape) > 1 and np.prod(shape) % 256 == 0 and shape[-1] % 256 and np.prod(shape) >= 512:
+            writer.add_array(f"comfy.gguf.orig_shape.{name}", list(shape))
+            data = data.reshape(-1, 256) if data.dtype != np.uint8 else data.reshape(-1, data.size * 256 // int(np.prod(shape)))
+        if t.tensor_type.name in ("F32", "F16"):
+            writer.add_tensor(name, data)
+        else:
+            writer.add_tensor(name, data, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def test_stable_diffusion_cpp_style_file_gives_the_package_image(packages, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEDIFF_CACHE", str(tmp_path / "cache"))
+    plain = _rewrite(packages["q8_0"], tmp_path / "sdcpp.gguf", keep_keys=False)
+    assert not [k for k in gguf.GGUFReader(plain).fields if not k.startswith("GGUF.")]  # no metadata at all
+    with pytest.raises(PackageError, match="without edgediff's metadata"):
+        Pipeline(plain)
+    direct = adopted_package(plain)
+    want = _images(packages["q8_0"], seeds=(0,))[0]
+    assert psnr(_images(direct, seeds=(0,))[0], want) >= 60
+    assert adopted_package(plain) == direct  # cached
+    converted = convert(plain, tmp_path / "package.gguf")
+    assert converted.components["unet"].precision == "q8_0"  # kept as stored, not requantized
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(tmp_path / "package.gguf").tensors}
+    assert types == {t.name: t.tensor_type for t in gguf.GGUFReader(plain).tensors}
+    assert psnr(_images(tmp_path / "package.gguf", seeds=(0,))[0], want) >= 60
+
+
+def test_comfyui_style_denoiser_with_a_base_gives_the_package_image(packages, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEDIFF_CACHE", str(tmp_path / "cache"))
+    unet = "model.diffusion_model."
+    comfy = _rewrite(packages["q4_0"], tmp_path / "comfy.gguf", keep_keys=False, only=unet, arch="sd1",
+                     rename=lambda n: n.removeprefix(unet), reshape=True)
+    reader = gguf.GGUFReader(comfy)
+    assert any(k.startswith("comfy.gguf.orig_shape.") for k in reader.fields)
+    assert not any(t.name.startswith(unet) for t in reader.tensors)
+    with pytest.raises(UsageError, match="holds only the denoiser.*--base"):
+        adopted_package(comfy)
+    base = _rewrite(packages["q4_0"], tmp_path / "base.gguf", keep_keys=False)
+    want = _images(packages["q4_0"], seeds=(0,))[0]
+    assert psnr(_images(adopted_package(comfy, base=base), seeds=(0,))[0], want) >= 60
+    convert(comfy, tmp_path / "adopted.gguf", base=base)
+    assert psnr(_images(tmp_path / "adopted.gguf", seeds=(0,))[0], want) >= 60
+
+
+def test_gguf_source_converts_to_onnx_by_dequantizing(packages, tmp_path):
+    plain = _rewrite(packages["q8_0"], tmp_path / "sdcpp.gguf", keep_keys=False)
+    convert(plain, tmp_path / "onnx", fmt="onnx")
+    assert psnr(_images(tmp_path / "onnx", seeds=(0,))[0], _images(packages["q8_0"], seeds=(0,))[0]) >= 50
+
+
+# -- damaged files ---------------------------------------------------------------------------
+
+def _tensor_info_offset(path, name: str) -> int:
+    """Byte offset of the tensor-info record of `name` (its name's first byte)."""
+    data = path.read_bytes()
+    needle = struct.pack("<Q", len(name)) + name.encode()
+    return data.index(needle) + 8
+
+
+def _patch(path, at: int, value: bytes) -> None:
+    data = bytearray(path.read_bytes())
+    data[at:at + len(value)] = value
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def small(tmp_path):
+    path = tmp_path / "small.gguf"
+    writer = gguf.GGUFWriter(str(path), "sd1")
+    writer.add_tensor("a.weight", np.ones((4, 32), np.float32))
+    writer.add_tensor("b.weight", np.ones((4, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _open(path):
+    from edgediff.runtime.gguf_file import GGUFFile
+
+    return GGUFFile(path)
+
+
+def test_wrong_magic(small):
+    _patch(small, 0, b"GGUX")
+    with pytest.raises(SourceError, match=r"small\.gguf: not a GGUF file \(it starts with b'GGUX'"):
+        _open(small)
+
+
+def test_truncated_file_names_the_tensor(small):
+    small.write_bytes(small.read_bytes()[:-100])
+    with pytest.raises(SourceError, match=r"small\.gguf: tensor 'b\.weight' data runs from byte \d+ to \d+, past the end"):
+        _open(small)
+
+
+def test_offset_past_the_end_names_the_tensor(small):
+    at = _tensor_info_offset(small, "a.weight") + len("a.weight") + 4 + 2 * 8 + 4
+    _patch(small, at, struct.pack("<Q", 10**9))
+    with pytest.raises(SourceError, match=r"tensor 'a\.weight' data runs from byte \d+ to \d+, past the end"):
+        _open(small)
+
+
+def test_unknown_type_names_the_tensor(small):
+    at = _tensor_info_offset(small, "b.weight") + len("b.weight") + 4 + 2 * 8
+    _patch(small, at, struct.pack("<I", 99))
+    with pytest.raises(SourceError, match=r"tensor 'b\.weight' has unknown type number 99"):
+        _open(small)
+
+
+def test_duplicated_tensor_names(small):
+    _patch(small, _tensor_info_offset(small, "b.weight"), b"a")
+    with pytest.raises(SourceError, match=r"tensor 'a\.weight' appears twice"):
+        _open(small)
+
+
+def test_unsupported_type_is_named_when_used(tmp_path):
+    path = tmp_path / "iq.gguf"
+    writer = gguf.GGUFWriter(str(path), "sd1")
+    qtype = gguf.GGMLQuantizationType.TQ1_0
+    writer.add_tensor("t.weight", gguf.quants.quantize(np.ones((4, 256), np.float32), qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(SourceError, match=r"tensor 't\.weight' is stored as TQ1_0, a type edgediff cannot read"):
+        _open(path).weight("t.weight")
+
+
+def test_stored_graph_that_is_not_onnx(packages, tmp_path):
+    bad = _rewrite(packages["q4_0"], tmp_path / "bad.gguf", arch="sd1",
+                   kv={"edgediff.graph.text_encoder": base64.b64encode(b"not a graph").decode()})
+    with pytest.raises(PackageError, match=r"bad\.gguf \(edgediff\.graph\.text_encoder\): the stored graph is not a valid ONNX model"):
+        Pipeline(bad).generate(PROMPT, steps=1, width=64, height=64)
+
+
+def test_tensor_of_another_shape(packages, tmp_path):
+    name = "model.diffusion_model.out.2.weight"
+    reader = gguf.GGUFReader(packages["q4_0"])
+    writer = gguf.GGUFWriter(str(tmp_path / "shape.gguf"), "sd1")
+    for key, field in reader.fields.items():
+        if key.startswith("edgediff."):
+            writer.add_string(key, bytes(field.parts[-1]).decode())
+    for t in reader.tensors:
+        data = np.zeros((4, 32, 3, 2), np.float16) if t.name == name else np.asarray(t.data)
+        if t.tensor_type.name in ("F32", "F16"):
+            writer.add_tensor(t.name, data)
+        else:
+            writer.add_tensor(t.name, data, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(PackageError, match=r"shape\.gguf: tensor 'model\.diffusion_model\.out\.2\.weight' has shape \[4, 32, 3, 2\] but the graph needs \[4, 32, 3, 3\]"):
+        Pipeline(tmp_path / "shape.gguf").generate(PROMPT, steps=1, width=64, height=64)
+
+
+def test_failed_conversion_leaves_nothing(tiny_source, tmp_path, monkeypatch):
+    import edgediff.convert.gguf as writer
+
+    calls = []
+
+    def failing(array, fmt):
+        calls.append(1)
+        if len(calls) > 5:
+            raise RuntimeError("disk full")
+        return gguf.quants.quantize(array, fmt.ggml)
+
+    monkeypatch.setattr(writer, "quantize", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        convert(tiny_source("sd1"), tmp_path / "out" / "model.gguf", precision="q4_0")
+    assert not (tmp_path / "out").exists()
+
+
+def test_usage_errors_come_before_any_work(tiny_source, tmp_path):
+    with pytest.raises(UsageError, match="unknown GGUF precision 'q3_0'"):
+        convert(tiny_source("sd1"), tmp_path / "m.gguf", precision="q3_0")
+    with pytest.raises(UsageError, match="a GGUF package is one file; name it NAME.gguf"):
+        convert(tiny_source("sd1"), tmp_path / "m", fmt="gguf")
+    with pytest.raises(EdgediffError, match="unknown precision 'q4_0'"):
+        convert(tiny_source("sd1"), tmp_path / "m", precision="q4_0")

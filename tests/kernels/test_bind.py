@@ -1,0 +1,132 @@
+"""Binding weights into a weight-less graph: Linear weights in block formats run in MatMulNBits,
+convolutions are dequantized, float weights in a file are read there (cast when stored in
+another type), and missing or misshapen tensors are named."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+from edgediff.errors import PackageError
+from edgediff.kernels.bind import Weight, bind, strip_weights
+from edgediff.kernels.gguf_blocks import FORMATS, dequantize, quantize
+
+RNG = np.random.default_rng(0)
+WEIGHTS = {
+    "lin.weight": RNG.standard_normal((64, 32)).astype(np.float32),  # Transpose -> MatMul
+    "gemm.weight": RNG.standard_normal((16, 64)).astype(np.float32),  # Gemm(transB=1)
+    "gemm.bias": RNG.standard_normal(16).astype(np.float32),
+    "conv.weight": RNG.standard_normal((4, 3, 3, 3)).astype(np.float32),
+}
+
+
+def _model() -> onnx.ModelProto:
+    nodes = [
+        helper.make_node("Transpose", ["lin.weight"], ["lin.t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "lin.t"], ["h"]),
+        helper.make_node("Gemm", ["h", "gemm.weight", "gemm.bias"], ["y"], transB=1),
+        helper.make_node("Conv", ["img", "conv.weight"], ["z"], pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", 1, [2, 32]), helper.make_tensor_value_info("img", 1, [1, 3, 5, 5])],
+        [helper.make_tensor_value_info("y", 1, None), helper.make_tensor_value_info("z", 1, None)],
+        initializer=[numpy_helper.from_array(v, k) for k, v in WEIGHTS.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _run(model: onnx.ModelProto, arrays: dict) -> list[np.ndarray]:
+    so = ort.SessionOptions()
+    if arrays:
+        so.add_external_initializers(list(arrays), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()])
+    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((2, 32)).astype(np.float32)
+    img = np.random.default_rng(2).standard_normal((1, 3, 5, 5)).astype(np.float32)
+    return session.run(None, {"x": x, "img": img})
+
+
+def _stored(fmt_name: str) -> dict[str, Weight]:
+    fmt = FORMATS[fmt_name]
+    out = {}
+    for name, w in WEIGHTS.items():
+        if w.ndim == 1 or w.shape[-1] % fmt.block:
+            out[name] = Weight(name, FORMATS["f32"], w.shape, w)
+        else:
+            out[name] = Weight(name, fmt, w.shape, quantize(w, fmt))
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q5_0", "q5_1", "q4_0", "q4_1"])
+def test_bound_graph_computes_with_the_stored_weights(fmt):
+    stored = _stored(fmt)
+    weightless = strip_weights(_model(), {k: k for k in WEIGHTS})
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in weightless.graph.initializer)
+    bound = bind(weightless, stored.get, "test.gguf")
+    kinds = {b.name: b.kind for b in bound.bindings}
+    assert kinds["lin.weight"] == kinds["gemm.weight"] == "quantized"
+    assert {n.op_type for n in bound.model.graph.node} >= {"MatMulNBits"}
+    reference = {k: dequantize(w.data, w.fmt, w.shape) for k, w in stored.items()}
+    expected = _run(_with(reference), {})
+    for got, want in zip(_run(bound.model, bound.arrays), expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+    dry = bind(weightless, stored.get, "test.gguf", dry_run=True).bindings
+    assert [(b.name, b.kind, b.resident_bytes) for b in dry] == [(b.name, b.kind, b.resident_bytes) for b in bound.bindings]
+
+
+def _with(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    model = _model()
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items())
+    return model
+
+
+def test_float_weights_are_read_from_their_file(tmp_path):
+    """F16 weights in a file: external data pointing into it, with a Cast to the graph's type."""
+    blob = tmp_path / "weights.bin"
+    stored, offset, raw = {}, 0, b""
+    for name, w in WEIGHTS.items():
+        data = w.astype(np.float16)
+        stored[name] = Weight(name, FORMATS["f16"], w.shape, data, blob, offset)
+        raw += data.tobytes()
+        offset += data.nbytes
+    blob.write_bytes(raw)
+    bound = bind(strip_weights(_model(), {k: k for k in WEIGHTS}), stored.get, str(blob))
+    assert bound.folder == tmp_path and not bound.arrays
+    assert {b.kind for b in bound.bindings} == {"stored"}
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(tmp_path))
+    session = ort.InferenceSession(bound.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((2, 32)).astype(np.float32)
+    img = np.random.default_rng(2).standard_normal((1, 3, 5, 5)).astype(np.float32)
+    want = _run(_with({k: w.astype(np.float16) for k, w in WEIGHTS.items()}), {})
+    for got, ref in zip(session.run(None, {"x": x, "img": img}), want, strict=True):
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-5)
+
+
+def test_onnxruntime_copies_the_arrays_handed_to_it():
+    """What lets a component drop its repacked arrays once the session exists."""
+    stored = _stored("q8_0")
+    bound = bind(strip_weights(_model(), {k: k for k in WEIGHTS}), stored.get, "test.gguf")
+    so = ort.SessionOptions()
+    so.add_external_initializers(list(bound.arrays), [ort.OrtValue.ortvalue_from_numpy(a) for a in bound.arrays.values()])
+    session = ort.InferenceSession(bound.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = np.ones((2, 32), np.float32)
+    img = np.ones((1, 3, 5, 5), np.float32)
+    before = session.run(None, {"x": x, "img": img})
+    for array in bound.arrays.values():
+        array[...] = 0
+    for a, b in zip(session.run(None, {"x": x, "img": img}), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_missing_and_misshapen_tensors_are_named():
+    weightless = strip_weights(_model(), {k: k for k in WEIGHTS})
+    stored = _stored("q4_0")
+    with pytest.raises(PackageError, match=r"model\.gguf: tensor 'conv\.weight' is missing"):
+        bind(weightless, lambda n: None if n == "conv.weight" else stored[n], "model.gguf")
+    wrong = dict(stored, **{"conv.weight": Weight("conv.weight", FORMATS["f32"], (4, 3, 3, 2),
+                                                  np.zeros((4, 3, 3, 2), np.float32))})
+    with pytest.raises(PackageError, match=r"'conv\.weight' has shape \[4, 3, 3, 2\] but the graph needs \[4, 3, 3, 3\]"):
+        bind(weightless, wrong.get, "model.gguf")
