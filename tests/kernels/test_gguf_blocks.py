@@ -8,7 +8,15 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from edgediff.kernels.gguf_blocks import FORMATS, WRITABLE, can_store, dequantize, quantize, to_matmul_nbits, unpack
+from edgediff.kernels.gguf_blocks import (
+    FORMATS,
+    WRITABLE,
+    can_store,
+    dequantize,
+    quantize,
+    to_matmul_nbits,
+    unpack,
+)
 
 BLOCK_TYPES = [n for n in WRITABLE if FORMATS[n].nbits]
 
