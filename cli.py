@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--allow-pickle", action="store_true",
                    help="read pickle checkpoints (.ckpt/.pt/.bin) with torch.load(weights_only=True)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    c.add_argument("--quantize-convolutions", action="store_true",
+                   help="gguf: store convolution weights in the block type too (ComfyUI-GGUF's reshaped layout): "
+                        "smaller, and less memory in edgediff, but stable-diffusion.cpp cannot read the file")
     _parts_arguments(c)
 
     g = sub.add_parser("generate", help="generate an image with a converted package")
@@ -142,7 +145,7 @@ def _convert(args) -> int:
     manifest = convert(args.source, args.output, fmt=args.format, precision=args.precision,
                        family=args.family, prediction=args.prediction,
                        allow_pickle=args.allow_pickle, overwrite=args.overwrite, rules=args.rule,
-                       progress=say, **_parts(args))
+                       progress=say, quantize_convolutions=args.quantize_convolutions, **_parts(args))
     size = sum(c.bytes for c in manifest.components.values())
     kinds = ", ".join(sorted({c.precision for c in manifest.components.values()}))
     print(f"wrote {args.output} ({manifest.family}, {kinds}, {_human(size)}) "

@@ -96,6 +96,7 @@ def convert(
     base: str | Path | None = None,
     vae: str | Path | None = None,
     text_encoders: Sequence[str | Path] = (),
+    quantize_convolutions: bool = False,
 ) -> Manifest:
     """Convert `source` into a package at `output`, atomically; returns its manifest.
 
@@ -105,7 +106,9 @@ def convert(
 
     A GGUF source (and `base`, `vae`, `text_encoders`, which supply the components it lacks)
     written to GGUF without a `precision` keeps every tensor as stored; otherwise it is
-    dequantized and converted as any checkpoint."""
+    dequantized and converted as any checkpoint. `quantize_convolutions` (GGUF) stores convolution
+    weights in the block type too, in ComfyUI-GGUF's reshaped layout, which stable-diffusion.cpp
+    cannot read."""
     from edgediff.convert.package import atomic_file, atomic_folder, check_output
     from edgediff.convert.precision import parse_precision
     from edgediff.kernels.policy import Rule
@@ -114,6 +117,8 @@ def convert(
     fmt = fmt or ("gguf" if output.suffix.lower() == ".gguf" else "onnx")
     if fmt not in FORMATS:
         raise UsageError(f"unknown --format '{fmt}'; this version writes: {', '.join(FORMATS)}")
+    if quantize_convolutions and fmt != "gguf":
+        raise UsageError("--quantize-convolutions applies to --format gguf")
     if fmt == "gguf" and output.suffix.lower() != ".gguf":
         raise UsageError(f"--output {output}: a GGUF package is one file; name it NAME.gguf")
     parsed_rules = [Rule.parse(r) for r in rules]
@@ -161,7 +166,7 @@ def convert(
             manifest = _export(pipe, src, src_path, layout, Path(scratch), progress)
             return write_gguf(Path(scratch), manifest, target, _ldm_names(pipe),
                               formats={c: gguf_format(p) for c, p in precisions.items()}, rules=parsed_rules,
-                              shapes=_ldm_shape, progress=progress)
+                              shapes=_ldm_shape, reshape=quantize_convolutions, progress=progress)
     with atomic_folder(output, overwrite) as tmp:
         manifest = _export(pipe, src, src_path, layout, tmp, progress)
         if any(p != "fp32" for p in precisions.values()):

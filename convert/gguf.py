@@ -41,10 +41,12 @@ def gguf_format(name: str) -> BlockFormat:
     return FORMATS[name]
 
 
-def stored_format(name: str, shape: tuple[int, ...], fmt: BlockFormat, rules: Sequence[Rule]) -> BlockFormat:
+def stored_format(name: str, shape: tuple[int, ...], fmt: BlockFormat, rules: Sequence[Rule],
+                  reshape: bool = False) -> BlockFormat:
     """The ggml type a weight is written in: the component's, unless the policy keeps it (1-D and
-    small tensors in F32, larger ones in F16) or its rows cannot hold whole blocks (F16: 3x3 and
-    1x1 convolutions, whose last axis is the kernel width, as stable-diffusion.cpp keeps them)."""
+    small tensors in F32, larger ones in F16) or its rows cannot hold whole blocks: 3x3 and 1x1
+    convolutions, whose last axis is the kernel width, stay F16 as stable-diffusion.cpp keeps them,
+    or with `reshape` are stored as rows of one output channel each (see `written_shape`)."""
     choice = precision_for(name, shape, fmt.name, rules)
     if choice in FORMATS and FORMATS[choice].writable:
         chosen = FORMATS[choice]
@@ -52,7 +54,15 @@ def stored_format(name: str, shape: tuple[int, ...], fmt: BlockFormat, rules: Se
         return FORMATS["f32"]
     else:
         chosen = FORMATS["f16"] if fmt.name != "f32" else fmt
-    return chosen if can_store(chosen, shape) else FORMATS["f16"]
+    if can_store(chosen, shape) or (reshape and can_store(chosen, written_shape(shape))):
+        return chosen
+    return FORMATS["f16"]
+
+
+def written_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A convolution weight [O, I, kh, kw] as the 2-D [O, I*kh*kw] its blocks run along, with
+    the true shape in `comfy.gguf.orig_shape.NAME` (ComfyUI-GGUF's convention)."""
+    return (shape[0], math.prod(shape[1:])) if len(shape) > 2 else tuple(shape)
 
 
 @dataclass(frozen=True)
@@ -68,14 +78,14 @@ class _Planned:
 def write_gguf(package: Path, manifest: Manifest, output: Path, names: Mapping[str, Callable[[str], str]], *,
                formats: Mapping[str, BlockFormat] | None = None, rules: Sequence[Rule] = (),
                shapes: Callable[[str, tuple[int, ...]], tuple[int, ...]] = lambda name, shape: shape,
-               stored: Callable[[str, str], Weight | None] | None = None,
+               stored: Callable[[str, str], Weight | None] | None = None, reshape: bool = False,
                progress: Callable[[str], None] | None = None) -> Manifest:
     """Write the fp32 ONNX package in `package` as one GGUF file at `output`.
 
     `names[component](graph initializer name)` is each weight's name in the file, `shapes(name,
     graph shape)` its shape there. The weights are the package's, quantized to `formats[component]`
-    under the precision `rules`; or, with `stored(component, name)`, tensors taken as another file
-    stores them (not requantized)."""
+    under the precision `rules` (`reshape`: convolutions too, in ComfyUI-GGUF's layout); or, with
+    `stored(component, name)`, tensors taken as another file stores them (not requantized)."""
     import onnx
     from gguf import GGUFWriter, LlamaFileType
 
@@ -98,8 +108,10 @@ def write_gguf(package: Path, manifest: Manifest, output: Path, names: Mapping[s
             seen[name] = t.name
             dims = tuple(int(d) for d in t.dims)
             if stored is None:
-                item = _Planned(component, t.name, name, shapes(name, dims),
-                                stored_format(t.name, dims, formats[component], rules))
+                fmt = stored_format(t.name, dims, formats[component], rules, reshape)
+                shape = shapes(name, dims)
+                item = (_Planned(component, t.name, name, shape, fmt) if can_store(fmt, shape) else
+                        _Planned(component, t.name, name, written_shape(shape), fmt, shape))
             else:
                 w = stored(component, name)
                 check_shape(w, name, dims, component)

@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from edgediff.errors import PackageError
-from edgediff.kernels.gguf_blocks import BlockFormat, dequantize, to_matmul_nbits
+from edgediff.kernels.gguf_blocks import Affine, BlockFormat, dequantize, to_matmul_nbits, unpack
 
 PLACEHOLDER = "edgediff:bound"  # external-data location of an initializer bound at session time
 CAST = ".as_graph_type"  # suffix of a weight cast from its stored float type
@@ -50,7 +50,9 @@ class Binding:
 
     name: str
     stored: str  # its format in the file
-    kind: str  # 'quantized' (a low-bit kernel runs it), 'stored' (as in the file), 'expanded' (dequantized at load)
+    # 'quantized': a low-bit kernel runs it (MatMulNBits); 'blocks': held as block codes, dequantized
+    # as its node runs; 'stored': as in the file; 'expanded': dequantized to fp32 at load
+    kind: str
     weights: int
     resident_bytes: int
 
@@ -200,7 +202,7 @@ def _minimum_term(x: str, base: str, blocks: int, block: int, like: str,
 
 
 def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: str,
-         dry_run: bool = False) -> Bound:
+         dry_run: bool = False, expand: bool = False) -> Bound:
     """The runnable graph and what its placeholders stand for. `lookup(name)` gives the stored
     weight (None: missing, an error naming the file and tensor).
 
@@ -208,13 +210,18 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
     (onnxruntime memory-maps them; `Bound.folder` is the file's folder); when stored in another
     float type than the graph's, a Cast follows them, which onnxruntime either folds at load
     (expanded) or runs each time (compact: the weight stays as stored). With `dry_run` only the
-    bindings are computed (what `edgediff inspect` reports), nothing is repacked."""
+    bindings are computed (what `edgediff inspect` reports), nothing is repacked.
+
+    Other weights in block formats (convolutions, for which onnxruntime has no low-bit kernel)
+    are kept as 8-bit codes and scales and dequantized as their node runs, or, with `expand`,
+    dequantized to fp32 once here."""
     uses = _consumers(model)
     arrays: dict[str, np.ndarray] = {}
     bindings: list[Binding] = []
     replaced: dict[str, list[onnx.NodeProto]] = {}  # node (by its output) -> what takes its place
-    casts: list[onnx.NodeProto] = []
+    casts: list[onnx.NodeProto] = []  # nodes that only read weights: they go first
     folders: set[Path] = set()
+    blocked = False
     inits = []
     for t in model.graph.initializer:
         if not is_placeholder(t):
@@ -235,6 +242,19 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
                 arrays[name] = array
                 inits.append(placeholder(name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape))
             bindings.append(Binding(t.name, w.fmt.name, "quantized", count, nb.nbytes))
+            continue
+        if (w.fmt.nbits and not expand and t.data_type == TensorProto.FLOAT and len(dims) > 1
+                and math.prod(dims[1:]) % w.fmt.block == 0):
+            per_run = count + 4 * (count // w.fmt.block) * (2 if w.fmt.has_min else 1)
+            bindings.append(Binding(t.name, w.fmt.name, "blocks", count, per_run))
+            if dry_run:
+                continue
+            codes = unpack(np.asarray(w.data).reshape(dims[0], -1), w.fmt)
+            parts = _dequantize_per_run(t.name, codes, dims, casts)
+            for name, array in parts.items():
+                arrays[name] = array
+                inits.append(placeholder(name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape))
+            blocked = True
             continue
         dtype = _FLOAT_TYPES.get(t.data_type)
         if dtype is None:
@@ -263,7 +283,7 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
     del out.graph.initializer[:]
     out.graph.initializer.extend(inits)
     if replaced or casts:  # in place of the nodes they replace, so the order stays topological
-        cast = {c.input[0] for c in casts}
+        cast = {c.input[0] for c in casts if c.op_type == "Cast"}
         nodes = [new for node in model.graph.node for new in replaced.get(node.output[0], [node])]
         for node in nodes:
             for i, name in enumerate(node.input):
@@ -273,7 +293,31 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
         out.graph.node.extend(casts + nodes)
         if replaced and not any(o.domain == "com.microsoft" for o in out.opset_import):
             out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    if blocked:  # blocked DequantizeLinear is ONNX opset 21
+        for o in out.opset_import:
+            if o.domain in ("", "ai.onnx"):
+                o.version = max(o.version, 21)
     return Bound(out, arrays, bindings, next(iter(folders), None))
+
+
+def _dequantize_per_run(name: str, a: Affine, dims: tuple[int, ...], nodes: list[onnx.NodeProto]) -> dict:
+    """A weight kept as its blocks' codes (8 bits each) and scales, dequantized by a blocked
+    DequantizeLinear each time its node runs (onnxruntime has no low-bit convolution): the
+    memory of the codes, not of fp32. Symmetric formats become signed codes; a minimum is added."""
+    block = a.codes.shape[-1]
+    codes = a.codes if a.minimum is not None else (a.codes.astype(np.int16) - a.offset).astype(np.int8)
+    arrays = {name + ".codes": np.ascontiguousarray(codes), name + ".scale": np.ascontiguousarray(a.scale[..., None])}
+    nodes.append(helper.make_node("DequantizeLinear", [name + ".codes", name + ".scale"], [name + ".blocks"],
+                                  axis=2, block_size=block, name=name + ".dequantize"))
+    blocks = name + ".blocks"
+    if a.minimum is not None:
+        arrays[name + ".minimum"] = np.ascontiguousarray(a.minimum[..., None])
+        nodes.append(helper.make_node("Add", [blocks, name + ".minimum"], [blocks + ".shifted"]))
+        blocks += ".shifted"
+    nodes.append(helper.make_node("Constant", [], [name + ".dims"], value=helper.make_tensor(
+        name + ".dims", TensorProto.INT64, [len(dims)], list(dims))))
+    nodes.append(helper.make_node("Reshape", [blocks, name + ".dims"], [name]))
+    return arrays
 
 
 def _file_reference(name: str, data_type: int, dims, w: Weight) -> TensorProto:

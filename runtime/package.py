@@ -39,16 +39,16 @@ class Package:
                 f"{self.root}: the package has no '{name}' component "
                 f"(it has: {', '.join(self.manifest.components)})"
             )
+        expand = options.weights == "expanded"
         if self.gguf is not None:
-            return Component(name, self.root, options, bind=lambda: self._bind(entry.file, self.gguf))
+            return Component(name, self.root, options, bind=lambda: self._bind(entry.file, self.gguf, expand))
         path = self.root / entry.file
         if entry.weights:
-            return Component(name, path, options,
-                             bind=lambda: self._bind(path, open_weights(self.root / entry.weights,
-                                                                        entry.weights_prefix)))
+            return Component(name, path, options, bind=lambda: self._bind(
+                path, open_weights(self.root / entry.weights, entry.weights_prefix), expand))
         return Component(name, path, options)
 
-    def _bind(self, graph, weights):
+    def _bind(self, graph, weights, expand: bool = False):
         import onnx
 
         from edgediff.kernels.bind import bind
@@ -63,7 +63,7 @@ class Package:
             model = onnx.load_model_from_string(data)
         except Exception as exc:  # protobuf's DecodeError and friends
             raise PackageError(f"{where}: the stored graph is not a valid ONNX model ({exc})") from exc
-        bound = bind(model, weights.weight, str(weights.path))
+        bound = bind(model, weights.weight, str(weights.path), expand=expand)
         weights.drop_pages()
         return bound
 
