@@ -211,8 +211,82 @@ def _bench(args) -> int:
     return 0
 
 
+_KINDS = {"quantized": "run quantized (MatMulNBits)", "blocks": "held in blocks, dequantized as they run",
+          "stored": "held as stored", "expanded": "expanded to fp32 at load"}
+
+
+def _gguf_report(path: Path) -> dict:
+    """Family, writer, tensors by type and, for a package, how its weights are held at run time."""
+    from edgediff.convert import resolve_family
+    from edgediff.convert.sources import open_source
+    from edgediff.runtime.gguf_file import GGUFFile
+    from edgediff.runtime.package import GGUF_MANIFEST, open_package
+
+    gguf = GGUFFile(path)
+    report: dict = {"path": str(path), "kind": "gguf", "writer": gguf.writer}
+    try:
+        family, layout = resolve_family(open_source(path))
+        report.update(family=family.name, title=family.title, layout=layout)
+    except EdgediffError as exc:
+        report.update(family=None, error=str(exc))
+    total = [0, 0, 0]
+    report["types"] = {}
+    for kind, (tensors, values, size) in sorted(gguf.bytes_by_type().items(), key=lambda kv: -kv[1][2]):
+        report["types"][kind] = {"tensors": tensors, "values": values, "bytes": size,
+                                 "bits_per_weight": round(8 * size / max(values, 1), 2)}
+        total = [total[0] + tensors, total[1] + values, total[2] + size]
+    report["tensors"], report["values"], report["bytes"] = total
+    report["bits_per_weight"] = round(8 * total[2] / max(total[1], 1), 2)
+    report["unsupported"] = gguf.unsupported
+    if gguf.string(GGUF_MANIFEST) is not None:
+        package = open_package(path)
+        report["resident"] = {}
+        for mode in ("compact", "expanded"):
+            per = {}
+            for component, bindings in package.residency(expand=mode == "expanded").items():
+                kinds: dict[str, list[int]] = {}
+                for b in bindings:
+                    entry = kinds.setdefault(b.kind, [0, 0, 0])
+                    entry[0], entry[1], entry[2] = entry[0] + 1, entry[1] + b.weights, entry[2] + b.resident_bytes
+                weights = sum(v[1] for v in kinds.values())
+                size = sum(v[2] for v in kinds.values())
+                per[component] = {"kinds": {k: {"tensors": v[0], "weights": v[1], "bytes": v[2]}
+                                            for k, v in kinds.items()},
+                                  "bytes": size, "bits_per_weight": round(8 * size / max(weights, 1), 2)}
+            report["resident"][mode] = per
+    return report
+
+
+def _print_gguf(report: dict) -> None:
+    print(f"gguf: {report['path']} (written by {report['writer']})")
+    if report["family"]:
+        print(f"  family: {report['family']} ({report['title']}; {report['layout']} names)")
+    else:
+        print(f"  family: unknown: {report['error']}")
+    for kind, v in report["types"].items():
+        print(f"  {kind:6s} {v['tensors']:5d} tensors {_human(v['bytes']):>10s}  {v['bits_per_weight']:5.2f} bits/weight")
+    print(f"  total  {report['tensors']:5d} tensors {_human(report['bytes']):>10s}  "
+          f"{report['bits_per_weight']:5.2f} bits/weight")
+    for name, kind in report["unsupported"].items():
+        print(f"  {name}: {kind}, a type edgediff cannot read")
+    if "resident" not in report:
+        print("  no stored graphs: `edgediff generate --model FILE` builds them once; "
+              "`edgediff convert FILE --output PACKAGE.gguf` stores them")
+        return
+    for mode, per in report["resident"].items():
+        total = sum(c["bytes"] for c in per.values())
+        print(f"  in memory with --weights {mode}: {_human(total)}")
+        for component, c in per.items():
+            parts = "; ".join(f"{v['tensors']} {_KINDS[k]} ({_human(v['bytes'])})" for k, v in c["kinds"].items())
+            print(f"    {component:14s} {_human(c['bytes']):>10s} {c['bits_per_weight']:5.2f} bits/weight: {parts}")
+
+
 def _inspect(args) -> int:
     path = Path(args.path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        report = _gguf_report(path)
+        print(json.dumps(report, indent=2)) if args.json else _print_gguf(report)
+        return 0
     if (path / "edgediff.json").is_file():
         from edgediff.manifest import Manifest
 

@@ -264,10 +264,13 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
         if w.file is not None and stored is not None:
             inits.append(_file_reference(t.name, stored, dims, w))
             folders.add(w.file.parent)
+            held = Binding(t.name, w.fmt.name, "stored", count, count * w.fmt.block_bytes)
             if stored != t.data_type:
                 casts.append(helper.make_node("Cast", [t.name], [t.name + CAST], to=t.data_type,
                                               name=t.name + CAST))
-            bindings.append(Binding(t.name, w.fmt.name, "stored", count, count * w.fmt.block_bytes))
+                if expand:  # onnxruntime folds the cast when it loads the graph
+                    held = Binding(t.name, w.fmt.name, "expanded", count, count * np.dtype(dtype).itemsize)
+            bindings.append(held)
             continue
         kind = "stored" if w.fmt.float and np.asarray(w.data).dtype == dtype else "expanded"
         bindings.append(Binding(t.name, w.fmt.name, kind, count, count * np.dtype(dtype).itemsize))

@@ -48,7 +48,19 @@ class Package:
                 path, open_weights(self.root / entry.weights, entry.weights_prefix), expand))
         return Component(name, path, options)
 
-    def _bind(self, graph, weights, expand: bool = False):
+    def residency(self, expand: bool = False) -> dict[str, list]:
+        """Per bound component, how each weight would be held (kernels.bind.Binding), without
+        opening a session."""
+        out = {}
+        for name, entry in self.manifest.components.items():
+            if self.gguf is not None:
+                out[name] = self._bind(entry.file, self.gguf, expand, dry_run=True).bindings
+            elif entry.weights:
+                out[name] = self._bind(self.root / entry.file, open_weights(self.root / entry.weights,
+                                                                           entry.weights_prefix), expand, True).bindings
+        return out
+
+    def _bind(self, graph, weights, expand: bool = False, dry_run: bool = False):
         import onnx
 
         from edgediff.kernels.bind import bind
@@ -63,7 +75,7 @@ class Package:
             model = onnx.load_model_from_string(data)
         except Exception as exc:  # protobuf's DecodeError and friends
             raise PackageError(f"{where}: the stored graph is not a valid ONNX model ({exc})") from exc
-        bound = bind(model, weights.weight, str(weights.path), expand=expand)
+        bound = bind(model, weights.weight, str(weights.path), dry_run=dry_run, expand=expand)
         weights.drop_pages()
         return bound
 

@@ -89,7 +89,7 @@ class Component:
                 if bound.folder is not None:
                     opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                                   str(bound.folder))
-                if self.options.weights == "compact" and any(b.kind == "stored" and b.stored != "f32"
+                if self.options.weights == "compact" and any(b.kind in ("stored", "blocks") and b.stored != "f32"
                                                              for b in bound.bindings):
                     # folding their casts (and the NCHWc rewrite) would expand the weights to fp32
                     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
