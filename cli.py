@@ -119,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--weights", choices=("compact", "expanded"), default="compact",
                    help="GGUF weights stored as F16 (convolutions): compact keeps them so, memory-mapped "
                         "(default); expanded converts them to fp32 at load: faster steps, more memory")
+    g.add_argument("--accuracy-level", type=int, choices=(0, 4), default=0,
+                   help="GGUF block weights in MatMulNBits: 0 computes with fp32 activations (default), "
+                        "4 with int8 activations (for CPUs with VNNI; slower on AVX2-only CPUs)")
 
     b = sub.add_parser("bench", help="run a benchmark scenario (TOML): stage times, memory, quality, peers")
     b.add_argument("scenario", nargs="?", help="scenario file, or the name of one in benchmarks/scenarios/")
@@ -172,7 +175,8 @@ def _generate(args) -> int:
 
         model = runnable(Path(model), progress=say, **_parts(args))
     pipe = Pipeline(model, device=args.device, threads=args.threads, low_memory=not args.keep_loaded,
-                    split_guidance=args.split_guidance, weights=args.weights)
+                    split_guidance=args.split_guidance, weights=args.weights,
+                    accuracy_level=args.accuracy_level)
     image = pipe.generate(
         args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
         sampler=args.sampler, schedule=args.schedule, seed=args.seed, width=args.width,

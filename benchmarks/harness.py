@@ -98,12 +98,32 @@ def prepare(scenario: Scenario, progress: Progress, reconvert: bool = False) -> 
         base = cache_root() / "bench" / f"{source.name}-{digest}"
     packages = {}
     for precision in dict.fromkeys((scenario.reference, *scenario.precisions)):
-        package = base / f"package-{precision}"
-        if reconvert or not (package / "edgediff.json").is_file():
-            progress(f"converting {model} to {precision}")
-            convert(source, package, precision=precision, overwrite=True)
+        fmt, kind, options = parse_configuration(precision)
+        stem = f"package-{precision.split('@')[0].replace(':', '-')}"
+        package = base / (f"{stem}.gguf" if fmt == "gguf" else stem)
+        if reconvert or not (package.is_file() or (package / "edgediff.json").is_file()):
+            progress(f"converting {model} to {precision.split('@')[0]}")
+            convert(source, package, precision=kind, overwrite=True,
+                    **({"quantize_convolutions": True} if "convs" in options else {}))
         packages[precision] = package
     return source, packages
+
+
+def parse_configuration(name: str) -> tuple[str, str, set[str]]:
+    """A scenario precision -> (format, precision, options). 'int4' is an ONNX package;
+    'gguf-q4_0' a GGUF one; options follow: ':convs' (convolutions quantized too) at conversion,
+    '@expanded' (--weights expanded) and '@int8' (--accuracy-level 4) when running."""
+    base, _, run = name.partition("@")
+    base, *convert_options = base.split(":")
+    options = set(convert_options) | ({run} if run else set())
+    unknown = options - {"convs", "expanded", "int8"}
+    if unknown:
+        raise UsageError(f"precision '{name}': unknown options {sorted(unknown)} (known: :convs, @expanded, @int8)")
+    if base.startswith("gguf-"):
+        return "gguf", base.removeprefix("gguf-"), options
+    if options:
+        raise UsageError(f"precision '{name}': options apply to gguf-* precisions")
+    return "onnx", base, options
 
 
 def _sample_rss(proc: subprocess.Popen, peak: list[float]) -> None:
@@ -151,7 +171,10 @@ def configurations(scenario: Scenario, packages: dict[str, Path], source: Path |
     for precision, package in packages.items():
         if precision == scenario.reference and precision not in scenario.precisions:
             continue
-        out.append((f"edgediff-{precision}", {"tool": "edgediff", "precision": precision, "package": str(package)}, None))
+        options = parse_configuration(precision)[2]
+        out.append((f"edgediff-{precision}", {"tool": "edgediff", "precision": precision, "package": str(package),
+                                              "weights": "expanded" if "expanded" in options else "compact",
+                                              "accuracy_level": 4 if "int8" in options else 0}, None))
     for name in scenario.peers:
         peer = PEERS[name]
         python = peer_python(name, scenario)
@@ -163,9 +186,12 @@ def configurations(scenario: Scenario, packages: dict[str, Path], source: Path |
                 f"(create it with: edgediff bench --install-peer {name})")
         if peer.source == "diffusers" and source is None:
             reason = f"{name}: skipped, the scenario's model is a package, not a diffusers folder"
+        gguf = packages.get(peer.variant) if peer.source == "gguf" else None
+        if peer.source == "gguf" and gguf is None:
+            reason = f"{name}: skipped, it runs edgediff's {peer.variant} file, which the scenario's precisions lack"
         cfg = {"tool": name, "module": peer.module, "variant": peer.variant, "precision": peer.variant,
                "diffusers": str(source) if source else None, "python": str(python),
-               "work_dir": str(work_dir)}
+               "work_dir": str(work_dir), "gguf": str(gguf) if gguf else None}
         out.append((name, cfg, reason))
     return out
 
@@ -232,7 +258,10 @@ def _package_bytes(cfg: dict) -> int | None:
         return None
     from edgediff.manifest import Manifest
 
-    return sum(c.bytes for c in Manifest.read(Path(cfg["package"])).components.values())
+    package = Path(cfg["package"])
+    if package.is_file():  # a GGUF package: the file
+        return package.stat().st_size
+    return sum(c.bytes for c in Manifest.read(package).components.values())
 
 
 def add_quality(rows: list[dict], reference: str) -> None:

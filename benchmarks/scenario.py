@@ -2,7 +2,7 @@
 
     name = "sd15-512"
     model = "synthetic:sd15"      # a package, a diffusers folder, synthetic:<arch>, builtin:<name>
-    precisions = ["fp32", "int8"]
+    precisions = ["fp32", "int8", "gguf-q4_0", "gguf-q4_0:convs@expanded"]
     sizes = [512]
     steps = 4
     sampler = "euler"
@@ -77,8 +77,11 @@ def load_scenario(path: str | Path) -> Scenario:
         raise UsageError(f"{path}: batch {scenario.batch}: this version generates one image per run (batch = 1)")
     if scenario.repeats < 1 or scenario.steps < 1:
         raise UsageError(f"{path}: repeats and steps must be at least 1")
+    from edgediff.benchmarks.harness import parse_configuration
     from edgediff.benchmarks.peers import PEERS
 
+    for precision in scenario.precisions:
+        parse_configuration(precision)
     for peer in scenario.peers:
         if peer not in PEERS:
             raise UsageError(f"{path}: unknown peer '{peer}' (known: {', '.join(PEERS)})")

@@ -21,7 +21,8 @@ from pathlib import Path
 def run_edgediff(config: dict) -> dict:
     from edgediff.runtime import Pipeline
 
-    pipe = Pipeline(config["package"], device=config["device"], threads=config.get("threads"))
+    pipe = Pipeline(config["package"], device=config["device"], threads=config.get("threads"),
+                    weights=config.get("weights", "compact"), accuracy_level=config.get("accuracy_level", 0))
     args = dict(guidance=config["guidance"], sampler=config["sampler"], schedule=config["schedule"],
                 seed=config["seed"], width=config["size"], height=config["size"])
     pipe.generate(config["prompt"], config["negative_prompt"], steps=1, **args)  # warm-up, cold load

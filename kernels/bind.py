@@ -151,7 +151,7 @@ def _linear_uses(name: str, uses: dict[str, list[onnx.NodeProto]]) -> list[onnx.
 
 
 def _rewrite_linear(name: str, nodes: list[onnx.NodeProto], n: int, k: int, nb,
-                    replaced: dict[str, list[onnx.NodeProto]]) -> dict[str, np.ndarray]:
+                    replaced: dict[str, list[onnx.NodeProto]], accuracy_level: int = 0) -> dict[str, np.ndarray]:
     """Replace x @ W.T by MatMulNBits over the repacked blocks (plus the per-block minimum term
     when the format has one and onnxruntime cannot take it as a zero point)."""
     base = f"{name}.nbits{nb.bits}"
@@ -170,7 +170,8 @@ def _rewrite_linear(name: str, nodes: list[onnx.NodeProto], n: int, k: int, nb,
         y = out if node.op_type == "MatMul" and nb.minimum is None else out + ".nbits"
         new_nodes.append(helper.make_node(
             "MatMulNBits", [node.input[0], *inputs], [y], name=(node.name or out) + ".nbits",
-            domain="com.microsoft", K=k, N=n, bits=nb.bits, block_size=nb.block))
+            domain="com.microsoft", K=k, N=n, bits=nb.bits, block_size=nb.block,
+            **({"accuracy_level": accuracy_level} if accuracy_level else {})))
         if nb.minimum is not None:
             z = _minimum_term(node.input[0], base, k // nb.block, nb.block, y, new_nodes)
             y2 = out if node.op_type == "MatMul" else out + ".min"
@@ -202,7 +203,7 @@ def _minimum_term(x: str, base: str, blocks: int, block: int, like: str,
 
 
 def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: str,
-         dry_run: bool = False, expand: bool = False) -> Bound:
+         dry_run: bool = False, expand: bool = False, accuracy_level: int = 0) -> Bound:
     """The runnable graph and what its placeholders stand for. `lookup(name)` gives the stored
     weight (None: missing, an error naming the file and tensor).
 
@@ -214,7 +215,7 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
 
     Other weights in block formats (convolutions, for which onnxruntime has no low-bit kernel)
     are kept as 8-bit codes and scales and dequantized as their node runs, or, with `expand`,
-    dequantized to fp32 once here."""
+    dequantized to fp32 once here. `accuracy_level` is MatMulNBits' (4: int8 activations)."""
     uses = _consumers(model)
     arrays: dict[str, np.ndarray] = {}
     bindings: list[Binding] = []
@@ -237,7 +238,7 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
                 bindings.append(Binding(t.name, w.fmt.name, "quantized", count, nbits_bytes(w.fmt, *dims)))
                 continue
             nb = to_matmul_nbits(np.asarray(w.data).reshape(dims[0], -1), w.fmt)
-            parts = _rewrite_linear(t.name, linear, dims[0], dims[1], nb, replaced)
+            parts = _rewrite_linear(t.name, linear, dims[0], dims[1], nb, replaced, accuracy_level)
             for name, array in parts.items():
                 arrays[name] = array
                 inits.append(placeholder(name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape))

@@ -39,13 +39,13 @@ class Package:
                 f"{self.root}: the package has no '{name}' component "
                 f"(it has: {', '.join(self.manifest.components)})"
             )
-        expand = options.weights == "expanded"
+        how = {"expand": options.weights == "expanded", "accuracy_level": options.accuracy_level}
         if self.gguf is not None:
-            return Component(name, self.root, options, bind=lambda: self._bind(entry.file, self.gguf, expand))
+            return Component(name, self.root, options, bind=lambda: self._bind(entry.file, self.gguf, **how))
         path = self.root / entry.file
         if entry.weights:
             return Component(name, path, options, bind=lambda: self._bind(
-                path, open_weights(self.root / entry.weights, entry.weights_prefix), expand))
+                path, open_weights(self.root / entry.weights, entry.weights_prefix), **how))
         return Component(name, path, options)
 
     def residency(self, expand: bool = False) -> dict[str, list]:
@@ -56,11 +56,11 @@ class Package:
             if self.gguf is not None:
                 out[name] = self._bind(entry.file, self.gguf, expand, dry_run=True).bindings
             elif entry.weights:
-                out[name] = self._bind(self.root / entry.file, open_weights(self.root / entry.weights,
-                                                                           entry.weights_prefix), expand, True).bindings
+                weights = open_weights(self.root / entry.weights, entry.weights_prefix)
+                out[name] = self._bind(self.root / entry.file, weights, expand, dry_run=True).bindings
         return out
 
-    def _bind(self, graph, weights, expand: bool = False, dry_run: bool = False):
+    def _bind(self, graph, weights, expand: bool = False, dry_run: bool = False, accuracy_level: int = 0):
         import onnx
 
         from edgediff.kernels.bind import bind
@@ -75,7 +75,8 @@ class Package:
             model = onnx.load_model_from_string(data)
         except Exception as exc:  # protobuf's DecodeError and friends
             raise PackageError(f"{where}: the stored graph is not a valid ONNX model ({exc})") from exc
-        bound = bind(model, weights.weight, str(weights.path), dry_run=dry_run, expand=expand)
+        bound = bind(model, weights.weight, str(weights.path), dry_run=dry_run, expand=expand,
+                     accuracy_level=accuracy_level)
         weights.drop_pages()
         return bound
 

@@ -61,14 +61,17 @@ class Pipeline:
     """A converted package ready to generate images: `Pipeline(path).generate(prompt)`."""
 
     def __init__(self, model: str | Path, device: str = "auto", threads: int | None = None,
-                 low_memory: bool = True, split_guidance: bool = False, weights: str = "compact"):
+                 low_memory: bool = True, split_guidance: bool = False, weights: str = "compact",
+                 accuracy_level: int = 0):
         if threads is not None and threads < 1:
             raise UsageError(f"--threads must be at least 1 (got {threads})")
         providers_for(device)  # validates the name, warns once about a CUDA fallback
         self.package: Package = open_package(model)
         if weights not in WEIGHTS:
             raise UsageError(f"unknown --weights '{weights}'; choose one of: {', '.join(WEIGHTS)}")
-        self.options = SessionOptions(device=device, threads=threads, weights=weights)
+        if accuracy_level not in (0, 4):
+            raise UsageError(f"--accuracy-level must be 0 or 4 (got {accuracy_level})")
+        self.options = SessionOptions(device=device, threads=threads, weights=weights, accuracy_level=accuracy_level)
         self.low_memory = low_memory
         self.split_guidance = split_guidance  # guidance as two batch-1 runs: half the activations
         self.schedule = DiscreteSchedule.from_config(self.package.scheduler_config)

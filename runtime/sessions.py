@@ -3,6 +3,7 @@ can be released, so only the component in use holds memory."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Callable
@@ -55,6 +56,18 @@ class SessionOptions:
     # casts them as each node runs; 'expanded' lets onnxruntime convert them once at load (faster
     # steps, twice their memory).
     weights: str = "compact"
+    accuracy_level: int = 0  # MatMulNBits compute: 0 fp32 activations, 4 int8 (see README)
+
+
+def _return_freed_memory() -> None:
+    """Give freed heap memory back to the system: glibc keeps large freed blocks in its heap, so
+    a process's resident size would stay at its high-water mark."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # not glibc
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 @dataclass
@@ -106,6 +119,12 @@ class Component:
                     "re-convert the model or check that the provider supports its operators"
                 ) from exc
             self.load_seconds += time.perf_counter() - start
+            if self.bind is not None:
+                # onnxruntime copied the arrays: free ours. Its Python wrapper would re-create the
+                # session from these options after a provider failure, when they are gone.
+                self._session.disable_fallback()
+                del bound
+                _return_freed_memory()
         return self._session
 
     def input_type(self, name: str):

@@ -19,7 +19,7 @@ class Peer:
     needs: tuple[str, ...]  # importable modules
     install: str
     same_noise: bool  # draws its starting noise as torch's CPU generator does (images comparable)
-    source: str  # what it loads: 'diffusers' folder, 'checkpoint' (LDM single file)
+    source: str  # what it loads: 'diffusers' folder, or 'gguf': the file edgediff wrote for its variant
     venv: tuple[str, ...] = ()  # packages of an interpreter of its own, when they clash with ours
 
 
@@ -38,6 +38,11 @@ PEERS: dict[str, Peer] = {
                "edgediff bench --install-peer sdcpp-" + w, True, "diffusers",
                venv=("stable-diffusion-cpp-python==0.4.7", "safetensors", "torch==2.13.0", "pillow", "numpy"))
           for w in ("f16", "q8_0", "q4_0")),
+        # stable-diffusion.cpp on the very .gguf files edgediff wrote (the scenario's gguf-* precisions)
+        *(Peer(f"sdcpp-gguf-{w}", "sdcpp", f"gguf-{w}", ("stable_diffusion_cpp",),
+               "edgediff bench --install-peer sdcpp-gguf-" + w, True, "gguf",
+               venv=("stable-diffusion-cpp-python==0.4.7", "safetensors", "torch==2.13.0", "pillow", "numpy"))
+          for w in ("f16", "q8_0", "q5_1", "q4_0")),
     )
 }
 

@@ -1,5 +1,6 @@
 """stable-diffusion.cpp through stable-diffusion-cpp-python (which compiles it on install), on
-the LDM single-file checkpoint of the same weights, at its own weight types (f16, q8_0, q4_0).
+the LDM single-file checkpoint of the same weights at its own weight types (f16, q8_0, q4_0), or
+on the GGUF file edgediff wrote (sdcpp-gguf-*).
 Its "cpu" RNG draws torch's CPU noise, yet its images differ from ours (~20 dB at 512x512,
 measured): its quantized weights and sampler details differ."""
 
@@ -10,9 +11,12 @@ from pathlib import Path
 
 
 def prepare(config: dict) -> Path:
-    """The single-file checkpoint sd.cpp reads, written once from the diffusers folder."""
+    """The file sd.cpp reads: the GGUF edgediff wrote (sdcpp-gguf-*), or the single-file
+    checkpoint written once from the diffusers folder."""
     from edgediff.convert.ldm import write_ldm_checkpoint
 
+    if config.get("gguf"):
+        return Path(config["gguf"])
     path = Path(config["work_dir"]) / "ldm-fp32.safetensors"
     if not path.is_file():
         scratch = path.with_suffix(".partial")
@@ -27,7 +31,8 @@ def run(config: dict) -> dict:
     checkpoint = prepare(config)
     threads = int(config.get("threads") or -1)
     started = time.perf_counter()
-    sd = StableDiffusion(model_path=str(checkpoint), wtype=config["variant"], n_threads=threads,
+    wtype = "default" if config.get("gguf") else config["variant"]  # a GGUF keeps its own types
+    sd = StableDiffusion(model_path=str(checkpoint), wtype=wtype, n_threads=threads,
                          rng_type="cpu", sampler_rng_type="cpu", verbose=False)
     load = time.perf_counter() - started
 
