@@ -120,11 +120,24 @@ def _unet_rules(prefix: str, proj_ndim: int, label_emb: str, label: bool) -> tup
     )
 
 
+DENOISER = "model.diffusion_model."  # the denoiser's prefix in single files (LDM/SGM, stable-diffusion.cpp)
+# Prefixes that stay in a ComfyUI-GGUF file after it strips `model.diffusion_model.`.
+_BARE_DENOISER = ("input_blocks.", "middle_block.", "output_blocks.", "joint_blocks.",
+                  "double_blocks.", "single_blocks.", "time_embed.", "label_emb.", "out.")
+
+
+def bare_denoiser(names) -> bool:
+    """Names of a denoiser-only file without `model.diffusion_model.` (ComfyUI-GGUF, BFL's FLUX
+    release)."""
+    names = list(names)
+    return bool(names) and all(k.startswith(_BARE_DENOISER) or "." not in k for k in names)
+
+
 _SD1_TE = TextEncoder()
 _SD2_TE = TextEncoder(
     ldm_prefix="cond_stage_model.model.", hidden_act="gelu", pad_token="!"
 )
-_LDM = "model.diffusion_model."
+_LDM = DENOISER
 
 FAMILIES: dict[str, Family] = {
     f.name: f

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from edgediff import __version__
 from edgediff.errors import SourceError, UsageError
-from edgediff.families import Family, detect_family, get_family
-from edgediff.runtime.gguf_file import DENOISER, GGUFFile
+from edgediff.families import DENOISER, Family, detect_family, get_family
+from edgediff.runtime.gguf_file import GGUFFile
 from edgediff.runtime.safetensors_file import SafetensorsFile
 
 VAE = "first_stage_model."

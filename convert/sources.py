@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgediff.errors import SourceError, UnsafeFileError
-from edgediff.runtime.gguf_file import DENOISER, bare_denoiser
+from edgediff.families import DENOISER, bare_denoiser
 from edgediff.runtime.safetensors_file import (
     SAFETENSORS_DTYPES,
     TensorInfo,

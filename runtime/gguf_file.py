@@ -15,23 +15,13 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from edgediff.errors import SourceError
+from edgediff.families import DENOISER, bare_denoiser
 from edgediff.kernels.bind import Weight
 from edgediff.kernels.gguf_blocks import format_of
 
 MAGIC = b"GGUF"
 ORIG_SHAPE = "comfy.gguf.orig_shape."  # ComfyUI-GGUF stores a reshaped tensor's true shape here
 PREFIX = "edgediff."  # our metadata keys
-DENOISER = "model.diffusion_model."
-# Prefixes that stay in a ComfyUI-GGUF file after it strips `model.diffusion_model.`.
-_BARE_DENOISER = ("input_blocks.", "middle_block.", "output_blocks.", "joint_blocks.",
-                  "double_blocks.", "single_blocks.", "time_embed.", "label_emb.", "out.")
-
-
-def bare_denoiser(names) -> bool:
-    """Names of a denoiser-only file without `model.diffusion_model.` (ComfyUI-GGUF, BFL's FLUX
-    release)."""
-    names = list(names)
-    return bool(names) and all(k.startswith(_BARE_DENOISER) or "." not in k for k in names)
 
 
 class _CheckedReader(GGUFReader):

@@ -51,6 +51,29 @@ def test_inspect_package_and_source(tiny_package, tiny_source, capsys):
     assert code == 0 and "family: sd1 (Stable Diffusion 1.x; diffusers names)" in out
 
 
+def test_gguf_from_the_command_line(tiny_source, tmp_path, capsys):
+    """convert to GGUF, inspect it (types and how weights are held), generate from it."""
+    import json
+
+    model = tmp_path / "m.gguf"
+    code, out, _ = run(capsys, "convert", str(tiny_source("sd1")), "-o", str(model), "--precision", "q8_0")
+    assert code == 0 and f"wrote {model}" in out
+    code, out, _ = run(capsys, "inspect", str(model))
+    assert code == 0 and "(written by edgediff)" in out and "q8_0" in out and "bits/weight" in out
+    assert "run quantized (MatMulNBits)" in out and "in memory with --weights expanded" in out
+    code, out, _ = run(capsys, "inspect", str(model), "--json")
+    report = json.loads(out)
+    assert report["family"] == "sd1" and report["types"]["q8_0"]["bits_per_weight"] == 8.5
+    assert report["resident"]["compact"]["unet"]["kinds"]["quantized"]["tensors"] > 0
+    png = tmp_path / "m.png"
+    code, out, _ = run(capsys, "generate", "-m", str(model), "-p", "a cat", "--steps", "2", "-o", str(png),
+                       "--weights", "expanded")
+    assert code == 0 and png.is_file()
+    code, _, err = run(capsys, "convert", str(tiny_source("sd1")), "-o", str(tmp_path / "x.gguf"),
+                       "--precision", "int4")
+    assert code == 2 and "unknown GGUF precision 'int4'" in err
+
+
 def _generate(tiny_package, *extra):
     return ("generate", "--model", str(tiny_package("sd1")), "--prompt", "a cat", "--steps", "2",
             "--width", "64", "--height", "64", *extra)

@@ -13,10 +13,10 @@ from pathlib import Path
 def prepare(config: dict) -> Path:
     """The file sd.cpp reads: the GGUF edgediff wrote (sdcpp-gguf-*), or the single-file
     checkpoint written once from the diffusers folder."""
-    from edgediff.convert.ldm import write_ldm_checkpoint
-
     if config.get("gguf"):
         return Path(config["gguf"])
+    from edgediff.convert.ldm import write_ldm_checkpoint
+
     path = Path(config["work_dir"]) / "ldm-fp32.safetensors"
     if not path.is_file():
         scratch = path.with_suffix(".partial")

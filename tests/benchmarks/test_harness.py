@@ -88,6 +88,31 @@ def test_scenario_files(tmp_path):
         load_scenario(tmp_path / "missing.toml")
 
 
+def test_gguf_configurations(tmp_path):
+    """gguf-TYPE[:convs][@expanded|@int8]: checked when the scenario is read; stable-diffusion.cpp
+    runs the very file of its gguf-* precision, or is skipped saying why."""
+    from edgediff.benchmarks.harness import configurations, parse_configuration
+
+    assert parse_configuration("gguf-q4_0:convs@expanded") == ("gguf", "q4_0", {"convs", "expanded"})
+    assert parse_configuration("int4") == ("onnx", "int4", set())
+    with pytest.raises(UsageError, match=r"unknown options \['fast'\]"):
+        parse_configuration("gguf-q4_0@fast")
+    with pytest.raises(UsageError, match="options apply to gguf-"):
+        parse_configuration("int4@int8")
+    assert "sdcpp-gguf-q4_0" in load_scenario("gguf-512").peers
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\nmodel = "m"\nprecisions = ["gguf-q4_0@quick"]\n')
+    with pytest.raises(UsageError, match="unknown options"):
+        load_scenario(bad)
+    scenario = Scenario(name="t", model="m", precisions=("fp32", "gguf-q4_0@int8"), peers=("sdcpp-gguf-q4_0", "sdcpp-gguf-q8_0"))
+    packages = {"fp32": tmp_path / "package-fp32", "gguf-q4_0": tmp_path / "q4.gguf",
+                "gguf-q4_0@int8": tmp_path / "q4.gguf"}
+    configs = {label: (cfg, reason) for label, cfg, reason in configurations(scenario, packages, tmp_path)}
+    assert configs["edgediff-gguf-q4_0@int8"][0]["accuracy_level"] == 4
+    assert configs["sdcpp-gguf-q4_0"][0]["gguf"] == str(tmp_path / "q4.gguf")
+    assert "the scenario's precisions lack" in configs["sdcpp-gguf-q8_0"][1]
+
+
 def test_a_run_past_the_timeout_is_stopped_and_reported(tmp_path):
     from edgediff.benchmarks.harness import run_worker
 

@@ -194,6 +194,26 @@ def test_comfyui_style_denoiser_with_a_base_gives_the_package_image(packages, tm
     assert psnr(_images(tmp_path / "adopted.gguf", seeds=(0,))[0], want) >= 60
 
 
+def test_separate_vae_and_text_encoder_files(tiny_source, packages, tmp_path, monkeypatch):
+    """As users download them: a VAE file with bare LDM names, a text encoder in transformers'
+    names; the same image as the one checkpoint that holds both."""
+    from safetensors.numpy import save_file
+
+    monkeypatch.setenv("EDGEDIFF_CACHE", str(tmp_path / "cache"))
+    unet = "model.diffusion_model."
+    comfy = _rewrite(packages["q4_0"], tmp_path / "comfy.gguf", keep_keys=False, only=unet, arch="sd1",
+                     rename=lambda n: n.removeprefix(unet))
+    state = {k: v.float().numpy() for k, v in to_ldm_state_dict(tiny_source("sd1")).items()}
+    save_file(state, str(tmp_path / "base.safetensors"))
+    save_file({k.removeprefix("first_stage_model."): v for k, v in state.items() if k.startswith("first_stage_model.")},
+              str(tmp_path / "vae.safetensors"))
+    save_file({k.removeprefix("cond_stage_model.transformer."): v for k, v in state.items()
+               if k.startswith("cond_stage_model.transformer.")}, str(tmp_path / "clip_l.safetensors"))
+    with_base = _images(adopted_package(comfy, base=tmp_path / "base.safetensors"), seeds=(0,))[0]
+    separate = adopted_package(comfy, vae=tmp_path / "vae.safetensors", text_encoders=[tmp_path / "clip_l.safetensors"])
+    assert psnr(_images(separate, seeds=(0,))[0], with_base) == float("inf")
+
+
 def test_gguf_source_converts_to_onnx_by_dequantizing(packages, tmp_path):
     plain = _rewrite(packages["q8_0"], tmp_path / "sdcpp.gguf", keep_keys=False)
     convert(plain, tmp_path / "onnx", fmt="onnx")

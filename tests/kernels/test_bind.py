@@ -130,3 +130,29 @@ def test_missing_and_misshapen_tensors_are_named():
                                                   np.zeros((4, 3, 3, 2), np.float32))})
     with pytest.raises(PackageError, match=r"'conv\.weight' has shape \[4, 3, 3, 2\] but the graph needs \[4, 3, 3, 3\]"):
         bind(weightless, wrong.get, "model.gguf")
+
+
+@pytest.mark.parametrize("name", ["q4_k", "q6_k"])
+def test_k_quants_are_dequantized_at_load(name):
+    """K-quants (stable-diffusion.cpp files): gguf-py dequantizes them when the graph is bound."""
+    fmt = FORMATS[name]
+    rows, cols = 8, 256
+    raw = np.random.default_rng(3).integers(0, 256, (rows, fmt.block_bytes), dtype=np.uint8)
+    scale = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    if name == "q4_k":
+        raw[:, 0:2] = raw[:, 2:4] = scale  # d and dmin lead the block
+    else:
+        raw[:, -2:] = scale  # d ends it
+    weight = Weight("w", fmt, (rows, cols), raw)
+    nodes = [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "wt"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [2, cols])],
+                              [helper.make_tensor_value_info("y", 1, None)],
+                              initializer=[numpy_helper.from_array(np.zeros((rows, cols), np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    bound = bind(strip_weights(model, {"w": "w"}), {"w": weight}.get, "k.gguf")
+    assert [b.kind for b in bound.bindings] == ["expanded"]
+    so = ort.SessionOptions()
+    so.add_external_initializers(list(bound.arrays), [ort.OrtValue.ortvalue_from_numpy(a) for a in bound.arrays.values()])
+    x = np.random.default_rng(4).standard_normal((2, cols)).astype(np.float32)
+    y = ort.InferenceSession(bound.model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ dequantize(raw, fmt, (rows, cols)).T, rtol=1e-5, atol=1e-4)
