@@ -136,8 +136,10 @@ def _open_gguf(path: Path) -> Package:
     text = gguf.string(GGUF_MANIFEST)
     if text is None:
         raise PackageError(
-            f"{path}: a GGUF file without edgediff's metadata (written by {gguf.writer}); make a package "
-            f"of it first: edgediff convert {path} --format gguf --output model.gguf"
+            f"{path}: a GGUF file without edgediff's metadata (written by {gguf.writer}); run it with "
+            f"`edgediff generate --model {path}` (which builds its graphs once; from Python: "
+            "edgediff.convert.adopt.runnable), or make a package of it: "
+            f"edgediff convert {path} --output model.gguf"
         )
     manifest = Manifest.parse(text, f"{path} ({GGUF_MANIFEST})")
     try:

@@ -52,9 +52,9 @@ WEIGHTS = ("compact", "expanded")
 class SessionOptions:
     device: str = "auto"
     threads: int | None = None  # intra-op threads; None lets onnxruntime use all cores
-    # Weights a file stores in another float type (F16 in a GGUF): 'compact' keeps them so and
-    # casts them as each node runs; 'expanded' lets onnxruntime convert them once at load (faster
-    # steps, twice their memory).
+    # Weights a file stores as F16, or in GGUF blocks where no low-bit kernel takes them
+    # (convolutions): 'compact' keeps them so and converts each as its node runs; 'expanded'
+    # converts them to fp32 once at load (faster steps, more memory).
     weights: str = "compact"
     accuracy_level: int = 0  # MatMulNBits compute: 0 fp32 activations, 4 int8 (see README)
 

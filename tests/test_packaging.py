@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_runtime_does_not_import_torch():
-    code = ("import sys, edgediff.runtime, edgediff.runtime.pipeline; "
+    code = ("import sys, edgediff.runtime, edgediff.runtime.pipeline, edgediff.runtime.gguf_file, "
+            "edgediff.kernels.bind; "
             "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
