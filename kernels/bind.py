@@ -222,7 +222,6 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
     replaced: dict[str, list[onnx.NodeProto]] = {}  # node (by its output) -> what takes its place
     casts: list[onnx.NodeProto] = []  # nodes that only read weights: they go first
     folders: set[Path] = set()
-    blocked = False
     inits = []
     for t in model.graph.initializer:
         if not is_placeholder(t):
@@ -255,7 +254,6 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
             for name, array in parts.items():
                 arrays[name] = array
                 inits.append(placeholder(name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape))
-            blocked = True
             continue
         dtype = _FLOAT_TYPES.get(t.data_type)
         if dtype is None:
@@ -297,22 +295,19 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
         out.graph.node.extend(casts + nodes)
         if replaced and not any(o.domain == "com.microsoft" for o in out.opset_import):
             out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    if blocked:  # blocked DequantizeLinear is ONNX opset 21
-        for o in out.opset_import:
-            if o.domain in ("", "ai.onnx"):
-                o.version = max(o.version, 21)
     return Bound(out, arrays, bindings, next(iter(folders), None))
 
 
 def _dequantize_per_run(name: str, a: Affine, dims: tuple[int, ...], nodes: list[onnx.NodeProto]) -> dict:
-    """A weight kept as its blocks' codes (8 bits each) and scales, dequantized by a blocked
-    DequantizeLinear each time its node runs (onnxruntime has no low-bit convolution): the
-    memory of the codes, not of fp32. Symmetric formats become signed codes; a minimum is added."""
-    block = a.codes.shape[-1]
+    """A weight kept as its blocks' codes (8 bits each) and scales, turned into fp32 each time its
+    node runs (onnxruntime has no low-bit convolution): the memory of the codes, not of fp32.
+    Cast and Mul rather than a blocked DequantizeLinear (the same arithmetic): 2.8 against 3.7 s
+    per SD 1.5 UNet evaluation at 256x256 with CFG batch 2 here (medians of 6 warm runs, twice). Symmetric formats become signed codes; a
+    format's minimum is added."""
     codes = a.codes if a.minimum is not None else (a.codes.astype(np.int16) - a.offset).astype(np.int8)
     arrays = {name + ".codes": np.ascontiguousarray(codes), name + ".scale": np.ascontiguousarray(a.scale[..., None])}
-    nodes.append(helper.make_node("DequantizeLinear", [name + ".codes", name + ".scale"], [name + ".blocks"],
-                                  axis=2, block_size=block, name=name + ".dequantize"))
+    nodes.append(helper.make_node("Cast", [name + ".codes"], [name + ".codes_f32"], to=TensorProto.FLOAT))
+    nodes.append(helper.make_node("Mul", [name + ".codes_f32", name + ".scale"], [name + ".blocks"]))
     blocks = name + ".blocks"
     if a.minimum is not None:
         arrays[name + ".minimum"] = np.ascontiguousarray(a.minimum[..., None])
