@@ -17,7 +17,7 @@ OK_KEYS = {"tool": str, "precision": str, "size": int, "steps": int, "seed": int
            "peak_rss_mb": float, "rss_peak_sampled_mb": float, "image": str, "provider": str}
 
 
-OPTIONAL_STAGES = {"text_encode_s", "vae_decode_s"}  # null for tools that do not time them apart
+OPTIONAL_STAGES = {"text_encode_s", "vae_decode_s", "load_warm_s"}  # null for tools that do not time them apart
 
 
 def validate_row(row: dict) -> list[str]:
@@ -52,14 +52,14 @@ def aggregate(rows: list[dict]) -> list[dict]:
     for (label, size), runs in groups.items():
 
         def med(key: str, runs=runs) -> float:
-            return stats.summary([r[key] for r in runs if r[key] is not None])["median"]
+            return stats.summary([r[key] for r in runs if r.get(key) is not None])["median"]
 
         pairs = [base[k]["total_s"] / r["total_s"] for r in runs
                  if (k := (r["size"], r["prompt_index"], r["seed"], r["repeat"])) in base]
         quality = [r["quality"] for r in runs if r.get("quality")]
         lines.append({
             "label": label, "size": size, "runs": len(runs),
-            "load_cold_s": med("load_cold_s"), "text_encode_s": med("text_encode_s"),
+            "load_cold_s": med("load_cold_s"), "load_warm_s": med("load_warm_s"), "text_encode_s": med("text_encode_s"),
             "step_median_s": stats.summary([s for r in runs for s in r["steps_s"]])["median"],
             "step_min_s": min(s for r in runs for s in r["steps_s"]),
             "step_max_s": max(s for r in runs for s in r["steps_s"]),
@@ -91,14 +91,14 @@ def markdown(rows: list[dict], title: str) -> str:
            f"{info.get('cpu')} ({', '.join(info.get('cpu_flags', []))}), {info.get('cores')} cores, "
            f"threads {info.get('threads') or 'default'}.", "",
            "| tool | size | step median (min–max) s | text s | denoise s | VAE s | total s | speed vs first | "
-           "cold load s | peak RSS MB | package MB | PSNR dB | SSIM | runs |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "cold load s | warm load s | peak RSS MB | package MB | PSNR dB | SSIM | runs |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for ln in lines:
         out.append(
             f"| {ln['label']} | {ln['size']} | {_fmt(ln['step_median_s'])} ({_fmt(ln['step_min_s'])}–"
             f"{_fmt(ln['step_max_s'])}) | {_fmt(ln['text_encode_s'])} | {_fmt(ln['denoise_s'])} | "
             f"{_fmt(ln['vae_decode_s'])} | {_fmt(ln['total_s'])} | {_fmt(ln['speedup_vs_baseline'])}× | "
-            f"{_fmt(ln['load_cold_s'])} | {_fmt(ln['rss_peak_mb'], 0)} | {_fmt(ln['package_mb'], 0)} | "
+            f"{_fmt(ln['load_cold_s'])} | {_fmt(ln['load_warm_s'])} | {_fmt(ln['rss_peak_mb'], 0)} | {_fmt(ln['package_mb'], 0)} | "
             f"{_fmt(ln['psnr_db'], 1)} | {_fmt(ln['ssim'], 3)} | {ln['runs']} |")
     skipped = [r["reason"] for r in rows if r.get("status") == "skipped"]
     failed = [f"{r['label']}: {r.get('error')}" for r in rows if r.get("status") == "failed"]

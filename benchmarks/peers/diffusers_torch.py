@@ -66,4 +66,4 @@ def run(config: dict) -> dict:
         config["diffusers"], torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
     load = time.perf_counter() - started
     result = measure(pipe, config)
-    return {**result, "load_cold_s": load, "load_warm_s": 0.0, "provider": f"torch {torch.__version__} CPU"}
+    return {**result, "load_cold_s": load, "load_warm_s": None, "provider": f"torch {torch.__version__} CPU"}

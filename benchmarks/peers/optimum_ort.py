@@ -33,5 +33,5 @@ def run(config: dict) -> dict:
                                                       session_options=options)
     load = time.perf_counter() - started
     result = measure(pipe, config)
-    return {**result, "load_cold_s": load, "load_warm_s": 0.0,
+    return {**result, "load_cold_s": load, "load_warm_s": None,
             "provider": f"optimum-onnx, onnxruntime {onnxruntime.__version__} CPUExecutionProvider"}

@@ -58,5 +58,5 @@ def run(config: dict) -> dict:
     result["image"].convert("RGB").save(config["image"])
     result["image"] = config["image"]
     # sd.cpp reports no text-encoder or VAE time of its own: the stages are not separable here
-    return {**result, "text_encode_s": None, "vae_decode_s": None, "load_cold_s": load, "load_warm_s": 0.0,
+    return {**result, "text_encode_s": None, "vae_decode_s": None, "load_cold_s": load, "load_warm_s": None,
             "provider": f"stable-diffusion.cpp (stable-diffusion-cpp-python), {config['variant']}"}

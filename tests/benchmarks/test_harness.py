@@ -4,6 +4,7 @@ chart, a skipped peer reported as skipped, and quality against the reference."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from PIL import Image
@@ -43,6 +44,7 @@ def test_scenario_runs_end_to_end(tiny_source, tmp_path, monkeypatch, fake_peer)
     assert all(len(r["steps_s"]) == 3 and r["peak_rss_mb"] > 10 for r in ok)
     assert by_label["edgediff-fp32"][0]["quality"]["psnr_db"] == float("inf")
     assert by_label["diffusers-fp32"][0]["quality"]["psnr_db"] > 45  # same weights, same noise
+    assert by_label["edgediff-fp32"][0]["load_warm_s"] > 0 and by_label["diffusers-fp32"][0]["load_warm_s"] is None
     saved = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     assert len(saved) == len(rows)
 
@@ -63,6 +65,7 @@ def test_aggregate_pairs_rounds():
     lines = {ln["label"]: ln for ln in aggregate(rows)}
     assert lines["B"]["speedup_vs_baseline"] == 2.0  # pairwise ratios cancel the drift
     assert lines["A"]["step_median_s"] == 3.0 and lines["A"]["step_min_s"] == 2.0
+    assert math.isnan(lines["A"]["load_warm_s"])  # not measured is not zero
 
 
 def test_schema_flags_problems():
