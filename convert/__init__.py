@@ -214,7 +214,7 @@ def _export(pipe, src: Source, src_path: Path, layout: str, tmp: Path,
             component=spec.component, tokenizer=spec.tokenizer,
             layers=int(model.config.num_hidden_layers), norm_hidden=spec.norm_hidden,
             pad_token=_pad_token(tok_dir, spec.pad_token), max_length=spec.max_length,
-            pooled=spec.pooled,
+            pooled=spec.pooled, hidden_layer=spec.hidden_layer,
         ))
     (tmp / "scheduler").mkdir()
     (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(pipe.scheduler_config, indent=2))
@@ -232,6 +232,9 @@ def _export(pipe, src: Source, src_path: Path, layout: str, tmp: Path,
         vae_downscale=downscale,
         components={k: _component_entry(v, tmp, "fp32") for k, v in written.items()},
         text_encoders=tuple(encoders),
+        denoiser=fam.denoiser,
+        role=fam.role,
+        conditioning=pipe.conditioning,
         defaults={
             "sampler": fam.defaults.sampler, "schedule": fam.defaults.schedule,
             "steps": fam.defaults.steps, "guidance": fam.defaults.guidance,
@@ -241,7 +244,7 @@ def _export(pipe, src: Source, src_path: Path, layout: str, tmp: Path,
                 "seconds": round(time.perf_counter() - started, 1), **pipe.info},
         created_by=f"edgediff {__version__}",
     )
-    index = {"_class_name": "ORTStableDiffusionPipeline", "_edgediff_version": __version__,
+    index = {"_class_name": fam.onnx_pipeline, "_edgediff_version": __version__,
              **{name: ["onnx", entry.file] for name, entry in manifest.components.items()}}
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
     (tmp / MANIFEST).write_text(manifest.to_json())

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edgediff.convert.sources import Source
 from edgediff.errors import SourceError, require
-from edgediff.families import Family, TextEncoder
+from edgediff.families import Conditioning, Family, TextEncoder
 
 BUNDLED_CLIP_TOKENIZER = Path(__file__).parent / "data" / "clip_tokenizer"
 _LDM_UNET = "model.diffusion_model."
@@ -26,6 +26,13 @@ class TorchPipeline:
     vae: object
     scheduler_config: dict
     info: dict = field(default_factory=dict)
+    conditioning: Conditioning | None = None  # the family's unless the source says otherwise
+
+    def __post_init__(self):
+        self.conditioning = self.conditioning or self.family.conditioning
+
+
+TEXT_MODELS = {"clip": "CLIPTextModel", "clip_projection": "CLIPTextModelWithProjection"}
 
 
 def _prediction_type(value: str | None, default: str) -> str:
@@ -61,7 +68,8 @@ def _load_diffusers(source: Source, family: Family, prediction: str | None) -> T
     for spec in family.text_encoders:
         if not (folder / spec.component).is_dir():
             raise SourceError(f"{folder}: missing {spec.component}/ (needed by {family.title})")
-        module = transformers.CLIPTextModel.from_pretrained(folder / spec.component, dtype=torch.float32)
+        model_class = getattr(transformers, TEXT_MODELS[spec.kind])
+        module = model_class.from_pretrained(folder / spec.component, dtype=torch.float32)
         tokenizer = folder / spec.tokenizer
         if not tokenizer.is_dir():
             raise SourceError(f"{folder}: missing {spec.tokenizer}/ (the tokenizer of {spec.component})")
@@ -80,7 +88,13 @@ def _load_diffusers(source: Source, family: Family, prediction: str | None) -> T
     info = {}
     if (folder / "recipe.json").is_file():  # how a model edgediff trained was made
         info["recipe"] = json.loads((folder / "recipe.json").read_text())
-    return TorchPipeline(family, encoders, unet, vae, _resolve_spacing(scheduler), info)
+    conditioning = family.conditioning
+    index = folder / "model_index.json"
+    if index.is_file():  # SDXL pipelines say whether an empty negative prompt is zeros
+        zeros = json.loads(index.read_text()).get("force_zeros_for_empty_prompt")
+        if zeros is not None:
+            conditioning = replace(conditioning, zero_empty_negative=bool(zeros))
+    return TorchPipeline(family, encoders, unet, vae, _resolve_spacing(scheduler), info, conditioning)
 
 
 def _resolve_spacing(config: dict) -> dict:
