@@ -56,6 +56,7 @@ class TextEncoder:
     tokenizer: str = "tokenizer"
     kind: str = "clip"  # 'clip' (CLIPTextModel) | 'clip_projection' (its pooled output projected)
     ldm_prefix: str = "cond_stage_model.transformer."  # where single files keep it, when read
+    ldm_layout: str = "hf"  # its names there: 'hf' (transformers') or 'open_clip' (fused q/k/v)
     gguf_prefix: str = "cond_stage_model.transformer."  # where edgediff writes it (stable-diffusion.cpp's names)
     hidden_act: str = "quick_gelu"  # when the config must be rebuilt from a single file
     head_dim: int = 64
@@ -154,7 +155,8 @@ _SD2_TE = TextEncoder(
     ldm_prefix="cond_stage_model.model.", hidden_act="gelu", pad_token="!"
 )
 _XL_G = TextEncoder(component="text_encoder_2", tokenizer="tokenizer_2", kind="clip_projection",
-                    hidden_act="gelu", norm_hidden=False, hidden_layer=2, pooled=True, pad_token="!")
+                    hidden_act="gelu", norm_hidden=False, hidden_layer=2, pooled=True, pad_token="!",
+                    ldm_layout="open_clip")
 _LDM = DENOISER
 
 FAMILIES: dict[str, Family] = {

@@ -199,6 +199,7 @@ def _export(pipe, src: Source, src_path: Path, layout: str, tmp: Path,
             progress: Callable[[str], None] | None) -> Manifest:
     """The fp32 ONNX package of `pipe` in the folder `tmp`; returns its manifest."""
     from edgediff.convert.export import export_components
+    from edgediff.convert.load import BUNDLED_CLIP_TOKENIZER
 
     fam = pipe.family
     started = time.perf_counter()
@@ -213,7 +214,8 @@ def _export(pipe, src: Source, src_path: Path, layout: str, tmp: Path,
         encoders.append(TextEncoderEntry(
             component=spec.component, tokenizer=spec.tokenizer,
             layers=int(model.config.num_hidden_layers), norm_hidden=spec.norm_hidden,
-            pad_token=_pad_token(tok_dir, spec.pad_token), max_length=spec.max_length,
+            pad_token=spec.pad_token if tok_dir == BUNDLED_CLIP_TOKENIZER else _pad_token(tok_dir, spec.pad_token),
+            max_length=spec.max_length,
             pooled=spec.pooled, hidden_layer=spec.hidden_layer,
         ))
     (tmp / "scheduler").mkdir()

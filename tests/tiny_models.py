@@ -45,11 +45,13 @@ CONFIGS = {
     ),
 }
 
-_XL_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=(2, 4),
+# "sdxl" and "sdxl-refiner" keep SDXL's single-file rules (64-wide heads everywhere), so they
+# round-trip through the SGM layout
+_XL_UNET = dict(block_out_channels=(64, 128), layers_per_block=1, attention_head_dim=(1, 2),
                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
-_XL_TEXT = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
+_XL_TEXT = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=1, intermediate_size=128)
 _XL_VAE = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, scaling_factor=0.13025)
 CONFIGS.update({
     "sdxl": dict(  # text_time conditioning: pooled text (32) + 6 time ids x 8
@@ -65,7 +67,8 @@ CONFIGS.update({
                   down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
         text=dict(_XL_TEXT, hidden_size=48, num_attention_heads=4, num_hidden_layers=2),
-        text_2=dict(_XL_TEXT, hidden_act="gelu", num_hidden_layers=4, projection_dim=24),
+        text_2=dict(_XL_TEXT, hidden_size=32, num_attention_heads=2, hidden_act="gelu", num_hidden_layers=4,
+                    projection_dim=24),
         vae=_XL_VAE,
         family="sdxl",
     ),
