@@ -124,6 +124,7 @@ class Family:
     role: str = "base"  # 'refiner': finishes images (img2img, or after a base), never starts one
     conditioning: Conditioning = Conditioning()
     onnx_pipeline: str = "ORTStableDiffusionPipeline"  # optimum's class, in model_index.json
+    vae_fp16: bool = True  # its stock VAE runs in fp16 (SDXL's overflows unless the VAE says so)
     scheduler_config: Mapping[str, object] = field(default_factory=lambda: dict(_SD_SCHEDULER))
     unet_heads: int | None = None  # LDM `num_heads` (SD 1.x) ...
     unet_head_channels: int | None = None  # ... or `num_head_channels` (SD 2.x)
@@ -210,10 +211,12 @@ FAMILIES: dict[str, Family] = {
             title="Stable Diffusion XL (base)",
             text_encoders=(
                 TextEncoder(norm_hidden=False, hidden_layer=2, ldm_prefix="conditioner.embedders.0.transformer."),
-                replace(_XL_G, ldm_prefix="conditioner.embedders.1.model."),
+                replace(_XL_G, ldm_prefix="conditioner.embedders.1.model.",
+                        gguf_prefix="cond_stage_model.1.transformer."),
             ),
             conditioning=Conditioning(time_ids=("original_size", "crop", "target_size"), zero_empty_negative=True),
             onnx_pipeline="ORTStableDiffusionXLPipeline",
+            vae_fp16=False,
             latent=LatentFormat(channels=4, scale=0.13025),
             prediction="eps",
             defaults=Defaults("dpmpp_2m", "karras", 30, 6.0, 1024),
@@ -237,6 +240,7 @@ FAMILIES: dict[str, Family] = {
             text_encoders=(replace(_XL_G, ldm_prefix="conditioner.embedders.0.model."),),
             role="refiner",
             onnx_pipeline="ORTStableDiffusionXLImg2ImgPipeline",
+            vae_fp16=False,
             conditioning=Conditioning(time_ids=("original_size", "crop", "aesthetic_score")),
             latent=LatentFormat(channels=4, scale=0.13025),
             prediction="eps",

@@ -156,6 +156,9 @@ def convert(
         pipe = adopt.dequantized(src_path, family=family, prediction=prediction, **parts)
     else:
         pipe = load_torch_pipeline(src, fam, prediction)
+    # a VAE whose config says it needs no upcast (SDXL's fp16-fix VAE) is safe in 16 bits
+    vae_half = fam.vae_fp16 or getattr(pipe.vae.config, "force_upcast", True) is False
+    precisions = parse_precision(precision, components, fmt, vae_half)
     if fmt == "gguf":
         import tempfile
 
