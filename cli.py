@@ -108,6 +108,18 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--init-image", help="start from this image (img2img)")
     g.add_argument("--strength", type=float, default=0.75, help="img2img: how much to change (0, 1]")
     g.add_argument("--clip-skip", type=int, default=1, help="1 = last layer, 2 = the one before (A1111)")
+    g.add_argument("--refiner", help="an SDXL refiner package that finishes the image (base to refiner)")
+    g.add_argument("--refiner-start", type=float, default=0.8,
+                   help="fraction of the schedule the base runs before the refiner takes over (default 0.8)")
+    g.add_argument("--original-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
+                   help="SDXL size conditioning: the size the picture was 'taken' at (default: the image size)")
+    g.add_argument("--crop", type=int, nargs=2, metavar=("TOP", "LEFT"), default=(0, 0),
+                   help="SDXL crop conditioning (default 0 0: uncropped)")
+    g.add_argument("--target-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
+                   help="SDXL target-size conditioning (default: the image size)")
+    g.add_argument("--aesthetic-score", type=float, help="SDXL refiner: score for the prompt (default 6.0)")
+    g.add_argument("--negative-aesthetic-score", type=float,
+                   help="SDXL refiner: score for the negative prompt (default 2.5)")
     g.add_argument("--output", "-o", help="PNG to write (default: edgediff-SEED.png)")
     _parts_arguments(g)
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -158,6 +170,7 @@ def _convert(args) -> int:
 
 def _generate(args) -> int:
     from edgediff.runtime import Pipeline
+    from edgediff.runtime.conditioning import SizeConditioning
     from edgediff.runtime.image import save_png
 
     if args.output:
@@ -174,14 +187,25 @@ def _generate(args) -> int:
         from edgediff.convert.adopt import runnable
 
         model = runnable(Path(model), progress=say, **_parts(args))
-    pipe = Pipeline(model, device=args.device, threads=args.threads, low_memory=not args.keep_loaded,
-                    split_guidance=args.split_guidance, weights=args.weights,
-                    accuracy_level=args.accuracy_level)
+    options = dict(device=args.device, threads=args.threads, low_memory=not args.keep_loaded,
+                   split_guidance=args.split_guidance, weights=args.weights, accuracy_level=args.accuracy_level)
+    pipe = Pipeline(model, **options)
+    refiner = args.refiner
+    if refiner and refiner.lower().endswith(".gguf"):
+        from edgediff.convert.adopt import runnable
+
+        refiner = runnable(Path(refiner), progress=say)
+    refiner = Pipeline(refiner, **options) if refiner else None
+    size = SizeConditioning(
+        original_size=args.original_size and tuple(args.original_size), crop=tuple(args.crop),
+        target_size=args.target_size and tuple(args.target_size), aesthetic_score=args.aesthetic_score,
+        negative_aesthetic_score=args.negative_aesthetic_score)
     image = pipe.generate(
         args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
         sampler=args.sampler, schedule=args.schedule, seed=args.seed, width=args.width,
         height=args.height, init_image=args.init_image, strength=args.strength,
-        clip_skip=args.clip_skip, progress=ProgressBar("sampling"),
+        clip_skip=args.clip_skip, size_conditioning=size, refiner=refiner,
+        refiner_start=args.refiner_start, progress=ProgressBar("sampling"),
     )
     seed = image.info["parameters"].split("Seed: ")[1].split(",")[0]
     path = save_png(image, args.output or f"edgediff-{seed}.png", image.info["parameters"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from edgediff.errors import SourceError, UsageError
 
@@ -54,11 +54,14 @@ class TextEncoder:
 
     component: str = "text_encoder"
     tokenizer: str = "tokenizer"
+    kind: str = "clip"  # 'clip' (CLIPTextModel) | 'clip_projection' (its pooled output projected)
     ldm_prefix: str = "cond_stage_model.transformer."  # where single files keep it, when read
+    ldm_layout: str = "hf"  # its names there: 'hf' (transformers') or 'open_clip' (fused q/k/v)
     gguf_prefix: str = "cond_stage_model.transformer."  # where edgediff writes it (stable-diffusion.cpp's names)
     hidden_act: str = "quick_gelu"  # when the config must be rebuilt from a single file
     head_dim: int = 64
     norm_hidden: bool = True  # final layer norm applied to the chosen hidden layer
+    hidden_layer: int = 1  # the layer the denoiser sees, counted from the last (2: penultimate)
     pooled: bool = False  # the denoiser also takes the pooled output
     pad_token: str = "<|endoftext|>"
     max_length: int = 77
@@ -72,6 +75,17 @@ class LatentFormat:
     scale: float
     shift: float = 0.0
     downscale: int = 8
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the denoiser takes besides the text: SDXL's `time_ids` are built from the names in
+    `time_ids` (original_size, crop, target_size: two numbers each; aesthetic_score: one)."""
+
+    time_ids: tuple[str, ...] = ()
+    aesthetic_score: float = 6.0  # the refiner's, for the prompt ...
+    negative_aesthetic_score: float = 2.5  # ... and the negative prompt
+    zero_empty_negative: bool = False  # an empty negative prompt is zeros, not encoded text
 
 
 @dataclass(frozen=True)
@@ -107,6 +121,10 @@ class Family:
     defaults: Defaults
     signatures: tuple[Signature, ...]
     denoiser: str = "unet"
+    role: str = "base"  # 'refiner': finishes images (img2img, or after a base), never starts one
+    conditioning: Conditioning = Conditioning()
+    onnx_pipeline: str = "ORTStableDiffusionPipeline"  # optimum's class, in model_index.json
+    vae_fp16: bool = True  # its stock VAE runs in fp16 (SDXL's overflows unless the VAE says so)
     scheduler_config: Mapping[str, object] = field(default_factory=lambda: dict(_SD_SCHEDULER))
     unet_heads: int | None = None  # LDM `num_heads` (SD 1.x) ...
     unet_head_channels: int | None = None  # ... or `num_head_channels` (SD 2.x)
@@ -137,6 +155,9 @@ _SD1_TE = TextEncoder()
 _SD2_TE = TextEncoder(
     ldm_prefix="cond_stage_model.model.", hidden_act="gelu", pad_token="!"
 )
+_XL_G = TextEncoder(component="text_encoder_2", tokenizer="tokenizer_2", kind="clip_projection",
+                    hidden_act="gelu", norm_hidden=False, hidden_layer=2, pooled=True, pad_token="!",
+                    ldm_layout="open_clip")
 _LDM = DENOISER
 
 FAMILIES: dict[str, Family] = {
@@ -189,18 +210,19 @@ FAMILIES: dict[str, Family] = {
             name="sdxl",
             title="Stable Diffusion XL (base)",
             text_encoders=(
-                TextEncoder(norm_hidden=False, ldm_prefix="conditioner.embedders.0.transformer."),
-                TextEncoder(component="text_encoder_2", tokenizer="tokenizer_2", hidden_act="gelu",
-                            norm_hidden=False, pooled=True, pad_token="!",
-                            ldm_prefix="conditioner.embedders.1.model."),
+                TextEncoder(norm_hidden=False, hidden_layer=2, ldm_prefix="conditioner.embedders.0.transformer."),
+                replace(_XL_G, ldm_prefix="conditioner.embedders.1.model.",
+                        gguf_prefix="cond_stage_model.1.transformer."),
             ),
+            conditioning=Conditioning(time_ids=("original_size", "crop", "target_size"), zero_empty_negative=True),
+            onnx_pipeline="ORTStableDiffusionXLPipeline",
+            vae_fp16=False,
             latent=LatentFormat(channels=4, scale=0.13025),
             prediction="eps",
             defaults=Defaults("dpmpp_2m", "karras", 30, 6.0, 1024),
             scheduler_config={**_SD_SCHEDULER, "_class_name": "EulerDiscreteScheduler",
                               "timestep_spacing": "leading"},
             unet_head_channels=64,
-            convertible=False,
             signatures=(
                 Signature("ldm", (
                     *_unet_rules(_LDM, 2, "label_emb.*", True),
@@ -215,18 +237,17 @@ FAMILIES: dict[str, Family] = {
         Family(
             name="sdxl-refiner",
             title="Stable Diffusion XL refiner",
-            text_encoders=(
-                TextEncoder(component="text_encoder_2", tokenizer="tokenizer_2", hidden_act="gelu",
-                            norm_hidden=False, pooled=True, pad_token="!",
-                            ldm_prefix="conditioner.embedders.0.model."),
-            ),
+            text_encoders=(replace(_XL_G, ldm_prefix="conditioner.embedders.0.model."),),
+            role="refiner",
+            onnx_pipeline="ORTStableDiffusionXLImg2ImgPipeline",
+            vae_fp16=False,
+            conditioning=Conditioning(time_ids=("original_size", "crop", "aesthetic_score")),
             latent=LatentFormat(channels=4, scale=0.13025),
             prediction="eps",
             defaults=Defaults("dpmpp_2m", "karras", 30, 6.0, 1024),
             scheduler_config={**_SD_SCHEDULER, "_class_name": "EulerDiscreteScheduler",
                               "timestep_spacing": "leading"},
             unet_head_channels=64,
-            convertible=False,
             signatures=(
                 Signature("ldm", (
                     *_unet_rules(_LDM, 2, "label_emb.*", True),

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgediff.errors import PackageError
+from edgediff.families import Conditioning
 
 FORMAT = "edgediff-package"
 FORMAT_VERSION = 1
@@ -34,6 +35,7 @@ class TextEncoderEntry:
     pad_token: str
     max_length: int
     pooled: bool
+    hidden_layer: int = 1  # the layer the denoiser sees, counted from the last
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class Manifest:
     components: dict[str, ComponentEntry]
     text_encoders: tuple[TextEncoderEntry, ...]
     defaults: dict[str, object]
+    denoiser: str = "unet"  # the component the sampler drives
+    role: str = "base"  # 'refiner': img2img or after a base only
+    conditioning: Conditioning = Conditioning()  # what the denoiser takes besides text
     source: dict[str, object] = field(default_factory=dict)
     created_by: str = ""
     format: str = FORMAT
@@ -90,6 +95,8 @@ class Manifest:
                 for k, v in raw["components"].items()
             }
             raw["text_encoders"] = tuple(TextEncoderEntry(**t) for t in raw["text_encoders"])
+            extra = raw.get("conditioning", {})
+            raw["conditioning"] = Conditioning(**{**extra, "time_ids": tuple(extra.get("time_ids", ()))})
             return cls(**raw)
         except (KeyError, TypeError, AttributeError) as exc:
             raise PackageError(f"{where}: manifest is missing or has malformed fields ({exc})") from exc

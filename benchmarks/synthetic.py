@@ -39,8 +39,23 @@ SD1_MODEL_INDEX = {  # what diffusers' and optimum's pipelines read to know the 
     "vae": ["diffusers", "AutoencoderKL"]}
 
 
-def write_model_index(dst: Path) -> None:
-    (Path(dst) / "model_index.json").write_text(json.dumps(SD1_MODEL_INDEX, indent=2))
+_XL_PARTS = {"scheduler": ["diffusers", "EulerDiscreteScheduler"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "feature_extractor": [None, None], "image_encoder": [None, None],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "tokenizer_2": ["transformers", "CLIPTokenizer"]}
+MODEL_INDEX = {
+    "sd1": SD1_MODEL_INDEX,
+    "sdxl": {"_class_name": "StableDiffusionXLPipeline", **_XL_PARTS, "force_zeros_for_empty_prompt": True,
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]},
+    "sdxl-refiner": {"_class_name": "StableDiffusionXLImg2ImgPipeline", **_XL_PARTS,
+                     "force_zeros_for_empty_prompt": False, "requires_aesthetics_score": True,
+                     "text_encoder": [None, None], "tokenizer": [None, None]},
+}
+
+
+def write_model_index(dst: Path, family: str = "sd1") -> None:
+    index = MODEL_INDEX.get(family, SD1_MODEL_INDEX)
+    (Path(dst) / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
 def build(name: str, dst: Path, seed: int = 0) -> Path:

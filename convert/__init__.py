@@ -156,6 +156,9 @@ def convert(
         pipe = adopt.dequantized(src_path, family=family, prediction=prediction, **parts)
     else:
         pipe = load_torch_pipeline(src, fam, prediction)
+    # a VAE whose config says it needs no upcast (SDXL's fp16-fix VAE) is safe in 16 bits
+    vae_half = fam.vae_fp16 or getattr(pipe.vae.config, "force_upcast", True) is False
+    precisions = parse_precision(precision, components, fmt, vae_half)
     if fmt == "gguf":
         import tempfile
 
@@ -199,6 +202,7 @@ def _export(pipe, src: Source, src_path: Path, layout: str, tmp: Path,
             progress: Callable[[str], None] | None) -> Manifest:
     """The fp32 ONNX package of `pipe` in the folder `tmp`; returns its manifest."""
     from edgediff.convert.export import export_components
+    from edgediff.convert.load import BUNDLED_CLIP_TOKENIZER
 
     fam = pipe.family
     started = time.perf_counter()
@@ -213,8 +217,9 @@ def _export(pipe, src: Source, src_path: Path, layout: str, tmp: Path,
         encoders.append(TextEncoderEntry(
             component=spec.component, tokenizer=spec.tokenizer,
             layers=int(model.config.num_hidden_layers), norm_hidden=spec.norm_hidden,
-            pad_token=_pad_token(tok_dir, spec.pad_token), max_length=spec.max_length,
-            pooled=spec.pooled,
+            pad_token=spec.pad_token if tok_dir == BUNDLED_CLIP_TOKENIZER else _pad_token(tok_dir, spec.pad_token),
+            max_length=spec.max_length,
+            pooled=spec.pooled, hidden_layer=spec.hidden_layer,
         ))
     (tmp / "scheduler").mkdir()
     (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(pipe.scheduler_config, indent=2))
@@ -232,6 +237,9 @@ def _export(pipe, src: Source, src_path: Path, layout: str, tmp: Path,
         vae_downscale=downscale,
         components={k: _component_entry(v, tmp, "fp32") for k, v in written.items()},
         text_encoders=tuple(encoders),
+        denoiser=fam.denoiser,
+        role=fam.role,
+        conditioning=pipe.conditioning,
         defaults={
             "sampler": fam.defaults.sampler, "schedule": fam.defaults.schedule,
             "steps": fam.defaults.steps, "guidance": fam.defaults.guidance,
@@ -241,7 +249,7 @@ def _export(pipe, src: Source, src_path: Path, layout: str, tmp: Path,
                 "seconds": round(time.perf_counter() - started, 1), **pipe.info},
         created_by=f"edgediff {__version__}",
     )
-    index = {"_class_name": "ORTStableDiffusionPipeline", "_edgediff_version": __version__,
+    index = {"_class_name": fam.onnx_pipeline, "_edgediff_version": __version__,
              **{name: ["onnx", entry.file] for name, entry in manifest.components.items()}}
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
     (tmp / MANIFEST).write_text(manifest.to_json())

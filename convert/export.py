@@ -79,12 +79,16 @@ def _wrappers():
             return torch.stack(layers, 0), pooled
 
     class UNetGraph(torch.nn.Module):
-        def __init__(self, unet):
-            super().__init__()
-            self.unet = unet
+        """The UNet with its added conditioning (SDXL's `text_embeds`, `time_ids`) as named inputs."""
 
-        def forward(self, sample, timestep, encoder_hidden_states):
-            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+        def __init__(self, unet, extras: tuple[str, ...]):
+            super().__init__()
+            self.unet, self.extras = unet, extras
+
+        def forward(self, sample, timestep, encoder_hidden_states, *extras):
+            added = dict(zip(self.extras, extras, strict=True))
+            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False,
+                             **({"added_cond_kwargs": added} if added else {}))[0]
 
     class VaeDecoderGraph(torch.nn.Module):
         def __init__(self, vae):
@@ -198,6 +202,16 @@ def export_graph(module, args: tuple, contract: Contract, path: Path) -> list[Pa
     return [path]
 
 
+def added_conditioning(config, time_ids: tuple[str, ...]) -> dict[str, int]:
+    """The UNet's added-conditioning inputs and their widths: SDXL's pooled text and `time_ids`
+    (each id embedded in `addition_time_embed_dim` channels)."""
+    if config.addition_embed_type != "text_time":
+        return {}
+    ids = sum(1 if name == "aesthetic_score" else 2 for name in time_ids)
+    pooled = config.projection_class_embeddings_input_dim - ids * config.addition_time_embed_dim
+    return {"text_embeds": pooled, "time_ids": ids}
+
+
 def export_components(pipe, out_dir: Path, progress=None) -> dict[str, list[Path]]:
     """Export every component of a TorchPipeline under `out_dir` in optimum's folder layout."""
     torch = require("torch", "convert", "Exporting to ONNX")
@@ -225,11 +239,15 @@ def export_components(pipe, out_dir: Path, progress=None) -> dict[str, list[Path
     # An odd latent size makes diffusers trace explicit upsample sizes, so the graph works for
     # every latent size, not only multiples of 2**levels.
     side = 2 ** (len(unet.config.block_out_channels) - 1) + 1
+    extras = added_conditioning(unet.config, pipe.family.conditioning.time_ids)
+    contract = Contract(UNET.inputs + tuple(extras), UNET.outputs,
+                        {**UNET.dynamic_axes, **{name: {0: "batch"} for name in extras}})
     step("unet")
     written["unet"] = export_graph(
-        UNetGraph(unet),
-        (torch.randn(1, channels, side, side), torch.tensor([999.0]), torch.randn(1, 77, context)),
-        UNET, out_dir / "unet" / "model.onnx",
+        UNetGraph(unet, tuple(extras)),
+        (torch.randn(1, channels, side, side), torch.tensor([999.0]), torch.randn(1, 77, context),
+         *(torch.randn(1, width) for width in extras.values())),
+        contract, out_dir / "unet" / "model.onnx",
     )
     latent = vae.config.latent_channels
     down = 2 ** (len(vae.config.block_out_channels) - 1)

@@ -1,6 +1,6 @@
 """A diffusers folder as a single-file checkpoint in the original LDM layout, the one community
 sites share and stable-diffusion.cpp and A1111 read (`model.diffusion_model.*`,
-`first_stage_model.*`, `cond_stage_model.transformer.*`). The renaming follows diffusers'
+`first_stage_model.*`, `cond_stage_model.transformer.*`, SDXL's `conditioner.embedders.N.*`). The renaming follows diffusers'
 scripts/convert_diffusers_to_original_stable_diffusion.py, generalised to any depth; it is the
 inverse of the single-file reader (a test round-trips it)."""
 
@@ -19,6 +19,7 @@ def _unet_prefixes(config) -> list[tuple[str, str]]:
     n = config["layers_per_block"]
     levels = len(config["block_out_channels"])
     pairs = [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
+             ("add_embedding.linear_1.", "label_emb.0.0."), ("add_embedding.linear_2.", "label_emb.0.2."),
              ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."),
              ("mid_block.attentions.0.", "middle_block.1.")]
     for j in range(2):
@@ -87,6 +88,42 @@ def clip_name(key: str, prefix: str = "cond_stage_model.transformer.") -> str:
     return prefix + (key if key.startswith("text_model.") else "text_model." + key)
 
 
+_OPEN_CLIP_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+                  "text_model.embeddings.position_embedding.weight": "positional_embedding",
+                  "text_model.final_layer_norm.weight": "ln_final.weight",
+                  "text_model.final_layer_norm.bias": "ln_final.bias",
+                  "text_projection.weight": "text_projection"}
+_OPEN_CLIP_LAYER = (("text_model.encoder.layers.", "transformer.resblocks."), (".self_attn.", ".attn."),
+                    (".layer_norm1.", ".ln_1."), (".layer_norm2.", ".ln_2."), (".mlp.fc1.", ".mlp.c_fc."),
+                    (".mlp.fc2.", ".mlp.c_proj."))
+
+
+def open_clip_state(weights: dict, prefix: str) -> dict:
+    """transformers CLIP text weights -> OpenCLIP's names (SD 2.x, SDXL's second encoder):
+    q, k and v fused into `in_proj_*`, the projection stored transposed."""
+    import torch
+
+    out, fused = {}, {}
+    for key, value in weights.items():
+        key = key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key
+        if key in _OPEN_CLIP_TOP:
+            out[prefix + _OPEN_CLIP_TOP[key]] = value.T.contiguous() if key.startswith("text_projection") else value
+            continue
+        head, _, tail = key.rpartition(".")  # tail: weight | bias
+        if head.endswith(("q_proj", "k_proj", "v_proj")):
+            fused.setdefault((head[:-len(".q_proj")], tail), {})[head[-6]] = value
+            continue
+        for a, b in _OPEN_CLIP_LAYER:
+            key = key.replace(a, b)
+        out[prefix + key] = value
+    for (layer, kind), parts in fused.items():
+        name = f"{layer}.in_proj_{kind}"
+        for a, b in _OPEN_CLIP_LAYER:
+            name = name.replace(a, b)
+        out[prefix + name] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
 def ldm_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The shape LDM files give a weight the graph holds as `shape`."""
     if ".attn_1." in name and name.endswith("weight") and len(shape) == 2:
@@ -94,11 +131,14 @@ def ldm_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def to_ldm_state_dict(folder: Path) -> dict:
-    """The LDM-layout state dict (torch tensors) of an SD 1.x diffusers folder."""
+def to_ldm_state_dict(folder: Path, family: str = "sd1") -> dict:
+    """The single-file state dict (torch tensors) of a diffusers folder: LDM layout for SD 1.x,
+    SGM layout (`conditioner.embedders.N.*`) for SDXL."""
     import json
 
     from safetensors.torch import load_file
+
+    from edgediff.families import get_family
 
     folder = Path(folder)
     out: dict = {}
@@ -109,14 +149,18 @@ def to_ldm_state_dict(folder: Path) -> dict:
     for k, v in load_file(folder / "vae" / "diffusion_pytorch_model.safetensors").items():
         name = vae_name(k, vae_cfg)
         out[name] = v.reshape(ldm_shape(name, tuple(v.shape)))
-    for k, v in load_file(folder / "text_encoder" / "model.safetensors").items():
-        out[clip_name(k)] = v
+    for spec in get_family(family).text_encoders:
+        weights = load_file(folder / spec.component / "model.safetensors")
+        if spec.ldm_layout == "open_clip":
+            out.update(open_clip_state(weights, spec.ldm_prefix))
+        else:
+            out.update({clip_name(k, spec.ldm_prefix): v for k, v in weights.items()})
     return out
 
 
-def write_ldm_checkpoint(folder: Path, path: Path, state: dict | None = None) -> Path:
+def write_ldm_checkpoint(folder: Path, path: Path, state: dict | None = None, family: str = "sd1") -> Path:
     from safetensors.torch import save_file
 
-    state = to_ldm_state_dict(folder) if state is None else state
+    state = to_ldm_state_dict(folder, family) if state is None else state
     save_file({k: v.contiguous().float() for k, v in state.items()}, str(path))
     return path

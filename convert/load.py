@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edgediff.convert.sources import Source
 from edgediff.errors import SourceError, require
-from edgediff.families import Family, TextEncoder
+from edgediff.families import Conditioning, Family, TextEncoder
 
 BUNDLED_CLIP_TOKENIZER = Path(__file__).parent / "data" / "clip_tokenizer"
 _LDM_UNET = "model.diffusion_model."
@@ -26,6 +26,13 @@ class TorchPipeline:
     vae: object
     scheduler_config: dict
     info: dict = field(default_factory=dict)
+    conditioning: Conditioning | None = None  # the family's unless the source says otherwise
+
+    def __post_init__(self):
+        self.conditioning = self.conditioning or self.family.conditioning
+
+
+TEXT_MODELS = {"clip": "CLIPTextModel", "clip_projection": "CLIPTextModelWithProjection"}
 
 
 def _prediction_type(value: str | None, default: str) -> str:
@@ -61,7 +68,8 @@ def _load_diffusers(source: Source, family: Family, prediction: str | None) -> T
     for spec in family.text_encoders:
         if not (folder / spec.component).is_dir():
             raise SourceError(f"{folder}: missing {spec.component}/ (needed by {family.title})")
-        module = transformers.CLIPTextModel.from_pretrained(folder / spec.component, dtype=torch.float32)
+        model_class = getattr(transformers, TEXT_MODELS[spec.kind])
+        module = model_class.from_pretrained(folder / spec.component, dtype=torch.float32)
         tokenizer = folder / spec.tokenizer
         if not tokenizer.is_dir():
             raise SourceError(f"{folder}: missing {spec.tokenizer}/ (the tokenizer of {spec.component})")
@@ -80,7 +88,13 @@ def _load_diffusers(source: Source, family: Family, prediction: str | None) -> T
     info = {}
     if (folder / "recipe.json").is_file():  # how a model edgediff trained was made
         info["recipe"] = json.loads((folder / "recipe.json").read_text())
-    return TorchPipeline(family, encoders, unet, vae, _resolve_spacing(scheduler), info)
+    conditioning = family.conditioning
+    index = folder / "model_index.json"
+    if index.is_file():  # SDXL pipelines say whether an empty negative prompt is zeros
+        zeros = json.loads(index.read_text()).get("force_zeros_for_empty_prompt")
+        if zeros is not None:
+            conditioning = replace(conditioning, zero_empty_negative=bool(zeros))
+    return TorchPipeline(family, encoders, unet, vae, _resolve_spacing(scheduler), info, conditioning)
 
 
 def _resolve_spacing(config: dict) -> dict:
@@ -154,6 +168,8 @@ def _unet_ldm_config(shapes: dict, family: Family) -> dict:
         "use_linear_in_transformer": len(shapes[proj]) == 2,
         "transformer_depth": depths[0] if len(set(depths)) == 1 else depths,
     }
+    if p + "label_emb.0.0.weight" in shapes:
+        params.update(num_classes="sequential", adm_in_channels=shapes[p + "label_emb.0.0.weight"][1])
     if family.unet_heads:
         params["num_heads"] = family.unet_heads
     else:
@@ -177,41 +193,68 @@ def _vae_ldm_config(shapes: dict) -> dict:
 
 
 def _clip_from_ldm(shapes: dict, spec: TextEncoder, state: dict | None):
-    """A CLIPTextModel of the architecture the LDM-named `shapes` describe, with the weights of
-    `state` (None: random weights, for exporting a weight-less graph)."""
+    """A transformers CLIP text model of the architecture the single-file `shapes` describe
+    (transformers' names, or OpenCLIP's with fused q/k/v), with the weights of `state` (None:
+    random weights, for exporting a weight-less graph)."""
     transformers = require("transformers", "convert", "Converting a model")
 
-    if spec.hidden_act != "quick_gelu":
+    open_clip = spec.ldm_layout == "open_clip"
+    p = spec.ldm_prefix + ("" if open_clip else "text_model.")
+    names = (("token_embedding.weight", "positional_embedding", "transformer.resblocks.", "mlp.c_fc.weight")
+             if open_clip else ("embeddings.token_embedding.weight", "embeddings.position_embedding.weight",
+                                "encoder.layers.", "mlp.fc1.weight"))
+    token, position, layers, fc1 = names
+    if p + token not in shapes:
+        raise SourceError(f"the checkpoint has no text encoder weights ({spec.ldm_prefix}*)")
+    if open_clip and spec.kind != "clip_projection":
         raise SourceError(
-            f"reading OpenCLIP text encoders ({spec.ldm_prefix}*) from single files is not supported "
+            f"reading SD 2.x's OpenCLIP text encoder ({spec.ldm_prefix}*) from single files is not supported "
             "yet; convert the diffusers folder of this model instead"
         )
-    p = spec.ldm_prefix + "text_model."
-    if p + "embeddings.token_embedding.weight" not in shapes:
-        raise SourceError(f"the checkpoint has no text encoder weights ({spec.ldm_prefix}*)")
-    vocab, hidden = shapes[p + "embeddings.token_embedding.weight"]
+    vocab, hidden = shapes[p + token]
     config = transformers.CLIPTextConfig(
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=shapes[p + "encoder.layers.0.mlp.fc1.weight"][0],
-        num_hidden_layers=_count(shapes, re.escape(p + "encoder.layers.") + r"(\d+)\."),
+        intermediate_size=shapes[p + layers + "0." + fc1][0],
+        num_hidden_layers=_count(shapes, re.escape(p + layers) + r"(\d+)\."),
         num_attention_heads=max(1, hidden // spec.head_dim),
-        max_position_embeddings=shapes[p + "embeddings.position_embedding.weight"][0],
+        max_position_embeddings=shapes[p + position][0],
         hidden_act=spec.hidden_act,
         bos_token_id=49406,
         eos_token_id=49407,
+        projection_dim=shapes[p + "text_projection"][1] if open_clip else hidden,
     )
-    model = transformers.CLIPTextModel(config)
+    model = getattr(transformers, TEXT_MODELS[spec.kind])(config)
     if state is not None:
-        from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+        from diffusers.loaders.single_file_utils import (
+            convert_ldm_clip_checkpoint,
+            convert_open_clip_checkpoint,
+        )
 
         sub = {k: v for k, v in state.items() if k.startswith(spec.ldm_prefix)}
-        weights = convert_ldm_clip_checkpoint(sub, remove_prefix=spec.ldm_prefix)
+        if open_clip:
+            weights = convert_open_clip_checkpoint(model, sub, prefix=spec.ldm_prefix)
+        else:
+            weights = convert_ldm_clip_checkpoint(sub, remove_prefix=spec.ldm_prefix)
         weights.pop("text_model.embeddings.position_ids", None)
         if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers >= 5
             weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
         _load_strict(model, weights, "text encoder")
     return model
+
+
+def _added_conditioning(unet_config: dict, shapes: dict, family: Family) -> None:
+    """SDXL's `label_emb` is text_time conditioning: the pooled text and the family's time ids,
+    each id in addition_time_embed_dim channels (diffusers only infers this for full-size models)."""
+    adm = shapes.get(_LDM_UNET + "label_emb.0.0.weight")
+    if adm is None or not family.conditioning.time_ids:
+        return
+    pooled = next((shapes[te.ldm_prefix + "text_projection"][1] for te in family.text_encoders
+                   if te.pooled and te.ldm_prefix + "text_projection" in shapes), 1280)
+    ids = sum(1 if name == "aesthetic_score" else 2 for name in family.conditioning.time_ids)
+    unet_config.update(class_embed_type=None, addition_embed_type="text_time",
+                       addition_time_embed_dim=(adm[1] - pooled) // ids,
+                       projection_class_embeddings_input_dim=adm[1])
 
 
 def _load_strict(module, weights: dict, what: str) -> None:
@@ -253,6 +296,7 @@ def ldm_architecture(shapes: dict, family: Family, prediction: str | None = None
     }}}
     meta = state if state is not None else {k: torch.empty(v, device="meta") for k, v in shapes.items()}
     unet_config = sfu.create_unet_diffusers_config_from_ldm(original, meta)
+    _added_conditioning(unet_config, shapes, family)
     unet = diffusers.UNet2DConditionModel(**unet_config)
     vae_config = sfu.create_vae_diffusers_config_from_ldm(original, meta, scaling_factor=family.latent.scale)
     vae = diffusers.AutoencoderKL(**vae_config)

@@ -14,10 +14,11 @@ from collections.abc import Callable
 import numpy as np
 
 from edgediff.errors import UsageError
+from edgediff.runtime.conditioning import Cond, stack
 from edgediff.runtime.schedules import DiscreteSchedule
 
-# (x_in [B,C,H,W], timestep [B], context [B,T,D]) -> raw model output like x_in
-ModelFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+# (x_in [B,C,H,W], timestep [B], conditioning by input name, batch B) -> raw model output like x_in
+ModelFn = Callable[[np.ndarray, np.ndarray, Cond], np.ndarray]
 Denoiser = Callable[[np.ndarray, float], np.ndarray]
 
 PREDICTIONS = ("eps", "v")
@@ -35,14 +36,14 @@ def make_denoiser(
     model: ModelFn,
     ds: DiscreteSchedule,
     prediction: str,
-    cond: np.ndarray,
-    uncond: np.ndarray | None = None,
+    cond: Cond,
+    uncond: Cond | None = None,
     guidance: float = 1.0,
     split_batch: bool = False,
 ) -> Denoiser:
     """Wrap a discrete-time model and its conditioning as D(x, sigma) -> x0.
 
-    With guidance > 1 and an unconditional context, the model runs on [uncond, cond] (one
+    With guidance > 1 and an unconditional conditioning, the model runs on [uncond, cond] (one
     double batch, as diffusers orders it; or two single batches when `split_batch`, which
     halves activation memory) and x0 = x0_u + guidance * (x0_c - x0_u).
     """
@@ -63,7 +64,7 @@ def make_denoiser(
             both = model(
                 np.concatenate([x_in, x_in]),
                 np.full(2 * batch, t, np.float32),
-                np.concatenate([uncond, cond]),
+                stack([uncond, cond]),
             )
             out_u, out_c = both[:batch], both[batch:]
         x0_u = _to_x0(prediction, x, out_u, sigma)

@@ -16,9 +16,10 @@ import numpy as np
 from PIL import Image
 
 from edgediff import __version__
-from edgediff.errors import UsageError
+from edgediff.errors import PackageError, UsageError
 from edgediff.runtime import image as img
 from edgediff.runtime import text, vae
+from edgediff.runtime.conditioning import Cond, SizeConditioning, time_ids
 from edgediff.runtime.denoiser import make_denoiser, noisy_start
 from edgediff.runtime.noise import TorchGenerator
 from edgediff.runtime.package import Package, open_package
@@ -100,31 +101,92 @@ class Pipeline:
         if self.low_memory:
             comp.release()
 
-    def _encode_prompts(self, prompt: str, negative: str | None, clip_skip: int):
-        """Conditioning for the prompt (and the negative prompt when guidance is on)."""
-        entry = self.manifest.text_encoders[0]
-        if entry.tokenizer not in self._tokenizers:  # building the BPE tables costs ~0.1 s
-            self._tokenizers[entry.tokenizer] = self.package.tokenizer(entry.tokenizer)
-        tok = self._tokenizers[entry.tokenizer]
-        pad = tok.token_to_id(entry.pad_token)
-        cond = text.chunk_prompt(tok, prompt, entry.max_length, pad)
-        chunks = [cond]
-        if negative is not None:
-            uncond = text.chunk_prompt(tok, negative, entry.max_length, pad)
-            count = max(len(cond), len(uncond))
-            chunks = [text.pad_chunks(cond, count, tok, pad), text.pad_chunks(uncond, count, tok, pad)]
-        encoder = self._open(entry.component)
-        started = time.perf_counter()
-        contexts = [text.encode_chunks(lambda ids: encoder.run({"input_ids": ids}), c, clip_skip)[0]
-                    for c in chunks]
-        self.timings.text_encode = time.perf_counter() - started
-        self._done(encoder)
-        return contexts[0], (contexts[1] if negative is not None else None)
+    def _tokenizer(self, folder: str):
+        if folder not in self._tokenizers:  # building the BPE tables costs ~0.1 s
+            self._tokenizers[folder] = self.package.tokenizer(folder)
+        return self._tokenizers[folder]
 
-    def _unet_fn(self, unet: Component):
-        def run(x, t, context):
-            return unet.run({"sample": x, "timestep": t, "encoder_hidden_states": context})["out_sample"]
+    def _encode_prompts(self, prompt: str, negative: str | None, clip_skip: int) -> list[Cond]:
+        """Text conditioning for the prompt (and the negative prompt when guidance is on): every
+        encoder's chosen hidden layer side by side, and the pooled vector where one is used."""
+        m = self.manifest
+        zero_negative = negative == "" and m.conditioning.zero_empty_negative
+        texts = [prompt] if negative is None or zero_negative else [prompt, negative]
+        chunks = {}
+        for entry in m.text_encoders:
+            tok = self._tokenizer(entry.tokenizer)
+            pad = tok.token_to_id(entry.pad_token)
+            chunks[entry.component] = [text.chunk_prompt(tok, t, entry.max_length, pad) for t in texts]
+        count = max(len(c) for per_text in chunks.values() for c in per_text)  # equal lengths for guidance
+        conds: list[Cond] = [{} for _ in texts]
+        for entry in m.text_encoders:
+            tok = self._tokenizer(entry.tokenizer)
+            encoder = self._open(entry.component)
+            started = time.perf_counter()
+            for cond, ids in zip(conds, chunks[entry.component], strict=True):
+                ids = text.pad_chunks(ids, count, tok, tok.token_to_id(entry.pad_token))
+                context, pooled = text.encode_chunks(lambda i, e=encoder: e.run({"input_ids": i}), ids,
+                                                     clip_skip, entry.hidden_layer)
+                previous = cond.get("encoder_hidden_states")
+                cond["encoder_hidden_states"] = context if previous is None else np.concatenate([previous, context], -1)
+                if entry.pooled:
+                    cond["text_embeds"] = pooled
+            self.timings.text_encode += time.perf_counter() - started
+            self._done(encoder)
+        if zero_negative:
+            conds.append({k: np.zeros_like(v) for k, v in conds[0].items()})
+        return conds
+
+    def _conditioning(self, prompt: str, negative: str | None, clip_skip: int, size: SizeConditioning,
+                      height: int, width: int) -> tuple[Cond, Cond | None]:
+        """Everything the denoiser takes besides latent and timestep, for the prompt and the
+        negative prompt (None without guidance)."""
+        conds = self._encode_prompts(prompt, negative, clip_skip)
+        for i, cond in enumerate(conds):
+            ids = time_ids(self.manifest.conditioning, size, height, width, negative=i == 1)
+            if ids is not None:
+                cond["time_ids"] = ids
+        return conds[0], (conds[1] if len(conds) > 1 else None)
+
+    def _denoiser_fn(self, comp: Component, cond: Cond):
+        names = set(comp.input_names)
+        missing = names - {"sample", "timestep", *cond}
+        if missing:
+            raise PackageError(
+                f"{self.package.name}: the {comp.name} graph takes {', '.join(sorted(missing))}, which this "
+                "package's manifest does not describe; re-convert it with this edgediff version"
+            )
+
+        def run(x, t, c):
+            return comp.run({"sample": x, "timestep": t, **{k: v for k, v in c.items() if k in names}})["out_sample"]
         return run
+
+    def _sample(self, x, sigmas, cond: Cond, uncond: Cond | None, guidance: float, sampler: str, rng,
+                on_step) -> np.ndarray:
+        """Run the sampler over `sigmas` with this model's denoiser (opened, then released)."""
+        comp = self._open(self.manifest.denoiser)
+        denoiser = make_denoiser(self._denoiser_fn(comp, cond), self.schedule, self.manifest.prediction,
+                                 cond, uncond, guidance, split_batch=self.split_guidance)
+        x = get_sampler(sampler)(denoiser, x, sigmas, rng, on_step)
+        self._done(comp)
+        return x
+
+    def refiner_split(self, sigmas: np.ndarray, refiner_start: float) -> int:
+        """How many of `sigmas`' steps the base runs before a refiner takes over at
+        `refiner_start` of the schedule: the steps at timesteps >= (1 - start) * T, as
+        diffusers' `denoising_end` counts them."""
+        if not 0 < refiner_start < 1:
+            raise UsageError(f"--refiner-start must be in (0, 1) (got {refiner_start})")
+        train = len(self.schedule.sigmas)
+        cutoff = round(train - refiner_start * train)
+        base = sum(1 for s in sigmas[:-1] if self.schedule.sigma_to_t(float(s)) >= cutoff)
+        if not 0 < base < len(sigmas) - 1:
+            who = "the base" if base == 0 else "the refiner"
+            raise UsageError(
+                f"--refiner-start {refiner_start} with {len(sigmas) - 1} steps leaves {who} no step; "
+                f"{'raise' if base == 0 else 'lower'} --refiner-start or raise --steps"
+            )
+        return base
 
     def generate(
         self,
@@ -141,10 +203,17 @@ class Pipeline:
         init_image: str | Path | Image.Image | None = None,
         strength: float = 0.75,
         clip_skip: int = 1,
+        size_conditioning: SizeConditioning | None = None,
+        refiner: Pipeline | None = None,
+        refiner_start: float = 0.8,
         progress: Progress | None = None,
     ) -> Image.Image:
         """One image. Its `.info["parameters"]` holds the A1111 parameter text; stage times are
-        in `self.timings`."""
+        in `self.timings`.
+
+        With a `refiner` (an SDXL refiner's Pipeline), this model runs the schedule up to
+        `refiner_start` and the refiner the rest, on the same latent, seed and noise stream, as
+        diffusers' `denoising_end`/`denoising_start` hand-off does."""
         m = self.manifest
         d = m.defaults
         steps = int(d["steps"] if steps is None else steps)
@@ -152,9 +221,16 @@ class Pipeline:
         sampler = sampler or str(d["sampler"])
         schedule = schedule or str(d["schedule"])
         seed = random.randrange(2**32) if seed is None else int(seed)
-        sample_fn = get_sampler(sampler)
+        get_sampler(sampler)
+        size = size_conditioning or SizeConditioning()
+        size.check()
         sigmas = get_sigmas(schedule, self.schedule, steps)
         init = img.open_image(init_image) if isinstance(init_image, (str, Path)) else init_image
+        if init is None and m.role == "refiner":
+            raise UsageError(
+                f"{self.package.name} is a refiner ({m.family}): it finishes an image, it does not start one; "
+                "give it --init-image, or use it as --refiner after a base model"
+            )
         if width is None and height is None and init is not None:
             width, height = (s // m.vae_downscale * m.vae_downscale for s in init.size)
         width = int(d["width"] if width is None else width)
@@ -176,11 +252,20 @@ class Pipeline:
                     "raise --strength or --steps"
                 )
             sigmas = sigmas[start:]
+        stages = [(self, sigmas)]
+        if refiner is not None:
+            self._check_refiner(refiner)
+            split = self.refiner_split(sigmas, refiner_start)
+            stages = [(self, sigmas[:split + 1]), (refiner, sigmas[split:])]
 
         self.timings = Timings()
         began = time.perf_counter()
         rng = TorchGenerator(seed)
-        cond, uncond = self._encode_prompts(prompt, negative_prompt if guidance > 1 else None, clip_skip)
+        negative = negative_prompt if guidance > 1 else None
+        conds = []
+        for pipe, _ in stages:
+            pipe.timings = Timings() if pipe is not self else pipe.timings
+            conds.append(pipe._conditioning(prompt, negative, clip_skip, size, height, width))
 
         shape = (1, m.latent_channels, height // m.vae_downscale, width // m.vae_downscale)
         latent = None
@@ -192,9 +277,6 @@ class Pipeline:
             self._done(encoder)
         x = noisy_start(float(sigmas[0]), rng.randn(shape), latent)
 
-        unet = self._open("unet")
-        denoiser = make_denoiser(self._unet_fn(unet), self.schedule, m.prediction, cond, uncond, guidance,
-                                 split_batch=self.split_guidance)
         total = len(sigmas) - 1
         last = [time.perf_counter()]
 
@@ -203,18 +285,21 @@ class Pipeline:
             self.timings.steps.append(now - last[0])
             last[0] = now
             if progress:
-                progress(i + 1, total)
+                progress(len(self.timings.steps), total)
 
         if progress:
             progress(0, total)
-        x = sample_fn(denoiser, x, sigmas, rng, on_step)
-        self._done(unet)
-
-        decoder = self._open("vae_decoder")
+        for (pipe, part), (cond, uncond) in zip(stages, conds, strict=True):
+            x = pipe._sample(x, part, cond, uncond, guidance, sampler, rng, on_step)
+        finisher = stages[-1][0]
+        decoder = finisher._open("vae_decoder")  # the model that finishes decodes, as diffusers does
         started = time.perf_counter()
         pixels = vae.decode(decoder, x.astype(np.float32), m.latent_scale, m.latent_shift)
         self.timings.vae_decode = time.perf_counter() - started
-        self._done(decoder)
+        finisher._done(decoder)
+        if finisher is not self:
+            self.timings.load += finisher.timings.load
+            self.timings.text_encode += finisher.timings.text_encode
         self.timings.total = time.perf_counter() - began
 
         picture = img.to_pil(pixels)[0]
@@ -228,7 +313,22 @@ class Pipeline:
             "Model": self.package.name,
             "Denoising strength": strength if init is not None else None,
             "Clip skip": clip_skip if clip_skip > 1 else None,
+            "Refiner": refiner.package.name if refiner is not None else None,
+            "Refiner switch at": refiner_start if refiner is not None else None,
             "Version": f"edgediff {__version__}",
         }
         picture.info["parameters"] = img.a1111_parameters(prompt, negative_prompt, fields)
         return picture
+
+    def _check_refiner(self, refiner: Pipeline) -> None:
+        """A refiner continues this model's latent: it must read the same latent space."""
+        mine, theirs = self.manifest, refiner.manifest
+        same = (mine.latent_channels, mine.latent_scale, mine.latent_shift, mine.vae_downscale) == (
+            theirs.latent_channels, theirs.latent_scale, theirs.latent_shift, theirs.vae_downscale)
+        if not same:
+            raise UsageError(
+                f"--refiner {refiner.package.name} ({theirs.family}: {theirs.latent_channels} latent channels, "
+                f"scale {theirs.latent_scale}) cannot continue {self.package.name} ({mine.family}: "
+                f"{mine.latent_channels} channels, scale {mine.latent_scale}): their latent spaces differ; "
+                "pair a base with a refiner of its own family"
+            )

@@ -127,6 +127,10 @@ class Component:
                 _return_freed_memory()
         return self._session
 
+    @property
+    def input_names(self) -> list[str]:
+        return [arg.name for arg in self.session.get_inputs()]
+
     def input_type(self, name: str):
         for arg in self.session.get_inputs():
             if arg.name == name:

@@ -53,16 +53,20 @@ def encode_chunks(
     run: Callable[[np.ndarray], dict[str, np.ndarray]],
     chunks: list[list[int]],
     clip_skip: int,
+    hidden_layer: int = 1,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Run the text encoder on each chunk; concatenate the chosen hidden layer along tokens.
 
-    Returns context [1, chunks*max_length, D] and the first chunk's pooled output (or None).
+    The layer is `hidden_layer` from the last (the one the model was trained on), and
+    `clip_skip - 1` more. Returns context [1, chunks*max_length, D] and the first chunk's pooled
+    output (or None).
     """
     outputs = run(np.asarray(chunks, dtype=np.int64))
     hidden = outputs["hidden_states"]  # [layers, chunks, T, D]
-    if not 1 <= clip_skip <= hidden.shape[0]:
-        raise UsageError(f"--clip-skip must be between 1 and {hidden.shape[0]} for this model (got {clip_skip})")
-    chosen = hidden[-clip_skip]
+    most = hidden.shape[0] - hidden_layer + 1
+    if not 1 <= clip_skip <= most:
+        raise UsageError(f"--clip-skip must be between 1 and {most} for this model (got {clip_skip})")
+    chosen = hidden[-(hidden_layer + clip_skip - 1)]
     context = chosen.reshape(1, -1, chosen.shape[-1]).astype(np.float32)
     pooled = outputs.get("pooled_output")
     return context, (None if pooled is None else pooled[:1].astype(np.float32))

@@ -16,12 +16,22 @@ def psnr(a, b) -> float:
 
 
 def diffusers_pipeline(folder, img2img: bool = False):
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+    """The pipeline class the folder's model_index.json names (its image-to-image twin when
+    `img2img`)."""
+    from diffusers import AutoPipelineForImage2Image, DiffusionPipeline
 
-    cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
-    pipe = cls.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    cls = AutoPipelineForImage2Image if img2img else DiffusionPipeline
+    extra = {"safety_checker": None, "requires_safety_checker": False} if "XL" not in _class_name(folder) else {}
+    pipe = cls.from_pretrained(folder, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _class_name(folder) -> str:
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(folder) / "model_index.json").read_text())["_class_name"]
 
 
 def _at_timesteps(cls, timesteps_fn):

@@ -152,3 +152,32 @@ def test_console_script_exit_codes_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "edgediff.cli", "generate"], capture_output=True, text=True)
     assert proc.returncode == 2 and "the following arguments are required" in proc.stderr
+
+
+def test_sdxl_base_and_refiner_from_the_command_line(tiny_package, tmp_path, capsys):
+    out = tmp_path / "xl.png"
+    code, stdout, _ = run(capsys, "generate", "-m", str(tiny_package("sdxl")), "--refiner",
+                          str(tiny_package("sdxl-refiner")), "--refiner-start", "0.7", "-p", "a cat",
+                          "--steps", "5", "--width", "64", "--height", "64", "--original-size", "512", "512",
+                          "--crop", "0", "8", "--aesthetic-score", "7", "-o", str(out))
+    assert code == 0 and f"wrote {out}" in stdout
+    with Image.open(out) as img:
+        assert "Refiner: sdxl-refiner, Refiner switch at: 0.7" in img.text["parameters"]
+
+
+@pytest.mark.parametrize(("model", "extra", "message"), [
+    ("sdxl-refiner", (), "is a refiner (sdxl-refiner): it finishes an image, it does not start one"),
+    ("sd1", ("--refiner", "REFINER"), "their latent spaces differ"),
+    ("sdxl", ("--refiner", "REFINER", "--refiner-start", "1"), "--refiner-start must be in (0, 1) (got 1.0)"),
+    ("sdxl", ("--refiner", "REFINER", "--refiner-start", "0.0001"), "leaves the base no step"),
+    ("sdxl", ("--refiner", "REFINER", "--refiner-start", "0.9999"), "leaves the refiner no step"),
+    ("sdxl", ("--original-size", "0", "64"), "--original-size must be two positive integers"),
+    ("sdxl", ("--target-size", "64"), "expected 2 arguments"),
+    ("sdxl", ("--crop", "-8", "0"), "--crop must be two integers >= 0"),
+])
+def test_sdxl_usage_errors(tiny_package, tmp_path, capsys, model, extra, message):
+    extra = [str(tiny_package("sdxl-refiner")) if a == "REFINER" else a for a in extra]
+    code, _, err = run(capsys, "generate", "-m", str(tiny_package(model)), "-p", "x", "--steps", "4",
+                       "--width", "64", "--height", "64", "-o", str(tmp_path / "x.png"), *extra)
+    assert code == 2 and message in err
+    assert list(tmp_path.iterdir()) == []

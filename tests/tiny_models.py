@@ -45,6 +45,41 @@ CONFIGS = {
     ),
 }
 
+# "sdxl" and "sdxl-refiner" keep SDXL's single-file rules (64-wide heads everywhere), so they
+# round-trip through the SGM layout
+_XL_UNET = dict(block_out_channels=(64, 128), layers_per_block=1, attention_head_dim=(1, 2),
+                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+_XL_TEXT = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=1, intermediate_size=128)
+_XL_VAE = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, scaling_factor=0.13025)
+CONFIGS.update({
+    "sdxl": dict(  # text_time conditioning: pooled text (32) + 6 time ids x 8
+        unet=dict(_XL_UNET, projection_class_embeddings_input_dim=32 + 6 * 8, transformer_layers_per_block=(1, 2)),
+        text=_XL_TEXT,
+        text_2=dict(_XL_TEXT, hidden_act="gelu", projection_dim=32),
+        vae=_XL_VAE,
+        family="sdxl",
+    ),
+    "sdxl-wide": dict(  # other widths, heads and depths; attention at both levels
+        unet=dict(_XL_UNET, block_out_channels=(32, 48), norm_num_groups=16, attention_head_dim=(4, 8),
+                  transformer_layers_per_block=(2, 1), projection_class_embeddings_input_dim=24 + 6 * 8,
+                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+        text=dict(_XL_TEXT, hidden_size=48, num_attention_heads=4, num_hidden_layers=2),
+        text_2=dict(_XL_TEXT, hidden_size=32, num_attention_heads=2, hidden_act="gelu", num_hidden_layers=4,
+                    projection_dim=24),
+        vae=_XL_VAE,
+        family="sdxl",
+    ),
+    "sdxl-refiner": dict(  # one text encoder; 5 time ids (the aesthetic score replaces the target size)
+        unet=dict(_XL_UNET, projection_class_embeddings_input_dim=32 + 5 * 8),
+        text_2=dict(_XL_TEXT, hidden_act="gelu", projection_dim=32),
+        vae=_XL_VAE,
+        family="sdxl-refiner",
+    ),
+})
+
 SCHEDULER = {
     "_class_name": "PNDMScheduler",
     "beta_start": 0.00085,
@@ -59,37 +94,48 @@ SCHEDULER = {
 }
 
 
+XL_SCHEDULER = dict(SCHEDULER, _class_name="EulerDiscreteScheduler", timestep_spacing="leading",
+                    interpolation_type="linear", use_karras_sigmas=False)
+
+
 def build_tiny(dst: Path, name: str = "sd1", seed: int = 0) -> Path:
     """Write a diffusers folder for config `name`, every weight drawn from `seed`."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = CONFIGS[name]
     dst = Path(dst)
-    text_cfg = dict(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu",
-                    bos_token_id=49406, eos_token_id=49407, pad_token_id=1, projection_dim=32)
-    text_cfg.update(cfg["text"])
+    base_text = dict(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu",
+                     bos_token_id=49406, eos_token_id=49407, pad_token_id=1, projection_dim=32)
+    # (folder, tokenizer folder, model class, config, pad token), in the family's order
+    encoders = [(folder, tok, model, dict(base_text, **cfg[key]), pad) for key, folder, tok, model, pad in (
+        ("text", "text_encoder", "tokenizer", CLIPTextModel,
+         "!" if cfg["family"] == "sd2" else "<|endoftext|>"),
+        ("text_2", "text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection, "!"),
+    ) if key in cfg]
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4,
-                                cross_attention_dim=text_cfg["hidden_size"], **cfg["unet"])
+    context = sum(c["hidden_size"] for _, _, _, c, _ in encoders)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, cross_attention_dim=context,
+                                **cfg["unet"])
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
                         down_block_types=("DownEncoderBlock2D",) * len(cfg["vae"]["block_out_channels"]),
                         up_block_types=("UpDecoderBlock2D",) * len(cfg["vae"]["block_out_channels"]),
                         **cfg["vae"])
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    modules = [(unet, "unet"), (vae, "vae")]
+    modules += [(model(CLIPTextConfig(**c)), folder) for folder, _, model, c, _ in encoders]
     with torch.no_grad():  # random init leaves some layers at zero; give every weight a value
-        for module in (unet, vae, text_encoder):
+        for module, _ in modules:
             for param in module.parameters():
                 if param.ndim == 1 and torch.all(param == param.flatten()[0]):
                     param.add_(torch.randn_like(param) * 0.02)
-    for module, folder in ((unet, "unet"), (vae, "vae"), (text_encoder, "text_encoder")):
+    for module, folder in modules:
         module.save_pretrained(dst / folder)
-    pad = "!" if cfg["family"] == "sd2" else "<|endoftext|>"
-    write_clip_tokenizer(dst / "tokenizer", pad_token=pad)
-    scheduler = dict(SCHEDULER, prediction_type=cfg.get("prediction", "epsilon"))
+    for _, tok, _, _, pad in encoders:
+        write_clip_tokenizer(dst / tok, pad_token=pad)
+    xl = cfg["family"].startswith("sdxl")
+    scheduler = dict(XL_SCHEDULER if xl else SCHEDULER, prediction_type=cfg.get("prediction", "epsilon"))
     (dst / "scheduler").mkdir(parents=True, exist_ok=True)
     (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-    write_model_index(dst)
+    write_model_index(dst, cfg["family"])
     return dst
-

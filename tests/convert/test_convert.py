@@ -8,10 +8,12 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
+from PIL import Image
 
 from edgediff.convert import convert
 from edgediff.errors import SourceError, UsageError
 from edgediff.runtime import Pipeline
+from edgediff.runtime.safetensors_file import read_safetensors_header
 
 from ldm_checkpoint import write_ldm_checkpoint
 from reference import psnr
@@ -150,3 +152,21 @@ def _umask(os) -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@pytest.mark.parametrize("name", ["sdxl", "sdxl-refiner"])
+def test_sdxl_single_file_gives_the_same_image(tiny_source, tiny_package, tmp_path, name):
+    """The SGM layout: `conditioner.embedders.N.*`, the second text encoder in OpenCLIP's names
+    with q, k and v fused, `label_emb` for the added conditioning."""
+    ckpt = write_ldm_checkpoint(tiny_source(name), tmp_path / f"{name}.safetensors", family=name)
+    keys = set(read_safetensors_header(ckpt)[0])
+    assert any(".attn.in_proj_weight" in k for k in keys) and "model.diffusion_model.label_emb.0.0.weight" in keys
+    out = tmp_path / "from-single"
+    manifest = convert(ckpt, out)
+    assert manifest.family == name and manifest.source["layout"] == "ldm"
+    args = dict(steps=5, seed=11, width=64, height=64, sampler="euler", schedule="normal")
+    if name == "sdxl-refiner":
+        args.update(init_image=Image.new("RGB", (64, 64), (200, 40, 40)), strength=0.5)
+    a = Pipeline(out, device="cpu").generate("a blue square", "red", **args)
+    b = Pipeline(tiny_package(name), device="cpu").generate("a blue square", "red", **args)
+    assert psnr(a, b) >= 45.0

@@ -351,3 +351,19 @@ def test_usage_errors_come_before_any_work(tiny_source, tmp_path):
         convert(tiny_source("sd1"), tmp_path / "m", fmt="gguf")
     with pytest.raises(EdgediffError, match="unknown precision 'q4_0'"):
         convert(tiny_source("sd1"), tmp_path / "m", precision="q4_0")
+
+
+@pytest.mark.parametrize("kind", ["f32", "q8_0"])
+def test_sdxl_gguf(tiny_source, tiny_package, tmp_path, kind):
+    """SDXL writes and runs as SD 1.x does: both text encoders under stable-diffusion.cpp's
+    names, the added conditioning (`label_emb`) with the UNet."""
+    path = convert(tiny_source("sdxl"), tmp_path / "xl.gguf", precision=kind) and tmp_path / "xl.gguf"
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["model.diffusion_model.label_emb.0.0.weight"] == ("F32" if kind == "f32" else "F16")  # an embedding
+    assert types["cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"] == kind.upper()
+    assert types["cond_stage_model.1.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"] == kind.upper()
+    args = dict(steps=6, width=64, height=64)
+    reference = [Pipeline(tiny_package("sdxl"), device="cpu").generate(PROMPT, "blurry", seed=s, **args) for s in (0, 1)]
+    got = [Pipeline(path, device="cpu").generate(PROMPT, "blurry", seed=s, **args) for s in (0, 1)]
+    quality = np.mean([psnr(a, b) for a, b in zip(reference, got, strict=True)])
+    assert quality == float("inf") if kind == "f32" else quality >= FLOORS[kind]

@@ -46,7 +46,7 @@ def _reference(source, name: str, sampler: str, schedule: str, ours: Pipeline, i
     steps = {"num_inference_steps": STEPS}
     if "timesteps" in extra:
         steps = {"timesteps": [int(t) for t in extra["timesteps"](STEPS)]}
-    prompts = {} if "prompt_embeds" in kw else {"prompt": PROMPT, "negative_prompt": NEGATIVE}
+    prompts = {} if "prompt_embeds" in kw or "prompt" in kw else {"prompt": PROMPT, "negative_prompt": NEGATIVE}
     image = pipe(**prompts, guidance_scale=7.5,
                  generator=torch.Generator().manual_seed(1234), **steps, **kw).images[0]
     pipe.scheduler = pipe.scheduler.__class__.from_config(base)
@@ -104,3 +104,81 @@ def test_clip_skip_matches_diffusers(tiny_source, tiny_package):
                           seed=1234, width=SIZE, height=SIZE)
     assert psnr(ref, image) >= FP32_PSNR
     assert psnr(plain, image) < 40  # the layer really changed
+
+
+XL_CASES = [
+    ("sdxl", "euler", "normal"),
+    ("sdxl", "euler_a", "normal"),
+    ("sdxl", "dpmpp_2m", "karras"),
+    ("sdxl", "heun", "normal"),
+    ("sdxl-wide", "euler", "normal"),
+    ("sdxl-wide", "dpmpp_2m", "karras"),
+    ("sdxl-wide", "ddim", "normal"),
+]
+
+
+@pytest.mark.parametrize(("name", "sampler", "schedule"), XL_CASES)
+def test_sdxl_txt2img_matches_diffusers(tiny_source, tiny_package, name, sampler, schedule):
+    """Two text encoders side by side, the pooled vector and the size time ids."""
+    ours = Pipeline(tiny_package(name), device="cpu")
+    image = ours.generate(PROMPT, NEGATIVE, steps=STEPS, guidance=7.5, sampler=sampler,
+                          schedule=schedule, seed=1234, width=SIZE, height=SIZE)
+    ref = _reference(tiny_source(name), name, sampler, schedule, ours, width=SIZE, height=SIZE)
+    assert psnr(ref, image) >= FP32_PSNR
+
+
+def test_sdxl_size_conditioning_and_empty_negative_match_diffusers(tiny_source, tiny_package):
+    """SDXL's empty negative prompt is zeros (force_zeros_for_empty_prompt), and the original
+    size and crop reach the UNet."""
+    from edgediff.runtime.conditioning import SizeConditioning
+
+    ours = Pipeline(tiny_package("sdxl"), device="cpu")
+    size = SizeConditioning(original_size=(256, 192), crop=(16, 8))
+    image = ours.generate(PROMPT, "", steps=STEPS, guidance=7.5, sampler="euler", schedule="normal",
+                          seed=1234, width=SIZE, height=SIZE, size_conditioning=size)
+    ref = _reference(tiny_source("sdxl"), "sdxl", "euler", "normal", ours, width=SIZE, height=SIZE,
+                     prompt=PROMPT, negative_prompt=None, original_size=(256, 192),
+                     crops_coords_top_left=(16, 8))
+    plain = ours.generate(PROMPT, "", steps=STEPS, guidance=7.5, sampler="euler", schedule="normal",
+                          seed=1234, width=SIZE, height=SIZE)
+    assert psnr(ref, image) >= FP32_PSNR
+    assert psnr(plain, ref) < FP32_PSNR  # without the size conditioning the parity would fail
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_sdxl_refiner_img2img_matches_diffusers(tiny_source, tiny_package, sampler):
+    """The refiner alone: image to image with the aesthetic score in its time ids."""
+    ours = Pipeline(tiny_package("sdxl-refiner"), device="cpu")
+    init = _init_image()
+    image = ours.generate(PROMPT, NEGATIVE, steps=STEPS, guidance=7.5, sampler=sampler, schedule="normal",
+                          seed=1234, init_image=init, strength=0.6)
+    ref = _reference(tiny_source("sdxl-refiner"), "sdxl-refiner", sampler, "normal", ours, img2img=True,
+                     image=init, strength=0.6)
+    assert psnr(ref, image) >= FP32_PSNR
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_a", "heun", "dpmpp_2m"])
+def test_sdxl_base_to_refiner_matches_diffusers(tiny_source, tiny_package, sampler):
+    """The base to 0.8 of the schedule, the refiner on the rest, as diffusers' denoising_end /
+    denoising_start hand-off runs them (one generator, a fresh scheduler for the refiner)."""
+    import torch
+
+    base, refiner = Pipeline(tiny_package("sdxl"), device="cpu"), Pipeline(tiny_package("sdxl-refiner"), device="cpu")
+    steps = 10
+    image = base.generate(PROMPT, NEGATIVE, steps=steps, guidance=7.5, sampler=sampler, schedule="normal",
+                          seed=1234, width=SIZE, height=SIZE, refiner=refiner, refiner_start=0.8)
+    pipes = [diffusers_pipeline(tiny_source(n), img2img=n.endswith("refiner")) for n in ("sdxl", "sdxl-refiner")]
+    for pipe in pipes:
+        pipe.scheduler, extra = diffusers_scheduler(sampler, "normal", pipe.scheduler.config, base.schedule)
+    timing = {"num_inference_steps": steps}
+    if "timesteps" in extra:
+        timing = {"timesteps": [int(t) for t in extra["timesteps"](steps)]}
+    generator = torch.Generator().manual_seed(1234)
+    latents = pipes[0](PROMPT, negative_prompt=NEGATIVE, guidance_scale=7.5, width=SIZE, height=SIZE,
+                       denoising_end=0.8, output_type="latent", generator=generator, **timing).images
+    ref = pipes[1](PROMPT, negative_prompt=NEGATIVE, image=latents, guidance_scale=7.5, denoising_start=0.8,
+                   generator=generator, **timing).images[0]
+    base_only = base.generate(PROMPT, NEGATIVE, steps=steps, guidance=7.5, sampler=sampler, schedule="normal",
+                              seed=1234, width=SIZE, height=SIZE)
+    assert psnr(ref, image) >= FP32_PSNR
+    assert psnr(base_only, ref) < FP32_PSNR  # the refiner really ran
