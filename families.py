@@ -86,6 +86,7 @@ class Conditioning:
     aesthetic_score: float = 6.0  # the refiner's, for the prompt ...
     negative_aesthetic_score: float = 2.5  # ... and the negative prompt
     zero_empty_negative: bool = False  # an empty negative prompt is zeros, not encoded text
+    guidance_embedding: int = 0  # LCM: guidance enters as a `timestep_cond` of this width, not CFG
 
 
 @dataclass(frozen=True)
@@ -291,6 +292,37 @@ FAMILIES: dict[str, Family] = {
         ),
     )
 }
+
+
+# Distilled variants: the same tensors as their base family, so never detected from shapes
+# (no signatures); chosen with --family, or recognised by their scheduler config below.
+_TURBO = dict(defaults=Defaults("euler_a", "normal", 1, 0.0, 512), signatures=())
+_TURBO_SCHEDULER = {"_class_name": "EulerAncestralDiscreteScheduler", "timestep_spacing": "trailing"}
+FAMILIES.update({
+    "sd-turbo": replace(FAMILIES["sd2"], name="sd-turbo", title="SD-Turbo (SD 2.1, distilled)", **_TURBO,
+                        scheduler_config={**FAMILIES["sd2"].scheduler_config, **_TURBO_SCHEDULER}),
+    "sdxl-turbo": replace(FAMILIES["sdxl"], name="sdxl-turbo", title="SDXL-Turbo (distilled)", **_TURBO,
+                          scheduler_config={**FAMILIES["sdxl"].scheduler_config, **_TURBO_SCHEDULER}),
+})
+
+# What a source's scheduler config says about how its model is run (distilled models): the
+# first row whose keys all match overrides the family's defaults.
+SCHEDULER_DEFAULTS: tuple[tuple[Mapping[str, object], Mapping[str, object]], ...] = (
+    # LCM, and LCM-LoRA fused into a model: few steps; CFG off unless the UNet embeds guidance
+    ({"_class_name": "LCMScheduler"}, {"sampler": "lcm", "schedule": "lcm", "steps": 4, "guidance": 1.0}),
+    # SD-Turbo and SDXL-Turbo (adversarial distillation): one step, no guidance, trailing spacing
+    (_TURBO_SCHEDULER, {"sampler": "euler_a", "schedule": "normal", "steps": 1, "guidance": 0.0}),
+)
+EMBEDDED_GUIDANCE = 8.5  # diffusers' LatentConsistencyModelPipeline default
+
+
+def scheduler_defaults(config: Mapping[str, object], conditioning: Conditioning) -> dict[str, object]:
+    """Defaults implied by a scheduler config (empty when none applies)."""
+    found = next((dict(d) for match, d in SCHEDULER_DEFAULTS
+                  if all(config.get(k) == v for k, v in match.items())), {})
+    if conditioning.guidance_embedding:
+        found["guidance"] = EMBEDDED_GUIDANCE
+    return found
 
 
 def get_family(name: str) -> Family:

@@ -53,8 +53,8 @@ MODEL_INDEX = {
 }
 
 
-def write_model_index(dst: Path, family: str = "sd1") -> None:
-    index = MODEL_INDEX.get(family, SD1_MODEL_INDEX)
+def write_model_index(dst: Path, family: str = "sd1", **override) -> None:
+    index = {**MODEL_INDEX.get(family, SD1_MODEL_INDEX), **override}
     (Path(dst) / "model_index.json").write_text(json.dumps(index, indent=2))
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from edgediff import __version__
 from edgediff.convert.sources import Source, open_source
 from edgediff.errors import SourceError, UsageError
-from edgediff.families import FAMILIES, Family, detect_family, get_family
+from edgediff.families import FAMILIES, Family, detect_family, get_family, scheduler_defaults
 from edgediff.manifest import MANIFEST, ComponentEntry, Manifest, TextEncoderEntry
 
 CALIBRATION_PROMPTS = (  # varied subjects, styles and lengths, for int8 activation ranges
@@ -244,6 +244,7 @@ def _export(pipe, src: Source, src_path: Path, layout: str, tmp: Path,
             "sampler": fam.defaults.sampler, "schedule": fam.defaults.schedule,
             "steps": fam.defaults.steps, "guidance": fam.defaults.guidance,
             "width": resolution, "height": resolution,
+            **scheduler_defaults(pipe.scheduler_config, pipe.conditioning),
         },
         source={"path": str(src_path), "kind": src.kind, "layout": layout,
                 "seconds": round(time.perf_counter() - started, 1), **pipe.info},

@@ -79,7 +79,8 @@ def _wrappers():
             return torch.stack(layers, 0), pooled
 
     class UNetGraph(torch.nn.Module):
-        """The UNet with its added conditioning (SDXL's `text_embeds`, `time_ids`) as named inputs."""
+        """The UNet with its added conditioning (SDXL's `text_embeds`, `time_ids`, LCM's
+        `timestep_cond`) as named inputs."""
 
         def __init__(self, unet, extras: tuple[str, ...]):
             super().__init__()
@@ -87,8 +88,9 @@ def _wrappers():
 
         def forward(self, sample, timestep, encoder_hidden_states, *extras):
             added = dict(zip(self.extras, extras, strict=True))
+            kwargs = {"timestep_cond": added.pop("timestep_cond")} if "timestep_cond" in added else {}
             return self.unet(sample, timestep, encoder_hidden_states, return_dict=False,
-                             **({"added_cond_kwargs": added} if added else {}))[0]
+                             **({"added_cond_kwargs": added} if added else {}), **kwargs)[0]
 
     class VaeDecoderGraph(torch.nn.Module):
         def __init__(self, vae):
@@ -203,13 +205,17 @@ def export_graph(module, args: tuple, contract: Contract, path: Path) -> list[Pa
 
 
 def added_conditioning(config, time_ids: tuple[str, ...]) -> dict[str, int]:
-    """The UNet's added-conditioning inputs and their widths: SDXL's pooled text and `time_ids`
-    (each id embedded in `addition_time_embed_dim` channels)."""
-    if config.addition_embed_type != "text_time":
-        return {}
-    ids = sum(1 if name == "aesthetic_score" else 2 for name in time_ids)
-    pooled = config.projection_class_embeddings_input_dim - ids * config.addition_time_embed_dim
-    return {"text_embeds": pooled, "time_ids": ids}
+    """The UNet's inputs besides sample, timestep and text, with their widths: SDXL's pooled text
+    and `time_ids` (each id embedded in `addition_time_embed_dim` channels), LCM's guidance
+    embedding `timestep_cond`."""
+    extras = {}
+    if config.addition_embed_type == "text_time":
+        ids = sum(1 if name == "aesthetic_score" else 2 for name in time_ids)
+        extras.update(text_embeds=config.projection_class_embeddings_input_dim - ids * config.addition_time_embed_dim,
+                      time_ids=ids)
+    if config.time_cond_proj_dim:
+        extras["timestep_cond"] = config.time_cond_proj_dim
+    return extras
 
 
 def export_components(pipe, out_dir: Path, progress=None) -> dict[str, list[Path]]:

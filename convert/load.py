@@ -30,6 +30,9 @@ class TorchPipeline:
 
     def __post_init__(self):
         self.conditioning = self.conditioning or self.family.conditioning
+        width = getattr(self.unet.config, "time_cond_proj_dim", None)
+        if width:  # an LCM-distilled UNet: guidance is an input of the model
+            self.conditioning = replace(self.conditioning, guidance_embedding=int(width))
 
 
 TEXT_MODELS = {"clip": "CLIPTextModel", "clip_projection": "CLIPTextModelWithProjection"}

@@ -56,6 +56,16 @@ def time_ids(spec: Conditioning, size: SizeConditioning, height: int, width: int
     return np.asarray([[float(v) for name in spec.time_ids for v in parts[name]]], np.float32)
 
 
+def guidance_embedding(guidance: float, width: int) -> np.ndarray:
+    """LCM's `timestep_cond`: sinusoids of (guidance - 1) * 1000, [1, width] (the VDM embedding
+    diffusers' LatentConsistencyModelPipeline computes)."""
+    half = width // 2
+    freqs = np.exp(np.arange(half, dtype=np.float32) * -np.float32(np.log(10000.0) / (half - 1)))
+    angles = np.float32((guidance - 1) * 1000.0) * freqs
+    emb = np.concatenate([np.sin(angles), np.cos(angles)])
+    return np.pad(emb, (0, width % 2))[None].astype(np.float32)
+
+
 def stack(conds: list[Cond]) -> Cond:
     """One batch from several conditionings (the negative first, as diffusers orders them)."""
     return {k: np.concatenate([c[k] for c in conds]) for k in conds[0]}

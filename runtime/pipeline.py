@@ -19,7 +19,7 @@ from edgediff import __version__
 from edgediff.errors import PackageError, UsageError
 from edgediff.runtime import image as img
 from edgediff.runtime import text, vae
-from edgediff.runtime.conditioning import Cond, SizeConditioning, time_ids
+from edgediff.runtime.conditioning import Cond, SizeConditioning, guidance_embedding, time_ids
 from edgediff.runtime.denoiser import make_denoiser, noisy_start
 from edgediff.runtime.noise import TorchGenerator
 from edgediff.runtime.package import Package, open_package
@@ -138,14 +138,19 @@ class Pipeline:
         return conds
 
     def _conditioning(self, prompt: str, negative: str | None, clip_skip: int, size: SizeConditioning,
-                      height: int, width: int) -> tuple[Cond, Cond | None]:
+                      height: int, width: int, guidance: float) -> tuple[Cond, Cond | None]:
         """Everything the denoiser takes besides latent and timestep, for the prompt and the
-        negative prompt (None without guidance)."""
+        negative prompt (None without guidance: CFG off, or guidance embedded, as LCM's)."""
+        if self.manifest.conditioning.guidance_embedding:
+            negative = None
+        spec = self.manifest.conditioning
         conds = self._encode_prompts(prompt, negative, clip_skip)
         for i, cond in enumerate(conds):
-            ids = time_ids(self.manifest.conditioning, size, height, width, negative=i == 1)
+            ids = time_ids(spec, size, height, width, negative=i == 1)
             if ids is not None:
                 cond["time_ids"] = ids
+            if spec.guidance_embedding:
+                cond["timestep_cond"] = guidance_embedding(guidance, spec.guidance_embedding)
         return conds[0], (conds[1] if len(conds) > 1 else None)
 
     def _denoiser_fn(self, comp: Component, cond: Cond):
@@ -265,7 +270,7 @@ class Pipeline:
         conds = []
         for pipe, _ in stages:
             pipe.timings = Timings() if pipe is not self else pipe.timings
-            conds.append(pipe._conditioning(prompt, negative, clip_skip, size, height, width))
+            conds.append(pipe._conditioning(prompt, negative, clip_skip, size, height, width, guidance))
 
         shape = (1, m.latent_channels, height // m.vae_downscale, width // m.vae_downscale)
         latent = None

@@ -85,9 +85,27 @@ def test_each_fake_matches_exactly_its_family(family, layout):
 
 
 def test_every_family_has_both_layouts_covered():
-    assert {f for f, _ in FAKES} == set(FAMILIES)
-    for family in FAMILIES.values():
-        assert {s.layout for s in family.signatures} == {"ldm", "diffusers"}
+    detected = {f.name for f in FAMILIES.values() if f.signatures}
+    assert {f for f, _ in FAKES} == detected
+    for name in detected:
+        assert {s.layout for s in FAMILIES[name].signatures} == {"ldm", "diffusers"}
+
+
+def test_distilled_variants_are_chosen_not_detected():
+    """SD-Turbo and SDXL-Turbo have their base's tensors: --family or their scheduler config
+    picks them, and their defaults and scheduler are the distilled ones."""
+    from edgediff.families import Conditioning, scheduler_defaults
+
+    for name, base in (("sd-turbo", "sd2"), ("sdxl-turbo", "sdxl")):
+        turbo = FAMILIES[name]
+        assert not turbo.signatures and turbo.text_encoders == FAMILIES[base].text_encoders
+        assert (turbo.defaults.steps, turbo.defaults.guidance) == (1, 0.0)
+        assert turbo.scheduler_config["timestep_spacing"] == "trailing"
+        assert scheduler_defaults(turbo.scheduler_config, Conditioning())["steps"] == 1
+    assert scheduler_defaults(FAMILIES["sdxl"].scheduler_config, Conditioning()) == {}
+    lcm = {"_class_name": "LCMScheduler"}
+    assert scheduler_defaults(lcm, Conditioning())["guidance"] == 1.0  # LCM-LoRA fused: CFG off
+    assert scheduler_defaults(lcm, Conditioning(guidance_embedding=256))["guidance"] == 8.5
 
 
 def test_signatures_are_unique():

@@ -54,6 +54,10 @@ _XL_UNET = dict(block_out_channels=(64, 128), layers_per_block=1, attention_head
 _XL_TEXT = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=1, intermediate_size=128)
 _XL_VAE = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, scaling_factor=0.13025)
 CONFIGS.update({
+    "sd1-lcm": dict(  # an LCM-distilled UNet: guidance enters as a 32-wide timestep_cond
+        CONFIGS["sd1"], unet=dict(CONFIGS["sd1"]["unet"], time_cond_proj_dim=32), family="sd1",
+        scheduler="LCMScheduler", pipeline="LatentConsistencyModelPipeline",
+    ),
     "sdxl": dict(  # text_time conditioning: pooled text (32) + 6 time ids x 8
         unet=dict(_XL_UNET, projection_class_embeddings_input_dim=32 + 6 * 8, transformer_layers_per_block=(1, 2)),
         text=_XL_TEXT,
@@ -71,6 +75,15 @@ CONFIGS.update({
                     projection_dim=24),
         vae=_XL_VAE,
         family="sdxl",
+    ),
+    "sdxl-turbo": dict(  # SDXL weights with SDXL-Turbo's scheduler: euler a, trailing spacing
+        unet=dict(_XL_UNET, projection_class_embeddings_input_dim=32 + 6 * 8),
+        text=_XL_TEXT,
+        text_2=dict(_XL_TEXT, hidden_act="gelu", projection_dim=32),
+        vae=_XL_VAE,
+        family="sdxl",
+        scheduler="EulerAncestralDiscreteScheduler",
+        spacing="trailing",
     ),
     "sdxl-refiner": dict(  # one text encoder; 5 time ids (the aesthetic score replaces the target size)
         unet=dict(_XL_UNET, projection_class_embeddings_input_dim=32 + 5 * 8),
@@ -135,7 +148,10 @@ def build_tiny(dst: Path, name: str = "sd1", seed: int = 0) -> Path:
         write_clip_tokenizer(dst / tok, pad_token=pad)
     xl = cfg["family"].startswith("sdxl")
     scheduler = dict(XL_SCHEDULER if xl else SCHEDULER, prediction_type=cfg.get("prediction", "epsilon"))
+    if "scheduler" in cfg:
+        scheduler.update(_class_name=cfg["scheduler"], timestep_spacing=cfg.get("spacing", scheduler["timestep_spacing"]))
     (dst / "scheduler").mkdir(parents=True, exist_ok=True)
     (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-    write_model_index(dst, cfg["family"])
+    override = {"scheduler": ["diffusers", cfg["scheduler"]]} if "scheduler" in cfg else {}
+    write_model_index(dst, cfg["family"], **override, **({"_class_name": cfg["pipeline"]} if "pipeline" in cfg else {}))
     return dst

@@ -182,3 +182,35 @@ def test_sdxl_base_to_refiner_matches_diffusers(tiny_source, tiny_package, sampl
                               seed=1234, width=SIZE, height=SIZE)
     assert psnr(ref, image) >= FP32_PSNR
     assert psnr(base_only, ref) < FP32_PSNR  # the refiner really ran
+
+
+def test_lcm_guidance_embedding_matches_diffusers(tiny_source, tiny_package):
+    """An LCM-distilled UNet takes the guidance scale as an embedding (`timestep_cond`), with no
+    negative prompt run, as LatentConsistencyModelPipeline does."""
+    import torch
+
+    ours = Pipeline(tiny_package("sd1-lcm"), device="cpu")
+    assert ours.manifest.defaults["sampler"] == "lcm" and ours.manifest.defaults["steps"] == 4
+    image = ours.generate(PROMPT, NEGATIVE, guidance=8.0, seed=1234, width=SIZE, height=SIZE)
+    pipe = diffusers_pipeline(tiny_source("sd1-lcm"))
+    ref = pipe(PROMPT, num_inference_steps=4, guidance_scale=8.0, width=SIZE, height=SIZE,
+               generator=torch.Generator().manual_seed(1234)).images[0]
+    other = ours.generate(PROMPT, NEGATIVE, guidance=2.0, seed=1234, width=SIZE, height=SIZE)
+    assert psnr(ref, image) >= FP32_PSNR
+    assert psnr(other, ref) < psnr(ref, image) - 10  # the guidance really enters the model
+
+
+def test_sdxl_turbo_defaults_match_diffusers(tiny_source, tiny_package):
+    """A Turbo model's scheduler config (euler ancestral, trailing spacing) gives its defaults:
+    one step, guidance off, as SDXL-Turbo is run with diffusers."""
+    import torch
+
+    ours = Pipeline(tiny_package("sdxl-turbo"), device="cpu")
+    d = ours.manifest.defaults
+    assert (d["sampler"], d["steps"], d["guidance"]) == ("euler_a", 1, 0.0)
+    for steps in (1, 4):
+        image = ours.generate(PROMPT, steps=steps, seed=1234, width=SIZE, height=SIZE)
+        pipe = diffusers_pipeline(tiny_source("sdxl-turbo"))
+        ref = pipe(PROMPT, num_inference_steps=steps, guidance_scale=0.0, width=SIZE, height=SIZE,
+                   generator=torch.Generator().manual_seed(1234)).images[0]
+        assert psnr(ref, image) >= FP32_PSNR
