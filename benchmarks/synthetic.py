@@ -28,7 +28,27 @@ SD15 = {
                   "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
                   "trained_betas": None},
 }
-ARCHITECTURES = {"sd15": SD15}
+_CLIP_L = SD15["text"]
+# Stable Diffusion XL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0 configs)
+SDXL = {
+    "family": "sdxl",
+    "unet": dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                 transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+    "vae": dict(SD15["vae"], sample_size=1024, scaling_factor=0.13025),
+    "text": _CLIP_L,
+    "text_2": dict(_CLIP_L, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                   hidden_act="gelu", projection_dim=1280),
+    "scheduler": {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
+                  "timestep_spacing": "leading", "interpolation_type": "linear", "use_karras_sigmas": False,
+                  "prediction_type": "epsilon"},
+}
+ARCHITECTURES = {"sd15": SD15, "sdxl": SDXL}
 
 
 SD1_MODEL_INDEX = {  # what diffusers' and optimum's pipelines read to know the folder's parts
@@ -59,22 +79,32 @@ def write_model_index(dst: Path, family: str = "sd1", **override) -> None:
 
 
 def build(name: str, dst: Path, seed: int = 0) -> Path:
+    """Write the diffusers folder of architecture `name`, one component at a time (a full-size
+    SDXL UNet alone is 10 GB at fp32)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     import edgediff.convert
 
     arch = ARCHITECTURES[name]
     dst = Path(dst)
     torch.manual_seed(seed)
-    UNet2DConditionModel(**arch["unet"]).save_pretrained(dst / "unet")
-    AutoencoderKL(**arch["vae"]).save_pretrained(dst / "vae")
-    CLIPTextModel(CLIPTextConfig(**arch["text"])).save_pretrained(dst / "text_encoder")
-    shutil.copytree(Path(edgediff.convert.__file__).parent / "data" / "clip_tokenizer", dst / "tokenizer")
+    tokenizer = Path(edgediff.convert.__file__).parent / "data" / "clip_tokenizer"
+    parts = [("unet", lambda: UNet2DConditionModel(**arch["unet"])), ("vae", lambda: AutoencoderKL(**arch["vae"])),
+             ("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**arch["text"])))]
+    if "text_2" in arch:
+        parts.append(("text_encoder_2", lambda: CLIPTextModelWithProjection(CLIPTextConfig(**arch["text_2"]))))
+    for folder, make in parts:
+        make().save_pretrained(dst / folder)  # each module is freed before the next is made
+    shutil.copytree(tokenizer, dst / "tokenizer")
+    if "text_2" in arch:  # SDXL's second tokenizer pads with "!"
+        shutil.copytree(tokenizer, dst / "tokenizer_2")
+        special = dst / "tokenizer_2" / "special_tokens_map.json"
+        special.write_text(json.dumps({**json.loads(special.read_text()), "pad_token": "!"}, indent=2))
     (dst / "scheduler").mkdir(exist_ok=True)
     (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps(arch["scheduler"], indent=2))
-    write_model_index(dst)
+    write_model_index(dst, arch.get("family", "sd1"))
     return dst
 
 
