@@ -131,16 +131,18 @@ def ldm_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def to_ldm_state_dict(folder: Path, family: str = "sd1") -> dict:
+def to_ldm_state_dict(folder: Path, family: str | None = None) -> dict:
     """The single-file state dict (torch tensors) of a diffusers folder: LDM layout for SD 1.x,
-    SGM layout (`conditioner.embedders.N.*`) for SDXL."""
+    SGM layout (`conditioner.embedders.N.*`) for SDXL. The family is detected when not given."""
     import json
 
     from safetensors.torch import load_file
 
-    from edgediff.families import get_family
+    from edgediff.convert.sources import open_source
+    from edgediff.families import detect_family, get_family
 
     folder = Path(folder)
+    family = family or detect_family(open_source(folder).shapes, str(folder))[0].name
     out: dict = {}
     unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
     for k, v in load_file(folder / "unet" / "diffusion_pytorch_model.safetensors").items():
@@ -158,7 +160,7 @@ def to_ldm_state_dict(folder: Path, family: str = "sd1") -> dict:
     return out
 
 
-def write_ldm_checkpoint(folder: Path, path: Path, state: dict | None = None, family: str = "sd1") -> Path:
+def write_ldm_checkpoint(folder: Path, path: Path, state: dict | None = None, family: str | None = None) -> Path:
     from safetensors.torch import save_file
 
     state = to_ldm_state_dict(folder, family) if state is None else state

@@ -116,15 +116,14 @@ class Pipeline:
         for entry in m.text_encoders:
             tok = self._tokenizer(entry.tokenizer)
             pad = tok.token_to_id(entry.pad_token)
-            chunks[entry.component] = [text.chunk_prompt(tok, t, entry.max_length, pad) for t in texts]
-        count = max(len(c) for per_text in chunks.values() for c in per_text)  # equal lengths for guidance
+            chunks[entry.component] = [(text.chunk_prompt(tok, t, entry.max_length, pad), tok, pad) for t in texts]
+        count = max(len(c) for per_text in chunks.values() for c, _, _ in per_text)  # equal lengths for guidance
         conds: list[Cond] = [{} for _ in texts]
         for entry in m.text_encoders:
-            tok = self._tokenizer(entry.tokenizer)
             encoder = self._open(entry.component)
             started = time.perf_counter()
-            for cond, ids in zip(conds, chunks[entry.component], strict=True):
-                ids = text.pad_chunks(ids, count, tok, tok.token_to_id(entry.pad_token))
+            for cond, (ids, tok, pad) in zip(conds, chunks[entry.component], strict=True):
+                ids = text.pad_chunks(ids, count, tok, pad)
                 context, pooled = text.encode_chunks(lambda i, e=encoder: e.run({"input_ids": i}), ids,
                                                      clip_skip, entry.hidden_layer)
                 previous = cond.get("encoder_hidden_states")
@@ -141,9 +140,9 @@ class Pipeline:
                       height: int, width: int, guidance: float) -> tuple[Cond, Cond | None]:
         """Everything the denoiser takes besides latent and timestep, for the prompt and the
         negative prompt (None without guidance: CFG off, or guidance embedded, as LCM's)."""
-        if self.manifest.conditioning.guidance_embedding:
-            negative = None
         spec = self.manifest.conditioning
+        if spec.guidance_embedding:
+            negative = None
         conds = self._encode_prompts(prompt, negative, clip_skip)
         for i, cond in enumerate(conds):
             ids = time_ids(spec, size, height, width, negative=i == 1)
@@ -226,7 +225,7 @@ class Pipeline:
         sampler = sampler or str(d["sampler"])
         schedule = schedule or str(d["schedule"])
         seed = random.randrange(2**32) if seed is None else int(seed)
-        get_sampler(sampler)
+        get_sampler(sampler)  # an unknown name fails before any work
         size = size_conditioning or SizeConditioning()
         size.check()
         sigmas = get_sigmas(schedule, self.schedule, steps)
@@ -267,10 +266,9 @@ class Pipeline:
         began = time.perf_counter()
         rng = TorchGenerator(seed)
         negative = negative_prompt if guidance > 1 else None
-        conds = []
-        for pipe, _ in stages:
-            pipe.timings = Timings() if pipe is not self else pipe.timings
-            conds.append(pipe._conditioning(prompt, negative, clip_skip, size, height, width, guidance))
+        if refiner is not None:
+            refiner.timings = Timings()
+        conds = [pipe._conditioning(prompt, negative, clip_skip, size, height, width, guidance) for pipe, _ in stages]
 
         shape = (1, m.latent_channels, height // m.vae_downscale, width // m.vae_downscale)
         latent = None

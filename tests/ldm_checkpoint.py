@@ -9,7 +9,7 @@ from edgediff.convert.ldm import to_ldm_state_dict
 from edgediff.convert.ldm import write_ldm_checkpoint as _write
 
 
-def write_ldm_checkpoint(folder: Path, path: Path, ema_noise: float | None = None, family: str = "sd1") -> Path:
+def write_ldm_checkpoint(folder: Path, path: Path, ema_noise: float | None = None, family: str | None = None) -> Path:
     """With `ema_noise`, the UNet weights are also stored as `model_ema.*` copies and the plain
     copies perturbed by that much, as training checkpoints hold them (so a test can tell which
     copy was used)."""

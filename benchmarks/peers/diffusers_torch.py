@@ -62,7 +62,7 @@ def run(config: dict) -> dict:
         torch.set_num_threads(int(config["threads"]))
     dtype = torch.bfloat16 if config["variant"] == "bf16" else torch.float32
     started = time.perf_counter()
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+    pipe = diffusers.DiffusionPipeline.from_pretrained(  # the class its model_index.json names
         config["diffusers"], torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
     load = time.perf_counter() - started
     result = measure(pipe, config)
