@@ -243,8 +243,19 @@ def added_conditioning(config, time_ids: tuple[str, ...]) -> dict[str, int]:
     return extras
 
 
+def _release(module):
+    """What the pipeline keeps of an exported module: its config. Once the caller drops its own
+    reference the weights are freed (a diffusers folder's are mapped from the file, and mapped
+    pages count as resident once read), so one component at a time is in memory: converting
+    full-size SDXL peaks at the UNet's 10 GB plus the exporter's own, not at the whole model."""
+    import types
+
+    return types.SimpleNamespace(config=module.config)
+
+
 def export_components(pipe, out_dir: Path, progress=None) -> dict[str, list[Path]]:
-    """Export every component of a TorchPipeline under `out_dir` in optimum's folder layout."""
+    """Export every component of a TorchPipeline under `out_dir` in optimum's folder layout,
+    releasing each module once it is written."""
     torch = require("torch", "convert", "Exporting to ONNX")
     TextEncoderGraph, UNetGraph, VaeDecoderGraph, VaeEncoderGraph = _wrappers()
     written: dict[str, list[Path]] = {}
@@ -253,13 +264,15 @@ def export_components(pipe, out_dir: Path, progress=None) -> dict[str, list[Path
         if progress:
             progress(name)
 
-    for spec, model, _ in pipe.text_encoders:
+    for i, (spec, model, tokenizer) in enumerate(pipe.text_encoders):
         step(spec.component)
         ids = torch.zeros((1, spec.max_length), dtype=torch.int64)
         written[spec.component] = export_graph(
             TextEncoderGraph(model, spec.norm_hidden), (ids,), TEXT_ENCODER,
             out_dir / spec.component / "model.onnx",
         )
+        pipe.text_encoders[i] = (spec, _release(model), tokenizer)
+        del model
 
     unet, vae = pipe.unet, pipe.vae
     fused = _fused_attention()
@@ -280,6 +293,8 @@ def export_components(pipe, out_dir: Path, progress=None) -> dict[str, list[Path
          *(torch.randn(1, width) for width in extras.values())),
         contract, out_dir / "unet" / "model.onnx",
     )
+    pipe.unet = _release(unet)
+    del unet, model
     latent = vae.config.latent_channels
     down = 2 ** (len(vae.config.block_out_channels) - 1)
     step("vae_decoder")
@@ -292,4 +307,5 @@ def export_components(pipe, out_dir: Path, progress=None) -> dict[str, list[Path
         VaeEncoderGraph(vae), (torch.randn(1, vae.config.in_channels, 8 * down, 8 * down),), VAE_ENCODER,
         out_dir / "vae_encoder" / "model.onnx",
     )
+    pipe.vae = _release(vae)
     return written

@@ -149,7 +149,9 @@ def build_tiny(dst: Path, name: str = "sd1", seed: int = 0) -> Path:
     xl = cfg["family"].startswith("sdxl")
     scheduler = dict(XL_SCHEDULER if xl else SCHEDULER, prediction_type=cfg.get("prediction", "epsilon"))
     if "scheduler" in cfg:
-        scheduler.update(_class_name=cfg["scheduler"], timestep_spacing=cfg.get("spacing", scheduler["timestep_spacing"]))
+        scheduler["_class_name"] = cfg["scheduler"]
+    if "spacing" in cfg:
+        scheduler["timestep_spacing"] = cfg["spacing"]
     (dst / "scheduler").mkdir(parents=True, exist_ok=True)
     (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     override = {"scheduler": ["diffusers", cfg["scheduler"]]} if "scheduler" in cfg else {}
