@@ -51,12 +51,28 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _remove_stale(output: Path) -> None:
+    """Scratch folders of earlier conversions of `output` whose process is gone (killed by the
+    out-of-memory killer or a power cut: no cleanup ran). A full-size model leaves gigabytes."""
+    for path in output.parent.glob(f".{output.name}.partial-*"):
+        pid = path.name.rsplit("-", 1)[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            _remove(path)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 @contextlib.contextmanager
 def _atomic(output: Path, overwrite: bool, folder: bool) -> Iterator[Path]:
     output = Path(output)
     check_output(output, overwrite)
     created = [p for p in reversed(output.parents) if not p.exists()]  # made here, removed on failure
     output.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(output)
     scratch = output.parent / f".{output.name}.partial-{os.getpid()}"
     _remove(scratch)
     if folder:
