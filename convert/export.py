@@ -266,6 +266,7 @@ def export_components(pipe, out_dir: Path, progress=None) -> dict[str, list[Path
 
     for i, (spec, model, tokenizer) in enumerate(pipe.text_encoders):
         step(spec.component)
+        pipe.ready(spec.component)
         ids = torch.zeros((1, spec.max_length), dtype=torch.int64)
         written[spec.component] = export_graph(
             TextEncoderGraph(model, spec.norm_hidden), (ids,), TEXT_ENCODER,
@@ -274,6 +275,8 @@ def export_components(pipe, out_dir: Path, progress=None) -> dict[str, list[Path
         pipe.text_encoders[i] = (spec, _release(model), tokenizer)
         del model
 
+    pipe.ready("unet")
+    pipe.ready("vae")
     unet, vae = pipe.unet, pipe.vae
     fused = _fused_attention()
     for model in (unet, vae):

@@ -4,6 +4,7 @@ own converters; the architecture is read from tensor shapes, the rest from the f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field, replace
@@ -27,6 +28,14 @@ class TorchPipeline:
     scheduler_config: dict
     info: dict = field(default_factory=dict)
     conditioning: Conditioning | None = None  # the family's unless the source says otherwise
+    # component -> what fills its (empty) module with weights; run by `ready` just before the
+    # module is exported, so a single file's components are in memory one at a time
+    loaders: dict = field(default_factory=dict)
+
+    def ready(self, component: str) -> None:
+        load = self.loaders.pop(component, None)
+        if load is not None:
+            load()
 
     def __post_init__(self):
         self.conditioning = self.conditioning or self.family.conditioning
@@ -195,10 +204,9 @@ def _vae_ldm_config(shapes: dict) -> dict:
     }
 
 
-def _clip_from_ldm(shapes: dict, spec: TextEncoder, state: dict | None):
+def _clip_from_ldm(shapes: dict, spec: TextEncoder):
     """A transformers CLIP text model of the architecture the single-file `shapes` describe
-    (transformers' names, or OpenCLIP's with fused q/k/v), with the weights of `state` (None:
-    random weights, for exporting a weight-less graph)."""
+    (transformers' names, or OpenCLIP's with fused q/k/v)."""
     transformers = require("transformers", "convert", "Converting a model")
 
     open_clip = spec.ldm_layout == "open_clip"
@@ -227,23 +235,25 @@ def _clip_from_ldm(shapes: dict, spec: TextEncoder, state: dict | None):
         eos_token_id=49407,
         projection_dim=shapes[p + "text_projection"][1] if open_clip else hidden,
     )
-    model = getattr(transformers, TEXT_MODELS[spec.kind])(config)
-    if state is not None:
-        from diffusers.loaders.single_file_utils import (
-            convert_ldm_clip_checkpoint,
-            convert_open_clip_checkpoint,
-        )
+    return getattr(transformers, TEXT_MODELS[spec.kind])(config)
 
-        sub = {k: v for k, v in state.items() if k.startswith(spec.ldm_prefix)}
-        if open_clip:
-            weights = convert_open_clip_checkpoint(model, sub, prefix=spec.ldm_prefix)
-        else:
-            weights = convert_ldm_clip_checkpoint(sub, remove_prefix=spec.ldm_prefix)
-        weights.pop("text_model.embeddings.position_ids", None)
-        if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers >= 5
-            weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
-        _load_strict(model, weights, "text encoder")
-    return model
+
+def _clip_weights(model, spec: TextEncoder, state: dict) -> dict:
+    """The text encoder's weights in `state` (single-file names) under the model's own names."""
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+
+    sub = {k: v for k, v in state.items() if k.startswith(spec.ldm_prefix)}
+    if spec.ldm_layout == "open_clip":
+        weights = convert_open_clip_checkpoint(model, sub, prefix=spec.ldm_prefix)
+    else:
+        weights = convert_ldm_clip_checkpoint(sub, remove_prefix=spec.ldm_prefix)
+    weights.pop("text_model.embeddings.position_ids", None)
+    if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers >= 5
+        weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
+    return weights
 
 
 def _added_conditioning(unet_config: dict, shapes: dict, family: Family) -> None:
@@ -260,8 +270,31 @@ def _added_conditioning(unet_config: dict, shapes: dict, family: Family) -> None
                        projection_class_embeddings_input_dim=adm[1])
 
 
-def _load_strict(module, weights: dict, what: str) -> None:
-    result = module.load_state_dict(weights, strict=False)
+@contextlib.contextmanager
+def _empty_parameters():
+    """Modules built inside get their parameters on the meta device: no memory, no random init
+    (buffers stay real); `_load_strict(..., assign=True)` gives them the file's tensors."""
+    torch = require("torch", "convert", "Converting a model")
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def _load_strict(module, weights: dict, what: str, assign: bool = False) -> None:
+    """Load `weights` (as fp32) into `module`; with `assign` its parameters become the given
+    tensors (a file's memory-mapped ones stay mapped, nothing is copied)."""
+    if assign:
+        weights = {k: v.float() for k, v in weights.items()}
+    result = module.load_state_dict(weights, strict=False, assign=assign)
     if result.missing_keys or result.unexpected_keys:
         raise SourceError(
             f"the {what} weights do not fit the architecture read from the checkpoint "
@@ -300,16 +333,22 @@ def ldm_architecture(shapes: dict, family: Family, prediction: str | None = None
     meta = state if state is not None else {k: torch.empty(v, device="meta") for k, v in shapes.items()}
     unet_config = sfu.create_unet_diffusers_config_from_ldm(original, meta)
     _added_conditioning(unet_config, shapes, family)
-    unet = diffusers.UNet2DConditionModel(**unet_config)
     vae_config = sfu.create_vae_diffusers_config_from_ldm(original, meta, scaling_factor=family.latent.scale)
-    vae = diffusers.AutoencoderKL(**vae_config)
+    # with weights: empty modules now, each filled from the file when it is exported
+    with _empty_parameters() if state is not None else contextlib.nullcontext():
+        unet = diffusers.UNet2DConditionModel(**unet_config)
+        vae = diffusers.AutoencoderKL(**vae_config)
+        encoders = [(te, _clip_from_ldm(shapes, te), BUNDLED_CLIP_TOKENIZER) for te in family.text_encoders]
+    loaders = {}
     if state is not None:
-        _load_strict(unet, sfu.convert_ldm_unet_checkpoint(state, unet_config), "UNet")
-        _load_strict(vae, sfu.convert_ldm_vae_checkpoint(state, vae_config), "VAE")
-    encoders = [(te, _clip_from_ldm(shapes, te, state), BUNDLED_CLIP_TOKENIZER) for te in family.text_encoders]
+        loaders["unet"] = lambda: _load_strict(unet, sfu.convert_ldm_unet_checkpoint(state, unet_config), "UNet", True)
+        loaders["vae"] = lambda: _load_strict(vae, sfu.convert_ldm_vae_checkpoint(state, vae_config), "VAE", True)
+        for spec, model, _ in encoders:
+            loaders[spec.component] = lambda s=spec, m=model: _load_strict(m, _clip_weights(m, s, state),
+                                                                           "text encoder", True)
     for module in (unet, vae, *(m for _, m, _ in encoders)):
         module.eval()
     scheduler = dict(family.scheduler_config)
     if prediction:
         scheduler["prediction_type"] = _prediction_type(prediction, "epsilon")
-    return TorchPipeline(family, encoders, unet, vae, _resolve_spacing(scheduler))
+    return TorchPipeline(family, encoders, unet, vae, _resolve_spacing(scheduler), loaders=loaders)

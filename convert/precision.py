@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgediff.errors import EdgediffError, UsageError, require
+from edgediff.errors import EdgediffError, PackageError, UsageError, require
 from edgediff.kernels import graph
 from edgediff.kernels.policy import Rule, precision_for
 
@@ -99,7 +99,11 @@ def apply_precision(
     if precision == "fp32":
         return Applied("fp32", {})
     onnx = require("onnx", "convert", "Converting precision")
-    model = onnx.load(str(path), load_external_data=True)
+    # weight-only passes read each weight from the data file as they reach it (a full-size SDXL
+    # UNet loaded whole, then rewritten, does not fit 24 GB)
+    lazy = precision in ("int8-weights", "int4")
+    model = onnx.load(str(path), load_external_data=not lazy)
+    base = path.parent if lazy else None
     kind = {"int8-weights": "int8", "int8-static": "int8"}.get(precision, precision)
 
     def choose(name: str, shape: tuple[int, ...]) -> bool:
@@ -113,9 +117,9 @@ def apply_precision(
         notes = {"io": "fp32", "fp32_ops": "onnxruntime's float16.DEFAULT_OP_BLOCK_LIST"}
     elif precision in ("int8-weights", "int4"):
         bits = 8 if precision == "int8-weights" else 4
-        graph.fold_weight_transposes(model)
-        matmuls = graph.matmul_to_nbits(model, bits, BLOCK, choose)
-        convs = graph.conv_weights_to_dq(model, bits, choose, BLOCK)
+        graph.fold_weight_transposes(model, base)
+        matmuls = graph.matmul_to_nbits(model, bits, BLOCK, choose, base=base)
+        convs = graph.conv_weights_to_dq(model, bits, choose, BLOCK, base=base)
         notes = {"matmul_nbits": matmuls, "conv_dequantize": convs, "block": BLOCK,
                  "conv_weights_in_memory": "fp32 while the Conv runs (no low-bit Conv kernel)",
                  **_storage(model)}
@@ -124,7 +128,7 @@ def apply_precision(
         return Applied(precision, notes)
     else:
         raise UsageError(f"unknown precision '{precision}'")
-    save_model(model, path)
+    save_model(model, path, base)
     return Applied(precision, notes)
 
 
@@ -161,20 +165,52 @@ def _with_shapes(path: Path):
     return model
 
 
-def save_model(model, path: Path) -> list[Path]:
-    """Save, with weights beside the graph when protobuf cannot hold them."""
+def save_model(model, path: Path, base: Path | None = None) -> list[Path]:
+    """Save, with weights beside the graph in `NAME_data` when protobuf cannot hold them (or when
+    some are still external: those are copied from their file under `base`, a block at a time)."""
     import onnx
 
     from edgediff.convert.export import EXTERNAL_DATA_LIMIT
 
+    inits = model.graph.initializer
     data = path.parent / (path.name + "_data")
-    data.unlink(missing_ok=True)
-    if sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_LIMIT:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-        return [path, data]
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in inits)
+    if not external and sum(t.ByteSize() for t in inits) <= EXTERNAL_DATA_LIMIT:
+        data.unlink(missing_ok=True)
+        onnx.save_model(model, str(path))
+        return [path]
+    fresh = data.with_name(data.name + ".new")
+    with fresh.open("wb") as out:
+        for t in inits:
+            offset = out.tell()
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                info = {e.key: e.value for e in t.external_data}
+                _copy_range(Path(base or path.parent) / info["location"], int(info.get("offset", 0)),
+                            int(info["length"]), out)
+            elif t.ByteSize() >= 1024:
+                out.write(t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).tobytes())
+                t.data_location = onnx.TensorProto.EXTERNAL
+                for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                    t.ClearField(field)
+            else:
+                continue
+            del t.external_data[:]
+            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(out.tell() - offset))):
+                t.external_data.add(key=key, value=value)
     onnx.save_model(model, str(path))
-    return [path]
+    fresh.replace(data)
+    return [path, data]
+
+
+def _copy_range(src: Path, offset: int, length: int, out, chunk: int = 1 << 26) -> None:
+    with src.open("rb") as fh:
+        fh.seek(offset)
+        while length > 0:
+            block = fh.read(min(chunk, length))
+            if not block:
+                raise PackageError(f"{src}: ends before the weight at offset {offset} ({length} bytes missing)")
+            out.write(block)
+            length -= len(block)
 
 
 class _Feeds:

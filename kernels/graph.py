@@ -7,6 +7,7 @@ are rewritten is decided in one place (kernels.policy)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -23,6 +24,19 @@ def weight_name(initializer: str) -> str:
     for suffix in (TRANSPOSED, "_Q4", "_Q8"):
         initializer = initializer.removesuffix(suffix)
     return initializer
+
+
+def read_array(t: onnx.TensorProto, base: Path | None = None) -> np.ndarray:
+    """A weight's values. One kept in an external data file is read from there without loading
+    it into the graph (onnx's own reader would), so a pass over a 10 GB graph holds one weight
+    at a time."""
+    if t.data_location != TensorProto.EXTERNAL:
+        return numpy_helper.to_array(t)
+    info = {e.key: e.value for e in t.external_data}
+    count = int(np.prod(t.dims, dtype=np.int64))
+    values = np.fromfile(Path(base or ".") / info["location"], dtype=helper.tensor_dtype_to_np_dtype(t.data_type),
+                         count=count, offset=int(info.get("offset", 0)))
+    return values.reshape(tuple(t.dims))
 
 
 def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -43,7 +57,7 @@ def _replace_initializers(model: onnx.ModelProto, drop: set[str], add: list[onnx
     model.graph.initializer.extend(keep + add)
 
 
-def fold_weight_transposes(model: onnx.ModelProto) -> int:
+def fold_weight_transposes(model: onnx.ModelProto, base: Path | None = None) -> int:
     """Transpose(W) of a 2-D initializer becomes the initializer W^T (named W + '.transposed'),
     so MatMul sees a constant weight, as exporters with constant folding write it. Returns the
     number of weights folded."""
@@ -55,7 +69,7 @@ def fold_weight_transposes(model: onnx.ModelProto) -> int:
         src = node.input[0] if node.input else None
         if (node.op_type == "Transpose" and src in inits and len(inits[src].dims) == 2
                 and perm in (None, [1, 0])):
-            array = numpy_helper.to_array(inits[src]).T.copy()
+            array = read_array(inits[src], base).T.copy()
             name = src + TRANSPOSED
             if name not in folded.values():
                 new.append(numpy_helper.from_array(array, name))
@@ -75,7 +89,7 @@ def fold_weight_transposes(model: onnx.ModelProto) -> int:
 
 
 def matmul_to_nbits(model: onnx.ModelProto, bits: int, block: int, choose: Choose,
-                    symmetric: bool = False, accuracy_level: int = 0) -> int:
+                    symmetric: bool = False, accuracy_level: int = 0, base: Path | None = None) -> int:
     """MatMul(A, W[K, N] initializer) -> com.microsoft MatMulNBits with W quantized in blocks of
     `block` along K (the layout and rounding of onnxruntime's MatMulNBitsQuantizer)."""
     inits = _initializers(model)
@@ -87,7 +101,7 @@ def matmul_to_nbits(model: onnx.ModelProto, bits: int, block: int, choose: Choos
         w_init = inits[node.input[1]]
         if len(w_init.dims) != 2 or not choose(weight_name(w_init.name), tuple(w_init.dims)):
             continue
-        w = numpy_helper.to_array(w_init).astype(np.float32)
+        w = read_array(w_init, base).astype(np.float32)
         k, n = w.shape
         q = quantize_blocks(w.T, bits, block, symmetric)  # [N, blocks, block]
         data = pack_nibbles(q.q) if bits == 4 else q.q
@@ -113,7 +127,8 @@ def matmul_to_nbits(model: onnx.ModelProto, bits: int, block: int, choose: Choos
     return count
 
 
-def conv_weights_to_dq(model: onnx.ModelProto, bits: int, choose: Choose, block: int = 32) -> int:
+def conv_weights_to_dq(model: onnx.ModelProto, bits: int, choose: Choose, block: int = 32,
+                       base: Path | None = None) -> int:
     """Conv weights stored quantized behind DequantizeLinear: int8 per output channel, or int4 in
     blocks of `block` input channels (ONNX opset 21 blocked quantization). onnxruntime has no
     low-bit convolution kernel: the weight is small on disk and dequantized when the Conv runs."""
@@ -126,13 +141,13 @@ def conv_weights_to_dq(model: onnx.ModelProto, bits: int, choose: Choose, block:
         w_init = inits[node.input[1]]
         if not choose(weight_name(w_init.name), tuple(w_init.dims)):
             continue
-        w = numpy_helper.to_array(w_init).astype(np.float32)
-        base = w_init.name + f"_Q{bits}"
+        w = read_array(w_init, base).astype(np.float32)
+        name = w_init.name + f"_Q{bits}"
         if bits == 8:
             absmax = np.abs(w.reshape(w.shape[0], -1)).max(1).astype(np.float64)
             scale = np.where(absmax > 0, absmax / 127, 1.0).astype(np.float32)
             q = np.clip(np.round(w / scale.reshape(-1, 1, 1, 1)), -127, 127).astype(np.int8)
-            tensors = [numpy_helper.from_array(q, base), numpy_helper.from_array(scale, base + "_scale")]
+            tensors = [numpy_helper.from_array(q, name), numpy_helper.from_array(scale, name + "_scale")]
             attrs = {"axis": 0}
         else:
             o, i, kh, kw = w.shape
@@ -143,12 +158,12 @@ def conv_weights_to_dq(model: onnx.ModelProto, bits: int, choose: Choose, block:
             q = signed.transpose(0, 3, 1, 2)
             scale = blocks.scale.reshape(o, kh, kw, -1).transpose(0, 3, 1, 2).astype(np.float32)
             packed = pack_nibbles((q.reshape(-1) & 0x0F).astype(np.uint8)[None])[0]
-            tensors = [helper.make_tensor(base, TensorProto.INT4, list(q.shape), packed.tobytes(), raw=True),
-                       numpy_helper.from_array(np.ascontiguousarray(scale), base + "_scale")]
+            tensors = [helper.make_tensor(name, TensorProto.INT4, list(q.shape), packed.tobytes(), raw=True),
+                       numpy_helper.from_array(np.ascontiguousarray(scale), name + "_scale")]
             attrs = {"axis": 1, "block_size": b}
         new += tensors
-        out = base + "_dequantized"
-        dq_nodes.append(helper.make_node("DequantizeLinear", [base, base + "_scale"], [out],
+        out = name + "_dequantized"
+        dq_nodes.append(helper.make_node("DequantizeLinear", [name, name + "_scale"], [out],
                                          name=node.name + "_dq", **attrs))
         node.input[1] = out
         if uses.get(w_init.name, 0) == 1:

@@ -58,6 +58,25 @@ class Timings:
         return ", ".join(parts)
 
 
+class _StepClock:
+    """The samplers' step callback: seconds per step into `timings`, and progress."""
+
+    def __init__(self, timings: Timings, progress: Progress | None, total: int):
+        self.timings, self.progress, self.total = timings, progress, total
+        if progress:
+            progress(0, total)
+
+    def start(self) -> None:
+        self.last = time.perf_counter()
+
+    def __call__(self, _i, _x, _denoised) -> None:
+        now = time.perf_counter()
+        self.timings.steps.append(now - self.last)
+        self.last = now
+        if self.progress:
+            self.progress(len(self.timings.steps), self.total)
+
+
 class Pipeline:
     """A converted package ready to generate images: `Pipeline(path).generate(prompt)`."""
 
@@ -166,12 +185,13 @@ class Pipeline:
         return run
 
     def _sample(self, x, sigmas, cond: Cond, uncond: Cond | None, guidance: float, sampler: str, rng,
-                on_step) -> np.ndarray:
+                clock: _StepClock) -> np.ndarray:
         """Run the sampler over `sigmas` with this model's denoiser (opened, then released)."""
         comp = self._open(self.manifest.denoiser)
+        clock.start()  # opening the session is load time, not the first step's
         denoiser = make_denoiser(self._denoiser_fn(comp, cond), self.schedule, self.manifest.prediction,
                                  cond, uncond, guidance, split_batch=self.split_guidance)
-        x = get_sampler(sampler)(denoiser, x, sigmas, rng, on_step)
+        x = get_sampler(sampler)(denoiser, x, sigmas, rng, clock)
         self._done(comp)
         return x
 
@@ -280,20 +300,9 @@ class Pipeline:
             self._done(encoder)
         x = noisy_start(float(sigmas[0]), rng.randn(shape), latent)
 
-        total = len(sigmas) - 1
-        last = [time.perf_counter()]
-
-        def on_step(i, _x, _denoised):
-            now = time.perf_counter()
-            self.timings.steps.append(now - last[0])
-            last[0] = now
-            if progress:
-                progress(len(self.timings.steps), total)
-
-        if progress:
-            progress(0, total)
+        clock = _StepClock(self.timings, progress, len(sigmas) - 1)
         for (pipe, part), (cond, uncond) in zip(stages, conds, strict=True):
-            x = pipe._sample(x, part, cond, uncond, guidance, sampler, rng, on_step)
+            x = pipe._sample(x, part, cond, uncond, guidance, sampler, rng, clock)
         finisher = stages[-1][0]
         decoder = finisher._open("vae_decoder")  # the model that finishes decodes, as diffusers does
         started = time.perf_counter()

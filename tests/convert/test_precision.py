@@ -140,3 +140,18 @@ def test_sdxl_vae_that_needs_no_upcast_goes_fp16(tiny_source, tmp_path):
     (source / "vae" / "config.json").write_text(json.dumps({**config, "force_upcast": False}))
     manifest = convert(source, tmp_path / "xl", precision="fp16")
     assert manifest.components["vae_decoder"].precision == "fp16"
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8-weights"])
+def test_weight_passes_over_external_data_give_the_same_package(tiny_source, quantized, tmp_path, monkeypatch,
+                                                                precision):
+    """Over a graph whose weights are in a data file (every full-size UNet), the weight-only
+    passes read one weight at a time and copy the kept ones across: the same image as in memory."""
+    import edgediff.convert.export as export
+
+    monkeypatch.setattr(export, "EXTERNAL_DATA_LIMIT", 0)
+    manifest = convert(tiny_source("sd1"), tmp_path / "ext", precision=precision)
+    assert manifest.components["unet"].data_files == ("unet/model.onnx_data",)
+    assert not list((tmp_path / "ext" / "unet").glob("*.new"))
+    for a, b in zip(_images(tmp_path / "ext")[:2], _images(quantized[precision])[:2], strict=True):
+        assert psnr(a, b) == float("inf")
