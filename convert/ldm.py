@@ -161,8 +161,20 @@ def to_ldm_state_dict(folder: Path, family: str | None = None) -> dict:
 
 
 def write_ldm_checkpoint(folder: Path, path: Path, state: dict | None = None, family: str | None = None) -> Path:
-    from safetensors.torch import save_file
+    """Write the single file at fp32, one tensor at a time (safetensors' own writer holds the
+    whole file in memory: 14 GB for SDXL)."""
+    import json
 
     state = to_ldm_state_dict(folder, family) if state is None else state
-    save_file({k: v.contiguous().float() for k, v in state.items()}, str(path))
+    header, offset = {}, 0
+    for name, tensor in state.items():
+        size = tensor.numel() * 4
+        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with Path(path).open("wb") as out:
+        out.write(len(text).to_bytes(8, "little") + text)
+        for tensor in state.values():
+            out.write(memoryview(tensor.detach().float().contiguous().numpy()).cast("B"))
     return path

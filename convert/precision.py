@@ -101,7 +101,7 @@ def apply_precision(
     onnx = require("onnx", "convert", "Converting precision")
     # weight-only passes read each weight from the data file as they reach it (a full-size SDXL
     # UNet loaded whole, then rewritten, does not fit 24 GB)
-    lazy = precision in ("int8-weights", "int4")
+    lazy = precision in ("int8-weights", "int4") and path.with_name(path.name + "_data").exists()
     model = onnx.load(str(path), load_external_data=not lazy)
     base = path.parent if lazy else None
     kind = {"int8-weights": "int8", "int8-static": "int8"}.get(precision, precision)
@@ -117,7 +117,8 @@ def apply_precision(
         notes = {"io": "fp32", "fp32_ops": "onnxruntime's float16.DEFAULT_OP_BLOCK_LIST"}
     elif precision in ("int8-weights", "int4"):
         bits = 8 if precision == "int8-weights" else 4
-        graph.fold_weight_transposes(model, base)
+        spill = path.name + "_transposed" if lazy else None  # the folded weights, until saved
+        graph.fold_weight_transposes(model, base, spill)
         matmuls = graph.matmul_to_nbits(model, bits, BLOCK, choose, base=base)
         convs = graph.conv_weights_to_dq(model, bits, choose, BLOCK, base=base)
         notes = {"matmul_nbits": matmuls, "conv_dequantize": convs, "block": BLOCK,
@@ -129,6 +130,8 @@ def apply_precision(
     else:
         raise UsageError(f"unknown precision '{precision}'")
     save_model(model, path, base)
+    if lazy:
+        (path.parent / spill).unlink(missing_ok=True)
     return Applied(precision, notes)
 
 

@@ -57,22 +57,36 @@ def _replace_initializers(model: onnx.ModelProto, drop: set[str], add: list[onnx
     model.graph.initializer.extend(keep + add)
 
 
-def fold_weight_transposes(model: onnx.ModelProto, base: Path | None = None) -> int:
+def external_tensor(array: np.ndarray, name: str, out, location: str) -> onnx.TensorProto:
+    """`array` appended to the open file `out` (named `location`), as an external initializer."""
+    tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape,
+                         data_location=TensorProto.EXTERNAL)
+    offset = out.tell()
+    out.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(array.nbytes))):
+        tensor.external_data.add(key=key, value=value)
+    return tensor
+
+
+def fold_weight_transposes(model: onnx.ModelProto, base: Path | None = None, spill: str | None = None) -> int:
     """Transpose(W) of a 2-D initializer becomes the initializer W^T (named W + '.transposed'),
-    so MatMul sees a constant weight, as exporters with constant folding write it. Returns the
-    number of weights folded."""
+    so MatMul sees a constant weight, as exporters with constant folding write it. With `spill`
+    (a file name under `base`) the transposed weights go there instead of into memory. Returns
+    the number of weights folded."""
     inits = _initializers(model)
     uses = _consumers(model)
     folded, new, drop, kept_nodes = {}, [], set(), []
+    out = (Path(base) / spill).open("wb") if spill else None
     for node in model.graph.node:
         perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
         src = node.input[0] if node.input else None
         if (node.op_type == "Transpose" and src in inits and len(inits[src].dims) == 2
                 and perm in (None, [1, 0])):
-            array = read_array(inits[src], base).T.copy()
+            array = read_array(inits[src], base).T
             name = src + TRANSPOSED
             if name not in folded.values():
-                new.append(numpy_helper.from_array(array, name))
+                new.append(external_tensor(array, name, out, spill) if out else
+                           numpy_helper.from_array(array.copy(), name))
             folded[node.output[0]] = name
             if uses.get(src, 0) == 1:
                 drop.add(src)
@@ -82,6 +96,8 @@ def fold_weight_transposes(model: onnx.ModelProto, base: Path | None = None) -> 
         for i, name in enumerate(node.input):
             if name in folded:
                 node.input[i] = folded[name]
+    if out:
+        out.close()
     del model.graph.node[:]
     model.graph.node.extend(kept_nodes)
     _replace_initializers(model, drop, new)
@@ -105,14 +121,14 @@ def matmul_to_nbits(model: onnx.ModelProto, bits: int, block: int, choose: Choos
         k, n = w.shape
         q = quantize_blocks(w.T, bits, block, symmetric)  # [N, blocks, block]
         data = pack_nibbles(q.q) if bits == 4 else q.q
-        base = w_init.name + f"_Q{bits}"
-        inputs = [node.input[0], base, base + "_scales"]
-        new += [numpy_helper.from_array(np.ascontiguousarray(data), base),
-                numpy_helper.from_array(q.scale.reshape(-1).astype(np.float32), base + "_scales")]
+        name = w_init.name + f"_Q{bits}"
+        inputs = [node.input[0], name, name + "_scales"]
+        new += [numpy_helper.from_array(np.ascontiguousarray(data), name),
+                numpy_helper.from_array(q.scale.reshape(-1).astype(np.float32), name + "_scales")]
         if not symmetric:
             zp = pack_nibbles(q.zero_point, pad=8) if bits == 4 else q.zero_point
-            new.append(numpy_helper.from_array(np.ascontiguousarray(zp).reshape(-1), base + "_zero_points"))
-            inputs.append(base + "_zero_points")
+            new.append(numpy_helper.from_array(np.ascontiguousarray(zp).reshape(-1), name + "_zero_points"))
+            inputs.append(name + "_zero_points")
         attrs = {"K": k, "N": n, "bits": bits, "block_size": block}
         if accuracy_level:
             attrs["accuracy_level"] = accuracy_level
