@@ -29,6 +29,14 @@ CASES = [
     ("sd1-deep", "dpmpp_2m", "karras"),
     ("sd2-v", "euler", "normal"),
     ("sd2-v", "dpmpp_2m", "karras"),
+    # SDXL: two text encoders side by side, the pooled vector and the size time ids
+    ("sdxl", "euler", "normal"),
+    ("sdxl", "euler_a", "normal"),
+    ("sdxl", "dpmpp_2m", "karras"),
+    ("sdxl", "heun", "normal"),
+    ("sdxl-wide", "euler", "normal"),
+    ("sdxl-wide", "dpmpp_2m", "karras"),
+    ("sdxl-wide", "ddim", "normal"),
 ]
 
 _pipes: dict = {}
@@ -105,26 +113,6 @@ def test_clip_skip_matches_diffusers(tiny_source, tiny_package):
     assert psnr(ref, image) >= FP32_PSNR
     assert psnr(plain, image) < 40  # the layer really changed
 
-
-XL_CASES = [
-    ("sdxl", "euler", "normal"),
-    ("sdxl", "euler_a", "normal"),
-    ("sdxl", "dpmpp_2m", "karras"),
-    ("sdxl", "heun", "normal"),
-    ("sdxl-wide", "euler", "normal"),
-    ("sdxl-wide", "dpmpp_2m", "karras"),
-    ("sdxl-wide", "ddim", "normal"),
-]
-
-
-@pytest.mark.parametrize(("name", "sampler", "schedule"), XL_CASES)
-def test_sdxl_txt2img_matches_diffusers(tiny_source, tiny_package, name, sampler, schedule):
-    """Two text encoders side by side, the pooled vector and the size time ids."""
-    ours = Pipeline(tiny_package(name), device="cpu")
-    image = ours.generate(PROMPT, NEGATIVE, steps=STEPS, guidance=7.5, sampler=sampler,
-                          schedule=schedule, seed=1234, width=SIZE, height=SIZE)
-    ref = _reference(tiny_source(name), name, sampler, schedule, ours, width=SIZE, height=SIZE)
-    assert psnr(ref, image) >= FP32_PSNR
 
 
 def test_sdxl_size_conditioning_and_empty_negative_match_diffusers(tiny_source, tiny_package):
