@@ -26,7 +26,11 @@ def measure(pipe, config: dict) -> dict:
         timings: dict = {"steps_s": []}
         with torch.no_grad():
             t0 = time.perf_counter()
-            cond, uncond = pipe.encode_prompt(config["prompt"], "cpu", 1, guided, config["negative_prompt"])
+            out = pipe.encode_prompt(prompt=config["prompt"], device="cpu", num_images_per_prompt=1,
+                                     do_classifier_free_guidance=guided, negative_prompt=config["negative_prompt"])
+            # SD: (prompt, negative); SDXL adds both pooled vectors
+            names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+            embeds = dict(zip(names, out, strict=False))
             timings["text_encode_s"] = time.perf_counter() - t0
             last = [time.perf_counter()]
 
@@ -36,7 +40,7 @@ def measure(pipe, config: dict) -> dict:
                 last[0] = now
                 return kwargs
 
-            latents = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps,
+            latents = pipe(**embeds, num_inference_steps=steps,
                            guidance_scale=config["guidance"], width=config["size"], height=config["size"],
                            generator=torch.Generator().manual_seed(config["seed"]), output_type="latent",
                            callback_on_step_end=on_step).images
