@@ -154,7 +154,7 @@ def bare_denoiser(names) -> bool:
 
 _SD1_TE = TextEncoder()
 _SD2_TE = TextEncoder(
-    ldm_prefix="cond_stage_model.model.", hidden_act="gelu", pad_token="!"
+    ldm_prefix="cond_stage_model.model.", ldm_layout="open_clip", hidden_act="gelu", pad_token="!"
 )
 _XL_G = TextEncoder(component="text_encoder_2", tokenizer="tokenizer_2", kind="clip_projection",
                     hidden_act="gelu", norm_hidden=False, hidden_layer=2, pooled=True, pad_token="!",

@@ -336,9 +336,9 @@ def ldm_architecture(shapes: dict, family: Family, prediction: str | None = None
     vae_config = sfu.create_vae_diffusers_config_from_ldm(original, meta, scaling_factor=family.latent.scale)
     # with weights: empty modules now, each filled from the file when it is exported
     with _empty_parameters() if state is not None else contextlib.nullcontext():
+        encoders = [(te, _clip_from_ldm(shapes, te), BUNDLED_CLIP_TOKENIZER) for te in family.text_encoders]
         unet = diffusers.UNet2DConditionModel(**unet_config)
         vae = diffusers.AutoencoderKL(**vae_config)
-        encoders = [(te, _clip_from_ldm(shapes, te), BUNDLED_CLIP_TOKENIZER) for te in family.text_encoders]
     loaders = {}
     if state is not None:
         loaders["unet"] = lambda: _load_strict(unet, sfu.convert_ldm_unet_checkpoint(state, unet_config), "UNet", True)

@@ -170,3 +170,11 @@ def test_sdxl_single_file_gives_the_same_image(tiny_source, tiny_package, tmp_pa
     a = Pipeline(out, device="cpu").generate("a blue square", "red", **args)
     b = Pipeline(tiny_package(name), device="cpu").generate("a blue square", "red", **args)
     assert psnr(a, b) >= 45.0
+
+
+def test_sd2_single_file_text_encoder_is_refused_clearly(tiny_source, tmp_path):
+    """SD 2.x single files keep OpenCLIP's text encoder, which this version reads for SDXL only."""
+    ckpt = write_ldm_checkpoint(tiny_source("sd2-v"), tmp_path / "sd2.safetensors")
+    with pytest.raises(SourceError, match="SD 2.x's OpenCLIP text encoder.*convert the diffusers folder"):
+        convert(ckpt, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
