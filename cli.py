@@ -168,6 +168,16 @@ def _convert(args) -> int:
     return 0
 
 
+def _runnable(model: str, say, **parts):
+    """A package to open: the model itself, or for a GGUF file (or a model given in parts) the
+    cached package that binds its weights."""
+    if not (str(model).lower().endswith(".gguf") or any(parts.values())):
+        return model
+    from edgediff.convert.adopt import runnable
+
+    return runnable(Path(model), progress=say, **parts)
+
+
 def _generate(args) -> int:
     from edgediff.runtime import Pipeline
     from edgediff.runtime.conditioning import SizeConditioning
@@ -183,19 +193,12 @@ def _generate(args) -> int:
         from edgediff.convert import default_package
 
         model = default_package(progress=say)
-    elif str(model).lower().endswith(".gguf") or args.base or args.vae or args.text_encoder:
-        from edgediff.convert.adopt import runnable
-
-        model = runnable(Path(model), progress=say, **_parts(args))
+    else:
+        model = _runnable(model, say, **_parts(args))
     options = dict(device=args.device, threads=args.threads, low_memory=not args.keep_loaded,
                    split_guidance=args.split_guidance, weights=args.weights, accuracy_level=args.accuracy_level)
     pipe = Pipeline(model, **options)
-    refiner = args.refiner
-    if refiner and refiner.lower().endswith(".gguf"):
-        from edgediff.convert.adopt import runnable
-
-        refiner = runnable(Path(refiner), progress=say)
-    refiner = Pipeline(refiner, **options) if refiner else None
+    refiner = Pipeline(_runnable(args.refiner, say), **options) if args.refiner else None
     size = SizeConditioning(
         original_size=args.original_size and tuple(args.original_size), crop=tuple(args.crop),
         target_size=args.target_size and tuple(args.target_size), aesthetic_score=args.aesthetic_score,

@@ -88,6 +88,11 @@ class Conditioning:
     zero_empty_negative: bool = False  # an empty negative prompt is zeros, not encoded text
     guidance_embedding: int = 0  # LCM: guidance enters as a `timestep_cond` of this width, not CFG
 
+    @property
+    def time_id_count(self) -> int:
+        """Numbers in `time_ids`: two per size or crop, one for the aesthetic score."""
+        return sum(1 if name == "aesthetic_score" else 2 for name in self.time_ids)
+
 
 @dataclass(frozen=True)
 class Defaults:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgediff.errors import require
+from edgediff.kernels.graph import external_tensor
 
 OPSET = 18
 EXTERNAL_DATA_LIMIT = 1_800_000_000  # protobuf cannot hold 2 GiB: larger graphs keep weights beside
@@ -201,20 +202,11 @@ def export_graph(module, args: tuple, contract: Contract, path: Path) -> list[Pa
     size = sum(state[n].numel() * state[n].element_size() for n in weights)
     external = size > EXTERNAL_DATA_LIMIT
     data = path.parent / (path.name + "_data")
-    with open(data, "wb") if external else _nothing() as sink:
+    with open(data, "wb") if external else contextlib.nullcontext() as sink:
         for name in weights:
             array = state[name].detach().contiguous().numpy()
-            if not external:
-                model.graph.initializer.append(numpy_helper.from_array(array, name))
-                continue
-            tensor = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
-                                      dims=array.shape)
-            offset = sink.tell()
-            sink.write(memoryview(array).cast("B"))
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(array.nbytes))):
-                tensor.external_data.add(key=key, value=value)
-            model.graph.initializer.append(tensor)
+            model.graph.initializer.append(external_tensor(array, name, sink, data.name) if external
+                                           else numpy_helper.from_array(array, name))
     onnx.save_model(model, str(path))
     if not external:
         return [path]
@@ -224,18 +216,13 @@ def export_graph(module, args: tuple, contract: Contract, path: Path) -> list[Pa
     return [path, data]
 
 
-@contextlib.contextmanager
-def _nothing():
-    yield None
-
-
-def added_conditioning(config, time_ids: tuple[str, ...]) -> dict[str, int]:
+def added_conditioning(config, conditioning) -> dict[str, int]:
     """The UNet's inputs besides sample, timestep and text, with their widths: SDXL's pooled text
     and `time_ids` (each id embedded in `addition_time_embed_dim` channels), LCM's guidance
     embedding `timestep_cond`."""
     extras = {}
     if config.addition_embed_type == "text_time":
-        ids = sum(1 if name == "aesthetic_score" else 2 for name in time_ids)
+        ids = conditioning.time_id_count
         extras.update(text_embeds=config.projection_class_embeddings_input_dim - ids * config.addition_time_embed_dim,
                       time_ids=ids)
     if config.time_cond_proj_dim:
@@ -286,7 +273,7 @@ def export_components(pipe, out_dir: Path, progress=None) -> dict[str, list[Path
     # An odd latent size makes diffusers trace explicit upsample sizes, so the graph works for
     # every latent size, not only multiples of 2**levels.
     side = 2 ** (len(unet.config.block_out_channels) - 1) + 1
-    extras = added_conditioning(unet.config, pipe.family.conditioning.time_ids)
+    extras = added_conditioning(unet.config, pipe.family.conditioning)
     contract = Contract(UNET.inputs + tuple(extras), UNET.outputs,
                         {**UNET.dynamic_axes, **{name: {0: "batch"} for name in extras}})
     step("unet")
@@ -297,7 +284,7 @@ def export_components(pipe, out_dir: Path, progress=None) -> dict[str, list[Path
         contract, out_dir / "unet" / "model.onnx",
     )
     pipe.unet = _release(unet)
-    del unet, model
+    del unet
     latent = vae.config.latent_channels
     down = 2 ** (len(vae.config.block_out_channels) - 1)
     step("vae_decoder")

@@ -256,7 +256,7 @@ def _clip_weights(model, spec: TextEncoder, state: dict) -> dict:
     return weights
 
 
-def _added_conditioning(unet_config: dict, shapes: dict, family: Family) -> None:
+def _text_time_config(unet_config: dict, shapes: dict, family: Family) -> None:
     """SDXL's `label_emb` is text_time conditioning: the pooled text and the family's time ids,
     each id in addition_time_embed_dim channels (diffusers only infers this for full-size models)."""
     adm = shapes.get(_LDM_UNET + "label_emb.0.0.weight")
@@ -264,7 +264,7 @@ def _added_conditioning(unet_config: dict, shapes: dict, family: Family) -> None
         return
     pooled = next((shapes[te.ldm_prefix + "text_projection"][1] for te in family.text_encoders
                    if te.pooled and te.ldm_prefix + "text_projection" in shapes), 1280)
-    ids = sum(1 if name == "aesthetic_score" else 2 for name in family.conditioning.time_ids)
+    ids = family.conditioning.time_id_count
     unet_config.update(class_embed_type=None, addition_embed_type="text_time",
                        addition_time_embed_dim=(adm[1] - pooled) // ids,
                        projection_class_embeddings_input_dim=adm[1])
@@ -332,7 +332,7 @@ def ldm_architecture(shapes: dict, family: Family, prediction: str | None = None
     }}}
     meta = state if state is not None else {k: torch.empty(v, device="meta") for k, v in shapes.items()}
     unet_config = sfu.create_unet_diffusers_config_from_ldm(original, meta)
-    _added_conditioning(unet_config, shapes, family)
+    _text_time_config(unet_config, shapes, family)
     vae_config = sfu.create_vae_diffusers_config_from_ldm(original, meta, scaling_factor=family.latent.scale)
     # with weights: empty modules now, each filled from the file when it is exported
     with _empty_parameters() if state is not None else contextlib.nullcontext():

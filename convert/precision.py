@@ -192,14 +192,9 @@ def save_model(model, path: Path, base: Path | None = None) -> list[Path]:
                             int(info["length"]), out)
             elif t.ByteSize() >= 1024:
                 out.write(t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).tobytes())
-                t.data_location = onnx.TensorProto.EXTERNAL
-                for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                    t.ClearField(field)
             else:
                 continue
-            del t.external_data[:]
-            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(out.tell() - offset))):
-                t.external_data.add(key=key, value=value)
+            graph.point_to(t, data.name, offset, out.tell() - offset)
     onnx.save_model(model, str(path))
     fresh.replace(data)
     return [path, data]

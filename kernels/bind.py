@@ -302,8 +302,8 @@ def _dequantize_per_run(name: str, a: Affine, dims: tuple[int, ...], nodes: list
     """A weight kept as its blocks' codes (8 bits each) and scales, turned into fp32 each time its
     node runs (onnxruntime has no low-bit convolution): the memory of the codes, not of fp32.
     Cast and Mul rather than a blocked DequantizeLinear (the same arithmetic): 2.8 against 3.7 s
-    per SD 1.5 UNet evaluation at 256x256 with CFG batch 2 here (medians of 6 warm runs, twice). Symmetric formats become signed codes; a
-    format's minimum is added."""
+    per SD 1.5 UNet evaluation at 256x256 with CFG batch 2 here (medians of 6 warm runs, twice).
+    Symmetric formats become signed codes; a format's minimum is added."""
     codes = a.codes if a.minimum is not None else (a.codes.astype(np.int16) - a.offset).astype(np.int8)
     arrays = {name + ".codes": np.ascontiguousarray(codes), name + ".scale": np.ascontiguousarray(a.scale[..., None])}
     nodes.append(helper.make_node("Cast", [name + ".codes"], [name + ".codes_f32"], to=TensorProto.FLOAT))

@@ -57,14 +57,23 @@ def _replace_initializers(model: onnx.ModelProto, drop: set[str], add: list[onnx
     model.graph.initializer.extend(keep + add)
 
 
+def point_to(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Make `tensor` read `length` bytes of the file `location` from `offset`, dropping any
+    values it held inline."""
+    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        tensor.ClearField(field)
+    tensor.data_location = TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        tensor.external_data.add(key=key, value=value)
+
+
 def external_tensor(array: np.ndarray, name: str, out, location: str) -> onnx.TensorProto:
     """`array` appended to the open file `out` (named `location`), as an external initializer."""
-    tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape,
-                         data_location=TensorProto.EXTERNAL)
+    tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
     offset = out.tell()
     out.write(memoryview(np.ascontiguousarray(array)).cast("B"))
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(array.nbytes))):
-        tensor.external_data.add(key=key, value=value)
+    point_to(tensor, location, offset, array.nbytes)
     return tensor
 
 

@@ -48,6 +48,7 @@ def make_denoiser(
     halves activation memory) and x0 = x0_u + guidance * (x0_c - x0_u).
     """
     guided = uncond is not None and guidance > 1.0
+    both_cond = stack([uncond, cond]) if guided and not split_batch else None  # once, not per step
 
     def denoise(x: np.ndarray, sigma: float) -> np.ndarray:
         sigma = float(sigma)
@@ -64,7 +65,7 @@ def make_denoiser(
             both = model(
                 np.concatenate([x_in, x_in]),
                 np.full(2 * batch, t, np.float32),
-                stack([uncond, cond]),
+                both_cond,
             )
             out_u, out_c = both[:batch], both[batch:]
         x0_u = _to_x0(prediction, x, out_u, sigma)

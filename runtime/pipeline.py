@@ -171,7 +171,12 @@ class Pipeline:
                 cond["timestep_cond"] = guidance_embedding(guidance, spec.guidance_embedding)
         return conds[0], (conds[1] if len(conds) > 1 else None)
 
-    def _denoiser_fn(self, comp: Component, cond: Cond):
+    def _sample(self, x, sigmas, cond: Cond, uncond: Cond | None, guidance: float, sampler: str, rng,
+                clock: _StepClock) -> np.ndarray:
+        """Run the sampler over `sigmas` with this model's denoiser (opened, then released), fed
+        by the names its graph declares."""
+        comp = self._open(self.manifest.denoiser)
+        clock.start()  # opening the session is load time, not the first step's
         names = set(comp.input_names)
         missing = names - {"sample", "timestep", *cond}
         if missing:
@@ -179,18 +184,13 @@ class Pipeline:
                 f"{self.package.name}: the {comp.name} graph takes {', '.join(sorted(missing))}, which this "
                 "package's manifest does not describe; re-convert it with this edgediff version"
             )
+        cond, uncond = ({k: v for k, v in c.items() if k in names} if c is not None else None for c in (cond, uncond))
 
-        def run(x, t, c):
-            return comp.run({"sample": x, "timestep": t, **{k: v for k, v in c.items() if k in names}})["out_sample"]
-        return run
+        def run(x_in, t, c):
+            return comp.run({"sample": x_in, "timestep": t, **c})["out_sample"]
 
-    def _sample(self, x, sigmas, cond: Cond, uncond: Cond | None, guidance: float, sampler: str, rng,
-                clock: _StepClock) -> np.ndarray:
-        """Run the sampler over `sigmas` with this model's denoiser (opened, then released)."""
-        comp = self._open(self.manifest.denoiser)
-        clock.start()  # opening the session is load time, not the first step's
-        denoiser = make_denoiser(self._denoiser_fn(comp, cond), self.schedule, self.manifest.prediction,
-                                 cond, uncond, guidance, split_batch=self.split_guidance)
+        denoiser = make_denoiser(run, self.schedule, self.manifest.prediction, cond, uncond, guidance,
+                                 split_batch=self.split_guidance)
         x = get_sampler(sampler)(denoiser, x, sigmas, rng, clock)
         self._done(comp)
         return x

@@ -76,15 +76,6 @@ CONFIGS.update({
         vae=_XL_VAE,
         family="sdxl",
     ),
-    "sdxl-turbo": dict(  # SDXL weights with SDXL-Turbo's scheduler: euler a, trailing spacing
-        unet=dict(_XL_UNET, projection_class_embeddings_input_dim=32 + 6 * 8),
-        text=_XL_TEXT,
-        text_2=dict(_XL_TEXT, hidden_act="gelu", projection_dim=32),
-        vae=_XL_VAE,
-        family="sdxl",
-        scheduler="EulerAncestralDiscreteScheduler",
-        spacing="trailing",
-    ),
     "sdxl-refiner": dict(  # one text encoder; 5 time ids (the aesthetic score replaces the target size)
         unet=dict(_XL_UNET, projection_class_embeddings_input_dim=32 + 5 * 8),
         text_2=dict(_XL_TEXT, hidden_act="gelu", projection_dim=32),
@@ -92,6 +83,9 @@ CONFIGS.update({
         family="sdxl-refiner",
     ),
 })
+
+# the "sdxl" model with SDXL-Turbo's scheduler: euler a, trailing spacing
+CONFIGS["sdxl-turbo"] = dict(CONFIGS["sdxl"], scheduler="EulerAncestralDiscreteScheduler", spacing="trailing")
 
 SCHEDULER = {
     "_class_name": "PNDMScheduler",
