@@ -57,7 +57,8 @@ def _parts_arguments(p: argparse.ArgumentParser) -> None:
     """What supplies the components a GGUF file lacks (a denoiser-only ComfyUI-GGUF file)."""
     p.add_argument("--base", help="the checkpoint (.safetensors or .gguf) whose other components go with a "
                                   "denoiser-only GGUF file")
-    p.add_argument("--vae", help="a VAE file (.safetensors or .gguf) to use instead of the model's")
+    p.add_argument("--vae", help="the VAE to use instead of the model's: a .safetensors or .gguf file (or, when "
+                                 "converting, a diffusers VAE folder)")
     p.add_argument("--text-encoder", action="append", default=[], metavar="FILE",
                    help="a text encoder file (.safetensors or .gguf); repeatable, in the family's order")
 

@@ -131,12 +131,20 @@ def convert(
         raise UsageError(f"unknown --prediction '{prediction}'; choose eps or v")
     check_output(output, overwrite)
     src_path = resolve_source(source)
-    parts = {"base": base and Path(base), "vae": vae and Path(vae),
+    from edgediff.convert.load import ldm_vae_file
+
+    # a VAE in diffusers' form (or beside a diffusers folder) is swapped in after loading; an LDM
+    # file is one more weight source of the single-file model
+    swap_vae = vae is not None and (src_path.is_dir() or not ldm_vae_file(Path(vae)))
+    parts = {"base": base and Path(base), "vae": None if swap_vae else vae and Path(vae),
              "text_encoders": [Path(p) for p in text_encoders]}
-    if src_path.suffix.lower() == ".gguf" or base or vae or text_encoders:
+    if src_path.suffix.lower() == ".gguf" or any(parts.values()):
         from edgediff.convert import adopt
 
         if fmt == "gguf" and keep_types:
+            if swap_vae:
+                raise UsageError(f"--vae {vae}: a VAE in diffusers' form is converted, not kept as stored; "
+                                 "give --precision (f16, q8_0, ...)")
             return adopt.write_adopted_gguf(src_path, output, family=family, prediction=prediction,
                                             overwrite=overwrite, progress=progress, **parts)
     src = open_source(src_path, allow_pickle=allow_pickle)
@@ -148,14 +156,18 @@ def convert(
         )
     components = [te.component for te in fam.text_encoders] + ["unet", "vae_decoder", "vae_encoder"]
     precisions = parse_precision(precision, components, fmt)
-    from edgediff.convert.load import load_torch_pipeline
+    from edgediff.convert.load import load_torch_pipeline, load_vae
 
     if progress:
         progress(f"reading {src.kind} source ({fam.title}, {layout} layout)")
-    if src.kind == "gguf" or base or vae or text_encoders:
+    if src.kind == "gguf" or any(parts.values()):
         pipe = adopt.dequantized(src_path, family=family, prediction=prediction, **parts)
     else:
         pipe = load_torch_pipeline(src, fam, prediction)
+    if swap_vae:
+        pipe.loaders.pop("vae", None)
+        pipe.vae = load_vae(Path(vae), fam, pipe.vae)
+        pipe.info["vae"] = str(vae)
     # a VAE whose config says it needs no upcast (SDXL's fp16-fix VAE) is safe in 16 bits
     vae_half = fam.vae_fp16 or getattr(pipe.vae.config, "force_upcast", True) is False
     precisions = parse_precision(precision, components, fmt, vae_half)
@@ -188,7 +200,8 @@ def _ldm_names(pipe) -> dict[str, Callable[[str], str]]:
              "vae_decoder": lambda n: vae_name(n.removeprefix("vae."), vae),
              "vae_encoder": lambda n: vae_name(n.removeprefix("vae."), vae)}
     for spec, _, _ in pipe.text_encoders:
-        names[spec.component] = lambda n, p=spec.gguf_prefix: clip_name(n.removeprefix("model."), p)
+        names[spec.component] = lambda n, p=spec.gguf_prefix, o=spec.ldm_layout == "open_clip": clip_name(
+            n.removeprefix("model."), p, o)
     return names
 
 

@@ -135,6 +135,7 @@ def adopted_package(main: Path, *, base: Path | None = None, vae: Path | None = 
     import onnx
 
     from edgediff.convert import cache_root
+    from edgediff.convert.ldm import stored_transposed
     from edgediff.convert.package import atomic_folder
     from edgediff.kernels.bind import strip_weights
     from edgediff.manifest import MANIFEST
@@ -159,7 +160,8 @@ def adopted_package(main: Path, *, base: Path | None = None, vae: Path | None = 
                       if t.data_type == onnx.TensorProto.FLOAT and t.dims}
             for data in entry.data_files:
                 (tmp / data).unlink()
-            onnx.save(strip_weights(model, rename), str(graph))
+            turned = {k for k, v in rename.items() if stored_transposed(v)}
+            onnx.save(strip_weights(model, rename, turned), str(graph))
             part = adopted.parts[component]
             components[component] = dataclasses.replace(
                 entry, data_files=(), bytes=graph.stat().st_size, weights=str(Path(part.file.path).resolve()),

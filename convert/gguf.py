@@ -89,6 +89,7 @@ def write_gguf(package: Path, manifest: Manifest, output: Path, names: Mapping[s
     import onnx
     from gguf import GGUFWriter, LlamaFileType
 
+    from edgediff.convert.ldm import stored_transposed
     from edgediff.kernels.bind import check_shape, strip_weights
 
     plan: list[_Planned] = []
@@ -98,6 +99,7 @@ def write_gguf(package: Path, manifest: Manifest, output: Path, names: Mapping[s
     for component, entry in manifest.components.items():
         model = onnx.load(str(package / entry.file), load_external_data=False)
         rename = {}
+        turned: set[str] = set()
         sizes: Counter[str] = Counter()
         for t in model.graph.initializer:
             if t.data_type != onnx.TensorProto.FLOAT or not t.dims:
@@ -107,6 +109,9 @@ def write_gguf(package: Path, manifest: Manifest, output: Path, names: Mapping[s
                 raise UsageError(f"two weights map to the tensor name '{name}' ({seen[name]} and {t.name})")
             seen[name] = t.name
             dims = tuple(int(d) for d in t.dims)
+            if stored_transposed(name):
+                dims = dims[::-1]
+                turned.add(t.name)
             if stored is None:
                 fmt = stored_format(t.name, dims, formats[component], rules, reshape)
                 shape = shapes(name, dims)
@@ -121,7 +126,7 @@ def write_gguf(package: Path, manifest: Manifest, output: Path, names: Mapping[s
             plan.append(item)
             rename[t.name] = name
             sizes[item.fmt.name] += _stored_bytes(item.shape, item.fmt)
-        graph = strip_weights(model, rename).SerializeToString()
+        graph = strip_weights(model, rename, turned).SerializeToString()
         key = GGUF_GRAPH + component
         graphs[key] = graph
         blocks = Counter({k: v for k, v in sizes.items() if not FORMATS[k].float})
@@ -167,7 +172,8 @@ def write_gguf(package: Path, manifest: Manifest, output: Path, names: Mapping[s
         if stored is not None:
             writer.write_tensor_data(np.ascontiguousarray(stored(item.component, item.name).data))
             continue
-        array = weights.pop(item.graph_name).reshape(item.shape)
+        array = weights.pop(item.graph_name)
+        array = (array.T if stored_transposed(item.name) else array).reshape(item.shape)
         writer.write_tensor_data(array.astype(np.float32 if item.fmt.name == "f32" else np.float16)
                                  if item.fmt.float else quantize(array, item.fmt))
     writer.close()

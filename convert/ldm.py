@@ -83,9 +83,19 @@ def vae_name(key: str, config) -> str:
     return "first_stage_model." + _rename(key, _vae_prefixes(config), inner)
 
 
-def clip_name(key: str, prefix: str = "cond_stage_model.transformer.") -> str:
-    """A transformers CLIPTextModel weight name (with or without `text_model.`) -> its LDM name."""
+def clip_name(key: str, prefix: str = "cond_stage_model.transformer.", open_clip: bool = False) -> str:
+    """A transformers CLIPTextModel weight name (with or without `text_model.`) -> its name in
+    stable-diffusion.cpp's files. An OpenCLIP encoder's projection keeps OpenCLIP's name and
+    orientation there (`stored_transposed`)."""
+    if open_clip and key == "text_projection.weight":
+        return prefix + "text_model.text_projection"
     return prefix + (key if key.startswith("text_model.") else "text_model." + key)
+
+
+def stored_transposed(name: str) -> bool:
+    """Whether a file stores this 2-D weight transposed against the graph's (torch) orientation:
+    OpenCLIP's projection is [width, embed], applied as x @ P."""
+    return name.endswith("text_model.text_projection")
 
 
 _OPEN_CLIP_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",

@@ -313,6 +313,59 @@ def _load_ldm(source: Source, family: Family, prediction: str | None) -> TorchPi
     return pipe
 
 
+def _ldm_original(shapes: dict, family: Family) -> dict:
+    """The parts of an LDM yaml config that diffusers' single-file converters read."""
+    return {"model": {"params": {"first_stage_config": {"params": {"ddconfig": _vae_ldm_config(shapes)}},
+                                 "scale_factor": family.latent.scale}}}
+
+
+_DIFFUSERS_VAE = ("encoder.down_blocks.", "decoder.up_blocks.", "decoder.mid_block.")
+
+
+def ldm_vae_file(path: Path) -> bool:
+    """A VAE file in LDM's names (or a GGUF), which single-file models take as one more weight
+    source; anything else goes through `load_vae`."""
+    if path.suffix.lower() == ".gguf":
+        return True
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return False
+    from edgediff.runtime.safetensors_file import SafetensorsFile
+
+    return not any(k.startswith(_DIFFUSERS_VAE) for k in SafetensorsFile(path).header)
+
+
+def load_vae(path: Path, family: Family, current):
+    """The VAE given with `--vae` in place of `current` (the model's own): a diffusers VAE folder,
+    whose config says whether it is safe in fp16 (`force_upcast`), or a .safetensors file in
+    diffusers' names (configured as `current`) or in LDM names (configured from its shapes)."""
+    torch = require("torch", "convert", "Converting a model")
+    diffusers = require("diffusers", "convert", "Converting a model")
+    from diffusers.loaders import single_file_utils as sfu
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SourceError(f"--vae {path}: a folder here must be a diffusers VAE (config.json and its weights)")
+        return diffusers.AutoencoderKL.from_pretrained(path, torch_dtype=torch.float32)
+    if path.suffix.lower() != ".safetensors":
+        raise SourceError(f"--vae {path}: expected a diffusers VAE folder or a .safetensors file")
+    state = load_file(str(path))
+    if any(k.startswith(_DIFFUSERS_VAE) for k in state):
+        vae = diffusers.AutoencoderKL.from_config(current.config)
+        _load_strict(vae, state, "VAE")
+        return vae.eval()
+    state = {k if k.startswith(_LDM_VAE) else _LDM_VAE + k: v for k, v in state.items()}
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    if _LDM_VAE + "encoder.conv_in.weight" not in shapes or _LDM_VAE + "decoder.conv_in.weight" not in shapes:
+        raise SourceError(f"--vae {path}: no VAE weights in this file (neither diffusers' nor LDM's names)")
+    config = sfu.create_vae_diffusers_config_from_ldm(_ldm_original(shapes, family), state,
+                                                      scaling_factor=family.latent.scale)
+    vae = diffusers.AutoencoderKL(**config)
+    _load_strict(vae, sfu.convert_ldm_vae_checkpoint(state, config), "VAE")
+    return vae.eval()
+
+
 def ldm_architecture(shapes: dict, family: Family, prediction: str | None = None, state: dict | None = None,
                      where: str = "the model") -> TorchPipeline:
     """Torch modules of the architecture that LDM-named `shapes` describe, holding the weights of
@@ -325,11 +378,8 @@ def ldm_architecture(shapes: dict, family: Family, prediction: str | None = None
     for needed, what in ((_LDM_UNET, "UNet"), (_LDM_VAE, "VAE")):
         if not any(k.startswith(needed) for k in shapes):
             raise SourceError(f"{where}: the checkpoint has no {what} weights ({needed}*)")
-    original = {"model": {"params": {
-        "unet_config": {"params": _unet_ldm_config(shapes, family)},
-        "first_stage_config": {"params": {"ddconfig": _vae_ldm_config(shapes)}},
-        "scale_factor": family.latent.scale,
-    }}}
+    original = _ldm_original(shapes, family)
+    original["model"]["params"]["unet_config"] = {"params": _unet_ldm_config(shapes, family)}
     meta = state if state is not None else {k: torch.empty(v, device="meta") for k, v in shapes.items()}
     unet_config = sfu.create_unet_diffusers_config_from_ldm(original, meta)
     _text_time_config(unet_config, shapes, family)

@@ -13,7 +13,7 @@ dequantized once). The arrays are handed to onnxruntime with
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,14 +80,20 @@ def is_placeholder(t: TensorProto) -> bool:
         e.key == "location" and e.value == PLACEHOLDER for e in t.external_data)
 
 
-def strip_weights(model: onnx.ModelProto, names: Mapping[str, str]) -> onnx.ModelProto:
+def strip_weights(model: onnx.ModelProto, names: Mapping[str, str],
+                  transposed: Collection[str] = ()) -> onnx.ModelProto:
     """The graph without the data of the initializers named in `names` (graph name -> the
     weight's name in its file), each renamed to its file name. Other initializers (constants the
-    exporter made) keep their data."""
+    exporter made) keep their data. A 2-D weight in `transposed` is stored transposed in its file
+    and is transposed back by a node in the graph."""
     rename = {}
     inits = []
+    turns = []
     for t in model.graph.initializer:
-        if t.name in names:
+        if t.name in transposed:
+            inits.append(placeholder(names[t.name], t.data_type, t.dims[::-1]))
+            turns.append(helper.make_node("Transpose", [names[t.name]], [t.name], name=f"{t.name}/stored_transposed"))
+        elif t.name in names:
             rename[t.name] = names[t.name]
             inits.append(placeholder(names[t.name], t.data_type, t.dims))
         else:
@@ -95,6 +101,10 @@ def strip_weights(model: onnx.ModelProto, names: Mapping[str, str]) -> onnx.Mode
     stripped = onnx.ModelProto()
     _copy_without_initializers(model, stripped)
     stripped.graph.initializer.extend(inits)
+    if turns:
+        nodes = list(stripped.graph.node)
+        del stripped.graph.node[:]
+        stripped.graph.node.extend(turns + nodes)
     for node in stripped.graph.node:
         for i, name in enumerate(node.input):
             if name in rename:

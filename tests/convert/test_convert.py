@@ -17,6 +17,7 @@ from edgediff.runtime.safetensors_file import read_safetensors_header
 
 from ldm_checkpoint import write_ldm_checkpoint
 from reference import psnr
+from tiny_models import build_tiny
 
 
 @pytest.mark.parametrize("name", ["sd1", "sd1-deep", "sd2-v"])
@@ -178,3 +179,56 @@ def test_sd2_single_file_text_encoder_is_refused_clearly(tiny_source, tmp_path):
     with pytest.raises(SourceError, match="SD 2.x's OpenCLIP text encoder.*convert the diffusers folder"):
         convert(ckpt, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _other_sdxl_vae(tmp_path):
+    """A second tiny SDXL VAE in the forms users have it: a diffusers folder whose config says it
+    is safe in fp16 (as SDXL's fp16-fix VAE's does), the same weights in diffusers' names in one
+    file, and in LDM's names in one bare file."""
+    from safetensors.torch import save_file
+
+    from edgediff.convert.ldm import to_ldm_state_dict
+
+    other = build_tiny(tmp_path / "other", "sdxl", seed=1)
+    config = json.loads((other / "vae" / "config.json").read_text())
+    (other / "vae" / "config.json").write_text(json.dumps({**config, "force_upcast": False}))
+    ldm = {k.removeprefix("first_stage_model."): v.contiguous()
+           for k, v in to_ldm_state_dict(other).items() if k.startswith("first_stage_model.")}
+    save_file(ldm, tmp_path / "vae-ldm.safetensors")
+    return {"folder": other / "vae", "diffusers-file": other / "vae" / "diffusion_pytorch_model.safetensors",
+            "ldm-file": tmp_path / "vae-ldm.safetensors"}
+
+
+@pytest.mark.parametrize(("main", "form", "vae_precision"), [
+    ("folder", "folder", "fp16"), ("folder", "ldm-file", "fp32"), ("folder", "diffusers-file", "fp32"),
+    ("single-file", "folder", "fp16")])
+def test_vae_swap(tiny_source, tmp_path, main, form, vae_precision):
+    """`--vae` replaces the model's VAE whatever form either is in. SDXL's own VAE overflows in
+    fp16, so an fp16 package keeps the VAE fp32 unless the given one's config says it is safe."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    vaes = _other_sdxl_vae(tmp_path)
+    source = tiny_source("sdxl")
+    if main == "single-file":
+        source = write_ldm_checkpoint(source, tmp_path / "xl.safetensors")
+    manifest = convert(source, tmp_path / "pkg", precision="fp16", vae=vaes[form])
+    assert manifest.components["vae_decoder"].precision == vae_precision
+    assert manifest.components["unet"].precision == "fp16"
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = AutoencoderKL.from_pretrained(vaes["folder"]).decode(z).sample.numpy()
+    session = ort.InferenceSession(str(tmp_path / "pkg" / "vae_decoder" / "model.onnx"))
+    dtype = np.float16 if "float16" in session.get_inputs()[0].type else np.float32
+    out = session.run(None, {"latent_sample": z.numpy().astype(dtype)})[0].astype(np.float32)
+    error = np.abs(out - ref).max() / np.abs(ref).max()
+    assert error < (1e-2 if vae_precision == "fp16" else 1e-5)
+
+
+def test_vae_swap_errors(tiny_source, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="must be a diffusers VAE"):
+        convert(tiny_source("sdxl"), tmp_path / "a", vae=tmp_path / "empty")
+    with pytest.raises(SourceError, match="no VAE weights"):
+        convert(tiny_source("sdxl"), tmp_path / "b", vae=tiny_source("sdxl") / "unet" / "diffusion_pytorch_model.safetensors")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -11,6 +11,7 @@ import struct
 import gguf
 import numpy as np
 import pytest
+from safetensors.torch import load_file
 
 from edgediff.convert import convert
 from edgediff.convert.adopt import adopted_package
@@ -362,6 +363,11 @@ def test_sdxl_gguf(tiny_source, tiny_package, tmp_path, kind):
     assert types["model.diffusion_model.label_emb.0.0.weight"] == ("F32" if kind == "f32" else "F16")  # an embedding
     assert types["cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"] == kind.upper()
     assert types["cond_stage_model.1.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"] == kind.upper()
+    if kind == "f32":  # OpenCLIP's projection as stable-diffusion.cpp reads it: its name, x @ P
+        stored = {t.name: t.data for t in gguf.GGUFReader(path).tensors}
+        projection = load_file(tiny_source("sdxl") / "text_encoder_2" / "model.safetensors")["text_projection.weight"]
+        np.testing.assert_array_equal(stored["cond_stage_model.1.transformer.text_model.text_projection"],
+                                      projection.numpy().T)
     args = dict(steps=6, width=64, height=64)
     reference = [Pipeline(tiny_package("sdxl"), device="cpu").generate(PROMPT, "blurry", seed=s, **args) for s in (0, 1)]
     got = [Pipeline(path, device="cpu").generate(PROMPT, "blurry", seed=s, **args) for s in (0, 1)]
