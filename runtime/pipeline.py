@@ -20,7 +20,7 @@ from edgediff.errors import PackageError, UsageError
 from edgediff.runtime import image as img
 from edgediff.runtime import text, vae
 from edgediff.runtime.conditioning import Cond, SizeConditioning, guidance_embedding, time_ids
-from edgediff.runtime.denoiser import make_denoiser, noisy_start
+from edgediff.runtime.denoiser import Denoiser, latent_space, noisy_start
 from edgediff.runtime.noise import TorchGenerator
 from edgediff.runtime.package import Package, open_package
 from edgediff.runtime.samplers import A1111_NAMES, get_sampler
@@ -189,7 +189,7 @@ class Pipeline:
         def run(x_in, t, c):
             return comp.run({"sample": x_in, "timestep": t, **c})["out_sample"]
 
-        denoiser = make_denoiser(run, self.schedule, self.manifest.prediction, cond, uncond, guidance,
+        denoiser = Denoiser(run, self.schedule, self.manifest.prediction, cond, uncond, guidance,
                                  split_batch=self.split_guidance)
         x = get_sampler(sampler)(denoiser, x, sigmas, rng, clock)
         self._done(comp)
@@ -298,7 +298,7 @@ class Pipeline:
             latent = vae.encode(encoder, img.from_pil(init, width, height), rng, m.latent_scale, m.latent_shift)
             self.timings.vae_encode = time.perf_counter() - started
             self._done(encoder)
-        x = noisy_start(float(sigmas[0]), rng.randn(shape), latent)
+        x = noisy_start(latent_space(self.manifest.prediction), float(sigmas[0]), rng.randn(shape), latent)
 
         clock = _StepClock(self.timings, progress, len(sigmas) - 1)
         for (pipe, part), (cond, uncond) in zip(stages, conds, strict=True):

@@ -3,7 +3,9 @@
 `model(x, sigma)` returns the denoised estimate x0; `sigmas` descend and end in 0; `rng` has
 `randn(shape)` (a TorchGenerator, so stochastic samplers draw the same noise diffusers'
 schedulers draw); `callback(i, x, denoised)` is called once per step. Nothing here knows about
-models, prediction types or progress bars.
+models, prediction types or progress bars: the model's `space` (see denoiser.LatentSpace) says
+how a clean latent and noise mix, x = alpha(sigma) x0 + sigma n, and the solvers are written for
+any alpha (DPM-Solver's lambda = log(alpha / sigma)); a plain function is variance-exploding.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from edgediff.errors import UsageError
+from edgediff.runtime.denoiser import VE, LatentSpace
 
 Model = Callable[[np.ndarray, float], np.ndarray]
 Callback = Callable[[int, np.ndarray, np.ndarray], None] | None
@@ -34,22 +37,26 @@ def sample_euler(model: Model, x, sigmas, rng=None, callback: Callback = None):
     return x
 
 
-def _ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
-    """Split a step into a deterministic move to sigma_down and fresh noise of sigma_up."""
-    if not eta or sigma_to == 0:
-        return sigma_to, 0.0
-    sigma_up = min(sigma_to, eta * math.sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2))
-    return math.sqrt(sigma_to**2 - sigma_up**2), sigma_up
+def _space(model: Model) -> LatentSpace:
+    return getattr(model, "space", VE)
+
+
+def _lambda(space: LatentSpace, sigma: float) -> float:
+    """log(alpha / sigma), the solvers' time (-inf at flow's sigma = 1, where alpha is 0)."""
+    alpha = space.alpha(sigma)
+    return math.log(alpha / sigma) if alpha > 0 else -math.inf
 
 
 def sample_euler_a(model: Model, x, sigmas, rng, callback: Callback = None, eta: float = 1.0):
-    """Ancestral Euler (k-diffusion `sample_euler_ancestral`; diffusers EulerAncestralDiscrete)."""
+    """Ancestral Euler (k-diffusion `sample_euler_ancestral`; diffusers EulerAncestralDiscrete):
+    an Euler move to sigma_down, then fresh noise as the model's space mixes it."""
+    space = _space(model)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
-        sigma_down, sigma_up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        sigma_down, scale, noise_scale = space.ancestral_step(sigmas[i], sigmas[i + 1], eta)
         x = x + (x - denoised) / sigmas[i] * (sigma_down - sigmas[i])
         if sigmas[i + 1] > 0:
-            x = x + rng.randn(x.shape) * sigma_up
+            x = scale * x + rng.randn(x.shape) * noise_scale
         _step_done(callback, i, x, denoised)
     return x
 
@@ -72,30 +79,32 @@ def sample_heun(model: Model, x, sigmas, rng=None, callback: Callback = None):
 
 
 def sample_ddim(model: Model, x, sigmas, rng=None, callback: Callback = None):
-    """DDIM with eta = 0 (Song et al. 2021, eq. 12), written in sigma space: x' = x0 + sigma' * eps."""
+    """DDIM with eta = 0 (Song et al. 2021, eq. 12): x' = alpha' x0 + sigma' eps."""
+    space = _space(model)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
-        eps = (x - denoised) / sigmas[i]
-        x = denoised + sigmas[i + 1] * eps
+        eps = (x - space.alpha(sigmas[i]) * denoised) / sigmas[i]
+        x = space.alpha(sigmas[i + 1]) * denoised + sigmas[i + 1] * eps
         _step_done(callback, i, x, denoised)
     return x
 
 
 def sample_dpmpp_2m(model: Model, x, sigmas, rng=None, callback: Callback = None):
     """DPM-Solver++(2M) (Lu et al. 2022, algorithm 2); first order on the first and last step."""
+    space = _space(model)
     old_denoised = None
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
         if sigmas[i + 1] == 0:
             x = denoised
         else:
-            h = math.log(sigmas[i] / sigmas[i + 1])
+            h = _lambda(space, sigmas[i + 1]) - _lambda(space, sigmas[i])
             if old_denoised is None:
                 d = denoised
             else:
-                r = math.log(sigmas[i - 1] / sigmas[i]) / h
+                r = (_lambda(space, sigmas[i]) - _lambda(space, sigmas[i - 1])) / h
                 d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-            x = (sigmas[i + 1] / sigmas[i]) * x - math.expm1(-h) * d
+            x = (sigmas[i + 1] / sigmas[i]) * x - space.alpha(sigmas[i + 1]) * math.expm1(-h) * d
         old_denoised = denoised
         _step_done(callback, i, x, denoised)
     return x
@@ -107,18 +116,20 @@ def sample_dpmpp_2m_sde(model: Model, x, sigmas, rng, callback: Callback = None,
     Noise is drawn from `rng` once per step, as diffusers' DPMSolverMultistepScheduler does with
     algorithm_type="sde-dpmsolver++", instead of k-diffusion's Brownian tree.
     """
+    space = _space(model)
     old_denoised, h_last = None, None
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
         if sigmas[i + 1] == 0:
             x = denoised
         else:
-            h = math.log(sigmas[i] / sigmas[i + 1])
+            h = _lambda(space, sigmas[i + 1]) - _lambda(space, sigmas[i])
             eta_h = eta * h
-            x = sigmas[i + 1] / sigmas[i] * math.exp(-eta_h) * x - math.expm1(-h - eta_h) * denoised
+            alpha = space.alpha(sigmas[i + 1])
+            x = sigmas[i + 1] / sigmas[i] * math.exp(-eta_h) * x - alpha * math.expm1(-h - eta_h) * denoised
             if old_denoised is not None:
                 r = h_last / h
-                x = x - 0.5 * math.expm1(-h - eta_h) * (1 / r) * (denoised - old_denoised)
+                x = x - 0.5 * alpha * math.expm1(-h - eta_h) * (1 / r) * (denoised - old_denoised)
             if eta:
                 noise = rng.randn(x.shape)
                 x = x + noise * sigmas[i + 1] * math.sqrt(-math.expm1(-2 * eta_h))
@@ -129,10 +140,10 @@ def sample_dpmpp_2m_sde(model: Model, x, sigmas, rng, callback: Callback = None,
 
 
 def _unipc_coefficients(
-    hist_sigmas: Sequence[float], sigma_s0: float, h: float, order: int
+    hist_lambdas: Sequence[float], lambda_s0: float, h: float, order: int
 ) -> tuple[list[float], np.ndarray, np.ndarray, float, float]:
     """rks, R, b, h*phi_1 and B(h) of UniPC's bh2 variant (Zhao et al. 2023, algorithm 2)."""
-    rks = [math.log(sigma_s0 / s) / h for s in hist_sigmas]  # (lambda_si - lambda_s0) / h
+    rks = [(lam - lambda_s0) / h for lam in hist_lambdas]
     rks.append(1.0)
     hh = -h
     h_phi_1 = math.expm1(hh)
@@ -151,35 +162,40 @@ def _unipc_coefficients(
 def sample_unipc(model: Model, x, sigmas, rng=None, callback: Callback = None, order: int = 2):
     """UniPC, data-prediction bh2 form with corrector on every step but the last
     (Zhao et al. 2023; diffusers UniPCMultistepScheduler defaults, lower order at the start and
-    end). Written in sigma space, where alpha = 1 and lambda = -log(sigma)."""
+    end). A point where lambda is -inf (flow's sigma = 1) is never a multistep term."""
+    space = _space(model)
     n = len(sigmas) - 1
-    hist: list[tuple[float, np.ndarray]] = []  # (sigma, x0) of past model evaluations
+    hist: list[tuple[float, np.ndarray]] = []  # (lambda, x0) of past model evaluations
     last_x, last_order = None, 1
     for i in range(n):
+        lam = _lambda(space, sigmas[i])
         denoised = model(x, sigmas[i])
         if i > 0:  # corrector: redo the step sigmas[i-1] -> sigmas[i] with the new x0
-            s0, m0 = hist[-1]
-            h = math.log(s0 / sigmas[i])
+            l0, m0 = hist[-1]
+            h = lam - l0
             past = hist[-last_order:-1][::-1]
-            rks, rows, b, h_phi_1, b_h = _unipc_coefficients([s for s, _ in past], s0, h, last_order)
+            rks, rows, b, h_phi_1, b_h = _unipc_coefficients([p for p, _ in past], l0, h, last_order)
             rhos = [0.5] if last_order == 1 else list(np.linalg.solve(rows, b))
-            x = sigmas[i] / s0 * last_x - h_phi_1 * m0
+            x = sigmas[i] / sigmas[i - 1] * last_x - space.alpha(sigmas[i]) * h_phi_1 * m0
             corr = sum(rho * (m - m0) / rk for rho, rk, (_, m) in zip(rhos[:-1], rks, past, strict=False))
-            x = x - b_h * (corr + rhos[-1] * (denoised - m0))
-        hist.append((sigmas[i], denoised))
+            x = x - space.alpha(sigmas[i]) * b_h * (corr + rhos[-1] * (denoised - m0))
+        hist.append((lam, denoised))
         hist = hist[-order:]
-        this_order = min(order, n - i, i + 1)
+        finite = sum(1 for p, _ in hist[:-1] if p > -math.inf)
+        this_order = min(order, n - i, i + 1, finite + 1)
         last_x, last_order = x, this_order
         if sigmas[i + 1] == 0:
             x = denoised
         else:  # predictor
-            h = math.log(sigmas[i] / sigmas[i + 1])
+            h = _lambda(space, sigmas[i + 1]) - lam
+            alpha = space.alpha(sigmas[i + 1])
             past = hist[-this_order:-1][::-1]
-            rks, rows, b, h_phi_1, b_h = _unipc_coefficients([s for s, _ in past], sigmas[i], h, this_order)
-            x = sigmas[i + 1] / sigmas[i] * x - h_phi_1 * denoised
+            rks, rows, b, h_phi_1, b_h = _unipc_coefficients([p for p, _ in past], lam, h, this_order)
+            x = sigmas[i + 1] / sigmas[i] * x - alpha * h_phi_1 * denoised
             if past:
                 rhos = [0.5] if this_order == 2 else list(np.linalg.solve(rows[:-1, :-1], b[:-1]))
-                x = x - b_h * sum(rho * (m - denoised) / rk for rho, rk, (_, m) in zip(rhos, rks, past, strict=False))
+                x = x - alpha * b_h * sum(rho * (m - denoised) / rk
+                                          for rho, rk, (_, m) in zip(rhos, rks, past, strict=False))
         x = x.astype(np.float32)
         _step_done(callback, i, x, denoised)
     return x
@@ -193,7 +209,7 @@ def sample_lcm(model: Model, x, sigmas, rng, callback: Callback = None):
         denoised = model(x, sigmas[i])
         x = denoised
         if sigmas[i + 1] > 0:
-            x = x + sigmas[i + 1] * rng.randn(x.shape)
+            x = _space(model).mix(denoised, sigmas[i + 1], rng.randn(x.shape))
         _step_done(callback, i, x, denoised)
     return x
 

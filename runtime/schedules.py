@@ -1,14 +1,17 @@
 """Noise schedules: pure functions that return a descending array of sigmas ending in 0.
 
-Sigmas are in the variance-exploding convention of k-diffusion (x = x0 + sigma * eps); for the
-discrete-time models (SD 1.x/2.x/XL) sigma(t) = sqrt((1 - alpha_bar_t) / alpha_bar_t).
+For the discrete-time models (SD 1.x/2.x/XL) sigmas are in the variance-exploding convention of
+k-diffusion (x = x0 + sigma * eps), sigma(t) = sqrt((1 - alpha_bar_t) / alpha_bar_t); for the
+rectified-flow models (SD3, Flux) sigma is the flow time in (0, 1] (x = (1 - sigma) x0 + sigma
+eps), after the model's flow shift. Each model's training discretization is a `DiscreteSchedule`
+or a `FlowSchedule`; the schedules below take either.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -68,7 +71,16 @@ class DiscreteSchedule:
         w = min(max(w, 0.0), 1.0)
         return (1 - w) * low + w * (low + 1)
 
-    def t_to_sigma_log(self, t: np.ndarray) -> np.ndarray:
+    def normal(self, n: int) -> np.ndarray:
+        """The config's timestep spacing and offset, sigma interpolated linearly in t as
+        diffusers' EulerDiscreteScheduler does."""
+        t = spaced_timesteps(self, n)
+        return _append_zero(np.interp(t, np.arange(len(self.sigmas)), self.sigmas))
+
+    def at_size(self, tokens: int) -> DiscreteSchedule:
+        return self
+
+    def t_to_sigma(self, t: np.ndarray) -> np.ndarray:
         """sigma at fractional t, interpolating log-sigma (k-diffusion, ComfyUI)."""
         t = np.clip(np.asarray(t, dtype=np.float64), 0, len(self.sigmas) - 1)
         low = np.floor(t).astype(int)
@@ -76,6 +88,75 @@ class DiscreteSchedule:
         w = t - low
         log_sigmas = np.log(self.sigmas)
         return np.exp((1 - w) * log_sigmas[low] + w * log_sigmas[high])
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """A rectified-flow model's time: sigma = shift(t / T), the model's timestep sigma * T
+    (diffusers' FlowMatchEulerDiscreteScheduler). The shift is fixed (SD3: 3.0; Flux schnell:
+    none) or, with `dynamic`, exp(mu) / (exp(mu) + 1/sigma - 1) with mu linear in the image's
+    token count (Flux dev), so a schedule is drawn `at_size` of the image."""
+
+    shift: float = 1.0
+    train_steps: int = 1000
+    dynamic: tuple[float, float, int, int] | None = None  # base shift, max shift, base tokens, max tokens
+    mu: float | None = None
+    # `normal` spaces the unshifted sigmas from 1 to this end: the scheduler's smallest sigma
+    # ('min', diffusers' default, SD3) or 1/steps ('last_step', as FluxPipeline passes them)
+    normal_end: str = "min"
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, object], normal_end: str = "min") -> FlowSchedule:
+        dynamic = None
+        if config.get("use_dynamic_shifting"):
+            dynamic = (float(config.get("base_shift", 0.5)), float(config.get("max_shift", 1.15)),
+                       int(config.get("base_image_seq_len", 256)), int(config.get("max_image_seq_len", 4096)))
+        return cls(shift=float(config.get("shift", 1.0)), train_steps=int(config.get("num_train_timesteps", 1000)),
+                   dynamic=dynamic, normal_end=normal_end)
+
+    def at_size(self, tokens: int) -> FlowSchedule:
+        """The schedule for an image of `tokens` denoiser tokens (dynamic shifting's mu)."""
+        if self.dynamic is None:
+            return self
+        base, top, base_len, max_len = self.dynamic
+        mu = base + (top - base) / (max_len - base_len) * (tokens - base_len)
+        return replace(self, mu=mu)
+
+    def shifted(self, sigma) -> np.ndarray:
+        sigma = np.asarray(sigma, dtype=np.float64)
+        if self.dynamic is not None:
+            if self.mu is None:
+                raise UsageError("this model shifts its schedule by image size; draw it at_size(tokens)")
+            with np.errstate(divide="ignore"):
+                return math.exp(self.mu) / (math.exp(self.mu) + (1 / sigma - 1))
+        return self.shift * sigma / (1 + (self.shift - 1) * sigma)
+
+    @property
+    def sigmas(self) -> np.ndarray:
+        """sigma at each training timestep, ascending."""
+        return self.shifted(np.arange(1, self.train_steps + 1) / self.train_steps)
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def sigma_to_t(self, sigma: float) -> float:
+        return sigma * self.train_steps
+
+    def t_to_sigma(self, t: np.ndarray) -> np.ndarray:
+        return self.shifted(np.asarray(t, dtype=np.float64) / self.train_steps)
+
+    def normal(self, n: int) -> np.ndarray:
+        unshifted_min = self.sigma_min if self.dynamic is None else 1 / self.train_steps
+        end = 1 / n if self.normal_end == "last_step" else unshifted_min
+        return _append_zero(self.shifted(np.linspace(1.0, end, n)))
+
+
+Schedule = DiscreteSchedule | FlowSchedule
 
 
 def _append_zero(sigmas: np.ndarray) -> np.ndarray:
@@ -97,38 +178,36 @@ def spaced_timesteps(ds: DiscreteSchedule, n: int, spacing: str | None = None) -
     raise UsageError(f"scheduler config: unknown timestep_spacing '{spacing}'")
 
 
-def normal(ds: DiscreteSchedule, n: int) -> np.ndarray:
-    """The model's own discretization: its config's timestep spacing and offset, sigma
-    interpolated linearly in t as diffusers' EulerDiscreteScheduler does."""
-    t = spaced_timesteps(ds, n)
-    return _append_zero(np.interp(t, np.arange(len(ds.sigmas)), ds.sigmas))
+def normal(ds: Schedule, n: int) -> np.ndarray:
+    """The model's own discretization, as its diffusers scheduler draws it."""
+    return ds.normal(n)
 
 
-def karras(ds: DiscreteSchedule, n: int, rho: float = 7.0) -> np.ndarray:
+def karras(ds: Schedule, n: int, rho: float = 7.0) -> np.ndarray:
     """Karras et al. 2022 (EDM), eq. 5: uniform in sigma^(1/rho)."""
     ramp = np.linspace(0, 1, n)
     lo, hi = ds.sigma_min ** (1 / rho), ds.sigma_max ** (1 / rho)
     return _append_zero((hi + ramp * (lo - hi)) ** rho)
 
 
-def exponential(ds: DiscreteSchedule, n: int) -> np.ndarray:
+def exponential(ds: Schedule, n: int) -> np.ndarray:
     """Uniform in log-sigma (k-diffusion `get_sigmas_exponential`)."""
     return _append_zero(np.exp(np.linspace(math.log(ds.sigma_max), math.log(ds.sigma_min), n)))
 
 
-def sgm_uniform(ds: DiscreteSchedule, n: int) -> np.ndarray:
+def sgm_uniform(ds: Schedule, n: int) -> np.ndarray:
     """Uniform in t over [t_max, t_min) as SGM/SDXL-Turbo sample (ComfyUI `sgm_uniform`)."""
-    t = np.linspace(len(ds.sigmas) - 1, 0, n + 1)[:-1]
-    return _append_zero(ds.t_to_sigma_log(t))
+    t = np.linspace(ds.sigma_to_t(ds.sigma_max), ds.sigma_to_t(ds.sigma_min), n + 1)[:-1]
+    return _append_zero(ds.t_to_sigma(t))
 
 
-def simple(ds: DiscreteSchedule, n: int) -> np.ndarray:
+def simple(ds: Schedule, n: int) -> np.ndarray:
     """Every (T/n)-th training sigma from the top (ComfyUI `simple`)."""
     stride = len(ds.sigmas) / n
     return _append_zero(np.array([ds.sigmas[-(1 + int(i * stride))] for i in range(n)]))
 
 
-def lcm(ds: DiscreteSchedule, n: int, original_steps: int = 50) -> np.ndarray:
+def lcm(ds: Schedule, n: int, original_steps: int = 50) -> np.ndarray:
     """Latent Consistency Models' skipping schedule: n of the distillation's `original_steps`
     timesteps (Luo et al. 2023; diffusers LCMScheduler)."""
     total = len(ds.sigmas)
@@ -139,7 +218,7 @@ def lcm(ds: DiscreteSchedule, n: int, original_steps: int = 50) -> np.ndarray:
     return _append_zero(ds.sigmas[t])
 
 
-SCHEDULES: dict[str, Callable[[DiscreteSchedule, int], np.ndarray]] = {
+SCHEDULES: dict[str, Callable[[Schedule, int], np.ndarray]] = {
     "normal": normal,
     "karras": karras,
     "exponential": exponential,
@@ -149,7 +228,7 @@ SCHEDULES: dict[str, Callable[[DiscreteSchedule, int], np.ndarray]] = {
 }
 
 
-def get_sigmas(name: str, ds: DiscreteSchedule, steps: int) -> np.ndarray:
+def get_sigmas(name: str, ds: Schedule, steps: int) -> np.ndarray:
     if name not in SCHEDULES:
         raise UsageError(f"unknown schedule '{name}'; choose one of: {', '.join(SCHEDULES)}")
     if steps < 1:

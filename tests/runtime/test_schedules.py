@@ -67,7 +67,7 @@ def test_all_schedules_descend_to_zero():
 def test_sigma_to_t_inverts_the_table():
     ds = _ds()
     for t in (0, 1, 250, 500.5, 998.25, 999):
-        sigma = float(ds.t_to_sigma_log(np.array(t)))
+        sigma = float(ds.t_to_sigma(np.array(t)))
         assert ds.sigma_to_t(sigma) == pytest.approx(t, abs=1e-6)
 
 
@@ -76,3 +76,46 @@ def test_bad_names_and_steps():
         get_sigmas("fast", _ds(), 4)
     with pytest.raises(UsageError, match="at least 1"):
         get_sigmas("normal", _ds(), 0)
+
+
+FLOW = {"num_train_timesteps": 1000, "shift": 3.0}
+FLUX_DEV = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+            "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+
+
+@pytest.mark.parametrize("steps", [1, 4, 28])
+def test_flow_normal_matches_diffusers_flow_match_euler(steps):
+    """SD3's fixed shift (diffusers' default spacing), and Flux dev's shift by image size with
+    FluxPipeline's spacing (it passes linspace(1, 1/steps) and mu from the token count)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from edgediff.runtime.schedules import FlowSchedule
+
+    ref = FlowMatchEulerDiscreteScheduler(**FLOW)
+    ref.set_timesteps(steps)
+    ours = get_sigmas("normal", FlowSchedule.from_config(FLOW), steps)
+    np.testing.assert_allclose(ours, ref.sigmas.numpy(), rtol=1e-6, atol=1e-7)  # float32 in diffusers
+    tokens = 64 * 48
+    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (tokens - 256)
+    ref = FlowMatchEulerDiscreteScheduler(**FLUX_DEV)
+    ref.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    flux = FlowSchedule.from_config(FLUX_DEV, normal_end="last_step").at_size(tokens)
+    np.testing.assert_allclose(get_sigmas("normal", flux, steps), ref.sigmas.numpy(), rtol=1e-6, atol=1e-7)
+    assert flux.sigma_to_t(0.5) == 500.0
+
+
+def test_flow_schedules_descend_from_one_to_zero():
+    from edgediff.runtime.schedules import FlowSchedule
+
+    for ds in (FlowSchedule.from_config(FLOW), FlowSchedule(), FlowSchedule.from_config(FLUX_DEV).at_size(1024)):
+        for name in ("normal", "karras", "exponential", "sgm_uniform", "simple"):
+            s = get_sigmas(name, ds, 9)
+            assert s[-1] == 0 and np.all(np.diff(s) < 0) and s[0] <= 1.0, name
+        assert get_sigmas("simple", ds, 4)[0] == 1.0
+
+
+def test_dynamic_shift_needs_the_image_size():
+    from edgediff.runtime.schedules import FlowSchedule
+
+    with pytest.raises(UsageError, match="at_size"):
+        get_sigmas("normal", FlowSchedule.from_config(FLUX_DEV), 4)
