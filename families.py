@@ -54,7 +54,7 @@ class TextEncoder:
 
     component: str = "text_encoder"
     tokenizer: str = "tokenizer"
-    kind: str = "clip"  # 'clip' (CLIPTextModel) | 'clip_projection' (its pooled output projected)
+    kind: str = "clip"  # 'clip' (CLIPTextModel) | 'clip_projection' (pooled output projected) | 't5' (encoder)
     ldm_prefix: str = "cond_stage_model.transformer."  # where single files keep it, when read
     ldm_layout: str = "hf"  # its names there: 'hf' (transformers') or 'open_clip' (fused q/k/v)
     gguf_prefix: str = "cond_stage_model.transformer."  # where edgediff writes it (stable-diffusion.cpp's names)
@@ -65,6 +65,10 @@ class TextEncoder:
     pooled: bool = False  # the denoiser also takes the pooled output
     pad_token: str = "<|endoftext|>"
     max_length: int = 77
+    # how its hidden states join the context: 'features' (side by side with the encoders before
+    # it, SDXL), 'sequence' (as more tokens after them, theirs zero-padded to its width: SD3's
+    # T5), 'none' (only its pooled output is used: Flux's CLIP)
+    context: str = "features"
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,8 @@ class Family:
     defaults: Defaults
     signatures: tuple[Signature, ...]
     denoiser: str = "unet"
+    denoiser_class: str = "UNet2DConditionModel"  # diffusers' class of the denoiser
+    size_multiple: int = 8  # image sides are multiples of this (latent patches of 2 in a DiT: 16)
     role: str = "base"  # 'refiner': finishes images (img2img, or after a base), never starts one
     conditioning: Conditioning = Conditioning()
     onnx_pipeline: str = "ORTStableDiffusionPipeline"  # optimum's class, in model_index.json
@@ -164,6 +170,9 @@ _SD2_TE = TextEncoder(
 _XL_G = TextEncoder(component="text_encoder_2", tokenizer="tokenizer_2", kind="clip_projection",
                     hidden_act="gelu", norm_hidden=False, hidden_layer=2, pooled=True, pad_token="!",
                     ldm_layout="open_clip")
+_T5 = TextEncoder(component="text_encoder_3", tokenizer="tokenizer_3", kind="t5", norm_hidden=False,
+                 pad_token="<pad>", max_length=256, context="sequence",
+                 ldm_prefix="text_encoders.t5xxl.transformer.")
 _LDM = DENOISER
 
 FAMILIES: dict[str, Family] = {
@@ -268,12 +277,21 @@ FAMILIES: dict[str, Family] = {
         Family(
             name="sd3",
             title="Stable Diffusion 3 / 3.5 (MMDiT)",
-            text_encoders=(),
+            text_encoders=(
+                TextEncoder(kind="clip_projection", norm_hidden=False, hidden_layer=2, pooled=True,
+                            ldm_prefix="text_encoders.clip_l.transformer."),
+                replace(_XL_G, ldm_prefix="text_encoders.clip_g.transformer.", ldm_layout="hf"),
+                _T5,
+            ),
             latent=LatentFormat(channels=16, scale=1.5305, shift=0.0609),
             prediction="flow",
-            defaults=Defaults("euler", "simple", 28, 5.0, 1024),
+            defaults=Defaults("euler", "normal", 28, 7.0, 1024),
             denoiser="transformer",
-            convertible=False,
+            denoiser_class="SD3Transformer2DModel",
+            size_multiple=16,
+            onnx_pipeline="ORTStableDiffusion3Pipeline",
+            scheduler_config={"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                              "shift": 3.0},
             signatures=(
                 Signature("ldm", (Rule(_LDM + "joint_blocks.*"),)),
                 Signature("diffusers", (Rule("transformer.transformer_blocks.*.ff_context.*"),

@@ -36,6 +36,8 @@ class TextEncoderEntry:
     max_length: int
     pooled: bool
     hidden_layer: int = 1  # the layer the denoiser sees, counted from the last
+    kind: str = "clip"  # 'clip' | 'clip_projection' (A1111 chunks, clip skip) | 't5' (one window)
+    context: str = "features"  # how its hidden states join the others' (families.TextEncoder)
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Manifest:
     text_encoders: tuple[TextEncoderEntry, ...]
     defaults: dict[str, object]
     denoiser: str = "unet"  # the component the sampler drives
+    size_multiple: int = 8  # image sides are multiples of this
     role: str = "base"  # 'refiner': img2img or after a base only
     conditioning: Conditioning = Conditioning()  # what the denoiser takes besides text
     source: dict[str, object] = field(default_factory=dict)

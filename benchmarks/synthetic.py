@@ -70,6 +70,13 @@ MODEL_INDEX = {
     "sdxl-refiner": {"_class_name": "StableDiffusionXLImg2ImgPipeline", **_XL_PARTS,
                      "force_zeros_for_empty_prompt": False, "requires_aesthetics_score": True,
                      "text_encoder": [None, None], "tokenizer": [None, None]},
+    "sd3": {"_class_name": "StableDiffusion3Pipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"], "text_encoder_3": ["transformers", "T5EncoderModel"],
+            "tokenizer_3": ["transformers", "T5TokenizerFast"], "image_encoder": [None, None],
+            "feature_extractor": [None, None]},
 }
 
 

@@ -28,7 +28,8 @@ CALIBRATION_PROMPTS = (  # varied subjects, styles and lengths, for int8 activat
 )
 
 DEFAULT_MODEL = "tiny-sd1"
-ALL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+ALL_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae_decoder",
+                  "vae_encoder")
 FORMATS = ("onnx", "gguf")
 BUILTIN = Path(__file__).parent / "builtin"
 _TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json",
@@ -154,7 +155,7 @@ def convert(
             f"{src_path}: this is a {fam.title} model; this edgediff version cannot convert it yet "
             f"(it converts: {', '.join(f.name for f in FAMILIES.values() if f.convertible)})"
         )
-    components = [te.component for te in fam.text_encoders] + ["unet", "vae_decoder", "vae_encoder"]
+    components = [te.component for te in fam.text_encoders] + [fam.denoiser, "vae_decoder", "vae_encoder"]
     precisions = parse_precision(precision, components, fmt)
     from edgediff.convert.load import load_torch_pipeline, load_vae
 
@@ -195,7 +196,7 @@ def _ldm_names(pipe) -> dict[str, Callable[[str], str]]:
     stable-diffusion.cpp names them), per component."""
     from edgediff.convert.ldm import clip_name, unet_name, vae_name
 
-    unet, vae = pipe.unet.config, pipe.vae.config
+    unet, vae = pipe.denoiser.config, pipe.vae.config
     names = {"unet": lambda n: unet_name(n.removeprefix("unet."), unet),
              "vae_decoder": lambda n: vae_name(n.removeprefix("vae."), vae),
              "vae_encoder": lambda n: vae_name(n.removeprefix("vae."), vae)}
@@ -232,18 +233,19 @@ def _export(pipe, src: Source, src_path: Path, layout: str, tmp: Path,
             layers=int(model.config.num_hidden_layers), norm_hidden=spec.norm_hidden,
             pad_token=spec.pad_token if tok_dir == BUNDLED_CLIP_TOKENIZER else _pad_token(tok_dir, spec.pad_token),
             max_length=spec.max_length,
-            pooled=spec.pooled, hidden_layer=spec.hidden_layer,
+            pooled=spec.pooled, hidden_layer=spec.hidden_layer, kind=spec.kind, context=spec.context,
         ))
     (tmp / "scheduler").mkdir()
     (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(pipe.scheduler_config, indent=2))
     vae = pipe.vae.config
     downscale = 2 ** (len(vae.block_out_channels) - 1)
-    sample_size = pipe.unet.config.sample_size  # the model's native size, in latent pixels
+    sample_size = pipe.denoiser.config.sample_size  # the model's native size, in latent pixels
     resolution = int(sample_size) * downscale if isinstance(sample_size, int) else fam.defaults.resolution
     prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
     manifest = Manifest(
         family=fam.name,
-        prediction={"epsilon": "eps", "v_prediction": "v"}.get(prediction_type, prediction_type),
+        prediction="flow" if fam.prediction == "flow" else {"epsilon": "eps", "v_prediction": "v"}.get(
+            prediction_type, prediction_type),
         latent_channels=int(vae.latent_channels),
         latent_scale=float(vae.scaling_factor),
         latent_shift=float(getattr(vae, "shift_factor", None) or fam.latent.shift),
@@ -251,6 +253,7 @@ def _export(pipe, src: Source, src_path: Path, layout: str, tmp: Path,
         components={k: _component_entry(v, tmp, "fp32") for k, v in written.items()},
         text_encoders=tuple(encoders),
         denoiser=fam.denoiser,
+        size_multiple=fam.size_multiple,
         role=fam.role,
         conditioning=pipe.conditioning,
         defaults={

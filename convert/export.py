@@ -39,6 +39,7 @@ TEXT_ENCODER = Contract(
     ("hidden_states", "pooled_output"),
     {"input_ids": {0: "batch"}, "hidden_states": {1: "batch"}, "pooled_output": {0: "batch"}},
 )
+T5_ENCODER = Contract(("input_ids",), ("hidden_states",), {"input_ids": {0: "batch"}, "hidden_states": {1: "batch"}})
 UNET = Contract(
     ("sample", "timestep", "encoder_hidden_states"),
     ("out_sample",),
@@ -72,6 +73,8 @@ def _wrappers():
             self.model, self.norm_hidden = model, norm_hidden
 
         def forward(self, input_ids):
+            if self.model.config.model_type == "t5":  # its last layer, normed, is all it gives
+                return self.model(input_ids=input_ids).last_hidden_state[None]
             out = self.model(input_ids=input_ids, output_hidden_states=True)
             layers = out.hidden_states[1:]
             if self.norm_hidden:
@@ -94,6 +97,18 @@ def _wrappers():
             return self.unet(sample, timestep, encoder_hidden_states, return_dict=False,
                              **({"added_cond_kwargs": added} if added else {}), **kwargs)[0]
 
+    class TransformerGraph(torch.nn.Module):
+        """A DiT under the UNet's contract: `sample`, `timestep` (0..1000), the text context, and
+        the pooled text as `text_embeds` (SD3's `pooled_projections`)."""
+
+        def __init__(self, transformer):
+            super().__init__()
+            self.transformer = transformer
+
+        def forward(self, sample, timestep, encoder_hidden_states, text_embeds):
+            return self.transformer(hidden_states=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                                    pooled_projections=text_embeds, return_dict=False)[0]
+
     class VaeDecoderGraph(torch.nn.Module):
         def __init__(self, vae):
             super().__init__()
@@ -115,7 +130,7 @@ def _wrappers():
                 moments = self.vae.quant_conv(moments)
             return moments
 
-    return TextEncoderGraph, UNetGraph, VaeDecoderGraph, VaeEncoderGraph
+    return TextEncoderGraph, UNetGraph, TransformerGraph, VaeDecoderGraph, VaeEncoderGraph
 
 
 def _fused_attention():
@@ -240,11 +255,30 @@ def _release(module):
     return types.SimpleNamespace(config=module.config)
 
 
+def _export_unet(UNetGraph, unet, conditioning, out_dir: Path) -> list[Path]:
+    torch = require("torch", "convert", "Exporting to ONNX")
+    unet.set_attn_processor(_fused_attention())
+    channels = unet.config.in_channels
+    context = unet.config.cross_attention_dim
+    # An odd latent size makes diffusers trace explicit upsample sizes, so the graph works for
+    # every latent size, not only multiples of 2**levels.
+    side = 2 ** (len(unet.config.block_out_channels) - 1) + 1
+    extras = added_conditioning(unet.config, conditioning)
+    contract = Contract(UNET.inputs + tuple(extras), UNET.outputs,
+                        {**UNET.dynamic_axes, **{name: {0: "batch"} for name in extras}})
+    return export_graph(
+        UNetGraph(unet, tuple(extras)),
+        (torch.randn(1, channels, side, side), torch.tensor([999.0]), torch.randn(1, 77, context),
+         *(torch.randn(1, width) for width in extras.values())),
+        contract, out_dir / "unet" / "model.onnx",
+    )
+
+
 def export_components(pipe, out_dir: Path, progress=None) -> dict[str, list[Path]]:
     """Export every component of a TorchPipeline under `out_dir` in optimum's folder layout,
     releasing each module once it is written."""
     torch = require("torch", "convert", "Exporting to ONNX")
-    TextEncoderGraph, UNetGraph, VaeDecoderGraph, VaeEncoderGraph = _wrappers()
+    TextEncoderGraph, UNetGraph, TransformerGraph, VaeDecoderGraph, VaeEncoderGraph = _wrappers()
     written: dict[str, list[Path]] = {}
 
     def step(name: str) -> None:
@@ -256,35 +290,31 @@ def export_components(pipe, out_dir: Path, progress=None) -> dict[str, list[Path
         pipe.ready(spec.component)
         ids = torch.zeros((1, spec.max_length), dtype=torch.int64)
         written[spec.component] = export_graph(
-            TextEncoderGraph(model, spec.norm_hidden), (ids,), TEXT_ENCODER,
+            TextEncoderGraph(model, spec.norm_hidden), (ids,), T5_ENCODER if spec.kind == "t5" else TEXT_ENCODER,
             out_dir / spec.component / "model.onnx",
         )
         pipe.text_encoders[i] = (spec, _release(model), tokenizer)
         del model
 
-    pipe.ready("unet")
+    name = pipe.family.denoiser
+    pipe.ready(name)
     pipe.ready("vae")
-    unet, vae = pipe.unet, pipe.vae
-    fused = _fused_attention()
-    for model in (unet, vae):
-        model.set_attn_processor(fused)
-    channels = unet.config.in_channels
-    context = unet.config.cross_attention_dim
-    # An odd latent size makes diffusers trace explicit upsample sizes, so the graph works for
-    # every latent size, not only multiples of 2**levels.
-    side = 2 ** (len(unet.config.block_out_channels) - 1) + 1
-    extras = added_conditioning(unet.config, pipe.family.conditioning)
-    contract = Contract(UNET.inputs + tuple(extras), UNET.outputs,
-                        {**UNET.dynamic_axes, **{name: {0: "batch"} for name in extras}})
-    step("unet")
-    written["unet"] = export_graph(
-        UNetGraph(unet, tuple(extras)),
-        (torch.randn(1, channels, side, side), torch.tensor([999.0]), torch.randn(1, 77, context),
-         *(torch.randn(1, width) for width in extras.values())),
-        contract, out_dir / "unet" / "model.onnx",
-    )
-    pipe.unet = _release(unet)
-    del unet
+    denoiser, vae = pipe.denoiser, pipe.vae
+    step(name)
+    if name == "unet":
+        written[name] = _export_unet(UNetGraph, denoiser, pipe.family.conditioning, out_dir)
+    else:
+        config = denoiser.config
+        contract = Contract(UNET.inputs + ("text_embeds",), UNET.outputs, {**UNET.dynamic_axes, "text_embeds": {0: "batch"}})
+        written[name] = export_graph(
+            TransformerGraph(denoiser),
+            (torch.randn(1, config.in_channels, 4 * config.patch_size, 4 * config.patch_size), torch.tensor([999.0]),
+             torch.randn(1, 7, config.joint_attention_dim), torch.randn(1, config.pooled_projection_dim)),
+            contract, out_dir / name / "model.onnx",
+        )
+    pipe.denoiser = _release(denoiser)
+    del denoiser
+    vae.set_attn_processor(_fused_attention())
     latent = vae.config.latent_channels
     down = 2 ** (len(vae.config.block_out_channels) - 1)
     step("vae_decoder")

@@ -139,7 +139,7 @@ def write_gguf(package: Path, manifest: Manifest, output: Path, names: Mapping[s
 
     writer = GGUFWriter(str(output), arch=manifest.family)
     writer.add_quantization_version(2)
-    main = manifest.components["unet"].precision
+    main = manifest.components[manifest.denoiser].precision
     file_type = getattr(LlamaFileType, "ALL_F32" if main == "f32" else f"MOSTLY_{main.upper()}", None)
     if file_type is not None:
         writer.add_file_type(int(file_type))

@@ -23,7 +23,7 @@ _LDM_VAE = "first_stage_model."
 class TorchPipeline:
     family: Family
     text_encoders: list[tuple[TextEncoder, object, Path]]  # spec, module, tokenizer folder
-    unet: object
+    denoiser: object  # the UNet or the DiT
     vae: object
     scheduler_config: dict
     info: dict = field(default_factory=dict)
@@ -39,12 +39,12 @@ class TorchPipeline:
 
     def __post_init__(self):
         self.conditioning = self.conditioning or self.family.conditioning
-        width = getattr(self.unet.config, "time_cond_proj_dim", None)
+        width = getattr(self.denoiser.config, "time_cond_proj_dim", None)
         if width:  # an LCM-distilled UNet: guidance is an input of the model
             self.conditioning = replace(self.conditioning, guidance_embedding=int(width))
 
 
-TEXT_MODELS = {"clip": "CLIPTextModel", "clip_projection": "CLIPTextModelWithProjection"}
+TEXT_MODELS = {"clip": "CLIPTextModel", "clip_projection": "CLIPTextModelWithProjection", "t5": "T5EncoderModel"}
 
 
 def _prediction_type(value: str | None, default: str) -> str:
@@ -86,10 +86,11 @@ def _load_diffusers(source: Source, family: Family, prediction: str | None) -> T
         if not tokenizer.is_dir():
             raise SourceError(f"{folder}: missing {spec.tokenizer}/ (the tokenizer of {spec.component})")
         encoders.append((spec, module, tokenizer))
-    for part in ("unet", "vae"):
+    for part in (family.denoiser, "vae"):
         if not (folder / part).is_dir():
             raise SourceError(f"{folder}: missing {part}/ (needed by {family.title})")
-    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
+    denoiser = getattr(diffusers, family.denoiser_class).from_pretrained(folder / family.denoiser,
+                                                                         torch_dtype=torch.float32)
     vae = diffusers.AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32)
     sched_path = folder / "scheduler" / "scheduler_config.json"
     scheduler = dict(family.scheduler_config)
@@ -106,7 +107,7 @@ def _load_diffusers(source: Source, family: Family, prediction: str | None) -> T
         zeros = json.loads(index.read_text()).get("force_zeros_for_empty_prompt")
         if zeros is not None:
             conditioning = replace(conditioning, zero_empty_negative=bool(zeros))
-    return TorchPipeline(family, encoders, unet, vae, _resolve_spacing(scheduler), info, conditioning)
+    return TorchPipeline(family, encoders, denoiser, vae, _resolve_spacing(scheduler), info, conditioning)
 
 
 def _resolve_spacing(config: dict) -> dict:

@@ -32,7 +32,7 @@ INT8_DEFAULT = "int8-weights"
 BLOCK = 32
 # Components that a single precision name applies to; the VAE stays fp32 under int8/int4
 # (its convolutions have no fast low-bit kernel on the CPU provider).
-LOW_BIT_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+LOW_BIT_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 class PrecisionError(EdgediffError):

@@ -24,7 +24,7 @@ from edgediff.runtime.denoiser import Denoiser, latent_space, noisy_start
 from edgediff.runtime.noise import TorchGenerator
 from edgediff.runtime.package import Package, open_package
 from edgediff.runtime.samplers import A1111_NAMES, get_sampler
-from edgediff.runtime.schedules import DiscreteSchedule, get_sigmas
+from edgediff.runtime.schedules import get_sigmas, model_schedule
 from edgediff.runtime.sessions import WEIGHTS, Component, SessionOptions, providers_for
 
 Progress = Callable[[int, int], None]
@@ -94,7 +94,7 @@ class Pipeline:
         self.options = SessionOptions(device=device, threads=threads, weights=weights, accuracy_level=accuracy_level)
         self.low_memory = low_memory
         self.split_guidance = split_guidance  # guidance as two batch-1 runs: half the activations
-        self.schedule = DiscreteSchedule.from_config(self.package.scheduler_config)
+        self.schedule = model_schedule(self.package.scheduler_config, self.manifest.prediction)
         self._components: dict[str, Component] = {}
         self._tokenizers: dict[str, object] = {}
         self.timings = Timings()
@@ -127,7 +127,8 @@ class Pipeline:
 
     def _encode_prompts(self, prompt: str, negative: str | None, clip_skip: int) -> list[Cond]:
         """Text conditioning for the prompt (and the negative prompt when guidance is on): every
-        encoder's chosen hidden layer side by side, and the pooled vector where one is used."""
+        encoder's chosen hidden layer, joined as the family joins them, and the pooled vectors
+        where they are used."""
         m = self.manifest
         zero_negative = negative == "" and m.conditioning.zero_empty_negative
         texts = [prompt] if negative is None or zero_negative else [prompt, negative]
@@ -135,22 +136,25 @@ class Pipeline:
         for entry in m.text_encoders:
             tok = self._tokenizer(entry.tokenizer)
             pad = tok.token_to_id(entry.pad_token)
-            chunks[entry.component] = [(text.chunk_prompt(tok, t, entry.max_length, pad), tok, pad) for t in texts]
-        count = max(len(c) for per_text in chunks.values() for c, _, _ in per_text)  # equal lengths for guidance
-        conds: list[Cond] = [{} for _ in texts]
+            if entry.kind == "t5":
+                chunks[entry.component] = [[text.window_ids(tok, t, entry.max_length, pad)] for t in texts]
+            else:
+                chunks[entry.component] = [text.chunk_prompt(tok, t, entry.max_length, pad) for t in texts]
+        count = max(len(c) for per_text in chunks.values() for c in per_text)  # equal lengths for guidance
+        encoded: list[list] = [[] for _ in texts]
         for entry in m.text_encoders:
             encoder = self._open(entry.component)
             started = time.perf_counter()
-            for cond, (ids, tok, pad) in zip(conds, chunks[entry.component], strict=True):
-                ids = text.pad_chunks(ids, count, tok, pad)
+            tok = self._tokenizer(entry.tokenizer)
+            for outputs, ids in zip(encoded, chunks[entry.component], strict=True):
+                if entry.kind != "t5":
+                    ids = text.pad_chunks(ids, count, tok, tok.token_to_id(entry.pad_token))
                 context, pooled = text.encode_chunks(lambda i, e=encoder: e.run({"input_ids": i}), ids,
-                                                     clip_skip, entry.hidden_layer)
-                previous = cond.get("encoder_hidden_states")
-                cond["encoder_hidden_states"] = context if previous is None else np.concatenate([previous, context], -1)
-                if entry.pooled:
-                    cond["text_embeds"] = pooled
+                                                     1 if entry.kind == "t5" else clip_skip, entry.hidden_layer)
+                outputs.append((entry, context, pooled))
             self.timings.text_encode += time.perf_counter() - started
             self._done(encoder)
+        conds: list[Cond] = [text.join(outputs) for outputs in encoded]
         if zero_negative:
             conds.append({k: np.zeros_like(v) for k, v in conds[0].items()})
         return conds
@@ -248,7 +252,6 @@ class Pipeline:
         get_sampler(sampler)  # an unknown name fails before any work
         size = size_conditioning or SizeConditioning()
         size.check()
-        sigmas = get_sigmas(schedule, self.schedule, steps)
         init = img.open_image(init_image) if isinstance(init_image, (str, Path)) else init_image
         if init is None and m.role == "refiner":
             raise UsageError(
@@ -256,12 +259,16 @@ class Pipeline:
                 "give it --init-image, or use it as --refiner after a base model"
             )
         if width is None and height is None and init is not None:
-            width, height = (s // m.vae_downscale * m.vae_downscale for s in init.size)
+            width, height = (s // m.size_multiple * m.size_multiple for s in init.size)
         width = int(d["width"] if width is None else width)
         height = int(d["height"] if height is None else height)
         for name, value in (("width", width), ("height", height)):
-            if value <= 0 or value % m.vae_downscale:
-                raise UsageError(f"--{name} must be a positive multiple of {m.vae_downscale} (got {value})")
+            if value <= 0 or value % m.size_multiple:
+                raise UsageError(f"--{name} must be a positive multiple of {m.size_multiple} for {m.family} "
+                                 f"(got {value})")
+        patch = m.size_multiple // m.vae_downscale  # a DiT's latent patch: its tokens set Flux's shift
+        tokens = (height // m.vae_downscale // patch) * (width // m.vae_downscale // patch)
+        sigmas = get_sigmas(schedule, self.schedule.at_size(tokens), steps)
         if clip_skip < 1:
             raise UsageError(f"--clip-skip must be at least 1 (got {clip_skip})")
         if guidance < 0:

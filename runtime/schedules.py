@@ -159,6 +159,11 @@ class FlowSchedule:
 Schedule = DiscreteSchedule | FlowSchedule
 
 
+def model_schedule(config: Mapping[str, object], prediction: str) -> Schedule:
+    """The training discretization of a model with this scheduler config and prediction."""
+    return FlowSchedule.from_config(config) if prediction == "flow" else DiscreteSchedule.from_config(config)
+
+
 def _append_zero(sigmas: np.ndarray) -> np.ndarray:
     return np.append(np.asarray(sigmas, dtype=np.float64), 0.0)
 

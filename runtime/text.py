@@ -1,9 +1,11 @@
-"""Prompt to conditioning: A1111-style 75-token chunks, each encoded as its own 77-token window
-and concatenated, so long prompts are not cut; clip-skip picks an earlier hidden layer."""
+"""Prompt to conditioning: for CLIP, A1111-style 75-token chunks, each encoded as its own 77-token
+window and concatenated, so long prompts are not cut, and clip-skip picks an earlier hidden layer;
+for T5, one window as the reference pipelines use it. `join` combines the encoders' outputs."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -70,3 +72,40 @@ def encode_chunks(
     context = chosen.reshape(1, -1, chosen.shape[-1]).astype(np.float32)
     pooled = outputs.get("pooled_output")
     return context, (None if pooled is None else pooled[:1].astype(np.float32))
+
+
+def window_ids(tok: Tokenizer, prompt: str, max_length: int, pad_id: int) -> list[int]:
+    """A T5 prompt as the reference pipelines give it: one window of `max_length` tokens ending
+    in its EOS, padded; a longer prompt is cut, with a warning saying what was lost."""
+    ids = tok.encode(prompt).ids  # the tokenizer's post-processor appends </s>
+    if len(ids) > max_length:
+        lost = tok.decode(ids[max_length - 1:-1])
+        warnings.warn(f"the prompt is longer than the T5 window of {max_length} tokens; cut: '{lost}'", stacklevel=3)
+        ids = ids[:max_length - 1] + ids[-1:]
+    return ids + [pad_id] * (max_length - len(ids))
+
+
+def join(encoded: Sequence[tuple[object, np.ndarray, np.ndarray | None]]) -> dict[str, np.ndarray]:
+    """The denoiser's text inputs from each encoder's (entry, context, pooled), by each entry's
+    `context` rule: side by side in features, or after the others as more tokens (their features
+    zero-padded to its width, SD3); pooled outputs in use side by side as `text_embeds`."""
+    context = None
+    for entry, hidden, _ in encoded:
+        if entry.context == "none":
+            continue
+        if context is None:
+            context = hidden
+        elif entry.context == "features":
+            context = np.concatenate([context, hidden], -1)
+        else:
+            width = max(context.shape[-1], hidden.shape[-1])
+            context = np.concatenate([_pad_features(context, width), _pad_features(hidden, width)], 1)
+    out = {"encoder_hidden_states": context}
+    pooled = [p for entry, _, p in encoded if entry.pooled]
+    if pooled:
+        out["text_embeds"] = np.concatenate(pooled, -1)
+    return out
+
+
+def _pad_features(x: np.ndarray, width: int) -> np.ndarray:
+    return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])

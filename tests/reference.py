@@ -61,6 +61,10 @@ def diffusers_scheduler(sampler: str, schedule: str, config, ours_schedule):
     def timesteps(n):
         return spaced_timesteps(ours_schedule, n)
 
+    if str(config.get("_class_name", "")).startswith("FlowMatch"):  # rectified flow (SD3, Flux)
+        cls = {"euler": d.FlowMatchEulerDiscreteScheduler, "heun": d.FlowMatchHeunDiscreteScheduler}[sampler]
+        return cls.from_config(config), {}
+
     # diffusers draws karras sigmas between the extremes of the spaced timesteps: linspace
     # spacing reaches t = 999 and t = 0, the full range karras is defined on
     leading = {"timestep_spacing": "linspace" if schedule == "karras" else ours_schedule.timestep_spacing}

@@ -87,6 +87,24 @@ CONFIGS.update({
 # the "sdxl" model with SDXL-Turbo's scheduler: euler a, trailing spacing
 CONFIGS["sdxl-turbo"] = dict(CONFIGS["sdxl"], scheduler="EulerAncestralDiscreteScheduler", spacing="trailing")
 
+# DiT families: the context is the CLIPs' features side by side, zero-padded to T5's width, then
+# T5's tokens; the pooled vector is both CLIPs' (16 + 24)
+_SD3_TEXT = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, projection_dim=16)
+CONFIGS.update({
+    "sd3": dict(
+        transformer=dict(sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                         attention_head_dim=8, num_attention_heads=4, joint_attention_dim=96,
+                         caption_projection_dim=32, pooled_projection_dim=40, pos_embed_max_size=32),
+        text=_SD3_TEXT,
+        text_2=dict(_SD3_TEXT, hidden_size=48, hidden_act="gelu", projection_dim=24),
+        t5=dict(d_model=96, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                relative_attention_max_distance=20, feed_forward_proj="gated-gelu"),
+        vae=dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=16,
+                 scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False),
+        family="sd3",
+    ),
+})
+
 SCHEDULER = {
     "_class_name": "PNDMScheduler",
     "beta_start": 0.00085,
@@ -113,6 +131,8 @@ def build_tiny(dst: Path, name: str = "sd1", seed: int = 0) -> Path:
 
     cfg = CONFIGS[name]
     dst = Path(dst)
+    if "transformer" in cfg:
+        return _build_tiny_dit(dst, cfg, seed)
     base_text = dict(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu",
                      bos_token_id=49406, eos_token_id=49407, pad_token_id=1, projection_dim=32)
     # (folder, tokenizer folder, model class, config, pad token), in the family's order
@@ -150,4 +170,49 @@ def build_tiny(dst: Path, name: str = "sd1", seed: int = 0) -> Path:
     (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     override = {"scheduler": ["diffusers", cfg["scheduler"]]} if "scheduler" in cfg else {}
     write_model_index(dst, cfg["family"], **override, **({"_class_name": cfg["pipeline"]} if "pipeline" in cfg else {}))
+    return dst
+
+
+def _build_tiny_dit(dst: Path, cfg: dict, seed: int) -> Path:
+    """An SD3 folder: two CLIPs with projection, T5 (the tokenizer edgediff ships), the MMDiT and
+    a 16-channel VAE."""
+    import torch
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+        T5TokenizerFast,
+    )
+
+    import edgediff.convert
+
+    base_text = dict(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu",
+                     bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+    torch.manual_seed(seed)
+    blocks = len(cfg["vae"]["block_out_channels"])
+    modules = [
+        (SD3Transformer2DModel(**cfg["transformer"]), "transformer"),
+        (AutoencoderKL(in_channels=3, out_channels=3, sample_size=64, down_block_types=("DownEncoderBlock2D",) * blocks,
+                       up_block_types=("UpDecoderBlock2D",) * blocks, **cfg["vae"]), "vae"),
+        (CLIPTextModelWithProjection(CLIPTextConfig(**{**base_text, **cfg["text"]})), "text_encoder"),
+        (CLIPTextModelWithProjection(CLIPTextConfig(**{**base_text, **cfg["text_2"]})), "text_encoder_2"),
+        (T5EncoderModel(T5Config(vocab_size=32128, **cfg["t5"])), "text_encoder_3"),
+    ]
+    with torch.no_grad():
+        for module, _ in modules:
+            for param in module.parameters():
+                if param.ndim == 1 and torch.all(param == param.flatten()[0]):
+                    param.add_(torch.randn_like(param) * 0.02)
+    for module, folder in modules:
+        module.save_pretrained(dst / folder)
+    write_clip_tokenizer(dst / "tokenizer")
+    write_clip_tokenizer(dst / "tokenizer_2", pad_token="!")
+    t5 = Path(edgediff.convert.__file__).parent / "data" / "t5_tokenizer" / "tokenizer.json"
+    T5TokenizerFast(tokenizer_file=str(t5)).save_pretrained(dst / "tokenizer_3")
+    (dst / "scheduler").mkdir(parents=True, exist_ok=True)
+    (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}, indent=2))
+    write_model_index(dst, cfg["family"])
     return dst

@@ -37,6 +37,9 @@ CASES = [
     ("sdxl-wide", "euler", "normal"),
     ("sdxl-wide", "dpmpp_2m", "karras"),
     ("sdxl-wide", "ddim", "normal"),
+    # SD3: three text encoders (CLIP features, then T5 tokens), rectified flow with shift 3
+    ("sd3", "euler", "normal"),
+    ("sd3", "heun", "normal"),
 ]
 
 _pipes: dict = {}
