@@ -171,7 +171,10 @@ def convert(
         pipe.info["vae"] = str(vae)
     # a VAE whose config says it needs no upcast (SDXL's fp16-fix VAE) is safe in 16 bits
     vae_half = fam.vae_fp16 or getattr(pipe.vae.config, "force_upcast", True) is False
-    precisions = parse_precision(precision, components, fmt, vae_half)
+    # T5 overflows in fp16 (its feed-forward activations pass 65504), as does SDXL's stock VAE
+    keep_full = {te.component for te in fam.text_encoders if te.kind == "t5"}
+    keep_full |= set() if vae_half else {"vae_decoder", "vae_encoder"}
+    precisions = parse_precision(precision, components, fmt, keep_full)
     if fmt == "gguf":
         import tempfile
 

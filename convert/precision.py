@@ -17,7 +17,7 @@ and last convolution stay high precision; user rules first).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,18 +45,19 @@ class Applied:
     notes: dict[str, object]
 
 
-def parse_precision(spec: str, components: Sequence[str], fmt: str = "onnx", vae_half: bool = True) -> dict[str, str]:
+def parse_precision(spec: str, components: Sequence[str], fmt: str = "onnx",
+                    keep_full: Collection[str] = ()) -> dict[str, str]:
     """'int8' or 'unet=int8,vae_decoder=fp16' -> {component: precision} for every component.
     With fmt 'gguf' the names are ggml types (f32, f16, q8_0, q5_0, q5_1, q4_0, q4_1).
-    A single 16-bit name leaves the VAE at full precision unless `vae_half` (SDXL's VAE
-    overflows in fp16: black images); naming the VAE explicitly still converts it."""
+    A single 16-bit name leaves the components in `keep_full` at full precision (SDXL's VAE and
+    T5 overflow in fp16: black images, NaN text); naming one explicitly still converts it."""
     check = _check if fmt == "onnx" else _check_gguf
     full = "fp32" if fmt == "onnx" else "f32"
     spec = spec.strip()
     if "=" not in spec:
         name = check(spec, "--precision")
         if name in ("fp32", "fp16", "f32", "f16"):
-            return {c: (name if vae_half or not c.startswith("vae") else full) for c in components}
+            return {c: (full if c in keep_full else name) for c in components}
         return {c: (name if c in LOW_BIT_COMPONENTS else full) for c in components}
     result = dict.fromkeys(components, full)
     for part in spec.split(","):

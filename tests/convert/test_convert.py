@@ -232,3 +232,30 @@ def test_vae_swap_errors(tiny_source, tmp_path):
     with pytest.raises(SourceError, match="no VAE weights"):
         convert(tiny_source("sdxl"), tmp_path / "b", vae=tiny_source("sdxl") / "unet" / "diffusion_pytorch_model.safetensors")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_t5_encoder_matches_transformers(tiny_source, tiny_package):
+    """T5's graph gives transformers' last hidden state (its final norm applied) for any ids."""
+    import torch
+    from transformers import T5EncoderModel
+
+    model = T5EncoderModel.from_pretrained(tiny_source("sd3") / "text_encoder_3")
+    session = ort.InferenceSession(str(tiny_package("sd3") / "text_encoder_3" / "model.onnx"))
+    ids = torch.randint(0, 32100, (2, 256), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).last_hidden_state.numpy()
+    out = session.run(None, {"input_ids": ids.numpy()})[0]
+    assert out.shape == (1, *ref.shape)
+    np.testing.assert_allclose(out[0], ref, atol=1e-4)
+
+
+def test_fp16_keeps_t5_in_fp32(tiny_source, tiny_package, tmp_path):
+    """T5's activations overflow fp16 (NaN text embeddings), so one 16-bit name leaves it fp32;
+    the CLIPs and the transformer still convert."""
+    manifest = convert(tiny_source("sd3"), tmp_path / "pkg", precision="fp16")
+    precisions = {k: v.precision for k, v in manifest.components.items()}
+    assert precisions["text_encoder_3"] == "fp32"
+    assert precisions["transformer"] == precisions["text_encoder_2"] == precisions["vae_decoder"] == "fp16"
+    args = dict(steps=4, width=64, height=64, seed=3)
+    ref = Pipeline(tiny_package("sd3"), device="cpu").generate("a red cube", "", **args)
+    assert psnr(ref, Pipeline(tmp_path / "pkg", device="cpu").generate("a red cube", "", **args)) > 40

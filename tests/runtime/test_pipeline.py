@@ -15,3 +15,13 @@ def test_refiner_with_other_latent_channels_is_refused(tiny_package):
     refiner.package.manifest = dataclasses.replace(refiner.manifest, latent_channels=16)
     with pytest.raises(UsageError, match="16 latent channels.*their latent spaces differ"):
         base.generate("x", steps=4, width=64, height=64, refiner=refiner)
+
+
+def test_dit_sizes_and_the_t5_window(tiny_package):
+    """SD3's transformer takes 2x2 latent patches: sides are multiples of 16. A prompt longer
+    than T5's window is cut with a warning, as the reference pipelines do."""
+    pipe = Pipeline(tiny_package("sd3"), device="cpu")
+    with pytest.raises(UsageError, match="multiple of 16 for sd3"):
+        pipe.generate("a cat", width=72, height=64, steps=1)
+    with pytest.warns(UserWarning, match="longer than the T5 window of 256 tokens; cut: '.*zebra"):
+        pipe.generate("a cat " * 150 + "zebra", width=32, height=32, steps=1)
