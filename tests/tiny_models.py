@@ -104,6 +104,8 @@ CONFIGS.update({
         family="sd3",
     ),
 })
+CONFIGS["sd35"] = dict(  # SD3.5 medium's additions: q/k RMS norm, a second attention in block 0
+    CONFIGS["sd3"], transformer=dict(CONFIGS["sd3"]["transformer"], qk_norm="rms_norm", dual_attention_layers=(0,)))
 
 SCHEDULER = {
     "_class_name": "PNDMScheduler",

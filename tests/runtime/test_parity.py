@@ -40,6 +40,7 @@ CASES = [
     # SD3: three text encoders (CLIP features, then T5 tokens), rectified flow with shift 3
     ("sd3", "euler", "normal"),
     ("sd3", "heun", "normal"),
+    ("sd35", "euler", "normal"),
 ]
 
 _pipes: dict = {}
