@@ -18,8 +18,20 @@ import numpy as np
 from edgediff.errors import UsageError
 
 
+class _SigmaRange:
+    sigmas: np.ndarray  # sigma at each training timestep, ascending
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+
 @dataclass(frozen=True)
-class DiscreteSchedule:
+class DiscreteSchedule(_SigmaRange):
     """The model's training discretization, read from its scheduler config."""
 
     sigmas: np.ndarray  # sigma(t) for t = 0 .. T-1, ascending (float64)
@@ -54,14 +66,6 @@ class DiscreteSchedule:
             steps_offset=int(config.get("steps_offset", 0) or 0),
         )
 
-    @property
-    def sigma_min(self) -> float:
-        return float(self.sigmas[0])
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
-
     def sigma_to_t(self, sigma: float) -> float:
         """Fractional timestep by interpolation in log-sigma (k-diffusion, diffusers `_sigma_to_t`)."""
         log_sigmas = np.log(self.sigmas)
@@ -91,7 +95,7 @@ class DiscreteSchedule:
 
 
 @dataclass(frozen=True)
-class FlowSchedule:
+class FlowSchedule(_SigmaRange):
     """A rectified-flow model's time: sigma = shift(t / T), the model's timestep sigma * T
     (diffusers' FlowMatchEulerDiscreteScheduler). The shift is fixed (SD3: 3.0; Flux schnell:
     none) or, with `dynamic`, exp(mu) / (exp(mu) + 1/sigma - 1) with mu linear in the image's
@@ -135,14 +139,6 @@ class FlowSchedule:
     def sigmas(self) -> np.ndarray:
         """sigma at each training timestep, ascending."""
         return self.shifted(np.arange(1, self.train_steps + 1) / self.train_steps)
-
-    @property
-    def sigma_min(self) -> float:
-        return float(self.sigmas[0])
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
 
     def sigma_to_t(self, sigma: float) -> float:
         return sigma * self.train_steps

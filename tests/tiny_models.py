@@ -153,13 +153,7 @@ def build_tiny(dst: Path, name: str = "sd1", seed: int = 0) -> Path:
                         **cfg["vae"])
     modules = [(unet, "unet"), (vae, "vae")]
     modules += [(model(CLIPTextConfig(**c)), folder) for folder, _, model, c, _ in encoders]
-    with torch.no_grad():  # random init leaves some layers at zero; give every weight a value
-        for module, _ in modules:
-            for param in module.parameters():
-                if param.ndim == 1 and torch.all(param == param.flatten()[0]):
-                    param.add_(torch.randn_like(param) * 0.02)
-    for module, folder in modules:
-        module.save_pretrained(dst / folder)
+    _save(modules, dst)
     for _, tok, _, _, pad in encoders:
         write_clip_tokenizer(dst / tok, pad_token=pad)
     xl = cfg["family"].startswith("sdxl")
@@ -202,13 +196,7 @@ def _build_tiny_dit(dst: Path, cfg: dict, seed: int) -> Path:
         (CLIPTextModelWithProjection(CLIPTextConfig(**{**base_text, **cfg["text_2"]})), "text_encoder_2"),
         (T5EncoderModel(T5Config(vocab_size=32128, **cfg["t5"])), "text_encoder_3"),
     ]
-    with torch.no_grad():
-        for module, _ in modules:
-            for param in module.parameters():
-                if param.ndim == 1 and torch.all(param == param.flatten()[0]):
-                    param.add_(torch.randn_like(param) * 0.02)
-    for module, folder in modules:
-        module.save_pretrained(dst / folder)
+    _save(modules, dst)
     write_clip_tokenizer(dst / "tokenizer")
     write_clip_tokenizer(dst / "tokenizer_2", pad_token="!")
     t5 = Path(edgediff.convert.__file__).parent / "data" / "t5_tokenizer" / "tokenizer.json"
@@ -218,3 +206,17 @@ def _build_tiny_dit(dst: Path, cfg: dict, seed: int) -> Path:
         {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}, indent=2))
     write_model_index(dst, cfg["family"])
     return dst
+
+
+def _save(modules, dst: Path) -> None:
+    """Save each (module, folder); random init leaves some layers at one value: give every
+    weight a value of its own first."""
+    import torch
+
+    with torch.no_grad():
+        for module, _ in modules:
+            for param in module.parameters():
+                if param.ndim == 1 and torch.all(param == param.flatten()[0]):
+                    param.add_(torch.randn_like(param) * 0.02)
+    for module, folder in modules:
+        module.save_pretrained(dst / folder)
