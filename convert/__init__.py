@@ -155,6 +155,10 @@ def convert(
             f"{src_path}: this is a {fam.title} model; this edgediff version cannot convert it yet "
             f"(it converts: {', '.join(f.name for f in FAMILIES.values() if f.convertible)})"
         )
+    if fmt == "gguf" and fam.denoiser != "unet":
+        raise UsageError(f"{src_path}: this edgediff version writes no GGUF for {fam.title} yet (its tensor "
+                         "names in stable-diffusion.cpp's files are not mapped); convert to an ONNX package, "
+                         "e.g. --precision int4")
     components = [te.component for te in fam.text_encoders] + [fam.denoiser, "vae_decoder", "vae_encoder"]
     precisions = parse_precision(precision, components, fmt)
     from edgediff.convert.load import load_torch_pipeline, load_vae

@@ -194,7 +194,7 @@ class Pipeline:
             return comp.run({"sample": x_in, "timestep": t, **c})["out_sample"]
 
         denoiser = Denoiser(run, self.schedule, self.manifest.prediction, cond, uncond, guidance,
-                                 split_batch=self.split_guidance)
+                            split_batch=self.split_guidance)
         x = get_sampler(sampler)(denoiser, x, sigmas, rng, clock)
         self._done(comp)
         return x

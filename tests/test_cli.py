@@ -80,8 +80,8 @@ def _generate(tiny_package, *extra):
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (("--width", "65"), "--width must be a positive multiple of 8 (got 65)"),
-    (("--height", "0"), "--height must be a positive multiple of 8 (got 0)"),
+    (("--width", "65"), "--width must be a positive multiple of 8 for sd1 (got 65)"),
+    (("--height", "0"), "--height must be a positive multiple of 8 for sd1 (got 0)"),
     (("--steps", "0"), "steps must be at least 1 (got 0)"),
     (("--sampler", "fastest"), "unknown sampler 'fastest'; choose one of: euler"),
     (("--schedule", "linear"), "unknown schedule 'linear'"),

@@ -373,3 +373,9 @@ def test_sdxl_gguf(tiny_source, tiny_package, tmp_path, kind):
     got = [Pipeline(path, device="cpu").generate(PROMPT, "blurry", seed=s, **args) for s in (0, 1)]
     quality = np.mean([psnr(a, b) for a, b in zip(reference, got, strict=True)])
     assert quality == float("inf") if kind == "f32" else quality >= FLOORS[kind]
+
+
+def test_no_gguf_for_dits_yet(tiny_source, tmp_path):
+    with pytest.raises(UsageError, match="writes no GGUF for Stable Diffusion 3"):
+        convert(tiny_source("sd3"), tmp_path / "m.gguf", precision="q8_0")
+    assert not (tmp_path / "m.gguf").exists()

@@ -25,3 +25,4 @@ def test_dit_sizes_and_the_t5_window(tiny_package):
         pipe.generate("a cat", width=72, height=64, steps=1)
     with pytest.warns(UserWarning, match="longer than the T5 window of 256 tokens; cut: '.*zebra"):
         pipe.generate("a cat " * 150 + "zebra", width=32, height=32, steps=1)
+
