@@ -91,6 +91,13 @@ class Conditioning:
     negative_aesthetic_score: float = 2.5  # ... and the negative prompt
     zero_empty_negative: bool = False  # an empty negative prompt is zeros, not encoded text
     guidance_embedding: int = 0  # LCM: guidance enters as a `timestep_cond` of this width, not CFG
+    guidance_input: bool = False  # Flux dev: guidance enters as a number (`guidance`), not CFG
+    cfg: bool = True  # classifier-free guidance applies (Flux schnell: distilled without it)
+
+    @property
+    def guidance_embedded(self) -> bool:
+        """Guidance is an input of the model: no negative prompt, no second batch."""
+        return bool(self.guidance_embedding) or self.guidance_input
 
     @property
     def time_id_count(self) -> int:
@@ -133,6 +140,9 @@ class Family:
     denoiser: str = "unet"
     denoiser_class: str = "UNet2DConditionModel"  # diffusers' class of the denoiser
     size_multiple: int = 8  # image sides are multiples of this (latent patches of 2 in a DiT: 16)
+    # flow models' `normal` spacing ends at the scheduler's smallest sigma ('min', SD3) or at
+    # 1/steps ('last_step': FluxPipeline's linspace(1, 1/n))
+    flow_normal_end: str = "min"
     role: str = "base"  # 'refiner': finishes images (img2img, or after a base), never starts one
     conditioning: Conditioning = Conditioning()
     onnx_pipeline: str = "ORTStableDiffusionPipeline"  # optimum's class, in model_index.json
@@ -302,12 +312,21 @@ FAMILIES: dict[str, Family] = {
         Family(
             name="flux",
             title="FLUX.1 (schnell / dev)",
-            text_encoders=(),
+            text_encoders=(
+                TextEncoder(pooled=True, context="none", ldm_prefix="text_encoders.clip_l.transformer."),
+                replace(_T5, component="text_encoder_2", tokenizer="tokenizer_2", max_length=512),
+            ),
             latent=LatentFormat(channels=16, scale=0.3611, shift=0.1159),
             prediction="flow",
-            defaults=Defaults("euler", "simple", 20, 3.5, 1024),
+            defaults=Defaults("euler", "normal", 4, 0.0, 1024),  # schnell's; dev's from its weights
+            conditioning=Conditioning(cfg=False),
             denoiser="transformer",
-            convertible=False,
+            denoiser_class="FluxTransformer2DModel",
+            size_multiple=16,
+            flow_normal_end="last_step",
+            onnx_pipeline="ORTFluxPipeline",
+            scheduler_config={"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                              "shift": 1.0},
             signatures=(
                 Signature("ldm", (Rule(_LDM + "double_blocks.*"),)),
                 Signature("diffusers", (Rule("transformer.single_transformer_blocks.*"),)),
@@ -337,6 +356,7 @@ SCHEDULER_DEFAULTS: tuple[tuple[Mapping[str, object], Mapping[str, object]], ...
     (_TURBO_SCHEDULER, {"sampler": "euler_a", "schedule": "normal", "steps": 1, "guidance": 0.0}),
 )
 EMBEDDED_GUIDANCE = 8.5  # diffusers' LatentConsistencyModelPipeline default
+DISTILLED_GUIDANCE = {"steps": 28, "guidance": 3.5}  # diffusers' FluxPipeline defaults (dev)
 
 
 def scheduler_defaults(config: Mapping[str, object], conditioning: Conditioning) -> dict[str, object]:
@@ -345,6 +365,8 @@ def scheduler_defaults(config: Mapping[str, object], conditioning: Conditioning)
                   if all(config.get(k) == v for k, v in match.items())), {})
     if conditioning.guidance_embedding:
         found["guidance"] = EMBEDDED_GUIDANCE
+    if conditioning.guidance_input:
+        found.update(DISTILLED_GUIDANCE)
     return found
 
 

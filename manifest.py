@@ -53,6 +53,7 @@ class Manifest:
     defaults: dict[str, object]
     denoiser: str = "unet"  # the component the sampler drives
     size_multiple: int = 8  # image sides are multiples of this
+    flow_normal_end: str = "min"  # where a flow model's `normal` spacing ends (families.Family)
     role: str = "base"  # 'refiner': img2img or after a base only
     conditioning: Conditioning = Conditioning()  # what the denoiser takes besides text
     source: dict[str, object] = field(default_factory=dict)

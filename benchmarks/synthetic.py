@@ -77,6 +77,11 @@ MODEL_INDEX = {
             "tokenizer_2": ["transformers", "CLIPTokenizer"], "text_encoder_3": ["transformers", "T5EncoderModel"],
             "tokenizer_3": ["transformers", "T5TokenizerFast"], "image_encoder": [None, None],
             "feature_extractor": [None, None]},
+    "flux": {"_class_name": "FluxPipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
+             "image_encoder": [None, None], "feature_extractor": [None, None]},
 }
 
 

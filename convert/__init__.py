@@ -246,7 +246,7 @@ def _export(pipe, src: Source, src_path: Path, layout: str, tmp: Path,
     (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(pipe.scheduler_config, indent=2))
     vae = pipe.vae.config
     downscale = 2 ** (len(vae.block_out_channels) - 1)
-    sample_size = pipe.denoiser.config.sample_size  # the model's native size, in latent pixels
+    sample_size = getattr(pipe.denoiser.config, "sample_size", None)  # native size in latent pixels (Flux has none)
     resolution = int(sample_size) * downscale if isinstance(sample_size, int) else fam.defaults.resolution
     prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
     manifest = Manifest(
@@ -261,6 +261,7 @@ def _export(pipe, src: Source, src_path: Path, layout: str, tmp: Path,
         text_encoders=tuple(encoders),
         denoiser=fam.denoiser,
         size_multiple=fam.size_multiple,
+        flow_normal_end=fam.flow_normal_end,
         role=fam.role,
         conditioning=pipe.conditioning,
         defaults={

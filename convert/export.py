@@ -109,6 +109,27 @@ def _wrappers():
             return self.transformer(hidden_states=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
                                     pooled_projections=text_embeds, return_dict=False)[0]
 
+    class FluxGraph(torch.nn.Module):
+        """Flux under the same contract, with unpacked latents in and out: the 2x2 patches are
+        packed and the position ids made here, from the latent's size (as FluxPipeline packs
+        them); its timestep (and dev's guidance) are taken /1000 and x1 as FluxPipeline gives them."""
+
+        def __init__(self, transformer):
+            super().__init__()
+            self.transformer = transformer
+
+        def forward(self, sample, timestep, encoder_hidden_states, text_embeds, *guidance):
+            b, c, h, w = sample.shape
+            packed = sample.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * 4)
+            rows = torch.arange(h // 2, dtype=sample.dtype)[:, None].expand(h // 2, w // 2)
+            cols = torch.arange(w // 2, dtype=sample.dtype)[None, :].expand(h // 2, w // 2)
+            img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3)
+            txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, dtype=sample.dtype)
+            out = self.transformer(hidden_states=packed, encoder_hidden_states=encoder_hidden_states,
+                                   pooled_projections=text_embeds, timestep=timestep / 1000, img_ids=img_ids,
+                                   txt_ids=txt_ids, guidance=guidance[0] if guidance else None, return_dict=False)[0]
+            return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
     class VaeDecoderGraph(torch.nn.Module):
         def __init__(self, vae):
             super().__init__()
@@ -130,7 +151,8 @@ def _wrappers():
                 moments = self.vae.quant_conv(moments)
             return moments
 
-    return TextEncoderGraph, UNetGraph, TransformerGraph, VaeDecoderGraph, VaeEncoderGraph
+    return TextEncoderGraph, UNetGraph, {"SD3Transformer2DModel": TransformerGraph, "FluxTransformer2DModel": FluxGraph}, \
+        VaeDecoderGraph, VaeEncoderGraph
 
 
 def _fused_attention():
@@ -185,6 +207,50 @@ def _fused_attention():
     return FusedAttention()
 
 
+@contextlib.contextmanager
+def _traceable_rotary():
+    """diffusers' rotary embedding reshapes by `*x.shape[:-1]`, which the tracer records as
+    constants (a Flux graph would then run at the traced size only); the same product with the
+    sizes left to the graph."""
+    torch = require("torch", "convert", "Exporting to ONNX")
+    from diffusers.models.transformers import transformer_flux
+
+    stock = transformer_flux.apply_rotary_emb
+
+    def rotary(x, freqs_cis, use_real=True, use_real_unbind_dim=-1, sequence_dim=2):
+        if not use_real or use_real_unbind_dim != -1:
+            return stock(x, freqs_cis, use_real, use_real_unbind_dim, sequence_dim)
+        cos, sin = (f[None, None] if sequence_dim == 2 else f[None, :, None] for f in freqs_cis)
+        real, imag = x.unflatten(-1, (-1, 2)).unbind(-1)
+        rotated = torch.stack([-imag, real], dim=-1).flatten(3)
+        return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+    transformer_flux.apply_rotary_emb = rotary
+    try:
+        yield
+    finally:
+        transformer_flux.apply_rotary_emb = stock
+
+
+def _rms_norm_symbolic():
+    """`aten::rms_norm` (torch.nn.RMSNorm, Flux's q/k norms) has no ONNX form before opset 23:
+    written out as x / sqrt(mean(x^2) + eps) * weight over the last axis."""
+    torch = require("torch", "convert", "Exporting to ONNX")
+    from torch.onnx import symbolic_helper
+
+    def rms_norm(g, x, normalized_shape, weight, eps):
+        shape = symbolic_helper._maybe_get_const(normalized_shape, "is")
+        if len(shape) != 1:
+            return symbolic_helper._unimplemented("rms_norm", "normalized over more than one axis", x)
+        eps = symbolic_helper._maybe_get_const(eps, "f")
+        eps = torch.finfo(torch.float32).eps if symbolic_helper._is_none(eps) or eps is None else float(eps)
+        mean = g.op("ReduceMean", g.op("Mul", x, x), g.op("Constant", value_t=torch.tensor([-1])), keepdims_i=1)
+        out = g.op("Div", x, g.op("Sqrt", g.op("Add", mean, g.op("Constant", value_t=torch.tensor(eps)))))
+        return out if symbolic_helper._is_none(weight) else g.op("Mul", out, weight)
+
+    torch.onnx.register_custom_op_symbolic("aten::rms_norm", rms_norm, OPSET)
+
+
 def export_graph(module, args: tuple, contract: Contract, path: Path) -> list[Path]:
     """Export `module` to `path` (weights beside it in `model.onnx_data` when too large).
     Returns the files written.
@@ -197,6 +263,7 @@ def export_graph(module, args: tuple, contract: Contract, path: Path) -> list[Pa
     from onnx import numpy_helper
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    _rms_norm_symbolic()
     module.eval()
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
         raw = Path(scratch) / "raw.onnx"
@@ -278,7 +345,7 @@ def export_components(pipe, out_dir: Path, progress=None) -> dict[str, list[Path
     """Export every component of a TorchPipeline under `out_dir` in optimum's folder layout,
     releasing each module once it is written."""
     torch = require("torch", "convert", "Exporting to ONNX")
-    TextEncoderGraph, UNetGraph, TransformerGraph, VaeDecoderGraph, VaeEncoderGraph = _wrappers()
+    TextEncoderGraph, UNetGraph, dit_graphs, VaeDecoderGraph, VaeEncoderGraph = _wrappers()
     written: dict[str, list[Path]] = {}
 
     def step(name: str) -> None:
@@ -305,13 +372,18 @@ def export_components(pipe, out_dir: Path, progress=None) -> dict[str, list[Path
         written[name] = _export_unet(UNetGraph, denoiser, pipe.family.conditioning, out_dir)
     else:
         config = denoiser.config
-        contract = Contract(UNET.inputs + ("text_embeds",), UNET.outputs, {**UNET.dynamic_axes, "text_embeds": {0: "batch"}})
-        written[name] = export_graph(
-            TransformerGraph(denoiser),
-            (torch.randn(1, config.in_channels, 4 * config.patch_size, 4 * config.patch_size), torch.tensor([999.0]),
-             torch.randn(1, 7, config.joint_attention_dim), torch.randn(1, config.pooled_projection_dim)),
-            contract, out_dir / name / "model.onnx",
-        )
+        flux = pipe.family.denoiser_class == "FluxTransformer2DModel"
+        extras = ("text_embeds", "guidance") if pipe.conditioning.guidance_input else ("text_embeds",)
+        contract = Contract(UNET.inputs + extras, UNET.outputs,
+                            {**UNET.dynamic_axes, **{e: {0: "batch"} for e in extras}})
+        channels = config.in_channels // 4 if flux else config.in_channels  # Flux counts packed channels
+        with _traceable_rotary():
+            written[name] = export_graph(
+                dit_graphs[pipe.family.denoiser_class](denoiser),
+                (torch.randn(1, channels, 8, 8), torch.tensor([999.0]), torch.randn(1, 7, config.joint_attention_dim),
+                 torch.randn(1, config.pooled_projection_dim), *([torch.tensor([3.5])] if len(extras) > 1 else [])),
+                contract, out_dir / name / "model.onnx",
+            )
     pipe.denoiser = _release(denoiser)
     del denoiser
     vae.set_attn_processor(_fused_attention())

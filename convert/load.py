@@ -42,6 +42,8 @@ class TorchPipeline:
         width = getattr(self.denoiser.config, "time_cond_proj_dim", None)
         if width:  # an LCM-distilled UNet: guidance is an input of the model
             self.conditioning = replace(self.conditioning, guidance_embedding=int(width))
+        if getattr(self.denoiser.config, "guidance_embeds", False):  # Flux dev: the same, as a number
+            self.conditioning = replace(self.conditioning, guidance_input=True)
 
 
 TEXT_MODELS = {"clip": "CLIPTextModel", "clip_projection": "CLIPTextModelWithProjection", "t5": "T5EncoderModel"}

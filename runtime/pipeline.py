@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,7 +95,8 @@ class Pipeline:
         self.options = SessionOptions(device=device, threads=threads, weights=weights, accuracy_level=accuracy_level)
         self.low_memory = low_memory
         self.split_guidance = split_guidance  # guidance as two batch-1 runs: half the activations
-        self.schedule = model_schedule(self.package.scheduler_config, self.manifest.prediction)
+        self.schedule = model_schedule(self.package.scheduler_config, self.manifest.prediction,
+                                       self.manifest.flow_normal_end)
         self._components: dict[str, Component] = {}
         self._tokenizers: dict[str, object] = {}
         self.timings = Timings()
@@ -162,9 +164,10 @@ class Pipeline:
     def _conditioning(self, prompt: str, negative: str | None, clip_skip: int, size: SizeConditioning,
                       height: int, width: int, guidance: float) -> tuple[Cond, Cond | None]:
         """Everything the denoiser takes besides latent and timestep, for the prompt and the
-        negative prompt (None without guidance: CFG off, or guidance embedded, as LCM's)."""
+        negative prompt (None without guidance: CFG off, or guidance embedded, as LCM's and
+        Flux dev's)."""
         spec = self.manifest.conditioning
-        if spec.guidance_embedding:
+        if spec.guidance_embedded or not spec.cfg:
             negative = None
         conds = self._encode_prompts(prompt, negative, clip_skip)
         for i, cond in enumerate(conds):
@@ -173,6 +176,8 @@ class Pipeline:
                 cond["time_ids"] = ids
             if spec.guidance_embedding:
                 cond["timestep_cond"] = guidance_embedding(guidance, spec.guidance_embedding)
+            if spec.guidance_input:
+                cond["guidance"] = np.full(1, guidance, np.float32)
         return conds[0], (conds[1] if len(conds) > 1 else None)
 
     def _sample(self, x, sigmas, cond: Cond, uncond: Cond | None, guidance: float, sampler: str, rng,
@@ -273,6 +278,10 @@ class Pipeline:
             raise UsageError(f"--clip-skip must be at least 1 (got {clip_skip})")
         if guidance < 0:
             raise UsageError(f"--guidance must be >= 0 (got {guidance})")
+        spec = m.conditioning
+        if guidance > 1 and not spec.cfg and not spec.guidance_embedded:
+            warnings.warn(f"{m.family} is distilled to run without guidance: --guidance {guidance} is ignored",
+                          stacklevel=2)
         if init is not None:
             if not 0 < strength <= 1:
                 raise UsageError(f"--strength must be in (0, 1] (got {strength})")

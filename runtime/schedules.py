@@ -155,9 +155,11 @@ class FlowSchedule(_SigmaRange):
 Schedule = DiscreteSchedule | FlowSchedule
 
 
-def model_schedule(config: Mapping[str, object], prediction: str) -> Schedule:
+def model_schedule(config: Mapping[str, object], prediction: str, normal_end: str = "min") -> Schedule:
     """The training discretization of a model with this scheduler config and prediction."""
-    return FlowSchedule.from_config(config) if prediction == "flow" else DiscreteSchedule.from_config(config)
+    if prediction == "flow":
+        return FlowSchedule.from_config(config, normal_end)
+    return DiscreteSchedule.from_config(config)
 
 
 def _append_zero(sigmas: np.ndarray) -> np.ndarray:

@@ -89,6 +89,8 @@ CONFIGS["sdxl-turbo"] = dict(CONFIGS["sdxl"], scheduler="EulerAncestralDiscreteS
 
 # DiT families: the context is the CLIPs' features side by side, zero-padded to T5's width, then
 # T5's tokens; the pooled vector is both CLIPs' (16 + 24)
+_T5 = dict(d_model=96, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+           relative_attention_max_distance=20, feed_forward_proj="gated-gelu")
 _SD3_TEXT = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, projection_dim=16)
 CONFIGS.update({
     "sd3": dict(
@@ -97,12 +99,24 @@ CONFIGS.update({
                          caption_projection_dim=32, pooled_projection_dim=40, pos_embed_max_size=32),
         text=_SD3_TEXT,
         text_2=dict(_SD3_TEXT, hidden_size=48, hidden_act="gelu", projection_dim=24),
-        t5=dict(d_model=96, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-                relative_attention_max_distance=20, feed_forward_proj="gated-gelu"),
+        t5=_T5,
         vae=dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=16,
                  scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False),
         family="sd3",
     ),
+})
+_FLUX_VAE = dict(CONFIGS["sd3"]["vae"], scaling_factor=0.3611, shift_factor=0.1159)
+_FLUX = dict(num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2, in_channels=64,
+             joint_attention_dim=96, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+_FLOW = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000}
+CONFIGS.update({
+    # Flux: CLIP-L's pooled output only, T5 as the whole context; 2x2 latent patches packed
+    "flux-schnell": dict(transformer=dict(_FLUX, guidance_embeds=False), text=dict(_SD3_TEXT, hidden_size=32),
+                         t5=_T5, vae=_FLUX_VAE, family="flux", scheduler=dict(_FLOW, shift=1.0)),
+    "flux-dev": dict(transformer=dict(_FLUX, guidance_embeds=True, num_layers=2, num_single_layers=1),
+                     text=dict(_SD3_TEXT, hidden_size=32), t5=_T5, vae=_FLUX_VAE, family="flux",
+                     scheduler=dict(_FLOW, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                    base_image_seq_len=256, max_image_seq_len=4096)),
 })
 CONFIGS["sd35"] = dict(  # SD3.5 medium's additions: q/k RMS norm, a second attention in block 0
     CONFIGS["sd3"], transformer=dict(CONFIGS["sd3"]["transformer"], qk_norm="rms_norm", dual_attention_layers=(0,)))
@@ -170,12 +184,13 @@ def build_tiny(dst: Path, name: str = "sd1", seed: int = 0) -> Path:
 
 
 def _build_tiny_dit(dst: Path, cfg: dict, seed: int) -> Path:
-    """An SD3 folder: two CLIPs with projection, T5 (the tokenizer edgediff ships), the MMDiT and
-    a 16-channel VAE."""
+    """An SD3 or Flux folder: CLIPs, T5 (the tokenizer edgediff ships), the DiT and a 16-channel
+    VAE."""
+    import diffusers
     import torch
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import (
         CLIPTextConfig,
+        CLIPTextModel,
         CLIPTextModelWithProjection,
         T5Config,
         T5EncoderModel,
@@ -186,24 +201,30 @@ def _build_tiny_dit(dst: Path, cfg: dict, seed: int) -> Path:
 
     base_text = dict(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu",
                      bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+    sd3 = cfg["family"] == "sd3"
+    clips = ([("text", "", CLIPTextModelWithProjection, "<|endoftext|>"), ("text_2", "_2", CLIPTextModelWithProjection, "!")]
+             if sd3 else [("text", "", CLIPTextModel, "<|endoftext|>")])
+    t5 = "_3" if sd3 else "_2"
     torch.manual_seed(seed)
     blocks = len(cfg["vae"]["block_out_channels"])
     modules = [
-        (SD3Transformer2DModel(**cfg["transformer"]), "transformer"),
-        (AutoencoderKL(in_channels=3, out_channels=3, sample_size=64, down_block_types=("DownEncoderBlock2D",) * blocks,
-                       up_block_types=("UpDecoderBlock2D",) * blocks, **cfg["vae"]), "vae"),
-        (CLIPTextModelWithProjection(CLIPTextConfig(**{**base_text, **cfg["text"]})), "text_encoder"),
-        (CLIPTextModelWithProjection(CLIPTextConfig(**{**base_text, **cfg["text_2"]})), "text_encoder_2"),
-        (T5EncoderModel(T5Config(vocab_size=32128, **cfg["t5"])), "text_encoder_3"),
+        (getattr(diffusers, "SD3Transformer2DModel" if sd3 else "FluxTransformer2DModel")(**cfg["transformer"]),
+         "transformer"),
+        (diffusers.AutoencoderKL(in_channels=3, out_channels=3, sample_size=64,
+                                 down_block_types=("DownEncoderBlock2D",) * blocks,
+                                 up_block_types=("UpDecoderBlock2D",) * blocks, **cfg["vae"]), "vae"),
+        *[(model(CLIPTextConfig(**{**base_text, **cfg[key]})), "text_encoder" + n) for key, n, model, _ in clips],
+        (T5EncoderModel(T5Config(vocab_size=32128, **cfg["t5"])), "text_encoder" + t5),
     ]
     _save(modules, dst)
-    write_clip_tokenizer(dst / "tokenizer")
-    write_clip_tokenizer(dst / "tokenizer_2", pad_token="!")
-    t5 = Path(edgediff.convert.__file__).parent / "data" / "t5_tokenizer" / "tokenizer.json"
-    T5TokenizerFast(tokenizer_file=str(t5)).save_pretrained(dst / "tokenizer_3")
+    for _, n, _, pad in clips:
+        write_clip_tokenizer(dst / ("tokenizer" + n), pad_token=pad)
+    tokenizer = Path(edgediff.convert.__file__).parent / "data" / "t5_tokenizer" / "tokenizer.json"
+    T5TokenizerFast(tokenizer_file=str(tokenizer)).save_pretrained(dst / ("tokenizer" + t5))
     (dst / "scheduler").mkdir(parents=True, exist_ok=True)
     (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}, indent=2))
+        cfg.get("scheduler", {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                              "shift": 3.0}), indent=2))
     write_model_index(dst, cfg["family"])
     return dst
 

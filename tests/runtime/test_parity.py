@@ -41,6 +41,10 @@ CASES = [
     ("sd3", "euler", "normal"),
     ("sd3", "heun", "normal"),
     ("sd35", "euler", "normal"),
+    # Flux: CLIP pooled + T5 context, packed 2x2 patches, no CFG; dev embeds the guidance and
+    # shifts its schedule by the image's size
+    ("flux-schnell", "euler", "normal"),
+    ("flux-dev", "euler", "normal"),
 ]
 
 _pipes: dict = {}

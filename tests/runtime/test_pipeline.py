@@ -26,3 +26,14 @@ def test_dit_sizes_and_the_t5_window(tiny_package):
     with pytest.warns(UserWarning, match="longer than the T5 window of 256 tokens; cut: '.*zebra"):
         pipe.generate("a cat " * 150 + "zebra", width=32, height=32, steps=1)
 
+
+
+def test_flux_schnell_takes_no_guidance(tiny_package):
+    """schnell is distilled without guidance: a --guidance is said to be ignored, and the image is
+    the one without it (no negative prompt is run)."""
+    pipe = Pipeline(tiny_package("flux-schnell"), device="cpu")
+    args = dict(steps=2, width=32, height=32, seed=5)
+    plain = pipe.generate("a cat", **args)
+    with pytest.warns(UserWarning, match="flux is distilled to run without guidance: --guidance 4.0 is ignored"):
+        guided = pipe.generate("a cat", "a dog", guidance=4.0, **args)
+    assert list(plain.getdata()) == list(guided.getdata())
