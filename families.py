@@ -148,6 +148,8 @@ class Family:
     onnx_pipeline: str = "ORTStableDiffusionPipeline"  # optimum's class, in model_index.json
     vae_fp16: bool = True  # its stock VAE runs in fp16 (SDXL's overflows unless the VAE says so)
     scheduler_config: Mapping[str, object] = field(default_factory=lambda: dict(_SD_SCHEDULER))
+    # the scheduler of its guidance-distilled variant, for single files (Flux dev: shift by size)
+    guided_scheduler_config: Mapping[str, object] | None = None
     unet_heads: int | None = None  # LDM `num_heads` (SD 1.x) ...
     unet_head_channels: int | None = None  # ... or `num_head_channels` (SD 2.x)
     convertible: bool = True
@@ -163,7 +165,8 @@ def _unet_rules(prefix: str, proj_ndim: int, label_emb: str, label: bool) -> tup
 DENOISER = "model.diffusion_model."  # the denoiser's prefix in single files (LDM/SGM, stable-diffusion.cpp)
 # Prefixes that stay in a ComfyUI-GGUF file after it strips `model.diffusion_model.`.
 _BARE_DENOISER = ("input_blocks.", "middle_block.", "output_blocks.", "joint_blocks.",
-                  "double_blocks.", "single_blocks.", "time_embed.", "label_emb.", "out.")
+                  "double_blocks.", "single_blocks.", "time_embed.", "label_emb.", "out.",
+                  "img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
 
 
 def bare_denoiser(names) -> bool:
@@ -327,6 +330,9 @@ FAMILIES: dict[str, Family] = {
             onnx_pipeline="ORTFluxPipeline",
             scheduler_config={"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
                               "shift": 1.0},
+            guided_scheduler_config={"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                                     "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+                                     "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096},
             signatures=(
                 Signature("ldm", (Rule(_LDM + "double_blocks.*"),)),
                 Signature("diffusers", (Rule("transformer.single_transformer_blocks.*"),)),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from edgediff import __version__
 from edgediff.errors import SourceError, UsageError
-from edgediff.families import DENOISER, Family, detect_family, get_family
+from edgediff.families import DENOISER, Family, bare_denoiser, detect_family, get_family
 from edgediff.runtime.gguf_file import GGUFFile
 from edgediff.runtime.safetensors_file import SafetensorsFile
 
@@ -50,7 +50,10 @@ def _open(path: Path, prefix: str = ""):
     if suffix == ".gguf":
         return GGUFFile(path)
     if suffix == ".safetensors":
-        return SafetensorsFile(path, prefix)
+        file = SafetensorsFile(path, prefix)
+        if not prefix and bare_denoiser(file.header):  # a denoiser-only file (BFL's Flux release)
+            file = SafetensorsFile(path, DENOISER)
+        return file
     raise SourceError(f"{path}: expected a .gguf or .safetensors file here (got '{suffix}')")
 
 
@@ -63,7 +66,7 @@ def adopt(main: Path, *, base: Path | None = None, vae: Path | None = None,
           prediction: str | None = None) -> Adopted:
     """Assign every component of the model in `main` to the file its weights come from (explicit
     `--vae`/`--text-encoder` first, then `main`, then `base`) and build its architecture."""
-    from edgediff.convert.load import ldm_architecture
+    from edgediff.convert.load import file_architecture
 
     first = _open(main)
     others = [(_open(vae, VAE), "vae")] if vae else []
@@ -76,7 +79,7 @@ def adopt(main: Path, *, base: Path | None = None, vae: Path | None = None,
         raise UsageError(f"{len(text_encoders)} --text-encoder files given; {fam.title} has "
                          f"{len(fam.text_encoders)} text encoder(s)")
     fallback = [_open(base)] if base else []
-    wanted = {"unet": DENOISER, "vae": VAE, **{te.component: te.ldm_prefix for te in fam.text_encoders}}
+    wanted = {fam.denoiser: DENOISER, "vae": VAE, **{te.component: te.ldm_prefix for te in fam.text_encoders}}
     parts: dict[str, Part] = {}
     for component, prefix in wanted.items():
         explicit = [f for f, c in others if c == component]
@@ -86,7 +89,7 @@ def adopt(main: Path, *, base: Path | None = None, vae: Path | None = None,
                 break
     missing = [c for c in wanted if c not in parts]
     if missing:
-        what = "only the denoiser" if list(parts) == ["unet"] else f"no {', '.join(missing)}"
+        what = "only the denoiser" if list(parts) == [fam.denoiser] else f"no {', '.join(missing)}"
         raise UsageError(
             f"{main}: the file holds {what} (a denoiser-only file, as ComfyUI-GGUF writes); "
             "pass --base MODEL (the .safetensors or .gguf checkpoint it was made from), or "
@@ -98,7 +101,7 @@ def adopt(main: Path, *, base: Path | None = None, vae: Path | None = None,
                 w = part.file.weight(name)
                 if w is not None:
                     shapes[name] = w.shape
-    pipe = ldm_architecture(shapes, fam, prediction, where=str(main))
+    pipe = file_architecture(shapes, fam, prediction, where=str(main))
     files = [Path(main), *([Path(vae)] if vae else []), *map(Path, text_encoders), *([Path(base)] if base else [])]
     parts["vae_decoder"] = parts["vae_encoder"] = parts.pop("vae")
     return Adopted(fam, parts, pipe, files)
@@ -109,6 +112,10 @@ def _graphs(adopted: Adopted, folder: Path, progress) -> tuple:
     manifest and the LDM names of its weights."""
     from edgediff.convert import _export, _ldm_names
     from edgediff.convert.sources import Source
+
+    if adopted.family.denoiser != "unet":
+        raise UsageError(f"{adopted.files[0]}: {adopted.family.title} files do not run as they are yet; convert "
+                         "them into a package first (edgediff convert FILE --text-encoder ... --vae ... -o PACKAGE)")
 
     src = Source(adopted.files[0], "gguf", {})
     manifest = _export(adopted.pipe, src, adopted.files[0], "ldm", folder, progress)
@@ -213,7 +220,7 @@ def dequantized(main: Path, **kwargs):
     import numpy as np
     import torch
 
-    from edgediff.convert.load import ldm_architecture
+    from edgediff.convert.load import file_architecture
     from edgediff.kernels.gguf_blocks import dequantize
 
     adopted = adopt(main, **kwargs)
@@ -222,5 +229,5 @@ def dequantized(main: Path, **kwargs):
         for name in _names(part.file):
             if name.startswith(part.prefix) and (w := part.file.weight(name)) is not None:
                 state[name] = torch.from_numpy(np.array(dequantize(w.data, w.fmt, w.shape)))
-    return ldm_architecture({k: tuple(v.shape) for k, v in state.items()}, adopted.family,
+    return file_architecture({k: tuple(v.shape) for k, v in state.items()}, adopted.family,
                             kwargs.get("prediction"), state, str(main))

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from edgediff.convert.sources import Source
 from edgediff.errors import SourceError, require
-from edgediff.families import Conditioning, Family, TextEncoder
+from edgediff.families import DENOISER, Conditioning, Family, TextEncoder, bare_denoiser
 
 BUNDLED_CLIP_TOKENIZER = Path(__file__).parent / "data" / "clip_tokenizer"
+BUNDLED_T5_TOKENIZER = Path(__file__).parent / "data" / "t5_tokenizer"
 _LDM_UNET = "model.diffusion_model."
 _LDM_VAE = "first_stage_model."
 
@@ -128,7 +129,8 @@ def _load_state(source: Source) -> dict:
         return dict(data.get("state_dict", data))
     from safetensors.torch import load_file
 
-    return load_file(str(source.path))
+    state = load_file(str(source.path))
+    return {DENOISER + k: v for k, v in state.items()} if bare_denoiser(state) else state  # as sources name them
 
 
 def _pick_ema(state: dict) -> tuple[dict, bool]:
@@ -310,8 +312,8 @@ def _load_ldm(source: Source, family: Family, prediction: str | None) -> TorchPi
     state, ema = _pick_ema(_load_state(source))
     kept = tuple([_LDM_UNET, _LDM_VAE] + [te.ldm_prefix for te in family.text_encoders])
     dropped = sorted(k for k in state if not k.startswith(kept))
-    pipe = ldm_architecture({k: tuple(v.shape) for k, v in state.items()}, family, prediction, state,
-                            str(source.path))
+    pipe = file_architecture({k: tuple(v.shape) for k, v in state.items()}, family, prediction, state,
+                             str(source.path))
     pipe.info.update(ema=ema, dropped_keys=len(dropped))
     return pipe
 
@@ -343,7 +345,6 @@ def load_vae(path: Path, family: Family, current):
     diffusers' names (configured as `current`) or in LDM names (configured from its shapes)."""
     torch = require("torch", "convert", "Converting a model")
     diffusers = require("diffusers", "convert", "Converting a model")
-    from diffusers.loaders import single_file_utils as sfu
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -362,11 +363,39 @@ def load_vae(path: Path, family: Family, current):
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     if _LDM_VAE + "encoder.conv_in.weight" not in shapes or _LDM_VAE + "decoder.conv_in.weight" not in shapes:
         raise SourceError(f"--vae {path}: no VAE weights in this file (neither diffusers' nor LDM's names)")
-    config = sfu.create_vae_diffusers_config_from_ldm(_ldm_original(shapes, family), state,
-                                                      scaling_factor=family.latent.scale)
-    vae = diffusers.AutoencoderKL(**config)
-    _load_strict(vae, sfu.convert_ldm_vae_checkpoint(state, config), "VAE")
+    vae, fill = ldm_vae(shapes, family, state)
+    fill()
     return vae.eval()
+
+
+def ldm_vae(shapes: dict, family: Family, state: dict | None):
+    """The VAE that LDM-named `shapes` describe (16-channel ones without quant convolutions too)
+    and what fills it from `state`."""
+    torch = require("torch", "convert", "Converting a model")
+    diffusers = require("diffusers", "convert", "Converting a model")
+    from diffusers.loaders import single_file_utils as sfu
+
+    meta = state if state is not None else {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+    config = sfu.create_vae_diffusers_config_from_ldm(_ldm_original(shapes, family), meta,
+                                                      image_size=family.defaults.resolution,
+                                                      scaling_factor=family.latent.scale)
+    config.update(use_quant_conv=_LDM_VAE + "quant_conv.weight" in shapes,
+                  use_post_quant_conv=_LDM_VAE + "post_quant_conv.weight" in shapes,
+                  shift_factor=family.latent.shift or None)
+    vae = diffusers.AutoencoderKL(**config)
+    return vae, lambda: _load_strict(vae, sfu.convert_ldm_vae_checkpoint(state, config), "VAE", True)
+
+
+def file_architecture(shapes: dict, family: Family, prediction: str | None = None, state: dict | None = None,
+                      where: str = "the model") -> TorchPipeline:
+    """The torch modules a single file (or a set of component files) describes, by family."""
+    if family.denoiser_class == "FluxTransformer2DModel":
+        from edgediff.convert.dit import flux_architecture
+
+        return flux_architecture(shapes, family, prediction, state, where)
+    if family.denoiser != "unet":
+        raise SourceError(f"{where}: {family.title} converts from diffusers folders only in this version")
+    return ldm_architecture(shapes, family, prediction, state, where)
 
 
 def ldm_architecture(shapes: dict, family: Family, prediction: str | None = None, state: dict | None = None,
@@ -386,16 +415,15 @@ def ldm_architecture(shapes: dict, family: Family, prediction: str | None = None
     meta = state if state is not None else {k: torch.empty(v, device="meta") for k, v in shapes.items()}
     unet_config = sfu.create_unet_diffusers_config_from_ldm(original, meta)
     _text_time_config(unet_config, shapes, family)
-    vae_config = sfu.create_vae_diffusers_config_from_ldm(original, meta, scaling_factor=family.latent.scale)
     # with weights: empty modules now, each filled from the file when it is exported
     with _empty_parameters() if state is not None else contextlib.nullcontext():
         encoders = [(te, _clip_from_ldm(shapes, te), BUNDLED_CLIP_TOKENIZER) for te in family.text_encoders]
         unet = diffusers.UNet2DConditionModel(**unet_config)
-        vae = diffusers.AutoencoderKL(**vae_config)
+        vae, load_vae = ldm_vae(shapes, family, state)
     loaders = {}
     if state is not None:
         loaders["unet"] = lambda: _load_strict(unet, sfu.convert_ldm_unet_checkpoint(state, unet_config), "UNet", True)
-        loaders["vae"] = lambda: _load_strict(vae, sfu.convert_ldm_vae_checkpoint(state, vae_config), "VAE", True)
+        loaders["vae"] = load_vae
         for spec, model, _ in encoders:
             loaders[spec.component] = lambda s=spec, m=model: _load_strict(m, _clip_weights(m, s, state),
                                                                            "text encoder", True)

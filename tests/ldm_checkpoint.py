@@ -23,3 +23,31 @@ def write_ldm_checkpoint(folder: Path, path: Path, ema_noise: float | None = Non
     state["alphas_cumprod"] = torch.linspace(0.99, 0.01, 1000)
     state["model_ema.decay"] = torch.tensor(0.9999)
     return _write(folder, path, state, family)
+
+
+def write_flux_files(folder: Path, dst: Path) -> dict[str, Path]:
+    """A tiny Flux diffusers folder as Flux users have it: the transformer in BFL's names (fused
+    q/k/v, no prefix), and separate clip_l, t5xxl and ae files, as ComfyUI stores them."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from edgediff.convert.dit import flux_pieces, scatter
+    from edgediff.convert.ldm import ldm_shape, vae_name
+
+    dst.mkdir(parents=True, exist_ok=True)
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    paths = {name: dst / f"{name}.safetensors" for name in ("flux", "clip_l", "t5xxl", "ae")}
+    save_file(scatter(flux_pieces(config), load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")),
+              paths["flux"])
+    clip = load_file(folder / "text_encoder" / "model.safetensors")
+    save_file({k if k.startswith("text_model.") else "text_model." + k: v for k, v in clip.items()}, paths["clip_l"])
+    t5 = load_file(folder / "text_encoder_2" / "model.safetensors")
+    save_file({k: v for k, v in t5.items() if k != "encoder.embed_tokens.weight"}, paths["t5xxl"])
+    vae_cfg = json.loads((folder / "vae" / "config.json").read_text())
+    vae = {}
+    for k, v in load_file(folder / "vae" / "diffusion_pytorch_model.safetensors").items():
+        name = vae_name(k, vae_cfg)
+        vae[name.removeprefix("first_stage_model.")] = v.reshape(ldm_shape(name, tuple(v.shape))).contiguous()
+    save_file(vae, paths["ae"])
+    return paths

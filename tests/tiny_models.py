@@ -90,7 +90,7 @@ CONFIGS["sdxl-turbo"] = dict(CONFIGS["sdxl"], scheduler="EulerAncestralDiscreteS
 # DiT families: the context is the CLIPs' features side by side, zero-padded to T5's width, then
 # T5's tokens; the pooled vector is both CLIPs' (16 + 24)
 _T5 = dict(d_model=96, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-           relative_attention_max_distance=20, feed_forward_proj="gated-gelu")
+           feed_forward_proj="gated-gelu")  # T5 v1.1's gated GELU; its distance 128 (files do not say it)
 _SD3_TEXT = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, projection_dim=16)
 CONFIGS.update({
     "sd3": dict(
@@ -106,15 +106,17 @@ CONFIGS.update({
     ),
 })
 _FLUX_VAE = dict(CONFIGS["sd3"]["vae"], scaling_factor=0.3611, shift_factor=0.1159)
-_FLUX = dict(num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2, in_channels=64,
-             joint_attention_dim=96, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+# rotary axes split as Flux's (16, 56, 56) of 128: an eighth, then half the rest each
+_FLUX = dict(num_layers=1, num_single_layers=2, attention_head_dim=32, num_attention_heads=2, in_channels=64,
+             joint_attention_dim=96, pooled_projection_dim=32, axes_dims_rope=(4, 14, 14))
+_FLUX_CLIP = dict(_SD3_TEXT, num_attention_heads=1)  # 32-wide heads, as a single file reads them back
 _FLOW = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000}
 CONFIGS.update({
     # Flux: CLIP-L's pooled output only, T5 as the whole context; 2x2 latent patches packed
-    "flux-schnell": dict(transformer=dict(_FLUX, guidance_embeds=False), text=dict(_SD3_TEXT, hidden_size=32),
+    "flux-schnell": dict(transformer=dict(_FLUX, guidance_embeds=False), text=_FLUX_CLIP,
                          t5=_T5, vae=_FLUX_VAE, family="flux", scheduler=dict(_FLOW, shift=1.0)),
     "flux-dev": dict(transformer=dict(_FLUX, guidance_embeds=True, num_layers=2, num_single_layers=1),
-                     text=dict(_SD3_TEXT, hidden_size=32), t5=_T5, vae=_FLUX_VAE, family="flux",
+                     text=_FLUX_CLIP, t5=_T5, vae=_FLUX_VAE, family="flux",
                      scheduler=dict(_FLOW, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                     base_image_seq_len=256, max_image_seq_len=4096)),
 })

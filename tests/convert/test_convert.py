@@ -15,7 +15,7 @@ from edgediff.errors import SourceError, UsageError
 from edgediff.runtime import Pipeline
 from edgediff.runtime.safetensors_file import read_safetensors_header
 
-from ldm_checkpoint import write_ldm_checkpoint
+from ldm_checkpoint import write_flux_files, write_ldm_checkpoint
 from reference import psnr
 from tiny_models import build_tiny
 
@@ -259,3 +259,31 @@ def test_fp16_keeps_t5_in_fp32(tiny_source, tiny_package, tmp_path):
     args = dict(steps=4, width=64, height=64, seed=3)
     ref = Pipeline(tiny_package("sd3"), device="cpu").generate("a red cube", "", **args)
     assert psnr(ref, Pipeline(tmp_path / "pkg", device="cpu").generate("a red cube", "", **args)) > 40
+
+
+@pytest.mark.parametrize("name", ["flux-schnell", "flux-dev"])
+def test_flux_files_match_the_folder(tiny_source, tiny_package, tmp_path, name):
+    """A Flux transformer in BFL's names (fused q/k/v) with separate clip_l, t5xxl and ae files
+    gives the diffusers folder's image; schnell and dev are told apart by the weights."""
+    files = write_flux_files(tiny_source(name), tmp_path / "files")
+    manifest = convert(files["flux"], tmp_path / "pkg", text_encoders=[files["clip_l"], files["t5xxl"]],
+                       vae=files["ae"])
+    assert manifest.conditioning.guidance_input == (name == "flux-dev")
+    args = dict(steps=3, width=48, height=64, seed=7)
+    ref = Pipeline(tiny_package(name), device="cpu").generate("a red cube", **args)
+    assert psnr(ref, Pipeline(tmp_path / "pkg", device="cpu").generate("a red cube", **args)) == float("inf")
+
+
+def test_flux_files_bad_input(tiny_source, tmp_path):
+    files = write_flux_files(tiny_source("flux-schnell"), tmp_path / "files")
+    with pytest.raises(SourceError, match="no text_encoder, text_encoder_2, VAE weights.*--text-encoder CLIP_L"):
+        convert(files["flux"], tmp_path / "a")
+    with pytest.raises(UsageError, match="holds no vae, text_encoder_2.*--vae FILE and --text-encoder FILE"):
+        convert(files["flux"], tmp_path / "b", text_encoders=[files["clip_l"]])
+    with pytest.raises(SourceError, match="not a T5 encoder"):
+        convert(files["flux"], tmp_path / "c", text_encoders=[files["clip_l"], files["clip_l"]], vae=files["ae"])
+    assert not any((tmp_path / n).exists() for n in "abc")
+    from edgediff.convert.adopt import adopted_package
+
+    with pytest.raises(UsageError, match="do not run as they are yet; convert them"):
+        adopted_package(files["flux"], text_encoders=[files["clip_l"], files["t5xxl"]], vae=files["ae"])

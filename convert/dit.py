@@ -1,0 +1,213 @@
+"""Single files of the DiT families: Flux's transformer in Black Forest Labs' names (fused q/k/v,
+`double_blocks.*`, `single_blocks.*`) as BFL, ComfyUI and stable-diffusion.cpp store it, and T5
+encoders as ComfyUI stores them (transformers' names).
+
+One table maps every diffusers weight to the rows of the file tensors it is cut from, so the same
+data reads a file and writes one (the tests' fixtures), whatever the widths. diffusers has a
+reader (`convert_flux_transformer_checkpoint_to_diffusers`) but it assumes the full-size widths
+(3072 wide, MLP x4), so it cannot read the tiny models the parity tests build.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from edgediff.errors import SourceError
+from edgediff.families import DENOISER
+
+# diffusers name -> [(file name, first row, end row)], concatenated along the first axis
+Pieces = dict[str, list[tuple[str, int, int]]]
+
+_FLUX_PLAIN = {  # diffusers prefix -> BFL prefix, each with .weight and .bias
+    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+    "context_embedder": "txt_in",
+    "x_embedder": "img_in",
+    "proj_out": "final_layer.linear",
+}
+_FLUX_GUIDANCE = {"time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+                  "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer"}
+_DOUBLE = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin", "attn.to_out.0": "img_attn.proj",
+           "attn.to_add_out": "txt_attn.proj", "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+           "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
+_DOUBLE_NORMS = {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+                 "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm"}
+
+
+def flux_pieces(config: Mapping[str, object], prefix: str = "") -> Pieces:
+    """Where each weight of a FluxTransformer2DModel with this config lies in a BFL file."""
+    width = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    mlp = int(width * float(config.get("mlp_ratio", 4.0)))
+    out: Pieces = {}
+
+    def whole(dst: str, src: str) -> None:
+        for p in ("weight", "bias"):
+            out[f"{dst}.{p}"] = [(f"{prefix}{src}.{p}", 0, -1)]
+
+    def rows(dst: str, src: str, start: int, end: int) -> None:
+        for p in ("weight", "bias"):
+            out[f"{dst}.{p}"] = [(f"{prefix}{src}.{p}", start, end)]
+
+    for dst, src in {**_FLUX_PLAIN, **(_FLUX_GUIDANCE if config.get("guidance_embeds") else {})}.items():
+        whole(dst, src)
+    for i in range(int(config["num_layers"])):
+        block, bfl = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        for dst, src in _DOUBLE.items():
+            whole(block + dst, bfl + src)
+        for dst, src in _DOUBLE_NORMS.items():
+            out[f"{block}{dst}.weight"] = [(f"{prefix}{bfl}{src}.scale", 0, -1)]
+        for j, (img, txt) in enumerate((("to_q", "add_q_proj"), ("to_k", "add_k_proj"), ("to_v", "add_v_proj"))):
+            rows(f"{block}attn.{img}", bfl + "img_attn.qkv", j * width, (j + 1) * width)
+            rows(f"{block}attn.{txt}", bfl + "txt_attn.qkv", j * width, (j + 1) * width)
+    for i in range(int(config["num_single_layers"])):
+        block, bfl = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        for j, name in enumerate(("attn.to_q", "attn.to_k", "attn.to_v")):
+            rows(block + name, bfl + "linear1", j * width, (j + 1) * width)
+        rows(block + "proj_mlp", bfl + "linear1", 3 * width, 3 * width + mlp)
+        whole(block + "proj_out", bfl + "linear2")
+        whole(block + "norm.linear", bfl + "modulation.lin")
+        out[f"{block}attn.norm_q.weight"] = [(f"{prefix}{bfl}norm.query_norm.scale", 0, -1)]
+        out[f"{block}attn.norm_k.weight"] = [(f"{prefix}{bfl}norm.key_norm.scale", 0, -1)]
+    for p in ("weight", "bias"):  # BFL's final modulation is (shift, scale); diffusers' (scale, shift)
+        src = f"{prefix}final_layer.adaLN_modulation.1.{p}"
+        out[f"norm_out.linear.{p}"] = [(src, width, 2 * width), (src, 0, width)]
+    return out
+
+
+def _count(names, pattern: str) -> int:
+    found = {int(m.group(1)) for n in names if (m := re.match(pattern, n))}
+    return max(found) + 1 if found else 0
+
+
+def flux_config(shapes: Mapping[str, tuple[int, ...]], where: str) -> dict:
+    """FluxTransformer2DModel's config from a BFL file's shapes (names with DENOISER)."""
+    p = DENOISER
+    try:
+        width, packed = shapes[p + "img_in.weight"]
+        head = shapes[p + "double_blocks.0.img_attn.norm.query_norm.scale"][0]
+        return dict(
+            patch_size=1, in_channels=packed, num_layers=_count(shapes, re.escape(p) + r"double_blocks\.(\d+)\."),
+            num_single_layers=_count(shapes, re.escape(p) + r"single_blocks\.(\d+)\."),
+            attention_head_dim=head, num_attention_heads=width // head,
+            joint_attention_dim=shapes[p + "txt_in.weight"][1],
+            pooled_projection_dim=shapes[p + "vector_in.in_layer.weight"][1],
+            guidance_embeds=p + "guidance_in.in_layer.weight" in shapes,
+            axes_dims_rope=_rope_axes(head),
+        )
+    except KeyError as exc:
+        raise SourceError(f"{where}: not a Flux transformer in BFL's names (no {exc})") from None
+
+
+def _rope_axes(head: int) -> tuple[int, int, int]:
+    """Flux's rotary axes (16, 56, 56) for 128-wide heads: the first axis an eighth, the others
+    half the rest each (the tiny test models keep the rule)."""
+    first = head // 8
+    return first, (head - first) // 2, (head - first) // 2
+
+
+def gather(pieces: Pieces, read) -> dict:
+    """diffusers' state dict from file tensors: `read(name)` gives a torch tensor."""
+    import torch
+
+    out = {}
+    for dst, parts in pieces.items():
+        tensors = [read(name) for name, _, _ in parts]
+        out[dst] = torch.cat([t if end == -1 else t[start:end] for t, (_, start, end) in zip(tensors, parts, strict=True)])
+    return out
+
+
+def scatter(pieces: Pieces, state: Mapping[str, object]) -> dict:
+    """The file's tensors from diffusers' state dict (the inverse of `gather`)."""
+    import torch
+
+    parts: dict[str, list[tuple[int, object]]] = {}
+    for dst, sources in pieces.items():
+        offset = 0
+        for name, start, end in sources:
+            size = state[dst].shape[0] if end == -1 else end - start
+            parts.setdefault(name, []).append((0 if end == -1 else start, state[dst][offset:offset + size]))
+            offset += size
+    return {name: torch.cat([t for _, t in sorted(chunks, key=lambda c: c[0])]).contiguous()
+            for name, chunks in parts.items()}
+
+
+def t5_config(shapes: Mapping[str, tuple[int, ...]], prefix: str, where: str) -> dict:
+    """T5EncoderModel's config from a file's shapes (transformers' names under `prefix`)."""
+    p = prefix + "encoder.block.0.layer."
+    try:
+        buckets, heads = shapes[p + "0.SelfAttention.relative_attention_bias.weight"]
+        gated = p + "1.DenseReluDense.wi_0.weight" in shapes
+        return dict(
+            vocab_size=shapes[prefix + "shared.weight"][0], d_model=shapes[prefix + "shared.weight"][1],
+            num_layers=_count(shapes, re.escape(prefix) + r"encoder\.block\.(\d+)\."), num_heads=heads,
+            d_kv=shapes[p + "0.SelfAttention.q.weight"][0] // heads, relative_attention_num_buckets=buckets,
+            d_ff=shapes[p + ("1.DenseReluDense.wi_0.weight" if gated else "1.DenseReluDense.wi.weight")][0],
+            feed_forward_proj="gated-gelu" if gated else "relu",
+        )
+    except KeyError as exc:
+        raise SourceError(f"{where}: not a T5 encoder in transformers' names (no {exc}); pass the "
+                          "t5xxl .safetensors file") from None
+
+
+def flux_architecture(shapes: Mapping[str, tuple[int, ...]], family, prediction: str | None = None,
+                      state: dict | None = None, where: str = "the model"):
+    """Torch modules of the Flux model that single-file `shapes` describe (transformer in BFL's
+    names, CLIP-L and T5 under the family's prefixes, the VAE in LDM's), empty and filled from
+    `state` as each is exported, or random when `state` is None."""
+    import contextlib
+
+    from edgediff.convert.load import (
+        BUNDLED_CLIP_TOKENIZER,
+        BUNDLED_T5_TOKENIZER,
+        TorchPipeline,
+        _clip_from_ldm,
+        _clip_weights,
+        _empty_parameters,
+        _load_strict,
+        _resolve_spacing,
+        ldm_vae,
+    )
+    from edgediff.errors import require
+
+    diffusers = require("diffusers", "convert", "Converting a model")
+    transformers = require("transformers", "convert", "Converting a model")
+    config = flux_config(shapes, where)
+    missing = [te.component for te in family.text_encoders if not any(k.startswith(te.ldm_prefix) for k in shapes)]
+    missing += [] if any(k.startswith("first_stage_model.") for k in shapes) else ["VAE"]
+    if missing:
+        raise SourceError(f"{where}: no {', '.join(missing)} weights (a transformer-only file, as BFL and ComfyUI "
+                          "ship Flux); pass --text-encoder CLIP_L.safetensors --text-encoder T5XXL.safetensors "
+                          "(in this order) and --vae AE.safetensors")
+    with _empty_parameters() if state is not None else contextlib.nullcontext():
+        transformer = diffusers.FluxTransformer2DModel(**config)
+        encoders = []
+        for te in family.text_encoders:
+            if te.kind == "t5":
+                model = transformers.T5EncoderModel(transformers.T5Config(**t5_config(shapes, te.ldm_prefix, where)))
+                encoders.append((te, model, BUNDLED_T5_TOKENIZER))
+            else:
+                encoders.append((te, _clip_from_ldm(shapes, te), BUNDLED_CLIP_TOKENIZER))
+        vae, load_vae = ldm_vae(shapes, family, state)
+    loaders = {}
+    if state is not None:
+        loaders["transformer"] = lambda: _load_strict(
+            transformer, gather(flux_pieces(config, DENOISER), state.__getitem__), "transformer", True)
+        loaders["vae"] = load_vae
+        for spec, model, _ in encoders:
+            weights = (lambda s=spec: _t5_weights(state, s.ldm_prefix)) if spec.kind == "t5" else (
+                lambda s=spec, m=model: _clip_weights(m, s, state))
+            loaders[spec.component] = lambda m=model, w=weights: _load_strict(m, w(), "text encoder", True)
+    for module in (transformer, vae, *(m for _, m, _ in encoders)):
+        module.eval()
+    guided = config["guidance_embeds"] and family.guided_scheduler_config
+    scheduler = dict(family.guided_scheduler_config if guided else family.scheduler_config)
+    return TorchPipeline(family, encoders, transformer, vae, _resolve_spacing(scheduler), loaders=loaders)
+
+
+def _t5_weights(state: Mapping[str, object], prefix: str) -> dict:
+    weights = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    weights.setdefault("encoder.embed_tokens.weight", weights.get("shared.weight"))  # tied in transformers
+    return weights
