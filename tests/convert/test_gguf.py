@@ -379,3 +379,31 @@ def test_no_gguf_for_dits_yet(tiny_source, tmp_path):
     with pytest.raises(UsageError, match="writes no GGUF for Stable Diffusion 3"):
         convert(tiny_source("sd3"), tmp_path / "m.gguf", precision="q8_0")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_comfyui_gguf_flux_converts(tiny_source, tiny_package, tmp_path):
+    """A ComfyUI-GGUF Flux transformer (BFL's names, no prefix, Q8_0 matrices) with its clip_l,
+    t5xxl and ae files converts to a package that draws the fp32 model's image."""
+    from safetensors.torch import load_file
+
+    from ldm_checkpoint import write_flux_files
+
+    files = write_flux_files(tiny_source("flux-dev"), tmp_path / "files")
+    path = tmp_path / "flux1-dev-Q8_0.gguf"
+    writer = gguf.GGUFWriter(str(path), "flux")
+    for name, tensor in load_file(files["flux"]).items():
+        array = tensor.numpy()
+        if array.ndim == 2 and array.shape[1] % 32 == 0:
+            writer.add_tensor(name, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    manifest = convert(path, tmp_path / "pkg", text_encoders=[files["clip_l"], files["t5xxl"]], vae=files["ae"])
+    assert manifest.family == "flux" and manifest.conditioning.guidance_input
+    args = dict(steps=3, width=48, height=64, seed=7)
+    ref = Pipeline(tiny_package("flux-dev"), device="cpu").generate("a red cube", **args)
+    assert psnr(ref, Pipeline(tmp_path / "pkg", device="cpu").generate("a red cube", **args)) >= FLOORS["q8_0"]
