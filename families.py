@@ -1,8 +1,7 @@
 """The one table of model families: what differs between families is data here, not code.
 
 Constants are the models' own (diffusers configs, the LDM/SGM yaml files, ComfyUI's
-latent_formats.py). A row with `convertible=False` is detected (so users get a precise answer)
-but its export recipe does not exist yet.
+latent_formats.py).
 """
 
 from __future__ import annotations
@@ -152,7 +151,6 @@ class Family:
     guided_scheduler_config: Mapping[str, object] | None = None
     unet_heads: int | None = None  # LDM `num_heads` (SD 1.x) ...
     unet_head_channels: int | None = None  # ... or `num_head_channels` (SD 2.x)
-    convertible: bool = True
 
 
 def _unet_rules(prefix: str, proj_ndim: int, label_emb: str, label: bool) -> tuple[Rule, ...]:

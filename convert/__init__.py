@@ -150,11 +150,6 @@ def convert(
                                             overwrite=overwrite, progress=progress, **parts)
     src = open_source(src_path, allow_pickle=allow_pickle)
     fam, layout = resolve_family(src, family)
-    if not fam.convertible:
-        raise SourceError(
-            f"{src_path}: this is a {fam.title} model; this edgediff version cannot convert it yet "
-            f"(it converts: {', '.join(f.name for f in FAMILIES.values() if f.convertible)})"
-        )
     if fmt == "gguf" and fam.denoiser != "unet":
         raise UsageError(f"{src_path}: this edgediff version writes no GGUF for {fam.title} yet (its tensor "
                          "names in stable-diffusion.cpp's files are not mapped); convert to an ONNX package, "

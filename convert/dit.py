@@ -152,11 +152,11 @@ def t5_config(shapes: Mapping[str, tuple[int, ...]], prefix: str, where: str) ->
                           "t5xxl .safetensors file") from None
 
 
-def flux_architecture(shapes: Mapping[str, tuple[int, ...]], family, prediction: str | None = None,
-                      state: dict | None = None, where: str = "the model"):
-    """Torch modules of the Flux model that single-file `shapes` describe (transformer in BFL's
-    names, CLIP-L and T5 under the family's prefixes, the VAE in LDM's), empty and filled from
-    `state` as each is exported, or random when `state` is None."""
+def dit_architecture(shapes: Mapping[str, tuple[int, ...]], family, prediction: str | None = None,
+                     state: dict | None = None, where: str = "the model"):
+    """Torch modules of the SD3 or Flux model that single-file `shapes` describe (the transformer
+    in its original names, text encoders under the family's prefixes, the VAE in LDM's), empty and
+    filled from `state` as each is exported, or random when `state` is None."""
     import contextlib
 
     from edgediff.convert.load import (
@@ -174,15 +174,16 @@ def flux_architecture(shapes: Mapping[str, tuple[int, ...]], family, prediction:
 
     diffusers = require("diffusers", "convert", "Converting a model")
     transformers = require("transformers", "convert", "Converting a model")
-    config = flux_config(shapes, where)
+    read_config, pieces = DIT_TABLES[family.denoiser_class]
+    config = read_config(shapes, where)
     missing = [te.component for te in family.text_encoders if not any(k.startswith(te.ldm_prefix) for k in shapes)]
     missing += [] if any(k.startswith("first_stage_model.") for k in shapes) else ["VAE"]
     if missing:
-        raise SourceError(f"{where}: no {', '.join(missing)} weights (a transformer-only file, as BFL and ComfyUI "
-                          "ship Flux); pass --text-encoder CLIP_L.safetensors --text-encoder T5XXL.safetensors "
-                          "(in this order) and --vae AE.safetensors")
+        files = " ".join(f"--text-encoder {te.ldm_prefix.split('.')[1].upper()}.safetensors" for te in family.text_encoders)
+        raise SourceError(f"{where}: no {', '.join(missing)} weights (a transformer-only file, as {family.title} "
+                          f"is often shipped); pass {files} (in this order) and --vae VAE.safetensors")
     with _empty_parameters() if state is not None else contextlib.nullcontext():
-        transformer = diffusers.FluxTransformer2DModel(**config)
+        transformer = getattr(diffusers, family.denoiser_class)(**config)
         encoders = []
         for te in family.text_encoders:
             if te.kind == "t5":
@@ -194,7 +195,7 @@ def flux_architecture(shapes: Mapping[str, tuple[int, ...]], family, prediction:
     loaders = {}
     if state is not None:
         loaders["transformer"] = lambda: _load_strict(
-            transformer, gather(flux_pieces(config, DENOISER), state.__getitem__), "transformer", True)
+            transformer, gather(pieces(config, DENOISER), state.__getitem__), "transformer", True)
         loaders["vae"] = load_vae
         for spec, model, _ in encoders:
             weights = (lambda s=spec: _t5_weights(state, s.ldm_prefix)) if spec.kind == "t5" else (
@@ -202,12 +203,94 @@ def flux_architecture(shapes: Mapping[str, tuple[int, ...]], family, prediction:
             loaders[spec.component] = lambda m=model, w=weights: _load_strict(m, w(), "text encoder", True)
     for module in (transformer, vae, *(m for _, m, _ in encoders)):
         module.eval()
-    guided = config["guidance_embeds"] and family.guided_scheduler_config
+    guided = config.get("guidance_embeds") and family.guided_scheduler_config
     scheduler = dict(family.guided_scheduler_config if guided else family.scheduler_config)
     return TorchPipeline(family, encoders, transformer, vae, _resolve_spacing(scheduler), loaders=loaders)
+
+
+def sd3_pieces(config: Mapping[str, object], prefix: str = "") -> Pieces:
+    """Where each weight of an SD3Transformer2DModel lies in an SD3/SD3.5 single file (Stability's
+    MMDiT names: `joint_blocks.N.{x,context}_block.*`, fused q/k/v)."""
+    width = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    layers = int(config["num_layers"])
+    out: Pieces = {}
+
+    def whole(dst: str, src: str, params=("weight", "bias")) -> None:
+        for p in params:
+            out[f"{dst}.{p}"] = [(f"{prefix}{src}.{p}", 0, -1)]
+
+    def swapped(dst: str, src: str) -> None:  # (shift, scale) in the file, (scale, shift) in diffusers
+        for p in ("weight", "bias"):
+            out[f"{dst}.{p}"] = [(f"{prefix}{src}.{p}", width, 2 * width), (f"{prefix}{src}.{p}", 0, width)]
+
+    def qkv(dst: str, names, src: str) -> None:
+        for j, name in enumerate(names):
+            for p in ("weight", "bias"):
+                out[f"{dst}{name}.{p}"] = [(f"{prefix}{src}.{p}", j * width, (j + 1) * width)]
+
+    out["pos_embed.pos_embed"] = [(f"{prefix}pos_embed", 0, -1)]
+    whole("pos_embed.proj", "x_embedder.proj")
+    for n in (1, 2):
+        whole(f"time_text_embed.timestep_embedder.linear_{n}", f"t_embedder.mlp.{2 * n - 2}")
+        whole(f"time_text_embed.text_embedder.linear_{n}", f"y_embedder.mlp.{2 * n - 2}")
+    whole("context_embedder", "context_embedder")
+    whole("proj_out", "final_layer.linear")
+    swapped("norm_out.linear", "final_layer.adaLN_modulation.1")
+    qk_norm = config.get("qk_norm")
+    for i in range(layers):
+        block, x, c = f"transformer_blocks.{i}.", f"joint_blocks.{i}.x_block.", f"joint_blocks.{i}.context_block."
+        last = i == layers - 1  # its context stream ends: no output projection or MLP
+        qkv(block + "attn.", ("to_q", "to_k", "to_v"), x + "attn.qkv")
+        qkv(block + "attn.", ("add_q_proj", "add_k_proj", "add_v_proj"), c + "attn.qkv")
+        whole(block + "attn.to_out.0", x + "attn.proj")
+        whole(block + "norm1.linear", x + "adaLN_modulation.1")
+        (swapped if last else whole)(block + "norm1_context.linear", c + "adaLN_modulation.1")
+        whole(block + "ff.net.0.proj", x + "mlp.fc1")
+        whole(block + "ff.net.2", x + "mlp.fc2")
+        if not last:
+            whole(block + "attn.to_add_out", c + "attn.proj")
+            whole(block + "ff_context.net.0.proj", c + "mlp.fc1")
+            whole(block + "ff_context.net.2", c + "mlp.fc2")
+        if qk_norm:
+            for dst, src in (("attn.norm_q", x + "attn.ln_q"), ("attn.norm_k", x + "attn.ln_k"),
+                             ("attn.norm_added_q", c + "attn.ln_q"), ("attn.norm_added_k", c + "attn.ln_k")):
+                whole(block + dst, src, ("weight",))
+        if i in tuple(config.get("dual_attention_layers") or ()):
+            qkv(block + "attn2.", ("to_q", "to_k", "to_v"), x + "attn2.qkv")
+            whole(block + "attn2.to_out.0", x + "attn2.proj")
+            if qk_norm:
+                whole(block + "attn2.norm_q", x + "attn2.ln_q", ("weight",))
+                whole(block + "attn2.norm_k", x + "attn2.ln_k", ("weight",))
+    return out
+
+
+def sd3_config(shapes: Mapping[str, tuple[int, ...]], where: str) -> dict:
+    """SD3Transformer2DModel's config from a single file's shapes (names with DENOISER): 64-wide
+    heads, as every SD3 and SD3.5 model has."""
+    p = DENOISER
+    try:
+        width, channels, patch, _ = shapes[p + "x_embedder.proj.weight"]
+        names = [n.removeprefix(p) for n in shapes if n.startswith(p)]
+        return dict(
+            sample_size=128, patch_size=patch, in_channels=channels,
+            out_channels=shapes[p + "final_layer.linear.weight"][0] // (patch * patch),
+            num_layers=_count(names, r"joint_blocks\.(\d+)\."), attention_head_dim=64, num_attention_heads=width // 64,
+            joint_attention_dim=shapes[p + "context_embedder.weight"][1],
+            caption_projection_dim=shapes[p + "context_embedder.weight"][0],
+            pooled_projection_dim=shapes[p + "y_embedder.mlp.0.weight"][1],
+            pos_embed_max_size=int(round(shapes[p + "pos_embed"][1] ** 0.5)),
+            qk_norm="rms_norm" if any(".ln_q." in n for n in names) else None,
+            dual_attention_layers=tuple(sorted({int(n.split(".")[1]) for n in names if ".attn2." in n})),
+        )
+    except KeyError as exc:
+        raise SourceError(f"{where}: not an SD3 transformer in Stability's names (no {exc})") from None
 
 
 def _t5_weights(state: Mapping[str, object], prefix: str) -> dict:
     weights = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     weights.setdefault("encoder.embed_tokens.weight", weights.get("shared.weight"))  # tied in transformers
     return weights
+
+
+# the denoiser class -> (its config from a file's shapes, where its weights lie in the file)
+DIT_TABLES = {"FluxTransformer2DModel": (flux_config, flux_pieces), "SD3Transformer2DModel": (sd3_config, sd3_pieces)}

@@ -238,7 +238,8 @@ def _clip_from_ldm(shapes: dict, spec: TextEncoder):
         hidden_act=spec.hidden_act,
         bos_token_id=49406,
         eos_token_id=49407,
-        projection_dim=shapes[p + "text_projection"][1] if open_clip else hidden,
+        projection_dim=shapes[p + "text_projection"][1] if open_clip else shapes.get(
+            spec.ldm_prefix + "text_projection.weight", (hidden,))[0],
     )
     return getattr(transformers, TEXT_MODELS[spec.kind])(config)
 
@@ -389,12 +390,10 @@ def ldm_vae(shapes: dict, family: Family, state: dict | None):
 def file_architecture(shapes: dict, family: Family, prediction: str | None = None, state: dict | None = None,
                       where: str = "the model") -> TorchPipeline:
     """The torch modules a single file (or a set of component files) describes, by family."""
-    if family.denoiser_class == "FluxTransformer2DModel":
-        from edgediff.convert.dit import flux_architecture
-
-        return flux_architecture(shapes, family, prediction, state, where)
     if family.denoiser != "unet":
-        raise SourceError(f"{where}: {family.title} converts from diffusers folders only in this version")
+        from edgediff.convert.dit import dit_architecture
+
+        return dit_architecture(shapes, family, prediction, state, where)
     return ldm_architecture(shapes, family, prediction, state, where)
 
 

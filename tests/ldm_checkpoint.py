@@ -51,3 +51,31 @@ def write_flux_files(folder: Path, dst: Path) -> dict[str, Path]:
         vae[name.removeprefix("first_stage_model.")] = v.reshape(ldm_shape(name, tuple(v.shape))).contiguous()
     save_file(vae, paths["ae"])
     return paths
+
+
+def write_sd3_file(folder: Path, path: Path) -> Path:
+    """A tiny SD3 diffusers folder as one single file in the layout Stability ships SD3.5 in:
+    the MMDiT in its own names (fused q/k/v), text encoders under `text_encoders.*`, the VAE in
+    LDM's names."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from edgediff.convert.dit import scatter, sd3_pieces
+    from edgediff.convert.ldm import ldm_shape, vae_name
+    from edgediff.families import DENOISER
+
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    state = scatter(sd3_pieces(config, DENOISER),
+                    load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    for component, name in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"), ("text_encoder_3", "t5xxl")):
+        for k, v in load_file(folder / component / "model.safetensors").items():
+            if k != "encoder.embed_tokens.weight":
+                key = k if name == "t5xxl" or k.startswith(("text_model.", "text_projection")) else "text_model." + k
+                state[f"text_encoders.{name}.transformer.{key}"] = v
+    vae_cfg = json.loads((folder / "vae" / "config.json").read_text())
+    for k, v in load_file(folder / "vae" / "diffusion_pytorch_model.safetensors").items():
+        name = vae_name(k, vae_cfg)
+        state[name] = v.reshape(ldm_shape(name, tuple(v.shape))).contiguous()
+    save_file(state, path)
+    return path

@@ -91,14 +91,15 @@ CONFIGS["sdxl-turbo"] = dict(CONFIGS["sdxl"], scheduler="EulerAncestralDiscreteS
 # T5's tokens; the pooled vector is both CLIPs' (16 + 24)
 _T5 = dict(d_model=96, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
            feed_forward_proj="gated-gelu")  # T5 v1.1's gated GELU; its distance 128 (files do not say it)
-_SD3_TEXT = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, projection_dim=16)
+# one head per CLIP (under 64 wide), 64-wide heads in the MMDiT: as single files are read back
+_SD3_TEXT = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=1, intermediate_size=64, projection_dim=16)
 CONFIGS.update({
     "sd3": dict(
         transformer=dict(sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
-                         attention_head_dim=8, num_attention_heads=4, joint_attention_dim=96,
-                         caption_projection_dim=32, pooled_projection_dim=40, pos_embed_max_size=32),
+                         attention_head_dim=64, num_attention_heads=2, joint_attention_dim=96,
+                         caption_projection_dim=128, pooled_projection_dim=40, pos_embed_max_size=32),
         text=_SD3_TEXT,
-        text_2=dict(_SD3_TEXT, hidden_size=48, hidden_act="gelu", projection_dim=24),
+        text_2=dict(_SD3_TEXT, hidden_size=48, hidden_act="gelu", projection_dim=24),  # CLIP-G's activation
         t5=_T5,
         vae=dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=16,
                  scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False),
@@ -109,14 +110,13 @@ _FLUX_VAE = dict(CONFIGS["sd3"]["vae"], scaling_factor=0.3611, shift_factor=0.11
 # rotary axes split as Flux's (16, 56, 56) of 128: an eighth, then half the rest each
 _FLUX = dict(num_layers=1, num_single_layers=2, attention_head_dim=32, num_attention_heads=2, in_channels=64,
              joint_attention_dim=96, pooled_projection_dim=32, axes_dims_rope=(4, 14, 14))
-_FLUX_CLIP = dict(_SD3_TEXT, num_attention_heads=1)  # 32-wide heads, as a single file reads them back
 _FLOW = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000}
 CONFIGS.update({
     # Flux: CLIP-L's pooled output only, T5 as the whole context; 2x2 latent patches packed
-    "flux-schnell": dict(transformer=dict(_FLUX, guidance_embeds=False), text=_FLUX_CLIP,
+    "flux-schnell": dict(transformer=dict(_FLUX, guidance_embeds=False), text=_SD3_TEXT,
                          t5=_T5, vae=_FLUX_VAE, family="flux", scheduler=dict(_FLOW, shift=1.0)),
     "flux-dev": dict(transformer=dict(_FLUX, guidance_embeds=True, num_layers=2, num_single_layers=1),
-                     text=_FLUX_CLIP, t5=_T5, vae=_FLUX_VAE, family="flux",
+                     text=_SD3_TEXT, t5=_T5, vae=_FLUX_VAE, family="flux",
                      scheduler=dict(_FLOW, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                     base_image_seq_len=256, max_image_seq_len=4096)),
 })

@@ -15,7 +15,7 @@ from edgediff.errors import SourceError, UsageError
 from edgediff.runtime import Pipeline
 from edgediff.runtime.safetensors_file import read_safetensors_header
 
-from ldm_checkpoint import write_flux_files, write_ldm_checkpoint
+from ldm_checkpoint import write_flux_files, write_ldm_checkpoint, write_sd3_file
 from reference import psnr
 from tiny_models import build_tiny
 
@@ -118,12 +118,12 @@ def test_existing_output_is_not_replaced_without_overwrite(tiny_source, tmp_path
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_families_without_a_converter_say_so(tmp_path):
+def test_a_truncated_transformer_file_says_what_is_missing(tmp_path):
     from safetensors.numpy import save_file
 
     path = tmp_path / "flux.safetensors"
     save_file({"double_blocks.0.img_attn.qkv.weight": np.zeros((6, 2), np.float16)}, str(path))
-    with pytest.raises(SourceError, match="FLUX.1.*cannot convert it yet"):
+    with pytest.raises(SourceError, match="not a Flux transformer.*img_in.weight"):
         convert(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -287,3 +287,15 @@ def test_flux_files_bad_input(tiny_source, tmp_path):
 
     with pytest.raises(UsageError, match="do not run as they are yet; convert them"):
         adopted_package(files["flux"], text_encoders=[files["clip_l"], files["t5xxl"]], vae=files["ae"])
+
+
+@pytest.mark.parametrize("name", ["sd3", "sd35"])
+def test_sd3_single_file_matches_the_folder(tiny_source, tiny_package, tmp_path, name):
+    """An SD3/SD3.5 single file (MMDiT in Stability's names, text_encoders.clip_l/clip_g/t5xxl,
+    the VAE) gives the diffusers folder's image."""
+    path = write_sd3_file(tiny_source(name), tmp_path / f"{name}.safetensors")
+    manifest = convert(path, tmp_path / "pkg")
+    assert manifest.family == "sd3" and manifest.source["layout"] == "ldm"
+    args = dict(steps=3, width=48, height=64, seed=7)
+    ref = Pipeline(tiny_package(name), device="cpu").generate("a red cube", "blurry", **args)
+    assert psnr(ref, Pipeline(tmp_path / "pkg", device="cpu").generate("a red cube", "blurry", **args)) == float("inf")

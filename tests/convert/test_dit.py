@@ -42,3 +42,28 @@ def test_flux_table_reads_as_diffusers_does():
     assert set(back) == set(bfl) and all(torch.equal(back[k], bfl[k]) for k in bfl)
     read = flux_config({DENOISER + k: tuple(v.shape) for k, v in bfl.items()}, "test")
     assert {k: read[k] for k in config} == config and read["axes_dims_rope"] == (16, 56, 56)
+
+
+def test_sd3_table_reads_as_diffusers_does(tiny_source):
+    """Our SD3/SD3.5 table writes a file diffusers' own reader turns back into the same weights
+    (its reader needs no fixed widths, so the tiny models do), with q/k norms and dual attention."""
+    import json
+
+    import torch
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+    from safetensors.torch import load_file
+
+    from edgediff.convert.dit import sd3_config, sd3_pieces
+
+    for name in ("sd3", "sd35"):
+        folder = tiny_source(name) / "transformer"
+        config = json.loads((folder / "config.json").read_text())
+        state = load_file(folder / "diffusion_pytorch_model.safetensors")
+        file = scatter(sd3_pieces(config, DENOISER), state)
+        theirs = convert_sd3_transformer_checkpoint_to_diffusers(dict(file))
+        assert set(theirs) == set(state) and all(torch.equal(theirs[k], state[k]) for k in state)
+        assert all(torch.equal(v, state[k]) for k, v in gather(sd3_pieces(config, DENOISER), file.__getitem__).items())
+        read = sd3_config({k: tuple(v.shape) for k, v in file.items()}, "test")
+        assert {k: read[k] for k in read if k in config and k != "sample_size"} == {
+            k: (tuple(config[k]) if isinstance(config[k], list) else config[k])
+            for k in read if k in config and k != "sample_size"}
