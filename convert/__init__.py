@@ -14,7 +14,7 @@ from pathlib import Path
 
 from edgediff import __version__
 from edgediff.convert.sources import Source, open_source
-from edgediff.errors import SourceError, UsageError
+from edgediff.errors import UsageError
 from edgediff.families import FAMILIES, Family, detect_family, get_family, scheduler_defaults
 from edgediff.manifest import MANIFEST, ComponentEntry, Manifest, TextEncoderEntry
 
