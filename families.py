@@ -183,7 +183,7 @@ _XL_G = TextEncoder(component="text_encoder_2", tokenizer="tokenizer_2", kind="c
                     ldm_layout="open_clip")
 _T5 = TextEncoder(component="text_encoder_3", tokenizer="tokenizer_3", kind="t5", norm_hidden=False,
                  pad_token="<pad>", max_length=256, context="sequence",
-                 ldm_prefix="text_encoders.t5xxl.transformer.")
+                 ldm_prefix="text_encoders.t5xxl.transformer.", gguf_prefix="text_encoders.t5xxl.transformer.")
 _LDM = DENOISER
 
 FAMILIES: dict[str, Family] = {
@@ -290,8 +290,10 @@ FAMILIES: dict[str, Family] = {
             title="Stable Diffusion 3 / 3.5 (MMDiT)",
             text_encoders=(
                 TextEncoder(kind="clip_projection", norm_hidden=False, hidden_layer=2, pooled=True,
-                            ldm_prefix="text_encoders.clip_l.transformer."),
-                replace(_XL_G, ldm_prefix="text_encoders.clip_g.transformer.", ldm_layout="hf"),
+                            ldm_prefix="text_encoders.clip_l.transformer.",
+                            gguf_prefix="text_encoders.clip_l.transformer."),
+                replace(_XL_G, ldm_prefix="text_encoders.clip_g.transformer.", ldm_layout="hf",
+                        gguf_prefix="text_encoders.clip_g.transformer."),
                 _T5,
             ),
             latent=LatentFormat(channels=16, scale=1.5305, shift=0.0609),
@@ -314,7 +316,8 @@ FAMILIES: dict[str, Family] = {
             name="flux",
             title="FLUX.1 (schnell / dev)",
             text_encoders=(
-                TextEncoder(pooled=True, context="none", ldm_prefix="text_encoders.clip_l.transformer."),
+                TextEncoder(pooled=True, context="none", ldm_prefix="text_encoders.clip_l.transformer.",
+                            gguf_prefix="text_encoders.clip_l.transformer."),
                 replace(_T5, component="text_encoder_2", tokenizer="tokenizer_2", max_length=512),
             ),
             latent=LatentFormat(channels=16, scale=0.3611, shift=0.1159),

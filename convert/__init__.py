@@ -15,7 +15,14 @@ from pathlib import Path
 from edgediff import __version__
 from edgediff.convert.sources import Source, open_source
 from edgediff.errors import UsageError
-from edgediff.families import FAMILIES, Family, detect_family, get_family, scheduler_defaults
+from edgediff.families import (
+    DENOISER,
+    FAMILIES,
+    Family,
+    detect_family,
+    get_family,
+    scheduler_defaults,
+)
 from edgediff.manifest import MANIFEST, ComponentEntry, Manifest, TextEncoderEntry
 
 CALIBRATION_PROMPTS = (  # varied subjects, styles and lengths, for int8 activation ranges
@@ -150,10 +157,6 @@ def convert(
                                             overwrite=overwrite, progress=progress, **parts)
     src = open_source(src_path, allow_pickle=allow_pickle)
     fam, layout = resolve_family(src, family)
-    if fmt == "gguf" and fam.denoiser != "unet":
-        raise UsageError(f"{src_path}: this edgediff version writes no GGUF for {fam.title} yet (its tensor "
-                         "names in stable-diffusion.cpp's files are not mapped); convert to an ONNX package, "
-                         "e.g. --precision int4")
     components = [te.component for te in fam.text_encoders] + [fam.denoiser, "vae_decoder", "vae_encoder"]
     precisions = parse_precision(precision, components, fmt)
     from edgediff.convert.load import load_torch_pipeline, load_vae
@@ -194,17 +197,27 @@ def convert(
 
 
 def _ldm_names(pipe) -> dict[str, Callable[[str], str]]:
-    """Graph initializer name -> the tensor's name in single files (LDM layout, as
-    stable-diffusion.cpp names them), per component."""
+    """Graph initializer name -> the tensor's name in single files (LDM/SGM layout for U-Nets,
+    the original releases' for DiTs, as stable-diffusion.cpp names them), per component. A DiT
+    weight cut from a fused tensor is named by its rows there (`kernels.bind.rows_ref`)."""
+    from edgediff.convert.dit import DIT_TABLES
     from edgediff.convert.ldm import clip_name, unet_name, vae_name
+    from edgediff.kernels.bind import rows_ref
 
-    unet, vae = pipe.denoiser.config, pipe.vae.config
-    names = {"unet": lambda n: unet_name(n.removeprefix("unet."), unet),
-             "vae_decoder": lambda n: vae_name(n.removeprefix("vae."), vae),
-             "vae_encoder": lambda n: vae_name(n.removeprefix("vae."), vae)}
+    fam, config, vae = pipe.family, pipe.denoiser.config, pipe.vae.config
+    if fam.denoiser == "unet":
+        names = {"unet": lambda n: unet_name(n.removeprefix("unet."), config)}
+    else:
+        pieces = DIT_TABLES[fam.denoiser_class][1](config, DENOISER)
+        names = {fam.denoiser: lambda n: rows_ref(pieces[n.removeprefix("transformer.")])}
+    names["vae_decoder"] = names["vae_encoder"] = lambda n: vae_name(n.removeprefix("vae."), vae)
     for spec, _, _ in pipe.text_encoders:
-        names[spec.component] = lambda n, p=spec.gguf_prefix, o=spec.ldm_layout == "open_clip": clip_name(
-            n.removeprefix("model."), p, o)
+        if spec.kind == "t5":  # transformers' names; `shared` is the embedding tied to encoder.embed_tokens
+            names[spec.component] = lambda n, p=spec.gguf_prefix: p + n.removeprefix("model.").replace(
+                "encoder.embed_tokens.", "shared.")
+        else:
+            names[spec.component] = lambda n, p=spec.gguf_prefix, o=spec.ldm_layout == "open_clip": clip_name(
+                n.removeprefix("model."), p, o)
     return names
 
 

@@ -113,16 +113,11 @@ def _graphs(adopted: Adopted, folder: Path, progress) -> tuple:
     from edgediff.convert import _export, _ldm_names
     from edgediff.convert.sources import Source
 
-    if adopted.family.denoiser != "unet":
-        raise UsageError(f"{adopted.files[0]}: {adopted.family.title} files do not run as they are yet; convert "
-                         "them into a package first (edgediff convert FILE --text-encoder ... --vae ... -o PACKAGE)")
-
     src = Source(adopted.files[0], "gguf", {})
     manifest = _export(adopted.pipe, src, adopted.files[0], "ldm", folder, progress)
     source = {"path": str(adopted.files[0]), "kind": "gguf", "layout": "ldm",
               "files": [str(p) for p in adopted.files],
-              "writer": adopted.parts["unet"].file.writer if isinstance(adopted.parts["unet"].file, GGUFFile)
-              else "safetensors"}
+              "writer": getattr(adopted.parts[adopted.family.denoiser].file, "writer", "safetensors")}
     return dataclasses.replace(manifest, source=source), _ldm_names(adopted.pipe)
 
 

@@ -68,11 +68,40 @@ def written_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class _Planned:
     component: str
-    graph_name: str
     name: str  # in the file
     shape: tuple[int, ...]  # as written
     fmt: BlockFormat
+    # where its rows come from: (graph initializer, its first row, first row here, rows; -1: all)
+    sources: tuple[tuple[str, int, int, int], ...] = ()
     true_shape: tuple[int, ...] | None = None  # ComfyUI-GGUF's reshaped tensors: the real shape
+
+
+def _file_tensors(inits, name_of: Callable[[str], str]) -> dict[str, tuple[tuple[int, ...], list]]:
+    """File tensor name -> (its shape, its sources as in `_Planned`), from the graph's float
+    initializers [(name, dims)]: a weight named by rows (`rows_ref`) is a slice of a fused tensor,
+    which the slices that name it must cover exactly once."""
+    from edgediff.kernels.bind import parse_rows_ref
+
+    out: dict[str, tuple[tuple[int, ...], list]] = {}
+    for graph_name, dims in inits:
+        pieces = parse_rows_ref(name_of(graph_name))
+        if pieces[0][2] == -1:
+            if pieces[0][0] in out:
+                raise UsageError(f"two weights map to the tensor name '{pieces[0][0]}' ({graph_name} and another)")
+            out[pieces[0][0]] = (dims, [(graph_name, 0, 0, -1)])
+            continue
+        row = 0
+        for name, start, end in pieces:
+            sources = out.get(name, ((), []))[1]
+            sources.append((graph_name, row, start, end - start))
+            row += end - start
+            out[name] = ((max(s[2] + s[3] for s in sources), *dims[1:]), sources)
+    for name, (_, sources) in out.items():
+        spans = sorted((s[2], s[2] + s[3]) for s in sources)
+        if len(sources) > 1 and (any(s[3] == -1 for s in sources) or any(
+                a[1] != b[0] for a, b in zip([(0, 0), *spans], spans, strict=False))):
+            raise UsageError(f"the weights cut from '{name}' do not cover its rows exactly once")
+    return out
 
 
 def write_gguf(package: Path, manifest: Manifest, output: Path, names: Mapping[str, Callable[[str], str]], *,
@@ -95,36 +124,32 @@ def write_gguf(package: Path, manifest: Manifest, output: Path, names: Mapping[s
     plan: list[_Planned] = []
     graphs: dict[str, bytes] = {}
     components = {}
-    seen: dict[str, str] = {}
+    written_names: set[str] = set()
     for component, entry in manifest.components.items():
         model = onnx.load(str(package / entry.file), load_external_data=False)
-        rename = {}
-        turned: set[str] = set()
+        inits = [(t.name, tuple(int(d) for d in t.dims)) for t in model.graph.initializer
+                 if t.data_type == onnx.TensorProto.FLOAT and t.dims]
+        rename = {name: names[component](name) for name, _ in inits}
+        turned = {n for n, ref in rename.items() if stored_transposed(ref)}
         sizes: Counter[str] = Counter()
-        for t in model.graph.initializer:
-            if t.data_type != onnx.TensorProto.FLOAT or not t.dims:
-                continue
-            name = names[component](t.name)
-            if name in seen:
-                raise UsageError(f"two weights map to the tensor name '{name}' ({seen[name]} and {t.name})")
-            seen[name] = t.name
-            dims = tuple(int(d) for d in t.dims)
+        for name, (dims, sources) in _file_tensors(inits, rename.__getitem__).items():
+            if name in written_names:
+                raise UsageError(f"two components write the tensor name '{name}'")
+            written_names.add(name)
             if stored_transposed(name):
                 dims = dims[::-1]
-                turned.add(t.name)
             if stored is None:
-                fmt = stored_format(t.name, dims, formats[component], rules, reshape)
+                fmt = stored_format(sources[0][0], dims, formats[component], rules, reshape)
                 shape = shapes(name, dims)
-                item = (_Planned(component, t.name, name, shape, fmt) if can_store(fmt, shape) else
-                        _Planned(component, t.name, name, written_shape(shape), fmt, shape))
+                item = (_Planned(component, name, shape, fmt, tuple(sources)) if can_store(fmt, shape) else
+                        _Planned(component, name, written_shape(shape), fmt, tuple(sources), shape))
             else:
                 w = stored(component, name)
                 check_shape(w, name, dims, component)
                 written = w.shape if can_store(w.fmt, w.shape) else (
                     w.data.shape[0], w.data.shape[1] // w.fmt.block_bytes * w.fmt.block)
-                item = _Planned(component, t.name, name, written, w.fmt, None if written == w.shape else w.shape)
+                item = _Planned(component, name, written, w.fmt, (), None if written == w.shape else w.shape)
             plan.append(item)
-            rename[t.name] = name
             sizes[item.fmt.name] += _stored_bytes(item.shape, item.fmt)
         graph = strip_weights(model, rename, turned).SerializeToString()
         key = GGUF_GRAPH + component
@@ -172,12 +197,24 @@ def write_gguf(package: Path, manifest: Manifest, output: Path, names: Mapping[s
         if stored is not None:
             writer.write_tensor_data(np.ascontiguousarray(stored(item.component, item.name).data))
             continue
-        array = weights.pop(item.graph_name)
+        array = _assembled(item, weights)
         array = (array.T if stored_transposed(item.name) else array).reshape(item.shape)
         writer.write_tensor_data(array.astype(np.float32 if item.fmt.name == "f32" else np.float16)
                                  if item.fmt.float else quantize(array, item.fmt))
     writer.close()
     return manifest
+
+
+def _assembled(item: _Planned, weights: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The file tensor from its graph weights: one whole, or rows of several."""
+    if item.sources[0][3] == -1:
+        return weights[item.sources[0][0]]
+    rows = max(s[2] + s[3] for s in item.sources)
+    first = weights[item.sources[0][0]]
+    out = np.empty((rows, *first.shape[1:]), np.float32)
+    for graph_name, start, at, count in item.sources:
+        out[at:at + count] = weights[graph_name][start:start + count]
+    return out
 
 
 def _weights(path: Path) -> dict[str, np.ndarray]:

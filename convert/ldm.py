@@ -89,7 +89,7 @@ def clip_name(key: str, prefix: str = "cond_stage_model.transformer.", open_clip
     orientation there (`stored_transposed`)."""
     if open_clip and key == "text_projection.weight":
         return prefix + "text_model.text_projection"
-    return prefix + (key if key.startswith("text_model.") else "text_model." + key)
+    return prefix + (key if key.startswith("text_model.") or key == "text_projection.weight" else "text_model." + key)
 
 
 def stored_transposed(name: str) -> bool:

@@ -13,8 +13,9 @@ dequantized once). The arrays are handed to onnxruntime with
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from edgediff.errors import PackageError
 from edgediff.kernels.gguf_blocks import Affine, BlockFormat, dequantize, to_matmul_nbits, unpack
 
 PLACEHOLDER = "edgediff:bound"  # external-data location of an initializer bound at session time
+_ROWS = re.compile(r"^(.+)\[(\d+):(\d+)\]$")
 CAST = ".as_graph_type"  # suffix of a weight cast from its stored float type
 _FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 _STORED_TYPES = {"f32": TensorProto.FLOAT, "f16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
@@ -63,6 +65,47 @@ class Bound:
     arrays: dict[str, np.ndarray]  # handed to onnxruntime, which copies them
     bindings: list[Binding]
     folder: Path | None = None  # where the files that external data names lie
+
+
+def rows_ref(pieces: Sequence[tuple[str, int, int]]) -> str:
+    """The placeholder name of a weight cut from rows of file tensors: 'NAME[a:b]+NAME[c:d]'
+    (a DiT's q, k and v from one fused tensor); a whole tensor (end -1, alone) is its plain name."""
+    if len(pieces) == 1 and pieces[0][2] == -1:
+        return pieces[0][0]
+    if any(end == -1 for _, _, end in pieces):
+        raise ValueError(f"a whole tensor cannot be one of several pieces: {pieces}")
+    return "+".join(f"{name}[{start}:{end}]" for name, start, end in pieces)
+
+
+def parse_rows_ref(ref: str) -> list[tuple[str, int, int]]:
+    """The inverse of `rows_ref`."""
+    pieces = [_ROWS.match(part) for part in ref.split("+")] if ref.endswith("]") else [None]
+    if not all(pieces):
+        return [(ref, 0, -1)]
+    return [(m.group(1), int(m.group(2)), int(m.group(3))) for m in pieces]
+
+
+def resolve(ref: str, lookup: Callable[[str], Weight | None]) -> Weight | None:
+    """The weight a placeholder names: a file tensor, or rows of file tensors joined. Rows of a
+    block format are whole blocks (blocks run along a row), so slicing never requantizes; one
+    slice keeps pointing into its file, joined slices are copied."""
+    pieces = parse_rows_ref(ref)
+    if pieces[0][2] == -1:
+        return lookup(ref)
+    parts = []
+    for name, start, end in pieces:
+        w = lookup(name)
+        if w is None or not start < end <= w.shape[0]:
+            return None
+        data = np.asarray(w.data).reshape(w.shape[0], -1)
+        parts.append(replace(w, name=ref, shape=(end - start, *w.shape[1:]), data=data[start:end],
+                             offset=w.offset + start * data[0].nbytes))
+    if len(parts) == 1:
+        return parts[0]
+    if len({(p.fmt, p.shape[1:]) for p in parts}) > 1:
+        return None
+    return replace(parts[0], shape=(sum(p.shape[0] for p in parts), *parts[0].shape[1:]),
+                   data=np.concatenate([p.data for p in parts]), file=None, offset=0)
 
 
 def placeholder(name: str, data_type: int, dims) -> TensorProto:
@@ -237,7 +280,7 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
         if not is_placeholder(t):
             inits.append(t)
             continue
-        w = lookup(t.name)
+        w = resolve(t.name, lookup)
         dims = tuple(int(d) for d in t.dims)
         check_shape(w, t.name, dims, where)
         count = math.prod(dims)

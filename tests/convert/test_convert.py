@@ -283,10 +283,17 @@ def test_flux_files_bad_input(tiny_source, tmp_path):
     with pytest.raises(SourceError, match="not a T5 encoder"):
         convert(files["flux"], tmp_path / "c", text_encoders=[files["clip_l"], files["clip_l"]], vae=files["ae"])
     assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def test_flux_files_run_as_they_are(tiny_source, tiny_package, tmp_path):
+    """The same files run without converting: graphs bind rows of the fused q/k/v tensors."""
     from edgediff.convert.adopt import adopted_package
 
-    with pytest.raises(UsageError, match="do not run as they are yet; convert them"):
-        adopted_package(files["flux"], text_encoders=[files["clip_l"], files["t5xxl"]], vae=files["ae"])
+    files = write_flux_files(tiny_source("flux-dev"), tmp_path / "files")
+    package = adopted_package(files["flux"], text_encoders=[files["clip_l"], files["t5xxl"]], vae=files["ae"])
+    args = dict(steps=3, width=48, height=64, seed=7)
+    ref = Pipeline(tiny_package("flux-dev"), device="cpu").generate("a red cube", **args)
+    assert psnr(ref, Pipeline(package, device="cpu").generate("a red cube", **args)) == float("inf")
 
 
 @pytest.mark.parametrize("name", ["sd3", "sd35"])

@@ -375,16 +375,45 @@ def test_sdxl_gguf(tiny_source, tiny_package, tmp_path, kind):
     assert quality == float("inf") if kind == "f32" else quality >= FLOORS[kind]
 
 
-def test_no_gguf_for_dits_yet(tiny_source, tmp_path):
-    with pytest.raises(UsageError, match="writes no GGUF for Stable Diffusion 3"):
-        convert(tiny_source("sd3"), tmp_path / "m.gguf", precision="q8_0")
-    assert not (tmp_path / "m.gguf").exists()
+@pytest.mark.parametrize(("name", "kind", "fused"), [
+    ("sd35", "f32", "joint_blocks.0.x_block.attn2.qkv.weight"),
+    ("flux-dev", "f32", "single_blocks.0.linear1.weight"),
+    ("flux-schnell", "q8_0", "double_blocks.0.img_attn.qkv.weight"),
+])
+def test_dit_gguf_in_the_original_names(tiny_source, tiny_package, tmp_path, name, kind, fused):
+    """A DiT package as GGUF holds the transformer as its original release does (fused q/k/v,
+    BFL's or Stability's names, as stable-diffusion.cpp reads it), T5 under its text_encoders
+    name; the graphs bind rows of the fused tensors and draw the fp32 package's image."""
+    from safetensors.torch import load_file
+
+    from ldm_checkpoint import write_flux_files, write_sd3_file
+
+    path = tmp_path / "m.gguf"
+    convert(tiny_source(name), path, precision=kind)
+    stored = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    assert stored["model.diffusion_model." + fused].tensor_type.name == kind.upper()
+    assert "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight" in stored
+    if kind == "f32":  # the very tensors of the original layout
+        original = (write_flux_files(tiny_source(name), tmp_path / "files")["flux"] if name.startswith("flux")
+                    else write_sd3_file(tiny_source(name), tmp_path / "sd3.safetensors"))
+        for key, tensor in load_file(original).items():
+            if key.startswith("model.diffusion_model.") or name.startswith("flux"):
+                key = key if key.startswith("model.diffusion_model.") or not name.startswith("flux") else (
+                    "model.diffusion_model." + key)
+                data = stored[key].data
+                np.testing.assert_array_equal(data.reshape(tensor.shape), tensor.numpy(), err_msg=key)
+    args = dict(steps=3, width=48, height=64, seed=7)
+    ref = Pipeline(tiny_package(name), device="cpu").generate("a red cube", **args)
+    got = Pipeline(path, device="cpu").generate("a red cube", **args)
+    assert psnr(ref, got) == float("inf") if kind == "f32" else psnr(ref, got) >= FLOORS[kind]
 
 
 def test_comfyui_gguf_flux_converts(tiny_source, tiny_package, tmp_path):
     """A ComfyUI-GGUF Flux transformer (BFL's names, no prefix, Q8_0 matrices) with its clip_l,
     t5xxl and ae files converts to a package that draws the fp32 model's image."""
     from safetensors.torch import load_file
+
+    from edgediff.convert.adopt import adopted_package
 
     from ldm_checkpoint import write_flux_files
 
@@ -402,8 +431,13 @@ def test_comfyui_gguf_flux_converts(tiny_source, tiny_package, tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    manifest = convert(path, tmp_path / "pkg", text_encoders=[files["clip_l"], files["t5xxl"]], vae=files["ae"])
+    others = dict(text_encoders=[files["clip_l"], files["t5xxl"]], vae=files["ae"])
+    manifest = convert(path, tmp_path / "pkg", **others)
     assert manifest.family == "flux" and manifest.conditioning.guidance_input
     args = dict(steps=3, width=48, height=64, seed=7)
     ref = Pipeline(tiny_package("flux-dev"), device="cpu").generate("a red cube", **args)
     assert psnr(ref, Pipeline(tmp_path / "pkg", device="cpu").generate("a red cube", **args)) >= FLOORS["q8_0"]
+    # run as it is: Q8_0 rows of the fused q/k/v bound to MatMulNBits, as converting does not
+    direct = Pipeline(adopted_package(path, **others), device="cpu")
+    assert {b.kind for b in direct.package.residency()["transformer"] if b.stored == "q8_0"} == {"quantized"}
+    assert psnr(ref, direct.generate("a red cube", **args)) >= FLOORS["q8_0"]
