@@ -3,9 +3,8 @@ denoiser-only files) and the files that supply their other components (`--base`,
 `--text-encoder`), made into packages without requantizing anything.
 
 The graphs come from the family's export recipe: the architecture is read from the tensor
-shapes, torch modules are built with random weights and exported, and their initializers are
-renamed to the files' LDM names and stripped. The files' own tensors are then bound as they are
-stored: copied into one GGUF package (`edgediff convert file.gguf --output pkg.gguf`), or
+shapes, torch modules are built without weights (broadcast zeros) and traced, and their weight
+placeholders are named as the files name them. The files' own tensors are then bound as stored: copied into one GGUF package (`edgediff convert file.gguf --output pkg.gguf`), or
 referenced from a small cached package of graphs (`edgediff generate --model file.gguf`).
 """
 
@@ -38,7 +37,7 @@ class Part:
 class Adopted:
     family: Family
     parts: dict[str, Part]  # component -> where its weights are
-    pipe: object  # convert.load.TorchPipeline with random weights (the architecture)
+    pipe: object  # convert.load.TorchPipeline without weights (the architecture)
     files: list[Path]
 
 
@@ -66,7 +65,7 @@ def adopt(main: Path, *, base: Path | None = None, vae: Path | None = None,
           prediction: str | None = None) -> Adopted:
     """Assign every component of the model in `main` to the file its weights come from (explicit
     `--vae`/`--text-encoder` first, then `main`, then `base`) and build its architecture."""
-    from edgediff.convert.load import file_architecture
+    from edgediff.convert.load import weightless_architecture
 
     first = _open(main)
     others = [(_open(vae, VAE), "vae")] if vae else []
@@ -101,14 +100,14 @@ def adopt(main: Path, *, base: Path | None = None, vae: Path | None = None,
                 w = part.file.weight(name)
                 if w is not None:
                     shapes[name] = w.shape
-    pipe = file_architecture(shapes, fam, prediction, where=str(main))
+    pipe = weightless_architecture(shapes, fam, prediction, where=str(main))
     files = [Path(main), *([Path(vae)] if vae else []), *map(Path, text_encoders), *([Path(base)] if base else [])]
     parts["vae_decoder"] = parts["vae_encoder"] = parts.pop("vae")
     return Adopted(fam, parts, pipe, files)
 
 
 def _graphs(adopted: Adopted, folder: Path, progress) -> tuple:
-    """Export the architecture into `folder` (a fp32 package of random weights) and return its
+    """Export the architecture into `folder` (graphs with weight placeholders) and return its
     manifest and the LDM names of its weights."""
     from edgediff.convert import _export, _ldm_names
     from edgediff.convert.sources import Source
@@ -157,7 +156,7 @@ def adopted_package(main: Path, *, base: Path | None = None, vae: Path | None = 
         components = {}
         for component, entry in manifest.components.items():
             graph = tmp / entry.file
-            model = onnx.load(str(graph), load_external_data=True)
+            model = onnx.load(str(graph), load_external_data=False)
             rename = {t.name: names[component](t.name) for t in model.graph.initializer
                       if t.data_type == onnx.TensorProto.FLOAT and t.dims}
             for data in entry.data_files:

@@ -12,6 +12,7 @@ its own kernels for it), so the queries x keys score matrix (1 GiB per layer for
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 import warnings
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgediff.errors import require
+from edgediff.kernels.bind import placeholder
 from edgediff.kernels.graph import external_tensor
 
 OPSET = 18
@@ -251,16 +253,17 @@ def _rms_norm_symbolic():
     torch.onnx.register_custom_op_symbolic("aten::rms_norm", rms_norm, OPSET)
 
 
-def export_graph(module, args: tuple, contract: Contract, path: Path) -> list[Path]:
-    """Export `module` to `path` (weights beside it in `model.onnx_data` when too large).
-    Returns the files written.
+def export_graph(module, args: tuple, contract: Contract, path: Path, weights: bool = True) -> list[Path]:
+    """Export `module` to `path` (weights beside it in `model.onnx_data` when too large), or
+    without `weights` as a graph whose weights are placeholders (`kernels.bind`), bound from
+    the source files when it runs. Returns the files written.
 
     The graph is traced without its weights (`export_params=False`), then each weight is
     written from the module's own tensor, one at a time: no second copy of the model exists
     while converting, which is what lets a 10 GB SDXL UNet convert in the memory of a laptop."""
     torch = require("torch", "convert", "Exporting to ONNX")
     onnx = require("onnx", "convert", "Exporting to ONNX")
-    from onnx import numpy_helper
+    from onnx import TensorProto, numpy_helper
 
     path.parent.mkdir(parents=True, exist_ok=True)
     _rms_norm_symbolic()
@@ -277,15 +280,19 @@ def export_graph(module, args: tuple, contract: Contract, path: Path) -> list[Pa
             )
         model = onnx.load(str(raw))
     state = module.state_dict()
-    weights = [i.name for i in model.graph.input if i.name in state]
+    names = [i.name for i in model.graph.input if i.name in state]
     inputs = [i for i in model.graph.input if i.name not in state]
     del model.graph.input[:]
     model.graph.input.extend(inputs)
-    size = sum(state[n].numel() * state[n].element_size() for n in weights)
+    if not weights:
+        model.graph.initializer.extend(placeholder(n, TensorProto.FLOAT, state[n].shape) for n in names)
+        onnx.save_model(model, str(path))
+        return [path]
+    size = sum(state[n].numel() * state[n].element_size() for n in names)
     external = size > EXTERNAL_DATA_LIMIT
     data = path.parent / (path.name + "_data")
     with open(data, "wb") if external else contextlib.nullcontext() as sink:
-        for name in weights:
+        for name in names:
             array = state[name].detach().contiguous().numpy()
             model.graph.initializer.append(external_tensor(array, name, sink, data.name) if external
                                            else numpy_helper.from_array(array, name))
@@ -322,7 +329,7 @@ def _release(module):
     return types.SimpleNamespace(config=module.config)
 
 
-def _export_unet(UNetGraph, unet, conditioning, out_dir: Path) -> list[Path]:
+def _export_unet(UNetGraph, unet, conditioning, out_dir: Path, graph=export_graph) -> list[Path]:
     torch = require("torch", "convert", "Exporting to ONNX")
     unet.set_attn_processor(_fused_attention())
     channels = unet.config.in_channels
@@ -333,7 +340,7 @@ def _export_unet(UNetGraph, unet, conditioning, out_dir: Path) -> list[Path]:
     extras = added_conditioning(unet.config, conditioning)
     contract = Contract(UNET.inputs + tuple(extras), UNET.outputs,
                         {**UNET.dynamic_axes, **{name: {0: "batch"} for name in extras}})
-    return export_graph(
+    return graph(
         UNetGraph(unet, tuple(extras)),
         (torch.randn(1, channels, side, side), torch.tensor([999.0]), torch.randn(1, 77, context),
          *(torch.randn(1, width) for width in extras.values())),
@@ -347,6 +354,7 @@ def export_components(pipe, out_dir: Path, progress=None) -> dict[str, list[Path
     torch = require("torch", "convert", "Exporting to ONNX")
     TextEncoderGraph, UNetGraph, dit_graphs, VaeDecoderGraph, VaeEncoderGraph = _wrappers()
     written: dict[str, list[Path]] = {}
+    graph = functools.partial(export_graph, weights=not pipe.weightless)
 
     def step(name: str) -> None:
         if progress:
@@ -356,7 +364,7 @@ def export_components(pipe, out_dir: Path, progress=None) -> dict[str, list[Path
         step(spec.component)
         pipe.ready(spec.component)
         ids = torch.zeros((1, spec.max_length), dtype=torch.int64)
-        written[spec.component] = export_graph(
+        written[spec.component] = graph(
             TextEncoderGraph(model, spec.norm_hidden), (ids,), T5_ENCODER if spec.kind == "t5" else TEXT_ENCODER,
             out_dir / spec.component / "model.onnx",
         )
@@ -369,7 +377,7 @@ def export_components(pipe, out_dir: Path, progress=None) -> dict[str, list[Path
     denoiser, vae = pipe.denoiser, pipe.vae
     step(name)
     if name == "unet":
-        written[name] = _export_unet(UNetGraph, denoiser, pipe.family.conditioning, out_dir)
+        written[name] = _export_unet(UNetGraph, denoiser, pipe.family.conditioning, out_dir, graph)
     else:
         config = denoiser.config
         flux = pipe.family.denoiser_class == "FluxTransformer2DModel"
@@ -378,7 +386,7 @@ def export_components(pipe, out_dir: Path, progress=None) -> dict[str, list[Path
                             {**UNET.dynamic_axes, **{e: {0: "batch"} for e in extras}})
         channels = config.in_channels // 4 if flux else config.in_channels  # Flux counts packed channels
         with _traceable_rotary():
-            written[name] = export_graph(
+            written[name] = graph(
                 dit_graphs[pipe.family.denoiser_class](denoiser),
                 (torch.randn(1, channels, 8, 8), torch.tensor([999.0]), torch.randn(1, 7, config.joint_attention_dim),
                  torch.randn(1, config.pooled_projection_dim), *([torch.tensor([3.5])] if len(extras) > 1 else [])),
@@ -390,12 +398,12 @@ def export_components(pipe, out_dir: Path, progress=None) -> dict[str, list[Path
     latent = vae.config.latent_channels
     down = 2 ** (len(vae.config.block_out_channels) - 1)
     step("vae_decoder")
-    written["vae_decoder"] = export_graph(
+    written["vae_decoder"] = graph(
         VaeDecoderGraph(vae), (torch.randn(1, latent, 8, 8),), VAE_DECODER,
         out_dir / "vae_decoder" / "model.onnx",
     )
     step("vae_encoder")
-    written["vae_encoder"] = export_graph(
+    written["vae_encoder"] = graph(
         VaeEncoderGraph(vae), (torch.randn(1, vae.config.in_channels, 8 * down, 8 * down),), VAE_ENCODER,
         out_dir / "vae_encoder" / "model.onnx",
     )

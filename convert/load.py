@@ -32,6 +32,7 @@ class TorchPipeline:
     # component -> what fills its (empty) module with weights; run by `ready` just before the
     # module is exported, so a single file's components are in memory one at a time
     loaders: dict = field(default_factory=dict)
+    weightless: bool = False  # its parameters are broadcast zeros: export the graphs, not the weights
 
     def ready(self, component: str) -> None:
         load = self.loaders.pop(component, None)
@@ -395,6 +396,29 @@ def file_architecture(shapes: dict, family: Family, prediction: str | None = Non
 
         return dit_architecture(shapes, family, prediction, state, where)
     return ldm_architecture(shapes, family, prediction, state, where)
+
+
+def weightless_architecture(shapes: dict, family: Family, prediction: str | None = None,
+                            where: str = "the model") -> TorchPipeline:
+    """The architecture `shapes` describe with no weights in memory: each parameter is one zero
+    broadcast to its shape, enough to trace the graphs whose weights are bound from the files
+    later (a 12B-parameter Flux would take 48 GB as random fp32 weights)."""
+    torch = require("torch", "convert", "Converting a model")
+    with _empty_parameters():
+        pipe = file_architecture(shapes, family, prediction, where=where)
+
+    def zeros(module) -> None:
+        for owner in module.modules():
+            for name, p in list(owner._parameters.items()):
+                if p is not None and p.is_meta:
+                    owner._parameters[name] = torch.nn.Parameter(torch.zeros((), dtype=p.dtype).expand(p.shape),
+                                                                 requires_grad=False)
+
+    modules = {spec.component: m for spec, m, _ in pipe.text_encoders}
+    modules.update({family.denoiser: pipe.denoiser, "vae": pipe.vae})
+    pipe.loaders = {component: (lambda m=m: zeros(m)) for component, m in modules.items()}
+    pipe.weightless = True
+    return pipe
 
 
 def ldm_architecture(shapes: dict, family: Family, prediction: str | None = None, state: dict | None = None,
