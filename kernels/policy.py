@@ -20,6 +20,7 @@ SMALL = 1024
 SENSITIVE = (
     r"norm",
     r"embed",  # token/position embeddings, time_embedding, add_embedding
+    r"(^|\.)shared\.",  # T5's token embedding
     r"(^|\.)conv_in\.",
     r"(^|\.)conv_out\.",
 )
