@@ -142,6 +142,9 @@ class Family:
     # flow models' `normal` spacing ends at the scheduler's smallest sigma ('min', SD3) or at
     # 1/steps ('last_step': FluxPipeline's linspace(1, 1/n))
     flow_normal_end: str = "min"
+    # img2img with strength s over n steps runs floor(s*n) steps ('steps': StableDiffusion(XL)
+    # Img2ImgPipeline) or skips floor(n - s*n) ('skip': SD3's and Flux's, one more when s*n is fractional)
+    strength_rounding: str = "steps"
     role: str = "base"  # 'refiner': finishes images (img2img, or after a base), never starts one
     conditioning: Conditioning = Conditioning()
     onnx_pipeline: str = "ORTStableDiffusionPipeline"  # optimum's class, in model_index.json
@@ -302,6 +305,7 @@ FAMILIES: dict[str, Family] = {
             denoiser="transformer",
             denoiser_class="SD3Transformer2DModel",
             size_multiple=16,
+            strength_rounding="skip",
             onnx_pipeline="ORTStableDiffusion3Pipeline",
             scheduler_config={"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
                               "shift": 3.0},
@@ -328,6 +332,7 @@ FAMILIES: dict[str, Family] = {
             denoiser_class="FluxTransformer2DModel",
             size_multiple=16,
             flow_normal_end="last_step",
+            strength_rounding="skip",
             onnx_pipeline="ORTFluxPipeline",
             scheduler_config={"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
                               "shift": 1.0},

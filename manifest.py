@@ -54,6 +54,7 @@ class Manifest:
     denoiser: str = "unet"  # the component the sampler drives
     size_multiple: int = 8  # image sides are multiples of this
     flow_normal_end: str = "min"  # where a flow model's `normal` spacing ends (families.Family)
+    strength_rounding: str = "steps"  # how img2img's strength becomes steps (families.Family)
     role: str = "base"  # 'refiner': img2img or after a base only
     conditioning: Conditioning = Conditioning()  # what the denoiser takes besides text
     source: dict[str, object] = field(default_factory=dict)

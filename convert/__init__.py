@@ -270,6 +270,7 @@ def _export(pipe, src: Source, src_path: Path, layout: str, tmp: Path,
         denoiser=fam.denoiser,
         size_multiple=fam.size_multiple,
         flow_normal_end=fam.flow_normal_end,
+        strength_rounding=fam.strength_rounding,
         role=fam.role,
         conditioning=pipe.conditioning,
         defaults={

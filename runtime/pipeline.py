@@ -285,7 +285,8 @@ class Pipeline:
         if init is not None:
             if not 0 < strength <= 1:
                 raise UsageError(f"--strength must be in (0, 1] (got {strength})")
-            start = steps - min(int(steps * strength), steps)
+            start = (int(max(steps - steps * strength, 0)) if m.strength_rounding == "skip"
+                     else steps - min(int(steps * strength), steps))
             if start >= steps:
                 raise UsageError(
                     f"--strength {strength} with {steps} steps leaves no step to run; "

@@ -94,6 +94,20 @@ def test_img2img_matches_diffusers(tiny_source, tiny_package, sampler):
     assert psnr(ref, image) >= FP32_PSNR
 
 
+@pytest.mark.parametrize(("name", "sampler"), [("sd3", "euler"), ("sd35", "heun"), ("flux-dev", "euler")])
+def test_dit_img2img_matches_diffusers(tiny_source, tiny_package, name, sampler):
+    """Flow img2img: the image's latent mixed with noise at the first kept sigma, as diffusers'
+    StableDiffusion3Img2ImgPipeline and FluxImg2ImgPipeline start."""
+    ours = Pipeline(tiny_package(name), device="cpu")
+    init = _init_image()
+    image = ours.generate(PROMPT, None if name.startswith("flux") else NEGATIVE, steps=STEPS, guidance=7.5,
+                          sampler=sampler, seed=1234, init_image=init, strength=0.6)
+    kw = {"prompt": PROMPT} if name.startswith("flux") else {}
+    ref = _reference(tiny_source(name), name, sampler, "normal", ours, img2img=True, image=init, strength=0.6,
+                     width=SIZE, height=SIZE, **kw)
+    assert psnr(ref, image) >= FP32_PSNR
+
+
 def _clip_skip_embeds(pipe, prompt: str, skip: int):
     """diffusers' clip_skip computation (StableDiffusionPipeline.encode_prompt): hidden state
     skip + 1 from the end, then the final layer norm. Done here because diffusers 0.42 reaches
