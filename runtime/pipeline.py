@@ -30,7 +30,7 @@ from edgediff.runtime.sessions import WEIGHTS, Component, SessionOptions, provid
 
 Progress = Callable[[int, int], None]
 A1111_SCHEDULES = {"karras": "Karras", "exponential": "Exponential", "sgm_uniform": "SGM Uniform",
-                   "simple": "Simple", "normal": None}
+                   "simple": "Simple", "beta": "Beta", "normal": None}
 
 
 @dataclass

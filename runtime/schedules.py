@@ -210,6 +210,48 @@ def simple(ds: Schedule, n: int) -> np.ndarray:
     return _append_zero(np.array([ds.sigmas[-(1 + int(i * stride))] for i in range(n)]))
 
 
+def beta(ds: Schedule, n: int, a: float = 0.6, b: float = 0.6) -> np.ndarray:
+    """Training sigmas at the Beta(0.6, 0.6) quantiles, dense at both ends of the schedule
+    (ComfyUI `beta`, after Lee et al. 2024, "Beta Sampling is All You Need"); a timestep drawn
+    twice in a row is taken once, as ComfyUI does."""
+    top = len(ds.sigmas) - 1
+    t = np.rint(np.array([_beta_ppf(q, a, b) for q in 1 - np.linspace(0, 1, n, endpoint=False)]) * top).astype(int)
+    t = t[np.r_[True, t[1:] != t[:-1]]]
+    return _append_zero(ds.sigmas[t])
+
+
+def _beta_ppf(q: float, a: float, b: float) -> float:
+    """The Beta(a, b) quantile, by bisection of its distribution function (scipy's
+    `beta.ppf` without scipy)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(64):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _beta_cdf(mid, a, b) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _beta_cdf(x: float, a: float, b: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (modified
+    Lentz), on the side of the mean where it converges fast."""
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _beta_cdf(1 - x, b, a)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    tiny = 1e-300
+    c, d = 1.0, 1 / (1 - (a + b) * x / (a + 1) or tiny)
+    h = d
+    for m in range(1, 500):
+        for coef in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                     -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1 / (1 + coef * d or tiny)
+            c = 1 + coef / c or tiny
+            h *= d * c
+        if abs(d * c - 1) < 1e-15:
+            break
+    return front * h / a
+
+
 def lcm(ds: Schedule, n: int, original_steps: int = 50) -> np.ndarray:
     """Latent Consistency Models' skipping schedule: n of the distillation's `original_steps`
     timesteps (Luo et al. 2023; diffusers LCMScheduler)."""
@@ -227,6 +269,7 @@ SCHEDULES: dict[str, Callable[[Schedule, int], np.ndarray]] = {
     "exponential": exponential,
     "sgm_uniform": sgm_uniform,
     "simple": simple,
+    "beta": beta,
     "lcm": lcm,
 }
 

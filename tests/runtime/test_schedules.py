@@ -48,6 +48,29 @@ def test_sgm_uniform_and_simple_follow_comfyui():
     np.testing.assert_allclose(get_sigmas("simple", ds, 4), expected)
 
 
+@pytest.mark.parametrize(("a", "b", "exact"), [
+    (0.5, 0.5, lambda q: math.sin(math.pi * q / 2) ** 2),  # the arcsine distribution
+    (1.0, 1.0, lambda q: q),
+    (2.0, 1.0, math.sqrt),
+    (1.0, 2.0, lambda q: 1 - math.sqrt(1 - q)),
+])
+def test_beta_quantiles_match_closed_forms(a, b, exact):
+    from edgediff.runtime.schedules import _beta_ppf
+
+    for q in (1e-4, 0.05, 0.3, 0.5, 0.61, 0.93, 1 - 1e-4):
+        assert _beta_ppf(q, a, b) == pytest.approx(exact(q), abs=1e-12)
+
+
+def test_beta_schedule_follows_comfyui():
+    """ComfyUI beta_scheduler: rint(ppf(1 - i/n) * 999) indexes the sigma table; repeats dropped."""
+    from edgediff.runtime.schedules import _beta_ppf
+
+    ds = _ds()
+    t = [round(_beta_ppf(1 - i / 10, 0.6, 0.6) * 999) for i in range(10)]
+    np.testing.assert_array_equal(get_sigmas("beta", ds, 10), [*ds.sigmas[t], 0.0])
+    assert t[0] == 999 and len(get_sigmas("beta", ds, 1000)) < 1001  # repeats at the dense ends go
+
+
 @pytest.mark.parametrize("steps", [1, 2, 4, 8])
 def test_lcm_schedule_matches_diffusers_timesteps(steps):
     from diffusers import LCMScheduler
@@ -59,7 +82,7 @@ def test_lcm_schedule_matches_diffusers_timesteps(steps):
 
 
 def test_all_schedules_descend_to_zero():
-    for name in ("normal", "karras", "exponential", "sgm_uniform", "simple", "lcm"):
+    for name in ("normal", "karras", "exponential", "sgm_uniform", "simple", "beta", "lcm"):
         s = get_sigmas(name, _ds(), 9)
         assert s[-1] == 0 and np.all(np.diff(s) < 0), name
 
