@@ -159,6 +159,12 @@ def convert(
     fam, layout = resolve_family(src, family)
     components = [te.component for te in fam.text_encoders] + [fam.denoiser, "vae_decoder", "vae_encoder"]
     precisions = parse_precision(precision, components, fmt)
+    if fmt == "gguf" and fam.denoiser != "unet" and layout == "ldm" and not swap_vae:
+        # a DiT's files hold the very tensors of its GGUF file: requantized one at a time
+        from edgediff.convert import adopt
+
+        return adopt.write_adopted_gguf(src_path, output, family=family, prediction=prediction, precision=precision,
+                                        rules=parsed_rules, overwrite=overwrite, progress=progress, **parts)
     from edgediff.convert.load import load_torch_pipeline, load_vae
 
     if progress:
@@ -173,10 +179,7 @@ def convert(
         pipe.info["vae"] = str(vae)
     # a VAE whose config says it needs no upcast (SDXL's fp16-fix VAE) is safe in 16 bits
     vae_half = fam.vae_fp16 or getattr(pipe.vae.config, "force_upcast", True) is False
-    # T5 overflows in fp16 (its feed-forward activations pass 65504), as does SDXL's stock VAE
-    keep_full = {te.component for te in fam.text_encoders if te.kind == "t5"}
-    keep_full |= set() if vae_half else {"vae_decoder", "vae_encoder"}
-    precisions = parse_precision(precision, components, fmt, keep_full)
+    precisions = parse_precision(precision, components, fmt, full_precision_components(fam, vae_half))
     if fmt == "gguf":
         import tempfile
 
@@ -194,6 +197,13 @@ def convert(
             manifest = _apply_precisions(tmp, manifest, precisions, parsed_rules, progress)
             (tmp / MANIFEST).write_text(manifest.to_json())
     return manifest
+
+
+def full_precision_components(fam: Family, vae_half: bool) -> set[str]:
+    """What a 16-bit precision leaves at 32 bits: T5 (its feed-forward activations pass fp16's
+    65504) and a VAE not known to be safe in fp16 (SDXL's stock one gives black images)."""
+    keep = {te.component for te in fam.text_encoders if te.kind == "t5"}
+    return keep | (set() if vae_half else {"vae_decoder", "vae_encoder"})
 
 
 def _ldm_names(pipe) -> dict[str, Callable[[str], str]]:

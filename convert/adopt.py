@@ -174,24 +174,34 @@ def adopted_package(main: Path, *, base: Path | None = None, vae: Path | None = 
 
 def write_adopted_gguf(main: Path, output: Path, *, base: Path | None = None, vae: Path | None = None,
                        text_encoders: Sequence[Path] = (), family: str = "auto", prediction: str | None = None,
-                       overwrite: bool = False, progress: Callable[[str], None] | None = None):
-    """One GGUF package holding the files' tensors exactly as stored (not requantized), the
-    graphs of the family's recipe, the manifest and the tokenizer."""
+                       precision: str | None = None, rules: Sequence = (), overwrite: bool = False,
+                       progress: Callable[[str], None] | None = None):
+    """One GGUF package holding the files' tensors exactly as stored, or with `precision`
+    requantized one tensor at a time (a 12B Flux never in memory whole), the graphs of the
+    family's recipe, the manifest and the tokenizer."""
     import tempfile
 
-    from edgediff.convert.gguf import write_gguf
+    from edgediff.convert import full_precision_components
+    from edgediff.convert.gguf import gguf_format, write_gguf
     from edgediff.convert.package import atomic_file
+    from edgediff.convert.precision import parse_precision
 
     adopted = adopt(main, base=base, vae=vae, text_encoders=text_encoders, family=family, prediction=prediction)
+    formats = None
+    if precision is not None:
+        fam = adopted.family
+        components = [te.component for te in fam.text_encoders] + [fam.denoiser, "vae_decoder", "vae_encoder"]
+        precisions = parse_precision(precision, components, "gguf", full_precision_components(fam, fam.vae_fp16))
+        formats = {c: gguf_format(p) for c, p in precisions.items()}
     with atomic_file(output, overwrite) as target, tempfile.TemporaryDirectory(
             dir=Path(output).parent, prefix=f".{Path(output).name}.export-") as scratch:
         manifest, names = _graphs(adopted, Path(scratch), progress)
 
         def stored(component: str, name: str):
-            part = adopted.parts[component]
-            return part.file.weight(name)
+            return adopted.parts[component].file.weight(name)
 
-        return write_gguf(Path(scratch), manifest, target, names, stored=stored, progress=progress)
+        return write_gguf(Path(scratch), manifest, target, names, formats=formats, rules=rules, stored=stored,
+                          progress=progress)
 
 
 def runnable(model: Path, *, base=None, vae=None, text_encoders=(), progress=None) -> Path:

@@ -23,7 +23,7 @@ import numpy as np
 
 from edgediff.errors import UsageError
 from edgediff.kernels.bind import Weight
-from edgediff.kernels.gguf_blocks import FORMATS, BlockFormat, can_store, quantize
+from edgediff.kernels.gguf_blocks import FORMATS, BlockFormat, can_store, dequantize, quantize
 from edgediff.kernels.policy import SMALL, Rule, precision_for
 from edgediff.manifest import Manifest
 from edgediff.runtime.gguf_file import ORIG_SHAPE
@@ -114,7 +114,8 @@ def write_gguf(package: Path, manifest: Manifest, output: Path, names: Mapping[s
     `names[component](graph initializer name)` is each weight's name in the file, `shapes(name,
     graph shape)` its shape there. The weights are the package's, quantized to `formats[component]`
     under the precision `rules` (`reshape`: convolutions too, in ComfyUI-GGUF's layout); or, with
-    `stored(component, name)`, tensors taken as another file stores them (not requantized)."""
+    `stored(component, name)`, tensors taken from another file, as stored or, with `formats`,
+    requantized one at a time."""
     import onnx
     from gguf import GGUFWriter, LlamaFileType
 
@@ -138,14 +139,15 @@ def write_gguf(package: Path, manifest: Manifest, output: Path, names: Mapping[s
             written_names.add(name)
             if stored_transposed(name):
                 dims = dims[::-1]
-            if stored is None:
+            w = None if stored is None else stored(component, name)
+            if stored is not None:
+                check_shape(w, name, dims, component)
+            if formats:  # quantized here: the package's weights, or the stored ones requantized
                 fmt = stored_format(sources[0][0], dims, formats[component], rules, reshape)
-                shape = shapes(name, dims)
+                shape = shapes(name, dims) if w is None else tuple(w.shape)
                 item = (_Planned(component, name, shape, fmt, tuple(sources)) if can_store(fmt, shape) else
                         _Planned(component, name, written_shape(shape), fmt, tuple(sources), shape))
             else:
-                w = stored(component, name)
-                check_shape(w, name, dims, component)
                 written = w.shape if can_store(w.fmt, w.shape) else (
                     w.data.shape[0], w.data.shape[1] // w.fmt.block_bytes * w.fmt.block)
                 item = _Planned(component, name, written, w.fmt, (), None if written == w.shape else w.shape)
@@ -195,10 +197,15 @@ def write_gguf(package: Path, manifest: Manifest, output: Path, names: Mapping[s
             if stored is None:
                 weights = _weights(package / original[item.component].file)
         if stored is not None:
-            writer.write_tensor_data(np.ascontiguousarray(stored(item.component, item.name).data))
-            continue
-        array = _assembled(item, weights)
-        array = (array.T if stored_transposed(item.name) else array).reshape(item.shape)
+            w = stored(item.component, item.name)
+            if not formats:
+                writer.write_tensor_data(np.ascontiguousarray(w.data))
+                continue
+            array = dequantize(w.data, w.fmt, w.shape)
+        else:
+            array = _assembled(item, weights)
+            array = array.T if stored_transposed(item.name) else array
+        array = array.reshape(item.shape)
         writer.write_tensor_data(array.astype(np.float32 if item.fmt.name == "f32" else np.float16)
                                  if item.fmt.float else quantize(array, item.fmt))
     writer.close()

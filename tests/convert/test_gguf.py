@@ -408,6 +408,37 @@ def test_dit_gguf_in_the_original_names(tiny_source, tiny_package, tmp_path, nam
     assert psnr(ref, got) == float("inf") if kind == "f32" else psnr(ref, got) >= FLOORS[kind]
 
 
+@pytest.mark.parametrize("name", ["flux-dev", "sd35"])
+def test_dit_files_stream_into_the_folders_gguf(tiny_source, tmp_path, monkeypatch, name):
+    """A DiT's single files convert to GGUF tensor by tensor (never a whole model in memory) and
+    give the very file its diffusers folder gives."""
+    import edgediff.convert.adopt as adopt
+    import edgediff.convert.load as load
+
+    from ldm_checkpoint import write_flux_files, write_sd3_file
+
+    if name.startswith("flux"):
+        files = write_flux_files(tiny_source(name), tmp_path / "files")
+        main, others = files["flux"], dict(text_encoders=[files["clip_l"], files["t5xxl"]], vae=files["ae"])
+    else:
+        main, others = write_sd3_file(tiny_source(name), tmp_path / "sd3.safetensors"), {}
+    convert(tiny_source(name), tmp_path / "folder.gguf", precision="q4_0")
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the whole model was loaded")
+
+    monkeypatch.setattr(adopt, "dequantized", whole)
+    monkeypatch.setattr(load, "load_torch_pipeline", whole)
+    convert(main, tmp_path / "files.gguf", precision="q4_0", **others)
+
+    def tensors(path):
+        return {t.name: (t.tensor_type.name, t.data.tobytes()) for t in gguf.GGUFReader(path).tensors}
+
+    folder, files = tensors(tmp_path / "folder.gguf"), tensors(tmp_path / "files.gguf")
+    assert folder.keys() == files.keys()
+    assert [k for k in folder if folder[k] != files[k]] == []
+
+
 def test_comfyui_gguf_flux_converts(tiny_source, tiny_package, tmp_path):
     """A ComfyUI-GGUF Flux transformer (BFL's names, no prefix, Q8_0 matrices) with its clip_l,
     t5xxl and ae files converts to a package that draws the fp32 model's image."""
