@@ -78,10 +78,14 @@ def prepare(scenario: Scenario, progress: Progress, reconvert: bool = False) -> 
     model = scenario.model
     if model.startswith("synthetic:"):
         from edgediff.benchmarks.synthetic import ARCHITECTURES, build
+        from edgediff.benchmarks.synthetic_dit import DIT_ARCHITECTURES
 
         arch = model.split(":", 1)[1]
+        if arch in DIT_ARCHITECTURES:
+            return None, _synthetic_dit(scenario, arch, progress)
         if arch not in ARCHITECTURES:
-            raise UsageError(f"unknown synthetic model '{arch}' (known: {', '.join(ARCHITECTURES)})")
+            known = [*ARCHITECTURES, *DIT_ARCHITECTURES]
+            raise UsageError(f"unknown synthetic model '{arch}' (known: {', '.join(known)})")
         base = cache_root() / "synthetic" / arch
         source = base / "diffusers"
         if not (source / "unet").is_dir():
@@ -107,6 +111,29 @@ def prepare(scenario: Scenario, progress: Progress, reconvert: bool = False) -> 
                     **({"quantize_convolutions": True} if "convs" in options else {}))
         packages[precision] = package
     return source, packages
+
+
+def _synthetic_dit(scenario: Scenario, arch: str, progress: Progress) -> dict[str, Path]:
+    """Full-size DiTs are drawn straight as the GGUF files edgediff writes (a 12B Flux would be
+    48 GB at fp32), and their graphs built once, so runs time loading, not tracing."""
+    from edgediff.benchmarks.synthetic_dit import write
+    from edgediff.convert.adopt import adopted_package
+
+    base = cache_root() / "synthetic" / arch
+    packages = {}
+    for precision in dict.fromkeys((scenario.reference, *scenario.precisions)):
+        fmt, kind, _ = parse_configuration(precision)
+        if fmt != "gguf":
+            raise UsageError(f"synthetic:{arch} comes as GGUF files only; name gguf-q4_0 or gguf-q8_0 in "
+                             f"precisions and reference (got '{precision}')")
+        path = base / f"package-{precision}.gguf"
+        if not path.is_file():
+            progress(f"drawing synthetic:{arch} as {kind} into {path}")
+            base.mkdir(parents=True, exist_ok=True)
+            write(arch, path.with_suffix(".partial"), kind).rename(path)
+        adopted_package(path, progress=progress)
+        packages[precision] = path
+    return packages
 
 
 def parse_configuration(name: str) -> tuple[str, str, set[str]]:

@@ -19,9 +19,11 @@ from pathlib import Path
 
 
 def run_edgediff(config: dict) -> dict:
+    from edgediff.convert.adopt import runnable
     from edgediff.runtime import Pipeline
 
-    pipe = Pipeline(config["package"], device=config["device"], threads=config.get("threads"),
+    # a GGUF file edgediff did not write runs through its cached graphs
+    pipe = Pipeline(runnable(config["package"]), device=config["device"], threads=config.get("threads"),
                     weights=config.get("weights", "compact"), accuracy_level=config.get("accuracy_level", 0))
     args = dict(guidance=config["guidance"], sampler=config["sampler"], schedule=config["schedule"],
                 seed=config["seed"], width=config["size"], height=config["size"])

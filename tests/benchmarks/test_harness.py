@@ -116,6 +116,20 @@ def test_gguf_configurations(tmp_path):
     assert "the scenario's precisions lack" in configs["sdcpp-gguf-q8_0"][1]
 
 
+def test_full_size_dits_are_drawn_as_gguf_only(tmp_path, monkeypatch):
+    """Full-size DiT scenarios name GGUF precisions (a 12B Flux at fp32 does not fit): anything
+    else is refused before a file is drawn."""
+    from edgediff.benchmarks.harness import prepare
+
+    monkeypatch.setenv("EDGEDIFF_CACHE", str(tmp_path))
+    for name in ("flux-schnell-512", "sd35-medium-512"):
+        assert load_scenario(name).reference == "gguf-q4_0"
+    scenario = Scenario(name="t", model="synthetic:flux-schnell", precisions=("gguf-q4_0",))  # reference fp32
+    with pytest.raises(UsageError, match="GGUF files only.*got 'fp32'"):
+        prepare(scenario, lambda _: None)
+    assert not any(tmp_path.rglob("*.gguf"))
+
+
 def test_a_run_past_the_timeout_is_stopped_and_reported(tmp_path):
     from edgediff.benchmarks.harness import run_worker
 
