@@ -157,12 +157,10 @@ def _wrappers():
         VaeDecoderGraph, VaeEncoderGraph
 
 
-def _fused_attention():
-    """A diffusers attention processor whose product of queries, keys and values exports as one
-    MultiHeadAttention node; attention it cannot express (masks, spatial or q/k norms) goes
-    through diffusers' own processor."""
+@functools.cache
+def _multi_head_attention():
+    """attention(q, k, v) on [B, S, heads * D] that exports as one com.microsoft MultiHeadAttention."""
     torch = require("torch", "convert", "Exporting to ONNX")
-    from diffusers.models.attention_processor import AttnProcessor2_0
 
     class MultiHeadAttention(torch.autograd.Function):
         @staticmethod
@@ -172,13 +170,53 @@ def _fused_attention():
             def split(x):
                 return x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)
 
-            out = torch.nn.functional.scaled_dot_product_attention(split(query), split(key), split(value))
+            out = torch._C._nn.scaled_dot_product_attention(split(query), split(key), split(value))
             return out.transpose(1, 2).reshape(batch, -1, value.shape[-1])
 
         @staticmethod
         def symbolic(g, query, key, value, heads: int):
             return g.op("com.microsoft::MultiHeadAttention", query, key, value, num_heads_i=heads
                         ).setType(query.type())
+
+    return MultiHeadAttention
+
+
+@contextlib.contextmanager
+def _fused_sdpa():
+    """torch's scaled_dot_product_attention on [B, heads, S, D] (the DiTs' joint attention, any
+    attention diffusers runs itself) traced as one MultiHeadAttention node when it has no mask and
+    the default scale: onnxruntime's flash attention instead of a tokens x tokens score matrix per
+    head (2 GB per Flux layer at 1024x1024). Masked or causal attention (CLIP, T5) stays as it is."""
+    torch = require("torch", "convert", "Exporting to ONNX")
+    functional = torch.nn.functional
+    stock = functional.scaled_dot_product_attention
+    mha = _multi_head_attention()
+
+    def fused(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if (attn_mask is not None or is_causal or scale is not None or enable_gqa or query.dim() != 4
+                or key.shape[1] != query.shape[1]):
+            return stock(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                         scale=scale, enable_gqa=enable_gqa)
+        heads, dim = int(query.shape[1]), int(query.shape[3])
+        out = mha.apply(*(x.transpose(1, 2).flatten(2) for x in (query, key, value)), heads)
+        # a view from the output's own sizes: `unflatten` would let the tracer fold its length
+        return out.view(out.shape[0], out.shape[1], heads, dim).transpose(1, 2)
+
+    functional.scaled_dot_product_attention = fused
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention = stock
+
+
+def _fused_attention():
+    """A diffusers attention processor whose product of queries, keys and values exports as one
+    MultiHeadAttention node; attention it cannot express (masks, spatial or q/k norms) goes
+    through diffusers' own processor."""
+    require("torch", "convert", "Exporting to ONNX")
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    MultiHeadAttention = _multi_head_attention()
 
     class FusedAttention:
         stock = AttnProcessor2_0()
@@ -270,7 +308,7 @@ def export_graph(module, args: tuple, contract: Contract, path: Path, weights: b
     module.eval()
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
         raw = Path(scratch) / "raw.onnx"
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), _fused_sdpa():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module, args, str(raw), dynamo=False, opset_version=OPSET, export_params=False,

@@ -118,6 +118,19 @@ def test_existing_output_is_not_replaced_without_overwrite(tiny_source, tmp_path
     assert (out / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("name", ["sd35", "flux-dev"])
+def test_dit_attention_is_one_node(tiny_package, name):
+    """Every attention of the MMDiT/Flux blocks (joint, single, SD3.5's second) is one
+    MultiHeadAttention node (flash attention in onnxruntime), none a Softmax over a score matrix."""
+    import collections
+
+    import onnx
+
+    graph = onnx.load(str(tiny_package(name) / "transformer" / "model.onnx"), load_external_data=False)
+    ops = collections.Counter(n.op_type for n in graph.graph.node)
+    assert ops["Softmax"] == 0 and ops["MultiHeadAttention"] == 3
+
+
 def test_a_truncated_transformer_file_says_what_is_missing(tmp_path):
     from safetensors.numpy import save_file
 
