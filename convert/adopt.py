@@ -4,8 +4,9 @@ denoiser-only files) and the files that supply their other components (`--base`,
 
 The graphs come from the family's export recipe: the architecture is read from the tensor
 shapes, torch modules are built without weights (broadcast zeros) and traced, and their weight
-placeholders are named as the files name them. The files' own tensors are then bound as stored: copied into one GGUF package (`edgediff convert file.gguf --output pkg.gguf`), or
-referenced from a small cached package of graphs (`edgediff generate --model file.gguf`).
+placeholders are named as the files name them. The files' own tensors are then bound as stored:
+copied into one GGUF package (`edgediff convert file.gguf --output pkg.gguf`), or referenced from
+a small cached package of graphs (`edgediff generate --model file.gguf`).
 """
 
 from __future__ import annotations

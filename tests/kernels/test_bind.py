@@ -11,7 +11,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from edgediff.errors import PackageError
-from edgediff.kernels.bind import Weight, bind, strip_weights
+from edgediff.kernels.bind import Weight, bind, parse_rows_ref, rows_ref, strip_weights
 from edgediff.kernels.gguf_blocks import FORMATS, dequantize, quantize
 
 RNG = np.random.default_rng(0)
@@ -103,6 +103,44 @@ def test_float_weights_are_read_from_their_file(tmp_path):
     want = _run(_with({k: w.astype(np.float16) for k, w in WEIGHTS.items()}), {})
     for got, ref in zip(session.run(None, {"x": x, "img": img}), want, strict=True):
         np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "f16"])
+def test_weights_bind_from_rows_of_fused_tensors(tmp_path, fmt):
+    """A DiT's q/k/v are rows of one file tensor: a placeholder names the rows (joined in any
+    order), bound without requantizing; one slice of a float tensor is read from its file at
+    the slice's offset."""
+    pad = RNG.standard_normal((8, 32)).astype(np.float32)
+    gemm = WEIGHTS["gemm.weight"]
+    fused = {"qkv": np.concatenate([pad, WEIGHTS["lin.weight"], pad]), "mod": np.concatenate([gemm[8:], gemm[:8]])}
+    names = {"lin.weight": rows_ref([("qkv", 8, 72)]), "gemm.weight": rows_ref([("mod", 8, 16), ("mod", 0, 8)]),
+             "gemm.bias": "gemm.bias", "conv.weight": "conv.weight"}
+    assert parse_rows_ref(names["gemm.weight"]) == [("mod", 8, 16), ("mod", 0, 8)]
+    assert parse_rows_ref("plain.weight") == [("plain.weight", 0, -1)]
+    blob, stored, offset = tmp_path / "weights.bin", {}, 0
+    with blob.open("wb") as out:
+        for name, w in {**fused, "gemm.bias": WEIGHTS["gemm.bias"], "conv.weight": WEIGHTS["conv.weight"]}.items():
+            data = quantize(w, FORMATS[fmt]) if fmt != "f16" and w.ndim == 2 else w.astype(np.float16)
+            kind = FORMATS[fmt] if fmt != "f16" and w.ndim == 2 else FORMATS["f16"]
+            stored[name] = Weight(name, kind, w.shape, data, blob, offset)
+            out.write(data.tobytes())
+            offset += data.nbytes
+    bound = bind(strip_weights(_model(), names), stored.get, str(blob))
+    kinds = {b.name: b.kind for b in bound.bindings}
+    assert kinds[names["lin.weight"]] == ("quantized" if fmt == "q8_0" else "stored")
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(tmp_path))
+    if bound.arrays:
+        so.add_external_initializers(list(bound.arrays),
+                                     [ort.OrtValue.ortvalue_from_numpy(a) for a in bound.arrays.values()])
+    session = ort.InferenceSession(bound.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((2, 32)).astype(np.float32)
+    img = np.random.default_rng(2).standard_normal((1, 3, 5, 5)).astype(np.float32)
+    direct = {k: dequantize(w.data, w.fmt, w.shape) for k, w in stored.items()}
+    want = _run(_with({"lin.weight": direct["qkv"][8:72], "gemm.weight": np.concatenate([direct["mod"][8:],
+                       direct["mod"][:8]]), "gemm.bias": direct["gemm.bias"], "conv.weight": direct["conv.weight"]}), {})
+    for got, ref in zip(session.run(None, {"x": x, "img": img}), want, strict=True):
+        np.testing.assert_allclose(got, ref, atol=2e-4, rtol=1e-4)
 
 
 def test_onnxruntime_copies_the_arrays_handed_to_it():
