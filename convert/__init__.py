@@ -14,7 +14,7 @@ from pathlib import Path
 
 from edgediff import __version__
 from edgediff.convert.sources import Source, open_source
-from edgediff.errors import UsageError
+from edgediff.errors import SourceError, UsageError
 from edgediff.families import (
     DENOISER,
     FAMILIES,
@@ -169,10 +169,13 @@ def convert(
 
     if progress:
         progress(f"reading {src.kind} source ({fam.title}, {layout} layout)")
+    # a diffusers folder to GGUF: graphs traced without weights, each tensor then read from the
+    # folder's files, quantized and written in turn (a 12B Flux never in memory whole)
+    streamed = fmt == "gguf" and src.kind == "diffusers" and not swap_vae
     if src.kind == "gguf" or any(parts.values()):
         pipe = adopt.dequantized(src_path, family=family, prediction=prediction, **parts)
     else:
-        pipe = load_torch_pipeline(src, fam, prediction)
+        pipe = load_torch_pipeline(src, fam, prediction, weightless=streamed)
     if swap_vae:
         pipe.loaders.pop("vae", None)
         pipe.vae = load_vae(Path(vae), fam, pipe.vae)
@@ -190,7 +193,8 @@ def convert(
             manifest = _export(pipe, src, src_path, layout, Path(scratch), progress)
             return write_gguf(Path(scratch), manifest, target, _ldm_names(pipe),
                               formats={c: gguf_format(p) for c, p in precisions.items()}, rules=parsed_rules,
-                              shapes=_ldm_shape, reshape=quantize_convolutions, progress=progress)
+                              shapes=_ldm_shape, reshape=quantize_convolutions, progress=progress,
+                              weights=_folder_weights(src, pipe) if streamed else None)
     with atomic_folder(output, overwrite) as tmp:
         manifest = _export(pipe, src, src_path, layout, tmp, progress)
         if any(p != "fp32" for p in precisions.values()):
@@ -229,6 +233,41 @@ def _ldm_names(pipe) -> dict[str, Callable[[str], str]]:
             names[spec.component] = lambda n, p=spec.gguf_prefix, o=spec.ldm_layout == "open_clip": clip_name(
                 n.removeprefix("model."), p, o)
     return names
+
+
+def _folder_weights(source: Source, pipe) -> Callable[[str], object]:
+    """component -> its graph weights as fp32, each read from the diffusers folder's files when
+    asked for (graph names are the folder's, text encoders' under `model.`)."""
+    from edgediff.kernels.gguf_blocks import dequantize
+    from edgediff.runtime.safetensors_file import SafetensorsFile
+
+    files: dict[Path, SafetensorsFile] = {}
+    components = {spec.component for spec, _, _ in pipe.text_encoders}
+
+    def read(key: str):
+        info = source.tensors.get(key)
+        if info is None:
+            return None
+        w = files.setdefault(info.file, SafetensorsFile(info.file)).weight(info.name)
+        return None if w is None else dequantize(w.data, w.fmt, w.shape)
+
+    class Tensors:
+        def __init__(self, component: str):
+            self.component = component
+
+        def __getitem__(self, graph_name: str):
+            keys = [graph_name]
+            if self.component in components:  # transformers' names, with or without `text_model.`;
+                rest = graph_name.removeprefix("model.")  # T5's embedding saved as `shared`
+                keys = [f"{self.component}.{k}" for k in dict.fromkeys((
+                    rest, "text_model." + rest, rest.removeprefix("text_model."),
+                    rest.replace("encoder.embed_tokens.", "shared.")))]
+            for key in keys:
+                if (array := read(key)) is not None:
+                    return array
+            raise SourceError(f"{source.path}: no float tensor '{keys[0]}' for the {self.component} graph")
+
+    return Tensors
 
 
 def _ldm_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:

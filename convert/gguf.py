@@ -108,6 +108,7 @@ def write_gguf(package: Path, manifest: Manifest, output: Path, names: Mapping[s
                formats: Mapping[str, BlockFormat] | None = None, rules: Sequence[Rule] = (),
                shapes: Callable[[str, tuple[int, ...]], tuple[int, ...]] = lambda name, shape: shape,
                stored: Callable[[str, str], Weight | None] | None = None, reshape: bool = False,
+               weights: Callable[[str], Mapping[str, np.ndarray]] | None = None,
                progress: Callable[[str], None] | None = None) -> Manifest:
     """Write the fp32 ONNX package in `package` as one GGUF file at `output`.
 
@@ -115,7 +116,8 @@ def write_gguf(package: Path, manifest: Manifest, output: Path, names: Mapping[s
     graph shape)` its shape there. The weights are the package's, quantized to `formats[component]`
     under the precision `rules` (`reshape`: convolutions too, in ComfyUI-GGUF's layout); or, with
     `stored(component, name)`, tensors taken from another file, as stored or, with `formats`,
-    requantized one at a time."""
+    requantized one at a time. `weights(component)` maps graph names to the weights when the
+    package's graphs hold none (a diffusers folder's files, read one tensor at a time)."""
     import onnx
     from gguf import GGUFWriter, LlamaFileType
 
@@ -188,14 +190,14 @@ def write_gguf(package: Path, manifest: Manifest, output: Path, names: Mapping[s
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    loaded, weights = None, {}
+    loaded, arrays = None, {}
     for item in plan:
         if item.component != loaded:
             loaded = item.component
             if progress:
                 progress(f"writing {item.component} as {manifest.components[item.component].precision}")
             if stored is None:
-                weights = _weights(package / original[item.component].file)
+                arrays = weights(item.component) if weights else _weights(package / original[item.component].file)
         if stored is not None:
             w = stored(item.component, item.name)
             if not formats:
@@ -203,7 +205,7 @@ def write_gguf(package: Path, manifest: Manifest, output: Path, names: Mapping[s
                 continue
             array = dequantize(w.data, w.fmt, w.shape)
         else:
-            array = _assembled(item, weights)
+            array = _assembled(item, arrays)
             array = array.T if stored_transposed(item.name) else array
         array = array.reshape(item.shape)
         writer.write_tensor_data(array.astype(np.float32 if item.fmt.name == "f32" else np.float16)

@@ -63,10 +63,13 @@ def _quiet() -> None:
         logging.disable_progress_bar()
 
 
-def load_torch_pipeline(source: Source, family: Family, prediction: str | None = None) -> TorchPipeline:
+def load_torch_pipeline(source: Source, family: Family, prediction: str | None = None,
+                        weightless: bool = False) -> TorchPipeline:
+    """The source's torch modules; `weightless` (diffusers folders): the architecture alone, for
+    graphs whose weights are written from the folder's files one tensor at a time."""
     _quiet()
     if source.kind == "diffusers":
-        return _load_diffusers(source, family, prediction)
+        return _load_diffusers(source, family, prediction, weightless)
     if source.kind in ("safetensors", "checkpoint"):
         return _load_ldm(source, family, prediction)
     raise SourceError(
@@ -75,27 +78,33 @@ def load_torch_pipeline(source: Source, family: Family, prediction: str | None =
     )
 
 
-def _load_diffusers(source: Source, family: Family, prediction: str | None) -> TorchPipeline:
+def _load_diffusers(source: Source, family: Family, prediction: str | None, weightless: bool = False) -> TorchPipeline:
     torch = require("torch", "convert", "Converting a model")
     diffusers = require("diffusers", "convert", "Converting a model")
     transformers = require("transformers", "convert", "Converting a model")
     folder = source.path
+
+    def module(cls, path: Path, **dtype):
+        if weightless:  # built from its config alone; the weights are read from the folder later
+            config = cls.config_class.from_pretrained(path) if hasattr(cls, "config_class") else cls.load_config(path)
+            return cls(config) if hasattr(cls, "config_class") else cls.from_config(config)
+        return cls.from_pretrained(path, **dtype)
+
     encoders = []
-    for spec in family.text_encoders:
-        if not (folder / spec.component).is_dir():
-            raise SourceError(f"{folder}: missing {spec.component}/ (needed by {family.title})")
-        model_class = getattr(transformers, TEXT_MODELS[spec.kind])
-        module = model_class.from_pretrained(folder / spec.component, dtype=torch.float32)
-        tokenizer = folder / spec.tokenizer
-        if not tokenizer.is_dir():
-            raise SourceError(f"{folder}: missing {spec.tokenizer}/ (the tokenizer of {spec.component})")
-        encoders.append((spec, module, tokenizer))
-    for part in (family.denoiser, "vae"):
-        if not (folder / part).is_dir():
-            raise SourceError(f"{folder}: missing {part}/ (needed by {family.title})")
-    denoiser = getattr(diffusers, family.denoiser_class).from_pretrained(folder / family.denoiser,
-                                                                         torch_dtype=torch.float32)
-    vae = diffusers.AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32)
+    with _empty_parameters() if weightless else contextlib.nullcontext():
+        for spec in family.text_encoders:
+            if not (folder / spec.component).is_dir():
+                raise SourceError(f"{folder}: missing {spec.component}/ (needed by {family.title})")
+            model = module(getattr(transformers, TEXT_MODELS[spec.kind]), folder / spec.component, dtype=torch.float32)
+            tokenizer = folder / spec.tokenizer
+            if not tokenizer.is_dir():
+                raise SourceError(f"{folder}: missing {spec.tokenizer}/ (the tokenizer of {spec.component})")
+            encoders.append((spec, model, tokenizer))
+        for part in (family.denoiser, "vae"):
+            if not (folder / part).is_dir():
+                raise SourceError(f"{folder}: missing {part}/ (needed by {family.title})")
+        denoiser = module(getattr(diffusers, family.denoiser_class), folder / family.denoiser, torch_dtype=torch.float32)
+        vae = module(diffusers.AutoencoderKL, folder / "vae", torch_dtype=torch.float32)
     sched_path = folder / "scheduler" / "scheduler_config.json"
     scheduler = dict(family.scheduler_config)
     if sched_path.is_file():
@@ -111,7 +120,8 @@ def _load_diffusers(source: Source, family: Family, prediction: str | None) -> T
         zeros = json.loads(index.read_text()).get("force_zeros_for_empty_prompt")
         if zeros is not None:
             conditioning = replace(conditioning, zero_empty_negative=bool(zeros))
-    return TorchPipeline(family, encoders, denoiser, vae, _resolve_spacing(scheduler), info, conditioning)
+    pipe = TorchPipeline(family, encoders, denoiser, vae, _resolve_spacing(scheduler), info, conditioning)
+    return _without_weights(pipe) if weightless else pipe
 
 
 def _resolve_spacing(config: dict) -> dict:
@@ -400,12 +410,16 @@ def file_architecture(shapes: dict, family: Family, prediction: str | None = Non
 
 def weightless_architecture(shapes: dict, family: Family, prediction: str | None = None,
                             where: str = "the model") -> TorchPipeline:
-    """The architecture `shapes` describe with no weights in memory: each parameter is one zero
-    broadcast to its shape, enough to trace the graphs whose weights are bound from the files
-    later (a 12B-parameter Flux would take 48 GB as random fp32 weights)."""
-    torch = require("torch", "convert", "Converting a model")
+    """The architecture `shapes` describe with no weights in memory (a 12B-parameter Flux would
+    take 48 GB as random fp32 weights)."""
     with _empty_parameters():
-        pipe = file_architecture(shapes, family, prediction, where=where)
+        return _without_weights(file_architecture(shapes, family, prediction, where=where))
+
+
+def _without_weights(pipe: TorchPipeline) -> TorchPipeline:
+    """Each (meta) parameter becomes one zero broadcast to its shape as its module is exported:
+    enough to trace the graphs, whose weights come from the files."""
+    torch = require("torch", "convert", "Converting a model")
 
     def zeros(module) -> None:
         for owner in module.modules():
@@ -415,7 +429,7 @@ def weightless_architecture(shapes: dict, family: Family, prediction: str | None
                                                                  requires_grad=False)
 
     modules = {spec.component: m for spec, m, _ in pipe.text_encoders}
-    modules.update({family.denoiser: pipe.denoiser, "vae": pipe.vae})
+    modules.update({pipe.family.denoiser: pipe.denoiser, "vae": pipe.vae})
     pipe.loaders = {component: (lambda m=m: zeros(m)) for component, m in modules.items()}
     pipe.weightless = True
     return pipe

@@ -408,6 +408,23 @@ def test_dit_gguf_in_the_original_names(tiny_source, tiny_package, tmp_path, nam
     assert psnr(ref, got) == float("inf") if kind == "f32" else psnr(ref, got) >= FLOORS[kind]
 
 
+def test_folders_stream_into_gguf(tiny_source, tmp_path, monkeypatch):
+    """A diffusers folder becomes a GGUF file without an fp32 package in between: graphs are
+    traced without weights and each tensor is read from the folder as it is written."""
+    import edgediff.convert.export as export
+
+    traced = []
+    stock = export.export_graph
+
+    def graph_only(*args, weights=True, **kwargs):
+        traced.append(weights)
+        return stock(*args, weights=weights, **kwargs)
+
+    monkeypatch.setattr(export, "export_graph", graph_only)
+    convert(tiny_source("sdxl"), tmp_path / "xl.gguf", precision="q8_0")
+    assert traced and not any(traced)
+
+
 @pytest.mark.parametrize("name", ["flux-dev", "sd35"])
 def test_dit_files_stream_into_the_folders_gguf(tiny_source, tmp_path, monkeypatch, name):
     """A DiT's single files convert to GGUF tensor by tensor (never a whole model in memory) and
