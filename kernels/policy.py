@@ -3,7 +3,8 @@
 
 Defaults keep what is small or sensitive: 1-D tensors (biases, norm scales), tensors of at most
 1024 values, normalisation layers, embeddings (token, position, time), the first and last
-convolutions. Everything else gets the precision asked for.
+convolutions. Everything else gets the precision asked for, a DiT's adaLN modulation matrices
+too (a quarter of Flux's weights; ComfyUI-GGUF and stable-diffusion.cpp quantize them).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from edgediff.errors import UsageError
 KEEP = "keep"  # stay at the graph's float precision
 SMALL = 1024
 SENSITIVE = (
-    r"norm",
+    r"norm[^.]*\.(?!linear\.)",  # normalisation layers, not a DiT's adaLN modulation (`norm1.linear`)
     r"embed",  # token/position embeddings, time_embedding, add_embedding
     r"(^|\.)shared\.",  # T5's token embedding
     r"(^|\.)conv_in\.",

@@ -19,6 +19,13 @@ from edgediff.kernels.policy import KEEP, Rule, precision_for
     ("unet.time_embedding.linear_1.weight", (1280, 320), KEEP),
     ("text_encoder.embeddings.token_embedding.weight", (49408, 768), KEEP),
     ("tiny.weight", (16, 16), KEEP),
+    # DiTs: the adaLN modulation matrices are quantized (a quarter of Flux), their norms are not
+    ("transformer.transformer_blocks.0.norm1.linear.weight", (18432, 3072), "int4"),
+    ("transformer.single_transformer_blocks.0.norm.linear.weight", (9216, 3072), "int4"),
+    ("transformer.transformer_blocks.0.attn.norm_added_q.weight", (128,), KEEP),
+    ("transformer.context_embedder.weight", (3072, 4096), KEEP),
+    ("model.shared.weight", (32128, 4096), KEEP),  # T5's token embedding
+    ("model.encoder.block.0.layer.1.layer_norm.weight", (4096,), KEEP),
 ])
 def test_defaults(name, shape, expected):
     assert precision_for(name, shape, "int4") == expected
