@@ -238,6 +238,8 @@ def _ldm_names(pipe) -> dict[str, Callable[[str], str]]:
 def _folder_weights(source: Source, pipe) -> Callable[[str], object]:
     """component -> its graph weights as fp32, each read from the diffusers folder's files when
     asked for (graph names are the folder's, text encoders' under `model.`)."""
+    import numpy as np
+
     from edgediff.kernels.gguf_blocks import dequantize
     from edgediff.runtime.safetensors_file import SafetensorsFile
 
@@ -248,8 +250,13 @@ def _folder_weights(source: Source, pipe) -> Callable[[str], object]:
         info = source.tensors.get(key)
         if info is None:
             return None
-        w = files.setdefault(info.file, SafetensorsFile(info.file)).weight(info.name)
-        return None if w is None else dequantize(w.data, w.fmt, w.shape)
+        file = files.setdefault(info.file, SafetensorsFile(info.file))
+        w = file.weight(info.name)
+        if w is None:
+            return None
+        array = np.array(dequantize(w.data, w.fmt, w.shape), dtype=np.float32)
+        file.drop_pages()  # mapped pages read count as ours: one tensor resident at a time
+        return array
 
     class Tensors:
         def __init__(self, component: str):
