@@ -198,7 +198,11 @@ def write_adopted_gguf(main: Path, output: Path, *, base: Path | None = None, va
             dir=Path(output).parent, prefix=f".{Path(output).name}.export-") as scratch:
         manifest, names = _graphs(adopted, Path(scratch), progress)
 
+        files = list({id(part.file): part.file for part in adopted.parts.values()}.values())
+
         def stored(component: str, name: str):
+            for file in files:  # the tensor read before is written by now: its mapped pages can go
+                file.drop_pages()
             return adopted.parts[component].file.weight(name)
 
         return write_gguf(Path(scratch), manifest, target, names, formats=formats, rules=rules, stored=stored,
