@@ -322,8 +322,10 @@ def export_graph(module, args: tuple, contract: Contract, path: Path, weights: b
     inputs = [i for i in model.graph.input if i.name not in state]
     del model.graph.input[:]
     model.graph.input.extend(inputs)
-    if not weights:
-        model.graph.initializer.extend(placeholder(n, TensorProto.FLOAT, state[n].shape) for n in names)
+    if not weights:  # float weights are bound later; other buffers (integer ids) keep their values
+        model.graph.initializer.extend(
+            placeholder(n, TensorProto.FLOAT, state[n].shape) if state[n].is_floating_point()
+            else numpy_helper.from_array(state[n].detach().contiguous().numpy(), n) for n in names)
         onnx.save_model(model, str(path))
         return [path]
     size = sum(state[n].numel() * state[n].element_size() for n in names)
