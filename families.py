@@ -155,6 +155,11 @@ class Family:
     unet_heads: int | None = None  # LDM `num_heads` (SD 1.x) ...
     unet_head_channels: int | None = None  # ... or `num_head_channels` (SD 2.x)
 
+    @property
+    def components(self) -> list[str]:
+        """Its graphs, in export order: text encoders, the denoiser, the VAE's two halves."""
+        return [te.component for te in self.text_encoders] + [self.denoiser, "vae_decoder", "vae_encoder"]
+
 
 def _unet_rules(prefix: str, proj_ndim: int, label_emb: str, label: bool) -> tuple[Rule, ...]:
     return (

@@ -15,13 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edgediff.benchmarks.synthetic import _CLIP_L, SDXL
+from edgediff.benchmarks.synthetic import _CLIP_L, SD15, SDXL
 
 _T5_XXL = dict(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64,
                relative_attention_num_buckets=32, feed_forward_proj="gated-gelu")
-_VAE16 = dict(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2, sample_size=1024,
-              block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-              up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False)
+_VAE16 = dict(SD15["vae"], latent_channels=16, sample_size=1024, use_quant_conv=False, use_post_quant_conv=False)
 # black-forest-labs/FLUX.1-schnell and stabilityai/stable-diffusion-3.5-medium configs
 DIT_ARCHITECTURES = {
     "flux-schnell": {
@@ -42,7 +40,6 @@ DIT_ARCHITECTURES = {
         "vae": dict(_VAE16, scaling_factor=1.5305, shift_factor=0.0609),
     },
 }
-_ZERO_CODE = {"q4_0": 8, "q8_0": 0}  # the code that stands for 0
 _CODE_STD = {"q4_0": 4.61, "q8_0": 73.9}  # std of uniformly drawn codes
 
 
@@ -129,8 +126,8 @@ def write(name: str, path: Path, kind: str = "q4_0", seed: int = 0, tiny: dict |
     from edgediff.convert.gguf import _stored_bytes
     from edgediff.kernels.gguf_blocks import FORMATS
 
-    if kind not in _ZERO_CODE:
-        raise SystemExit(f"unknown type '{kind}'; choose one of: {', '.join(_ZERO_CODE)}")
+    if kind not in _CODE_STD:
+        raise SystemExit(f"unknown type '{kind}'; choose one of: {', '.join(_CODE_STD)}")
     pipe = architecture(name, tiny)
     plan = planned(pipe, kind)
     writer = GGUFWriter(str(path), arch=pipe.family.name)

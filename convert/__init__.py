@@ -157,7 +157,7 @@ def convert(
                                             overwrite=overwrite, progress=progress, **parts)
     src = open_source(src_path, allow_pickle=allow_pickle)
     fam, layout = resolve_family(src, family)
-    components = [te.component for te in fam.text_encoders] + [fam.denoiser, "vae_decoder", "vae_encoder"]
+    components = fam.components
     precisions = parse_precision(precision, components, fmt)
     if fmt == "gguf" and fam.denoiser != "unet" and layout == "ldm" and not swap_vae:
         # a DiT's files hold the very tensors of its GGUF file: requantized one at a time

@@ -191,7 +191,7 @@ def write_adopted_gguf(main: Path, output: Path, *, base: Path | None = None, va
     formats = None
     if precision is not None:
         fam = adopted.family
-        components = [te.component for te in fam.text_encoders] + [fam.denoiser, "vae_decoder", "vae_encoder"]
+        components = fam.components
         precisions = parse_precision(precision, components, "gguf", full_precision_components(fam, fam.vae_fp16))
         formats = {c: gguf_format(p) for c, p in precisions.items()}
     with atomic_file(output, overwrite) as target, tempfile.TemporaryDirectory(
