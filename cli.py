@@ -122,6 +122,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-aesthetic-score", type=float,
                    help="SDXL refiner: score for the negative prompt (default 2.5)")
     g.add_argument("--output", "-o", help="PNG to write (default: edgediff-SEED.png)")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="apply a LoRA file (kohya/A1111, LyCORIS or diffusers/PEFT .safetensors) at load, "
+                        "strength 1 unless given; repeat to stack several")
+    g.add_argument("--lora-dir", help="folder of LoRA files for A1111's <lora:NAME:STRENGTH> prompt tags")
+    g.add_argument("--lora-mode", choices=("merge", "branch"), default="branch",
+                   help="LoRA on quantized weights: branch keeps them and adds a low-rank side branch "
+                        "(default); merge dequantizes, changes and requantizes them")
     _parts_arguments(g)
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     g.add_argument("--threads", type=int, help="CPU threads for onnxruntime")
@@ -198,7 +205,7 @@ def _generate(args) -> int:
         model = _runnable(model, say, **_parts(args))
     options = dict(device=args.device, threads=args.threads, low_memory=not args.keep_loaded,
                    split_guidance=args.split_guidance, weights=args.weights, accuracy_level=args.accuracy_level)
-    pipe = Pipeline(model, **options)
+    pipe = Pipeline(model, loras=args.lora, lora_dir=args.lora_dir, lora_mode=args.lora_mode, **options)
     refiner = Pipeline(_runnable(args.refiner, say), **options) if args.refiner else None
     size = SizeConditioning(
         original_size=args.original_size and tuple(args.original_size), crop=tuple(args.crop),
@@ -313,8 +320,38 @@ def _print_gguf(report: dict) -> None:
             print(f"    {component:14s} {_human(c['bytes']):>10s} {c['bits_per_weight']:5.2f} bits/weight: {parts}")
 
 
+def _lora_report(path: Path) -> dict:
+    from edgediff.runtime.lora import read_lora
+
+    lora = read_lora(path)
+    kinds: dict[str, int] = {}
+    for layer in lora.layers.values():
+        kind = "convolution" if "down" in layer.tensors and layer.tensors["down"].ndim == 4 else "linear"
+        kinds[f"{layer.kind} {kind}"] = kinds.get(f"{layer.kind} {kind}", 0) + 1
+    return {"path": str(path), "kind": "lora", "format": lora.format, "family": lora.family(),
+            "ranks": lora.ranks, "layers": len(lora.layers), "components": lora.components(),
+            "modules": kinds, "unknown_tensors": lora.unknown, "hash": lora.short_hash()}
+
+
 def _inspect(args) -> int:
     path = Path(args.path)
+    from edgediff.runtime.lora import is_lora
+
+    if path.is_file() and path.suffix.lower() == ".safetensors" and is_lora(path):
+        r = _lora_report(path)
+        if args.json:
+            print(json.dumps(r, indent=2))
+            return 0
+        print(f"LoRA: {path}")
+        print(f"  format: {r['format']}; for: {r['family'] or 'unknown (no telling from its names and shapes)'}")
+        print(f"  {r['layers']} layers, rank {', '.join(map(str, r['ranks']))}; A1111 hash {r['hash']}")
+        for name, n in r["components"].items():
+            print(f"  {name:16s} {n:4d} layers")
+        print("  " + ", ".join(f"{n} {kind}" for kind, n in r["modules"].items()))
+        if r["unknown_tensors"]:
+            print(f"  {len(r['unknown_tensors'])} tensors are no LoRA part edgediff knows: "
+                  f"{', '.join(r['unknown_tensors'][:5])}")
+        return 0
     if path.is_file() and path.suffix.lower() == ".gguf":
         report = _gguf_report(path)
         print(json.dumps(report, indent=2)) if args.json else _print_gguf(report)

@@ -32,8 +32,11 @@ def run_edgediff(config: dict) -> dict:
     image = pipe.generate(config["prompt"], config["negative_prompt"], steps=config["steps"], **args)
     t = pipe.timings
     image.save(config["image"])
-    providers = pipe.component("unet").session.get_providers()
     import onnxruntime
+
+    from edgediff.runtime.sessions import providers_for
+
+    providers = providers_for(config["device"])
 
     return {"load_cold_s": cold, "load_warm_s": t.load, "text_encode_s": t.text_encode,
             "steps_s": list(t.steps), "vae_decode_s": t.vae_decode, "total_s": t.compute,

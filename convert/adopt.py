@@ -121,8 +121,11 @@ def _graphs(adopted: Adopted, folder: Path, progress) -> tuple:
     return dataclasses.replace(manifest, source=source), _ldm_names(adopted.pipe)
 
 
+GRAPHS = 2  # the cached graphs' format (2: placeholders keep their weights' state-dict names)
+
+
 def cache_key(paths: Sequence[Path], family: str, prediction: str | None) -> str:
-    digest = hashlib.sha256(f"{__version__} {family} {prediction}".encode())
+    digest = hashlib.sha256(f"{__version__} {GRAPHS} {family} {prediction}".encode())
     for p in paths:
         st = Path(p).stat()
         digest.update(f"{Path(p).resolve()} {st.st_size} {st.st_mtime_ns}".encode())

@@ -26,6 +26,7 @@ from edgediff.errors import PackageError
 from edgediff.kernels.gguf_blocks import Affine, BlockFormat, dequantize, to_matmul_nbits, unpack
 
 PLACEHOLDER = "edgediff:bound"  # external-data location of an initializer bound at session time
+GRAPH_NAME = "edgediff:name"  # external-data key of a placeholder's state-dict name
 _ROWS = re.compile(r"^(.+)\[(\d+):(\d+)\]$")
 CAST = ".as_graph_type"  # suffix of a weight cast from its stored float type
 _FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
@@ -108,14 +109,23 @@ def resolve(ref: str, lookup: Callable[[str], Weight | None]) -> Weight | None:
                    data=np.concatenate([p.data for p in parts]), file=None, offset=0)
 
 
-def placeholder(name: str, data_type: int, dims) -> TensorProto:
+def placeholder(name: str, data_type: int, dims, graph_name: str = "") -> TensorProto:
+    """An initializer without data, bound at session time to the file tensor `name`.
+    `graph_name` is the weight's state-dict name (what a LoRA names it), when it differs."""
     t = TensorProto()
     t.name, t.data_type = name, data_type
     t.dims.extend(int(d) for d in dims)
     t.data_location = TensorProto.EXTERNAL
-    entry = t.external_data.add()
-    entry.key, entry.value = "location", PLACEHOLDER
+    t.external_data.add(key="location", value=PLACEHOLDER)
+    if graph_name and graph_name != name:
+        t.external_data.add(key=GRAPH_NAME, value=graph_name)
     return t
+
+
+def graph_name(t: TensorProto) -> str:
+    """The state-dict name of a placeholder's weight (packages written before it was kept: the
+    file tensor's name)."""
+    return next((e.value for e in t.external_data if e.key == GRAPH_NAME), t.name)
 
 
 def is_placeholder(t: TensorProto) -> bool:
@@ -138,7 +148,7 @@ def strip_weights(model: onnx.ModelProto, names: Mapping[str, str],
             turns.append(helper.make_node("Transpose", [names[t.name]], [t.name], name=f"{t.name}/stored_transposed"))
         elif t.name in names:
             rename[t.name] = names[t.name]
-            inits.append(placeholder(names[t.name], t.data_type, t.dims))
+            inits.append(placeholder(names[t.name], t.data_type, t.dims, graph_name=t.name))
         else:
             inits.append(t)
     stripped = onnx.ModelProto()
@@ -256,7 +266,7 @@ def _minimum_term(x: str, base: str, blocks: int, block: int, like: str,
 
 
 def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: str,
-         dry_run: bool = False, expand: bool = False, accuracy_level: int = 0) -> Bound:
+         dry_run: bool = False, expand: bool = False, accuracy_level: int = 0, delta=None) -> Bound:
     """The runnable graph and what its placeholders stand for. `lookup(name)` gives the stored
     weight (None: missing, an error naming the file and tensor).
 
@@ -268,7 +278,8 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
 
     Other weights in block formats (convolutions, for which onnxruntime has no low-bit kernel)
     are kept as 8-bit codes and scales and dequantized as their node runs, or, with `expand`,
-    dequantized to fp32 once here. `accuracy_level` is MatMulNBits' (4: int8 activations)."""
+    dequantized to fp32 once here. `accuracy_level` is MatMulNBits' (4: int8 activations).
+    `delta(name, shape)` (a LoRA; kernels.patch.Delta) changes weights on the way in."""
     uses = _consumers(model)
     arrays: dict[str, np.ndarray] = {}
     bindings: list[Binding] = []
@@ -283,6 +294,10 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
         w = resolve(t.name, lookup)
         dims = tuple(int(d) for d in t.dims)
         check_shape(w, t.name, dims, where)
+        if delta is not None and not dry_run and (d := delta(graph_name(t), dims)) is not None:
+            from edgediff.kernels.patch import changed_weight
+
+            w = changed_weight(w, d)
         count = math.prod(dims)
         linear = _linear_uses(t.name, uses) if w.fmt.nbits and len(dims) == 2 else None
         if linear and tuple(w.shape) == dims and dims[1] % w.fmt.block == 0:
@@ -330,7 +345,7 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
             continue
         arrays[t.name] = (np.asarray(w.data).reshape(dims) if kind == "stored"
                           else dequantize(w.data, w.fmt, dims).astype(dtype, copy=False))
-        inits.append(t)
+        inits.append(placeholder(t.name, t.data_type, t.dims))
     if len(folders) > 1:
         raise PackageError(f"{where}: one graph's weights lie in several folders ({sorted(map(str, folders))})")
     out = onnx.ModelProto()

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgediff.kernels.quant import pack_nibbles, quantize_blocks
+from edgediff.kernels.quant import pack_nibbles, quantize_blocks, unpack_nibbles
 
 Choose = Callable[[str, tuple[int, ...]], bool]
 TRANSPOSED = ".transposed"  # suffix of a folded weight; the rest is its state-dict name
@@ -21,7 +21,7 @@ TRANSPOSED = ".transposed"  # suffix of a folded weight; the rest is its state-d
 
 def weight_name(initializer: str) -> str:
     """The state-dict name behind an initializer the passes created."""
-    for suffix in (TRANSPOSED, "_Q4", "_Q8"):
+    for suffix in ("_quantized", "_Q4", "_Q8", TRANSPOSED):
         initializer = initializer.removesuffix(suffix)
     return initializer
 
@@ -34,6 +34,13 @@ def read_array(t: onnx.TensorProto, base: Path | None = None) -> np.ndarray:
         return numpy_helper.to_array(t)
     info = {e.key: e.value for e in t.external_data}
     count = int(np.prod(t.dims, dtype=np.int64))
+    if t.data_type in (TensorProto.INT4, TensorProto.UINT4):  # two values a byte, the first low
+        packed = np.fromfile(Path(base or ".") / info["location"], dtype=np.uint8, count=-(-count // 2),
+                             offset=int(info.get("offset", 0)))
+        values = unpack_nibbles(packed, count).astype(np.int8)
+        if t.data_type == TensorProto.INT4:
+            values = np.where(values > 7, values - 16, values).astype(np.int8)
+        return values.reshape(tuple(t.dims))
     values = np.fromfile(Path(base or ".") / info["location"], dtype=helper.tensor_dtype_to_np_dtype(t.data_type),
                          count=count, offset=int(info.get("offset", 0)))
     return values.reshape(tuple(t.dims))
@@ -128,16 +135,10 @@ def matmul_to_nbits(model: onnx.ModelProto, bits: int, block: int, choose: Choos
             continue
         w = read_array(w_init, base).astype(np.float32)
         k, n = w.shape
-        q = quantize_blocks(w.T, bits, block, symmetric)  # [N, blocks, block]
-        data = pack_nibbles(q.q) if bits == 4 else q.q
         name = w_init.name + f"_Q{bits}"
-        inputs = [node.input[0], name, name + "_scales"]
-        new += [numpy_helper.from_array(np.ascontiguousarray(data), name),
-                numpy_helper.from_array(q.scale.reshape(-1).astype(np.float32), name + "_scales")]
-        if not symmetric:
-            zp = pack_nibbles(q.zero_point, pad=8) if bits == 4 else q.zero_point
-            new.append(numpy_helper.from_array(np.ascontiguousarray(zp).reshape(-1), name + "_zero_points"))
-            inputs.append(name + "_zero_points")
+        tensors = nbits_tensors(w.T, name, bits, block, symmetric)
+        inputs = [node.input[0], *(t.name for t in tensors)]
+        new += tensors
         attrs = {"K": k, "N": n, "bits": bits, "block_size": block}
         if accuracy_level:
             attrs["accuracy_level"] = accuracy_level
@@ -150,6 +151,52 @@ def matmul_to_nbits(model: onnx.ModelProto, bits: int, block: int, choose: Choos
     _replace_initializers(model, drop, new)
     _ensure_domain(model, "com.microsoft", 1)
     return count
+
+
+def nbits_tensors(w: np.ndarray, name: str, bits: int, block: int, symmetric: bool = False) -> list[TensorProto]:
+    """A weight [N, K] (torch layout) as MatMulNBits' B, scales and (asymmetric) zero points."""
+    q = quantize_blocks(w, bits, block, symmetric)  # [N, blocks, block]
+    data = pack_nibbles(q.q) if bits == 4 else q.q
+    tensors = [numpy_helper.from_array(np.ascontiguousarray(data), name),
+               numpy_helper.from_array(q.scale.reshape(-1).astype(np.float32), name + "_scales")]
+    if not symmetric:
+        zp = pack_nibbles(q.zero_point, pad=8) if bits == 4 else q.zero_point
+        tensors.append(numpy_helper.from_array(np.ascontiguousarray(zp).reshape(-1), name + "_zero_points"))
+    return tensors
+
+
+def nbits_weight(data: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, n: int, k: int,
+                 bits: int, block: int) -> np.ndarray:
+    """MatMulNBits' B back to the fp32 weight [N, K] (zero point 2^(bits-1) when none is given)."""
+    blocks = -(-k // block)
+    q = unpack_nibbles(data, 2 * data.shape[-1]) if bits == 4 else data
+    q = q.reshape(n, blocks, block).astype(np.float32)
+    if zero_points is None:
+        zp = np.full((n, blocks), 1 << (bits - 1), np.float32)
+    else:
+        zp = (unpack_nibbles(zero_points.reshape(n, -1), blocks) if bits == 4 else zero_points.reshape(n, blocks))
+    w = (q - np.asarray(zp, np.float32)[..., None]) * scales.reshape(n, blocks, 1)
+    return w.reshape(n, -1)[:, :k]
+
+
+def conv_dq_tensors(w: np.ndarray, name: str, bits: int, block: int = 32) -> tuple[list[TensorProto], dict]:
+    """A Conv weight [O, I, kh, kw] quantized for DequantizeLinear: int8 per output channel, or
+    int4 in blocks of `block` input channels; the tensors and the node's attributes."""
+    if bits == 8:
+        absmax = np.abs(w.reshape(w.shape[0], -1)).max(1).astype(np.float64)
+        scale = np.where(absmax > 0, absmax / 127, 1.0).astype(np.float32)
+        q = np.clip(np.round(w / scale.reshape(-1, 1, 1, 1)), -127, 127).astype(np.int8)
+        return [numpy_helper.from_array(q, name), numpy_helper.from_array(scale, name + "_scale")], {"axis": 0}
+    o, i, kh, kw = w.shape
+    b = min(block, i)
+    moved = w.transpose(0, 2, 3, 1)  # blocks along input channels
+    blocks = quantize_blocks(moved, 4, b, symmetric=True)
+    signed = (blocks.q.reshape(o, kh, kw, -1)[..., :i].astype(np.int16) - 8).astype(np.int8)
+    q = signed.transpose(0, 3, 1, 2)
+    scale = blocks.scale.reshape(o, kh, kw, -1).transpose(0, 3, 1, 2).astype(np.float32)
+    packed = pack_nibbles((q.reshape(-1) & 0x0F).astype(np.uint8)[None])[0]
+    return [helper.make_tensor(name, TensorProto.INT4, list(q.shape), packed.tobytes(), raw=True),
+            numpy_helper.from_array(np.ascontiguousarray(scale), name + "_scale")], {"axis": 1, "block_size": b}
 
 
 def conv_weights_to_dq(model: onnx.ModelProto, bits: int, choose: Choose, block: int = 32,
@@ -166,26 +213,8 @@ def conv_weights_to_dq(model: onnx.ModelProto, bits: int, choose: Choose, block:
         w_init = inits[node.input[1]]
         if not choose(weight_name(w_init.name), tuple(w_init.dims)):
             continue
-        w = read_array(w_init, base).astype(np.float32)
         name = w_init.name + f"_Q{bits}"
-        if bits == 8:
-            absmax = np.abs(w.reshape(w.shape[0], -1)).max(1).astype(np.float64)
-            scale = np.where(absmax > 0, absmax / 127, 1.0).astype(np.float32)
-            q = np.clip(np.round(w / scale.reshape(-1, 1, 1, 1)), -127, 127).astype(np.int8)
-            tensors = [numpy_helper.from_array(q, name), numpy_helper.from_array(scale, name + "_scale")]
-            attrs = {"axis": 0}
-        else:
-            o, i, kh, kw = w.shape
-            b = min(block, i)
-            moved = w.transpose(0, 2, 3, 1)  # blocks along input channels
-            blocks = quantize_blocks(moved, 4, b, symmetric=True)
-            signed = (blocks.q.reshape(o, kh, kw, -1)[..., :i].astype(np.int16) - 8).astype(np.int8)
-            q = signed.transpose(0, 3, 1, 2)
-            scale = blocks.scale.reshape(o, kh, kw, -1).transpose(0, 3, 1, 2).astype(np.float32)
-            packed = pack_nibbles((q.reshape(-1) & 0x0F).astype(np.uint8)[None])[0]
-            tensors = [helper.make_tensor(name, TensorProto.INT4, list(q.shape), packed.tobytes(), raw=True),
-                       numpy_helper.from_array(np.ascontiguousarray(scale), name + "_scale")]
-            attrs = {"axis": 1, "block_size": b}
+        tensors, attrs = conv_dq_tensors(read_array(w_init, base).astype(np.float32), name, bits, block)
         new += tensors
         out = name + "_dequantized"
         dq_nodes.append(helper.make_node("DequantizeLinear", [name, name + "_scale"], [out],

@@ -32,21 +32,42 @@ class Package:
     def name(self) -> str:
         return self.root.stem if self.gguf is not None else self.root.name
 
-    def component(self, name: str, options: SessionOptions) -> Component:
+    def _entry(self, name: str):
         entry = self.manifest.components.get(name)
         if entry is None:
             raise PackageError(
                 f"{self.root}: the package has no '{name}' component "
                 f"(it has: {', '.join(self.manifest.components)})"
             )
-        how = {"expand": options.weights == "expanded", "accuracy_level": options.accuracy_level}
+        return entry
+
+    def component(self, name: str, options: SessionOptions, change=None) -> Component:
+        """A component's lazy session. `change` (a LoRA: kernels.patch's Delta and Factors) changes
+        its weights as the session opens: float weights in place; quantized ones too, or, with
+        `options.lora_mode` 'branch', beside a low-rank branch each."""
+        entry = self._entry(name)
+        if change is not None and options.lora_mode != "branch":
+            change = (change[0], None)
+        how = {"expand": options.weights == "expanded", "accuracy_level": options.accuracy_level, "change": change}
         if self.gguf is not None:
             return Component(name, self.root, options, bind=lambda: self._bind(entry.file, self.gguf, **how))
         path = self.root / entry.file
         if entry.weights:
             return Component(name, path, options, bind=lambda: self._bind(
                 path, open_weights(self.root / entry.weights, entry.weights_prefix), **how))
+        if change is not None:
+            return Component(name, path, options, bind=lambda: _changed(path, *change))
         return Component(name, path, options)
+
+    def weight_names(self, name: str) -> list[str]:
+        """The state-dict names of a component's weights (what a LoRA names them)."""
+        from edgediff.kernels.bind import graph_name, is_placeholder
+        from edgediff.kernels.graph import weight_name
+
+        entry = self._entry(name)
+        model = self._graph(entry.file if self.gguf is not None else self.root / entry.file)[0]
+        names = [graph_name(t) if is_placeholder(t) else weight_name(t.name) for t in model.graph.initializer]
+        return list(dict.fromkeys(names))
 
     def residency(self, expand: bool = False) -> dict[str, list]:
         """Per bound component, how each weight would be held (kernels.bind.Binding), without
@@ -60,10 +81,9 @@ class Package:
                 out[name] = self._bind(self.root / entry.file, weights, expand, dry_run=True).bindings
         return out
 
-    def _bind(self, graph, weights, expand: bool = False, dry_run: bool = False, accuracy_level: int = 0):
+    def _graph(self, graph):
+        """A component's graph (external data not loaded) and where it is, for messages."""
         import onnx
-
-        from edgediff.kernels.bind import bind
 
         if self.gguf is not None:
             data, where = self.gguf.blob(graph), f"{self.root} ({graph})"
@@ -72,11 +92,24 @@ class Package:
         else:
             data, where = Path(graph).read_bytes(), str(graph)
         try:
-            model = onnx.load_model_from_string(data)
+            return onnx.load_model_from_string(data), where
         except Exception as exc:  # protobuf's DecodeError and friends
             raise PackageError(f"{where}: the stored graph is not a valid ONNX model ({exc})") from exc
+
+    def _bind(self, graph, weights, expand: bool = False, dry_run: bool = False, accuracy_level: int = 0,
+              change=None):
+        from edgediff.kernels.bind import bind, graph_name, is_placeholder, parse_rows_ref
+
+        model, _ = self._graph(graph)
+        delta, factors = change or (None, None)
+        if factors is not None:  # block-format weights keep their blocks, beside a low-rank branch
+            from edgediff.kernels.patch import add_branches
+
+            blocks = {t.name: graph_name(t) for t in model.graph.initializer if is_placeholder(t)
+                      and (w := weights.weight(parse_rows_ref(t.name)[0][0])) is not None and w.fmt.nbits}
+            delta = _except(delta, add_branches(model, blocks, factors))
         bound = bind(model, weights.weight, str(weights.path), dry_run=dry_run, expand=expand,
-                     accuracy_level=accuracy_level)
+                     accuracy_level=accuracy_level, delta=delta)
         weights.drop_pages()
         return bound
 
@@ -92,6 +125,38 @@ class Package:
         files = {n: text for n in TOKENIZER_FILES
                  if (text := self.gguf.string(f"{GGUF_TOKENIZER}{folder}.{n}")) is not None}
         return tokenizer_from_texts(files, f"{self.root} ({GGUF_TOKENIZER}{folder}.*)")
+
+
+def _except(delta, names: set[str]):
+    """`delta` for every weight but `names` (those given a branch instead)."""
+    return lambda name, shape: None if name in names else delta(name, shape)
+
+
+def _changed(path: Path, delta, factors=None):
+    """An ONNX component with `delta` added to its weights (quantized ones given a low-rank
+    branch instead, with `factors`). Changed weights the graph keeps in a data file are handed to
+    onnxruntime in place of the file's; those inside the graph (and int4 ones, which NumPy
+    cannot hold) are replaced there."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    from edgediff.kernels.bind import Bound
+    from edgediff.kernels.patch import add_branches, changed_weights, quantized_weights
+
+    model = onnx.load(str(path), load_external_data=False)
+    if factors is not None:
+        delta = _except(delta, add_branches(model, quantized_weights(model), factors))
+    external = {t.name for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+    arrays, inline = {}, {}
+    for t in changed_weights(model, path.parent, delta):
+        if t.name in external and t.data_type not in (TensorProto.INT4, TensorProto.UINT4):
+            arrays[t.name] = numpy_helper.to_array(t)
+        else:
+            inline[t.name] = t
+    for i, t in enumerate(model.graph.initializer):
+        if t.name in inline:
+            model.graph.initializer[i].CopyFrom(inline[t.name])
+    return Bound(model, arrays, [], path.parent)
 
 
 def open_weights(path: Path, prefix: str = ""):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,11 +22,12 @@ from edgediff.runtime import image as img
 from edgediff.runtime import text, vae
 from edgediff.runtime.conditioning import Cond, SizeConditioning, guidance_embedding, time_ids
 from edgediff.runtime.denoiser import Denoiser, latent_space, noisy_start
+from edgediff.runtime.lora import LoraRequest, Plan, plan, prompt_loras, read_lora
 from edgediff.runtime.noise import TorchGenerator
 from edgediff.runtime.package import Package, open_package
 from edgediff.runtime.samplers import A1111_NAMES, get_sampler
 from edgediff.runtime.schedules import get_sigmas, model_schedule
-from edgediff.runtime.sessions import WEIGHTS, Component, SessionOptions, providers_for
+from edgediff.runtime.sessions import LORA_MODES, WEIGHTS, Component, SessionOptions, providers_for
 
 Progress = Callable[[int, int], None]
 A1111_SCHEDULES = {"karras": "Karras", "exponential": "Exponential", "sgm_uniform": "SGM Uniform",
@@ -83,7 +84,8 @@ class Pipeline:
 
     def __init__(self, model: str | Path, device: str = "auto", threads: int | None = None,
                  low_memory: bool = True, split_guidance: bool = False, weights: str = "compact",
-                 accuracy_level: int = 0):
+                 accuracy_level: int = 0, loras: Sequence[str | Path | LoraRequest] = (),
+                 lora_dir: str | Path | None = None, lora_mode: str = "branch"):
         if threads is not None and threads < 1:
             raise UsageError(f"--threads must be at least 1 (got {threads})")
         providers_for(device)  # validates the name, warns once about a CUDA fallback
@@ -92,7 +94,10 @@ class Pipeline:
             raise UsageError(f"unknown --weights '{weights}'; choose one of: {', '.join(WEIGHTS)}")
         if accuracy_level not in (0, 4):
             raise UsageError(f"--accuracy-level must be 0 or 4 (got {accuracy_level})")
-        self.options = SessionOptions(device=device, threads=threads, weights=weights, accuracy_level=accuracy_level)
+        if lora_mode not in LORA_MODES:
+            raise UsageError(f"unknown --lora-mode '{lora_mode}'; choose one of: {', '.join(LORA_MODES)}")
+        self.options = SessionOptions(device=device, threads=threads, weights=weights, accuracy_level=accuracy_level,
+                                      lora_mode=lora_mode)
         self.low_memory = low_memory
         self.split_guidance = split_guidance  # guidance as two batch-1 runs: half the activations
         self.schedule = model_schedule(self.package.scheduler_config, self.manifest.prediction,
@@ -100,6 +105,13 @@ class Pipeline:
         self._components: dict[str, Component] = {}
         self._tokenizers: dict[str, object] = {}
         self.timings = Timings()
+        # LoRAs: those given here apply to every image; `<lora:NAME:S>` in a prompt adds files
+        # from `lora_dir` for that image (the components open again when the set changes)
+        self.lora_dir = Path(lora_dir) if lora_dir is not None else None
+        self._loras = [LoraRequest.parse(x) for x in loras]
+        self._weight_names: dict[str, list[str]] = {}
+        self.lora_plan: Plan | None = None
+        self._use_loras(self._loras)
 
     @property
     def manifest(self):
@@ -107,8 +119,28 @@ class Pipeline:
 
     def component(self, name: str) -> Component:
         if name not in self._components:
-            self._components[name] = self.package.component(name, self.options)
+            change = self.lora_plan.for_component(name) if self.lora_plan else None
+            self._components[name] = self.package.component(name, self.options, change)
         return self._components[name]
+
+    def _use_loras(self, requests: list[LoraRequest]) -> None:
+        """Apply these LoRAs from the next component opened on (those open now are closed)."""
+        key = [(r.path.resolve(), r.strength) for r in requests]
+        if self.lora_plan is None and not key or self.lora_plan is not None and key == self._lora_key:
+            return
+        loras = [read_lora(r) for r in requests]
+        m = self.manifest
+        touched = {m.denoiser if layer.component == "denoiser" else layer.component
+                   for lora in loras for layer in lora.layers.values()}
+        for name in touched & set(m.components):
+            if name not in self._weight_names:
+                self._weight_names[name] = self.package.weight_names(name)
+        self.lora_plan = plan(loras, {n: self._weight_names[n] for n in touched & set(m.components)},
+                              m.denoiser, m.family) if loras else None
+        self._lora_key = key
+        for comp in self._components.values():
+            comp.release()
+        self._components.clear()
 
     def _open(self, name: str) -> Component:
         """The component with its session created, its creation time counted as `load`."""
@@ -249,6 +281,8 @@ class Pipeline:
         diffusers' `denoising_end`/`denoising_start` hand-off does."""
         m = self.manifest
         d = m.defaults
+        text_prompt, tagged = prompt_loras(prompt, self.lora_dir)
+        self._use_loras(self._loras + tagged)
         steps = int(d["steps"] if steps is None else steps)
         guidance = float(d["guidance"] if guidance is None else guidance)
         sampler = sampler or str(d["sampler"])
@@ -305,7 +339,8 @@ class Pipeline:
         negative = negative_prompt if guidance > 1 else None
         if refiner is not None:
             refiner.timings = Timings()
-        conds = [pipe._conditioning(prompt, negative, clip_skip, size, height, width, guidance) for pipe, _ in stages]
+        conds = [pipe._conditioning(text_prompt, negative, clip_skip, size, height, width, guidance)
+                 for pipe, _ in stages]
 
         shape = (1, m.latent_channels, height // m.vae_downscale, width // m.vae_downscale)
         latent = None
@@ -344,6 +379,7 @@ class Pipeline:
             "Clip skip": clip_skip if clip_skip > 1 else None,
             "Refiner": refiner.package.name if refiner is not None else None,
             "Refiner switch at": refiner_start if refiner is not None else None,
+            "Lora hashes": f'"{self.lora_plan.hashes()}"' if self.lora_plan else None,
             "Version": f"edgediff {__version__}",
         }
         picture.info["parameters"] = img.a1111_parameters(prompt, negative_prompt, fields)

@@ -46,6 +46,7 @@ def providers_for(device: str) -> list[str]:
 
 
 WEIGHTS = ("compact", "expanded")
+LORA_MODES = ("merge", "branch")
 
 
 @dataclass
@@ -57,6 +58,9 @@ class SessionOptions:
     # converts them to fp32 once at load (faster steps, more memory).
     weights: str = "compact"
     accuracy_level: int = 0  # MatMulNBits compute: 0 fp32 activations, 4 int8 (see README)
+    # a LoRA on quantized weights: 'merge' requantizes them changed; 'branch' keeps them and adds
+    # a low-rank side branch (float weights are always changed in place)
+    lora_mode: str = "branch"
 
 
 def _return_freed_memory() -> None:

@@ -34,3 +34,14 @@ def test_synthetic_file_is_what_the_converter_writes(tiny_source, tmp_path, arch
     assert tensors(synthetic) == tensors(converted)
     image = Pipeline(adopted_package(synthetic), device="cpu").generate("a red cube", steps=1, width=64, height=64)
     assert np.asarray(image).std() > 0
+
+
+def test_the_bench_worker_runs_a_dit(tmp_path):
+    """The harness's edgediff worker runs a DiT file as it is (it once asked for a 'unet')."""
+    from edgediff.benchmarks.worker import run_edgediff
+
+    synthetic = write("flux-schnell", tmp_path / "synthetic.gguf", "q8_0", tiny=_tiny("flux-schnell", "flux-schnell"))
+    result = run_edgediff(dict(package=str(synthetic), device="cpu", threads=2, guidance=1.0, sampler="euler",
+                               schedule="normal", seed=0, size=64, prompt="a red cube", negative_prompt="",
+                               steps=1, image=str(tmp_path / "out.png")))
+    assert result["provider"].endswith("CPUExecutionProvider") and len(result["steps_s"]) == 1

@@ -1,0 +1,210 @@
+"""LoRA files applied at load: images match diffusers' `load_lora_weights` + `fuse_lora` on the
+same tiny model, for each format, strength and stack; bad LoRA input is a clear error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from edgediff.errors import EdgediffError, SourceError, UsageError
+from edgediff.runtime import Pipeline
+from edgediff.runtime.lora import Layer, LoraRequest, prompt_loras, read_lora
+
+from reference import NEGATIVE, PROMPT, diffusers_pipeline, diffusers_scheduler, psnr
+from tiny_loras import write_lora
+
+FP32_PSNR = 45.0
+SIZE, STEPS = 64, 4
+ARGS = dict(steps=STEPS, guidance=7.5, sampler="euler", schedule="normal", seed=1234, width=SIZE, height=SIZE)
+
+
+def _diffusers(source, ours: Pipeline, loras):
+    """diffusers' image with each (file, strength) fused in turn (fusing adds the changes)."""
+    import torch
+
+    pipe = diffusers_pipeline(source)
+    pipe.scheduler, _ = diffusers_scheduler("euler", "normal", pipe.scheduler.config, ours.schedule)
+    for path, strength in loras:
+        pipe.load_lora_weights(str(path))
+        pipe.fuse_lora(lora_scale=strength)
+        pipe.unload_lora_weights()
+    prompt = {"prompt": PROMPT, "negative_prompt": NEGATIVE}
+    return pipe(**prompt, num_inference_steps=STEPS, guidance_scale=7.5, width=SIZE, height=SIZE,
+                generator=torch.Generator().manual_seed(1234)).images[0]
+
+
+@pytest.fixture(scope="module")
+def sd1_reference(tiny_source):
+    return diffusers_pipeline(tiny_source("sd1"))
+
+
+@pytest.mark.parametrize(("fmt", "strength"), [("kohya", 1.0), ("kohya", 0.5), ("peft", 1.0), ("locon", 0.5)])
+def test_lora_matches_diffusers(tiny_source, tiny_package, sd1_reference, tmp_path, fmt, strength):
+    lora = write_lora(sd1_reference, tmp_path / f"{fmt}.safetensors", fmt)
+    ours = Pipeline(tiny_package("sd1"), device="cpu", loras=[f"{lora}:{strength}"])
+    image = ours.generate(PROMPT, NEGATIVE, **ARGS)
+    ref = _diffusers(tiny_source("sd1"), ours, [(lora, strength)])
+    plain = Pipeline(tiny_package("sd1"), device="cpu").generate(PROMPT, NEGATIVE, **ARGS)
+    assert psnr(ref, plain) < 40  # the LoRA changes the picture, so a LoRA left out would fail
+    assert psnr(ref, image) >= FP32_PSNR
+    assert f'Lora hashes: "{fmt}: ' in image.info["parameters"]
+
+
+def test_two_loras_stack(tiny_source, tiny_package, sd1_reference, tmp_path):
+    a = write_lora(sd1_reference, tmp_path / "a.safetensors", "kohya", seed=1)
+    b = write_lora(sd1_reference, tmp_path / "b.safetensors", "locon", seed=2, rank=2)
+    ours = Pipeline(tiny_package("sd1"), device="cpu", loras=[f"{a}:0.7", f"{b}:0.5"])
+    ref = _diffusers(tiny_source("sd1"), ours, [(a, 0.7), (b, 0.5)])
+    assert psnr(ref, ours.generate(PROMPT, NEGATIVE, **ARGS)) >= FP32_PSNR
+
+
+def test_sdxl_kohya_lora_in_ldm_names_matches_diffusers(tiny_source, tiny_package, tmp_path):
+    """kohya's SDXL files name U-Net modules as the original release does (input_blocks_4_1_...)
+    and number both text encoders (lora_te1_, lora_te2_)."""
+    import json
+
+    source = tiny_source("sdxl")
+    pipe = diffusers_pipeline(source)
+    config = json.loads((source / "unet" / "config.json").read_text())
+    lora = write_lora(pipe, tmp_path / "xl.safetensors", "kohya-ldm", ldm_config=config,
+                      components=("unet", "text_encoder", "text_encoder_2"))
+    assert read_lora(lora).family() == "sdxl"
+    ours = Pipeline(tiny_package("sdxl"), device="cpu", loras=[lora])
+    ref = _diffusers(source, ours, [(lora, 1.0)])
+    assert psnr(ref, ours.generate(PROMPT, NEGATIVE, **ARGS)) >= FP32_PSNR
+
+
+def test_prompt_tag_is_the_same_as_the_flag(tiny_package, sd1_reference, tmp_path):
+    lora = write_lora(sd1_reference, tmp_path / "style.safetensors", "kohya")
+    flag = Pipeline(tiny_package("sd1"), device="cpu", loras=[f"{lora}:0.6"]).generate(PROMPT, NEGATIVE, **ARGS)
+    tagged = Pipeline(tiny_package("sd1"), device="cpu", lora_dir=tmp_path)
+    image = tagged.generate(f"{PROMPT} <lora:style:0.6>", NEGATIVE, **ARGS)
+    assert psnr(flag, image) == float("inf")
+    text = image.info["parameters"]
+    assert text.startswith(f"{PROMPT} <lora:style:0.6>")  # A1111 keeps the tag in the prompt line
+    assert f'Lora hashes: "style: {read_lora(lora).short_hash()}"' in text
+    # the next prompt without the tag runs the model as it is again
+    again = tagged.generate(PROMPT, NEGATIVE, **ARGS)
+    assert psnr(again, Pipeline(tiny_package("sd1"), device="cpu").generate(PROMPT, NEGATIVE, **ARGS)) == float("inf")
+
+
+@pytest.mark.parametrize("precision", ["int4", "gguf-q8_0"])
+def test_quantized_packages_take_a_lora(tiny_source, tiny_package, sd1_reference, tmp_path, precision):
+    """On a quantized package the LoRA's picture stays as close to the fp32 one as the package's
+    own picture is to fp32's without it (the precision's floor)."""
+    from edgediff.convert import convert
+
+    kind = precision.removeprefix("gguf-")
+    package = tmp_path / ("p.gguf" if precision.startswith("gguf") else "p")
+    convert(tiny_source("sd1"), package, precision=kind)
+    lora = write_lora(sd1_reference, tmp_path / "l.safetensors", "locon")
+    fp32 = Pipeline(tiny_package("sd1"), device="cpu", loras=[lora]).generate(PROMPT, NEGATIVE, **ARGS)
+    quantized = Pipeline(package, device="cpu", loras=[lora]).generate(PROMPT, NEGATIVE, **ARGS)
+    floor = psnr(Pipeline(tiny_package("sd1"), device="cpu").generate(PROMPT, NEGATIVE, **ARGS),
+                 Pipeline(package, device="cpu").generate(PROMPT, NEGATIVE, **ARGS))
+    plain = Pipeline(package, device="cpu").generate(PROMPT, NEGATIVE, **ARGS)
+    assert psnr(fp32, quantized) >= floor - 3
+    assert psnr(fp32, quantized) > psnr(fp32, plain) + 3  # and the LoRA did change it
+
+
+def test_loha_and_lokr_match_peft():
+    """LyCORIS LoHa and LoKr layers change a weight as PEFT's own LoHa/LoKr layers do."""
+    import torch
+    from peft import LoHaConfig, LoKrConfig, get_peft_model
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(16, 32)
+
+    roles = {"hada_w1_a": "w1a", "hada_w1_b": "w1b", "hada_w2_a": "w2a", "hada_w2_b": "w2b",
+             "lokr_w1": "k1", "lokr_w1_a": "k1a", "lokr_w1_b": "k1b", "lokr_w2": "k2", "lokr_w2_a": "k2a",
+             "lokr_w2_b": "k2b"}
+    rng = np.random.default_rng(0)
+    for config in (LoHaConfig(r=4, alpha=2, target_modules=["lin"]), LoKrConfig(r=2, alpha=3, target_modules=["lin"])):
+        layer = get_peft_model(Net(), config).base_model.model.lin
+        tensors = {"alpha": np.array(config.alpha, np.float32)}
+        for part, role in roles.items():
+            params = getattr(layer, part, None)
+            if params is None or "default" not in params:
+                continue
+            value = torch.from_numpy(rng.standard_normal(tuple(params["default"].shape)).astype(np.float32))
+            with torch.no_grad():
+                params["default"].copy_(value)
+            tensors[role] = value.numpy()
+        expected = layer.get_delta_weight("default").detach().numpy()
+        ours = Layer("lora_unet_lin", "denoiser", "lin", tensors)
+        assert ours.kind == ("loha" if isinstance(config, LoHaConfig) else "lokr")
+        np.testing.assert_allclose(ours.delta(expected.shape), expected, rtol=1e-4, atol=1e-5)
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+def test_a_file_that_is_not_a_lora(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file({"conv_in.weight": np.zeros((4, 4, 3, 3), np.float32)}, str(path))
+    with pytest.raises(SourceError, match="not a LoRA file"):
+        read_lora(path)
+
+
+def test_mismatched_ranks(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": np.zeros((4, 8), np.float32),
+               "lora_unet_x.lora_up.weight": np.zeros((8, 2), np.float32)}, str(path))
+    with pytest.raises(SourceError, match="mismatched ranks"):
+        read_lora(path)
+
+
+def test_lora_for_another_family_is_refused(tiny_source, tiny_package, tmp_path):
+    import json
+
+    source = tiny_source("sdxl")
+    config = json.loads((source / "unet" / "config.json").read_text())
+    lora = write_lora(diffusers_pipeline(source), tmp_path / "xl.safetensors", "kohya-ldm", ldm_config=config,
+                      components=("unet", "text_encoder", "text_encoder_2"))
+    with pytest.raises(UsageError, match="it is for sdxl models .* the model is sd1"):
+        Pipeline(tiny_package("sd1"), device="cpu", loras=[lora])
+
+
+def test_unmatched_layers_are_reported(tiny_package, sd1_reference, tmp_path):
+    from safetensors.numpy import load_file
+
+    path = write_lora(sd1_reference, tmp_path / "l.safetensors", "kohya")
+    tensors = load_file(str(path))
+    tensors["lora_unet_no_such_block.lora_down.weight"] = np.zeros((4, 8), np.float32)
+    tensors["lora_unet_no_such_block.lora_up.weight"] = np.zeros((8, 4), np.float32)
+    save_file(tensors, str(path))
+    with pytest.warns(RuntimeWarning, match="1 of its .* layers match no weight .*lora_unet_no_such_block"):
+        Pipeline(tiny_package("sd1"), device="cpu", loras=[path])
+
+
+@pytest.mark.parametrize("spec", ["x.safetensors:nan", "x.safetensors:inf"])
+def test_strength_must_be_finite(tmp_path, spec):
+    (tmp_path / "x.safetensors").write_bytes(b"")
+    with pytest.raises(UsageError, match="not a finite number"):
+        LoraRequest.parse(str(tmp_path / spec))
+
+
+def test_prompt_tags_bad_input(tmp_path):
+    with pytest.raises(UsageError, match="no missing.safetensors in"):
+        prompt_loras("a cat <lora:missing:0.5>", tmp_path)
+    with pytest.raises(UsageError, match="--lora-dir"):
+        prompt_loras("a cat <lora:style>", None)
+    with pytest.raises(UsageError, match="is not a number"):
+        prompt_loras("a cat <lora:style:strong>", tmp_path)
+    with pytest.raises(UsageError, match="without folders"):
+        prompt_loras("a cat <lora:../../etc/passwd>", tmp_path)
+
+
+def test_dora_and_pickles_are_refused(tmp_path):
+    path = tmp_path / "dora.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": np.zeros((4, 8), np.float32),
+               "lora_unet_x.lora_up.weight": np.zeros((8, 4), np.float32),
+               "lora_unet_x.dora_scale": np.zeros((1, 8), np.float32)}, str(path))
+    with pytest.raises(SourceError, match="DoRA"):
+        read_lora(path)
+    (tmp_path / "old.pt").write_bytes(b"\x80\x02")
+    with pytest.raises(UsageError, match="only .safetensors"):
+        read_lora(tmp_path / "old.pt")
+    assert issubclass(UsageError, EdgediffError)
