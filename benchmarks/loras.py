@@ -19,7 +19,9 @@ import numpy as np
 
 # the Linear (and SD 1.x's 1x1 projection) layers kohya's trainers give a LoRA by default
 LORA_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+                "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2",
+                "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "proj_mlp", "ff_context.net.0.proj",
+                "ff_context.net.2")
 _KOHYA_TE = {"text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 
 

@@ -18,7 +18,7 @@ import contextlib
 import math
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +42,7 @@ _SUFFIXES = sorted(_ROLES, key=len, reverse=True)
 _KOHYA = {"lora_unet_": "denoiser", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
           "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3"}
 _PEFT = {"unet.": "denoiser", "transformer.": "denoiser", "base_model.model.": "denoiser",
+         "diffusion_model.": "denoiser", "model.diffusion_model.": "denoiser",
          "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2", "text_encoder_3.": "text_encoder_3"}
 _GRAPH_PREFIXES = ("unet.", "transformer.", "model.", "vae.")
 _STRENGTH = re.compile(r"^(.*):([-+0-9.eE]+|nan|inf|-inf)$")
@@ -136,22 +137,26 @@ class Layer:
             raise SourceError(f"{where}: '{self.key}' is a LoKr with a Tucker factor (lokr_t2), which "
                               "edgediff does not apply")
 
-    def factors(self) -> tuple[np.ndarray, np.ndarray]:
-        """(up [out, r], down [r, in] or [r, in, kh, kw]): up @ down is the change before scaling.
-        A Tucker `lora_mid` is folded into down (LoCon: a k x k convolution between 1 x 1 ones)."""
+    def factors(self, rows: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(up [out, r], down [r, in] or [r, in, kh, kw]): up @ down is the change (of `rows` of
+        the output) before scaling. A Tucker `lora_mid` is folded into down (LoCon: a k x k
+        convolution between 1 x 1 ones)."""
         t = self.tensors
         up = np.asarray(t["up"], np.float32).reshape(t["up"].shape[0], -1)
+        if rows is not None:
+            up = up[rows[0]:rows[1]]
         down = np.asarray(t["down"], np.float32)
         if "mid" in t:  # down'[i, c, h, w] = sum_j mid[i, j, h, w] * down[j, c]
             mid = np.asarray(t["mid"], np.float32)
             down = np.einsum("ijhw,jc->ichw", mid, down.reshape(down.shape[0], -1))
         return up, down
 
-    def delta(self, shape: Sequence[int]) -> np.ndarray:
-        """The change of the weight of `shape` (torch layout), alpha / rank applied, strength not."""
+    def delta(self, shape: Sequence[int], rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The change of the weight of `shape` (torch layout; `rows` of the layer's output when
+        the weight is part of a fused one), alpha / rank applied, strength not."""
         t, kind = self.tensors, self.kind
         if kind == "lora":
-            up, down = self.factors()
+            up, down = self.factors(rows)
             d = up @ down.reshape(down.shape[0], -1)
         elif kind == "loha":
             f = {k: np.asarray(t[k], np.float32) for k in ("w1a", "w1b", "w2a", "w2b")}
@@ -164,6 +169,8 @@ class Layer:
                 w2 = np.asarray(t["k2a"], np.float32) @ np.asarray(t["k2b"], np.float32).reshape(t["k2b"].shape[0], -1)
             w2 = w2.reshape(w2.shape[0], -1)
             d = np.kron(w1.reshape(w1.shape[0], -1), w2)
+        if rows is not None and kind != "lora":
+            d = d[rows[0]:rows[1]]
         if d.size != math.prod(shape):
             raise UsageError(f"LoRA layer '{self.key}' changes a weight of {d.size} values; the model's "
                              f"weight has shape {list(shape)}: the LoRA is for another model")
@@ -297,18 +304,28 @@ def _flat(name: str) -> str:
     return name.replace(".", "_")
 
 
-def targets(component: str, names: Iterable[str], denoiser: bool) -> dict[str, str]:
-    """Every name a LoRA may give a weight of this component's graph -> the graph's name for it.
-    Only `.weight` tensors are targets; each is known dotted and flattened, with and without
-    `text_model.` (text encoders) and under its LDM name (U-Nets, whose kohya SDXL files use it)."""
-    names = [n for n in names if n.endswith(".weight")]
-    config = _unet_config(names) if denoiser else None
-    out: dict[str, str] = {}
-    for name in names:
-        module = name.removesuffix(".weight")
-        for p in _GRAPH_PREFIXES:
-            module = module.removeprefix(p)
-        module = module.removeprefix("model.diffusion_model.")  # graphs named by LDM files
+Target = tuple[str, "tuple[int, int] | None"]  # a graph weight, and the rows of a fused tensor it is
+
+
+def targets(component: str, names: Mapping[str, str], denoiser: bool) -> dict[str, list[Target]]:
+    """Every name a LoRA may give a weight of this component's graph -> the graph weights it
+    changes (`names`: graph name -> the name of the tensor it is stored as). Only `.weight`
+    tensors are targets; each is known dotted and flattened, with and without `text_model.` (text
+    encoders), under its LDM name (U-Nets: kohya's SDXL files) and under its stored name (a DiT's
+    fused q/k/v in a GGUF file: a LoRA of `img_attn.qkv` changes rows of to_q, to_k and to_v)."""
+    from edgediff.kernels.bind import parse_rows_ref
+
+    names = {n: ref for n, ref in names.items() if n.endswith(".weight")}
+    config = _unet_config(list(names)) if denoiser else None
+    out: dict[str, list[Target]] = {}
+
+    def add(alias: str, target: Target) -> None:
+        for a in (alias, _flat(alias)):
+            if target not in out.setdefault(a, []):
+                out[a].append(target)
+
+    for name, ref in names.items():
+        module = _module(name)
         aliases = {module}
         if not denoiser:
             bare = module.removeprefix("text_model.")
@@ -317,11 +334,21 @@ def targets(component: str, names: Iterable[str], denoiser: bool) -> dict[str, s
             from edgediff.convert.ldm import unet_name
 
             with contextlib.suppress(KeyError, IndexError):  # a weight LDM files do not have
-                aliases.add(unet_name(module + ".weight", config).removeprefix("model.diffusion_model.").removesuffix(".weight"))
+                aliases.add(_module(unet_name(module + ".weight", config)))
         for a in aliases:
-            out.setdefault(a, name)
-            out.setdefault(_flat(a), name)
+            add(a, (name, None))
+        pieces = parse_rows_ref(ref)
+        if len(pieces) == 1 and ref != name:
+            stored, start, end = pieces[0]
+            add(_module(stored), (name, None if end == -1 else (start, end)))
     return out
+
+
+def _module(name: str) -> str:
+    module = name.removesuffix(".weight").removeprefix("model.diffusion_model.")  # LDM/BFL file names
+    for p in _GRAPH_PREFIXES:
+        module = module.removeprefix(p)
+    return module
 
 
 def _unet_config(names: list[str]) -> dict | None:
@@ -337,10 +364,12 @@ def _unet_config(names: list[str]) -> dict | None:
 
 @dataclass
 class Change:
-    """One layer of one LoRA applied to one graph weight."""
+    """One layer of one LoRA applied to one graph weight (to `rows` of the layer's change, when
+    the weight is part of a fused tensor)."""
 
     layer: Layer
     strength: float
+    rows: tuple[int, int] | None = None
 
 
 @dataclass
@@ -357,7 +386,7 @@ class Plan:
             return None
         total = np.zeros(tuple(shape), np.float32)
         for c in changes:
-            total += np.float32(c.strength) * c.layer.delta(shape)
+            total += np.float32(c.strength) * c.layer.delta(shape, c.rows)
         return total
 
     def factors(self, component: str, name: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -367,7 +396,7 @@ class Plan:
         changes = self.changes.get(component, {}).get(name)
         if not changes or any(c.layer.kind != "lora" for c in changes):
             return None
-        pairs = [c.layer.factors() for c in changes]
+        pairs = [c.layer.factors(c.rows) for c in changes]
         if len({down.shape[1:] for _, down in pairs}) > 1:
             return None
         ups = [up * np.float32(c.strength * c.layer.scale()) for (up, _), c in zip(pairs, changes, strict=True)]
@@ -385,9 +414,9 @@ class Plan:
         return ", ".join(f"{lora.name}: {lora.short_hash()}" for lora in self.loras)
 
 
-def plan(loras: Sequence[Lora], weight_names: dict[str, list[str]], denoiser: str, family: str) -> Plan:
+def plan(loras: Sequence[Lora], weight_names: Mapping[str, Mapping[str, str]], denoiser: str, family: str) -> Plan:
     """Match each LoRA's layers to the package's weights (`weight_names`: component -> its graph's
-    weight names). A LoRA for another family is refused with the reason; layers that match no
+    weight names -> their stored names). A LoRA for another family is refused with the reason; layers that match no
     weight are reported in one warning per file."""
     index = {c: targets(c, names, c == denoiser) for c, names in weight_names.items()}
     changes: dict[str, dict[str, list[Change]]] = {}
@@ -399,11 +428,12 @@ def plan(loras: Sequence[Lora], weight_names: dict[str, list[str]], denoiser: st
         missed = []
         for layer in lora.layers.values():
             component = denoiser if layer.component == "denoiser" else layer.component
-            name = index.get(component, {}).get(layer.module) or index.get(component, {}).get(_flat(layer.module))
-            if name is None:
+            found = index.get(component, {}).get(layer.module) or index.get(component, {}).get(_flat(layer.module))
+            if not found:
                 missed.append(layer.key)
                 continue
-            changes.setdefault(component, {}).setdefault(name, []).append(Change(layer, lora.strength))
+            for name, rows in found:
+                changes.setdefault(component, {}).setdefault(name, []).append(Change(layer, lora.strength, rows))
         if missed and len(missed) == len(lora.layers):
             raise UsageError(f"LoRA {lora.path}: none of its {len(missed)} layers matches a weight of this "
                              f"{family} model (first: {missed[0]}); it is for another model")

@@ -59,15 +59,15 @@ class Package:
             return Component(name, path, options, bind=lambda: _changed(path, *change))
         return Component(name, path, options)
 
-    def weight_names(self, name: str) -> list[str]:
-        """The state-dict names of a component's weights (what a LoRA names them)."""
+    def weight_names(self, name: str) -> dict[str, str]:
+        """A component's weights: state-dict name (what a LoRA names it) -> the name it is stored
+        under (a file tensor, or rows of one, for bound graphs)."""
         from edgediff.kernels.bind import graph_name, is_placeholder
         from edgediff.kernels.graph import weight_name
 
         entry = self._entry(name)
         model = self._graph(entry.file if self.gguf is not None else self.root / entry.file)[0]
-        names = [graph_name(t) if is_placeholder(t) else weight_name(t.name) for t in model.graph.initializer]
-        return list(dict.fromkeys(names))
+        return {graph_name(t) if is_placeholder(t) else weight_name(t.name): t.name for t in model.graph.initializer}
 
     def residency(self, expand: bool = False) -> dict[str, list]:
         """Per bound component, how each weight would be held (kernels.bind.Binding), without

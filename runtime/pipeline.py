@@ -109,7 +109,7 @@ class Pipeline:
         # from `lora_dir` for that image (the components open again when the set changes)
         self.lora_dir = Path(lora_dir) if lora_dir is not None else None
         self._loras = [LoraRequest.parse(x) for x in loras]
-        self._weight_names: dict[str, list[str]] = {}
+        self._weight_names: dict[str, dict[str, str]] = {}
         self.lora_plan: Plan | None = None
         self._use_loras(self._loras)
 

@@ -12,7 +12,7 @@ from edgediff.runtime import Pipeline
 from edgediff.runtime.lora import Layer, LoraRequest, prompt_loras, read_lora
 
 from reference import NEGATIVE, PROMPT, diffusers_pipeline, diffusers_scheduler, psnr
-from tiny_loras import write_lora
+from tiny_loras import modules, write_lora
 
 FP32_PSNR = 45.0
 SIZE, STEPS = 64, 4
@@ -208,3 +208,49 @@ def test_dora_and_pickles_are_refused(tmp_path):
     with pytest.raises(UsageError, match="only .safetensors"):
         read_lora(tmp_path / "old.pt")
     assert issubclass(UsageError, EdgediffError)
+
+
+def test_flux_lora_in_bfl_and_diffusers_names(tiny_source, tiny_package, tmp_path):
+    """A Flux LoRA in BFL's names (kohya: one change for the fused q/k/v) on a GGUF package (which
+    stores the fused tensors) draws what its diffusers-named twin (the change split into to_q,
+    to_k, to_v) draws on the ONNX package, and that matches diffusers' fused LoRA."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from edgediff.convert import convert
+    from edgediff.convert.dit import flux_pieces
+
+    source = tiny_source("flux-dev")
+    pipe = diffusers_pipeline(source)
+    linear = modules(pipe, "transformer")
+    fused: dict[str, list[tuple[str, int, int]]] = {}
+    for dst, parts in flux_pieces(json.loads((source / "transformer" / "config.json").read_text())).items():
+        if len(parts) == 1 and dst.removesuffix(".weight") in linear:
+            name, start, end = parts[0]
+            fused.setdefault(name.removesuffix(".weight"), []).append((dst.removesuffix(".weight"), start, end))
+    rng = np.random.default_rng(0)
+    bfl, peft = {}, {}
+    for module, parts in fused.items():
+        shapes = [linear[dst] for dst, _, _ in parts]
+        rows = sum(s[0] for s in shapes)
+        down = (0.3 * rng.standard_normal((4, shapes[0][1])) / np.sqrt(shapes[0][1])).astype(np.float32)
+        up = (1.5 * rng.standard_normal((rows, 4))).astype(np.float32)
+        key = "lora_unet_" + module.replace(".", "_")
+        bfl.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": np.array(4.0, np.float32)})
+        for dst, start, end in parts:
+            rows_of = up if end == -1 else up[start:end]
+            peft.update({f"transformer.{dst}.lora_A.weight": down, f"transformer.{dst}.lora_B.weight": np.ascontiguousarray(rows_of)})
+    assert any(len(p) == 3 for p in fused.values())  # fused q/k/v among them
+    save_file(bfl, str(tmp_path / "bfl.safetensors"))
+    save_file(peft, str(tmp_path / "diffusers.safetensors"))
+    gguf = tmp_path / "flux.gguf"
+    convert(source, gguf, precision="fp32")
+    ours = Pipeline(tiny_package("flux-dev"), device="cpu", loras=[tmp_path / "diffusers.safetensors"])
+    image = ours.generate(PROMPT, NEGATIVE, **ARGS)
+    from_bfl = Pipeline(gguf, device="cpu", loras=[tmp_path / "bfl.safetensors"]).generate(PROMPT, NEGATIVE, **ARGS)
+    plain = Pipeline(tiny_package("flux-dev"), device="cpu").generate(PROMPT, NEGATIVE, **ARGS)
+    ref = _diffusers(source, ours, [(tmp_path / "diffusers.safetensors", 1.0)])
+    assert psnr(ref, plain) < 40
+    assert psnr(ref, image) >= FP32_PSNR
+    assert psnr(image, from_bfl) >= FP32_PSNR
