@@ -35,14 +35,15 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def changed_weights(model: onnx.ModelProto, base: Path | None, delta: Delta) -> list[TensorProto]:
-    """The initializers that replace those of `model` once `delta` is added to its weights."""
+def changed_weights(model: onnx.ModelProto, base: Path | None, delta: Delta) -> dict[str, np.ndarray | TensorProto]:
+    """The initializers that replace those of `model` once `delta` is added to its weights, by
+    name: arrays, or tensors where NumPy has no type for them (int4)."""
     inits = {t.name: t for t in model.graph.initializer}
 
     def read(name: str) -> np.ndarray | None:
         return read_array(inits[name], base) if name in inits else None
 
-    out: list[TensorProto] = []
+    out: dict[str, np.ndarray | TensorProto] = {}
     done: set[str] = set()
     for node in model.graph.node:
         if node.op_type == "MatMulNBits" and node.input[1] in inits:
@@ -56,9 +57,7 @@ def changed_weights(model: onnx.ModelProto, base: Path | None, delta: Delta) -> 
             zp = read(node.input[3]) if len(node.input) > 3 and node.input[3] else None
             w = nbits_weight(read(name), read(node.input[2]), zp, n, k, bits, block) + d
             tensors = nbits_tensors(w, name, bits, block, symmetric=zp is None)
-            for t, original in zip(tensors, node.input[1:], strict=False):
-                t.name = original
-            out += tensors
+            out.update({original: numpy_helper.to_array(t) for t, original in zip(tensors, node.input[1:], strict=False)})
         elif (node.op_type == "DequantizeLinear" and node.input[0] in inits
               and len(inits[node.input[0]].dims) > 1):
             name = node.input[0]
@@ -73,7 +72,8 @@ def changed_weights(model: onnx.ModelProto, base: Path | None, delta: Delta) -> 
             zp = read(node.input[2]) if len(node.input) > 2 and node.input[2] else None
             w = _dequantize(q, read(node.input[1]), zp, a.get("axis", 1), a.get("block_size", 0))
             w = w + (d.T if transposed else d)
-            out += _requantized(w, node, inits, a)
+            out.update({t.name: t if t.data_type in (TensorProto.INT4, TensorProto.UINT4) else numpy_helper.to_array(t)
+                        for t in _requantized(w, node, inits, a)})
     for t in inits.values():
         if t.name in done or t.data_type not in _FLOATS or len(t.dims) < 2:
             continue
@@ -83,7 +83,7 @@ def changed_weights(model: onnx.ModelProto, base: Path | None, delta: Delta) -> 
         if d is None:
             continue
         w = read_array(t, base)
-        out.append(numpy_helper.from_array((w.astype(np.float32) + (d.T if transposed else d)).astype(w.dtype), t.name))
+        out[t.name] = (w.astype(np.float32) + (d.T if transposed else d)).astype(w.dtype)
     return out
 
 

@@ -137,6 +137,7 @@ def _changed(path: Path, delta, factors=None):
     branch instead, with `factors`). Changed weights the graph keeps in a data file are handed to
     onnxruntime in place of the file's; those inside the graph (and int4 ones, which NumPy
     cannot hold) are replaced there."""
+    import numpy as np
     import onnx
     from onnx import TensorProto, numpy_helper
 
@@ -148,11 +149,11 @@ def _changed(path: Path, delta, factors=None):
         delta = _except(delta, add_branches(model, quantized_weights(model), factors))
     external = {t.name for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL}
     arrays, inline = {}, {}
-    for t in changed_weights(model, path.parent, delta):
-        if t.name in external and t.data_type not in (TensorProto.INT4, TensorProto.UINT4):
-            arrays[t.name] = numpy_helper.to_array(t)
+    for name, value in changed_weights(model, path.parent, delta).items():
+        if name in external and isinstance(value, np.ndarray):
+            arrays[name] = value
         else:
-            inline[t.name] = t
+            inline[name] = value if isinstance(value, TensorProto) else numpy_helper.from_array(value, name)
     for i, t in enumerate(model.graph.initializer):
         if t.name in inline:
             model.graph.initializer[i].CopyFrom(inline[t.name])

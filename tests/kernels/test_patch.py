@@ -47,11 +47,11 @@ def test_float_weights_in_torch_layout_and_transposed(weights):
     w, c = weights
     model = _model(w, c)
     d = _deltas({"lin.weight": w.shape, "conv.weight": c.shape})
-    out = {t.name: numpy_helper.to_array(t) for t in changed_weights(model, None, lambda n, s: d.get(n))}
+    out = changed_weights(model, None, lambda n, s: d.get(n))
     np.testing.assert_allclose(out["lin.weight"], w + d["lin.weight"], rtol=1e-6)
     np.testing.assert_allclose(out["conv.weight"], c + d["conv.weight"], rtol=1e-6)
     graph.fold_weight_transposes(model)  # int4 packages keep float weights as MatMul's [K, N]
-    out = {t.name: numpy_helper.to_array(t) for t in changed_weights(model, None, lambda n, s: d.get(n))}
+    out = changed_weights(model, None, lambda n, s: d.get(n))
     np.testing.assert_allclose(out["lin.weight.transposed"], (w + d["lin.weight"]).T, rtol=1e-6)
 
 
@@ -64,20 +64,20 @@ def test_quantized_weights_are_requantized_in_their_form(weights, bits):
     graph.fold_weight_transposes(model)
     graph.matmul_to_nbits(model, bits, 32, lambda n, s: True)
     graph.conv_weights_to_dq(model, bits, lambda n, s: True, 32)
-    assert changed_weights(model, None, lambda n, s: None) == []
+    assert changed_weights(model, None, lambda n, s: None) == {}
     nb = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
     zp = _read(model, nb.input[3]) if len(nb.input) > 3 else None
     before = graph.nbits_weight(_read(model, nb.input[1]), _read(model, nb.input[2]), zp, 48, 64, bits, 32)
     d = _deltas({"lin.weight": w.shape, "conv.weight": c.shape})
-    out = {t.name: t for t in changed_weights(model, None, lambda n, s: d.get(n))}
+    out = changed_weights(model, None, lambda n, s: d.get(n))
     expected = {t.name: t for t in graph.nbits_tensors(before + d["lin.weight"], nb.input[1], bits, 32)}
     for name in nb.input[1:]:
-        assert numpy_helper.to_array(out[name]).tobytes() == numpy_helper.to_array(expected[name]).tobytes()
+        assert out[name].tobytes() == numpy_helper.to_array(expected[name]).tobytes()
     q_name = next(n for n in out if n.startswith("conv.weight"))
-    changed = dict(out)
     for t in model.graph.initializer:  # the changed conv weight reads back near w + d
-        if t.name in changed:
-            t.CopyFrom(changed[t.name])
+        if t.name in out:
+            value = out[t.name]
+            t.CopyFrom(value if isinstance(value, TensorProto) else numpy_helper.from_array(value, t.name))
     dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear")
     a = {x.name: helper.get_attribute_value(x) for x in dq.attribute}
     from edgediff.kernels.patch import _dequantize
