@@ -155,6 +155,24 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--allow-pickle", action="store_true")
+
+    v = sub.add_parser("serve", help="keep models loaded behind AUTOMATIC1111's web API and a web page "
+                                     "(pip install 'edgediff[serve]')")
+    v.add_argument("--models", required=True, help="folder of packages and .gguf files to serve")
+    v.add_argument("--model", help="the one to load first (default: the first by name)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=7860)
+    v.add_argument("--listen", action="store_true", help="answer on every address (0.0.0.0); needs --api-auth")
+    v.add_argument("--api-auth", metavar="USER:PASSWORD", help="HTTP basic authentication, as A1111's")
+    v.add_argument("--insecure", action="store_true", help="allow --listen without --api-auth")
+    v.add_argument("--low-memory", action="store_true", help="release each component after use")
+    v.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    v.add_argument("--threads", type=int)
+    v.add_argument("--max-side", type=int, default=2048, help="largest width or height a request may ask")
+    v.add_argument("--max-steps", type=int, default=150)
+    v.add_argument("--max-images", type=int, default=16, help="most images a request may ask (batch x n_iter)")
+    v.add_argument("--queue", type=int, default=4, help="jobs waiting or running; more get 503")
+    v.add_argument("--max-body-mb", type=float, default=32.0)
     return p
 
 
@@ -401,6 +419,30 @@ def _inspect(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from edgediff.runtime.server import Limits, serve
+
+    host = "0.0.0.0" if args.listen else args.host
+    auth = None
+    if args.api_auth:
+        user, sep, password = args.api_auth.partition(":")
+        if not sep or not user or not password:
+            raise UsageError("--api-auth must be USER:PASSWORD")
+        auth = (user, password)
+    if host not in ("127.0.0.1", "localhost", "::1") and auth is None and not args.insecure:
+        raise UsageError(f"--host {host} answers other machines: give --api-auth USER:PASSWORD (or --insecure "
+                         "to serve them without a password)")
+    for name in ("max_side", "max_steps", "max_images", "queue", "max_body_mb"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+    limits = Limits(max_body=int(args.max_body_mb * 1024 * 1024), max_side=args.max_side, max_steps=args.max_steps,
+                    max_images=args.max_images, queue=args.queue)
+    print(f"edgediff: serving {args.models} on http://{host}:{args.port}/ (A1111 API under /sdapi/v1)",
+          file=sys.stderr, flush=True)
+    serve(Path(args.models), args.model, host, args.port, auth, limits, args.low_memory, args.device, args.threads)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"edgediff: warning: {message}", file=sys.stderr)
@@ -408,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = show
     try:
         args = _parser().parse_args(argv)
-        commands = {"convert": _convert, "generate": _generate, "inspect": _inspect, "bench": _bench}
+        commands = {"convert": _convert, "generate": _generate, "inspect": _inspect, "bench": _bench, "serve": _serve}
         return commands[args.command](args)
     except EdgediffError as exc:
         print(f"edgediff: error: {exc}", file=sys.stderr)

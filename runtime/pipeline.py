@@ -60,23 +60,35 @@ class Timings:
         return ", ".join(parts)
 
 
-class _StepClock:
-    """The samplers' step callback: seconds per step into `timings`, and progress."""
+class Interrupted(Exception):
+    """Raised inside the sampler loop when asked to stop; carries the latest denoised latent."""
 
-    def __init__(self, timings: Timings, progress: Progress | None, total: int):
-        self.timings, self.progress, self.total = timings, progress, total
+    def __init__(self, denoised: np.ndarray):
+        super().__init__("interrupted")
+        self.denoised = denoised
+
+
+class _StepClock:
+    """The samplers' step callback: seconds per step into `timings`, progress, and stopping
+    when `interrupt()` says so (the image so far is decoded, as A1111 does)."""
+
+    def __init__(self, timings: Timings, progress: Progress | None, total: int,
+                 interrupt: Callable[[], bool] | None = None):
+        self.timings, self.progress, self.total, self.interrupt = timings, progress, total, interrupt
         if progress:
             progress(0, total)
 
     def start(self) -> None:
         self.last = time.perf_counter()
 
-    def __call__(self, _i, _x, _denoised) -> None:
+    def __call__(self, _i, _x, denoised) -> None:
         now = time.perf_counter()
         self.timings.steps.append(now - self.last)
         self.last = now
         if self.progress:
             self.progress(len(self.timings.steps), self.total)
+        if self.interrupt is not None and self.interrupt():
+            raise Interrupted(denoised)
 
 
 class Pipeline:
@@ -271,18 +283,25 @@ class Pipeline:
         size_conditioning: SizeConditioning | None = None,
         refiner: Pipeline | None = None,
         refiner_start: float = 0.8,
+        loras: Sequence[str | Path | LoraRequest] | None = None,
         progress: Progress | None = None,
+        interrupt: Callable[[], bool] | None = None,
     ) -> Image.Image:
         """One image. Its `.info["parameters"]` holds the A1111 parameter text; stage times are
         in `self.timings`.
 
         With a `refiner` (an SDXL refiner's Pipeline), this model runs the schedule up to
         `refiner_start` and the refiner the rest, on the same latent, seed and noise stream, as
-        diffusers' `denoising_end`/`denoising_start` hand-off does."""
+        diffusers' `denoising_end`/`denoising_start` hand-off does.
+
+        `loras` replaces the Pipeline's LoRAs for this image (and `<lora:NAME:S>` tags in the
+        prompt add to them); the components open again when the set changes. When `interrupt()`
+        turns true after a step, sampling stops and the latest denoised latent is decoded."""
         m = self.manifest
         d = m.defaults
         text_prompt, tagged = prompt_loras(prompt, self.lora_dir)
-        self._use_loras(self._loras + tagged)
+        base = self._loras if loras is None else [LoraRequest.parse(x) for x in loras]
+        self._use_loras(base + tagged)
         steps = int(d["steps"] if steps is None else steps)
         guidance = float(d["guidance"] if guidance is None else guidance)
         sampler = sampler or str(d["sampler"])
@@ -352,9 +371,14 @@ class Pipeline:
             self._done(encoder)
         x = noisy_start(latent_space(self.manifest.prediction), float(sigmas[0]), rng.randn(shape), latent)
 
-        clock = _StepClock(self.timings, progress, len(sigmas) - 1)
-        for (pipe, part), (cond, uncond) in zip(stages, conds, strict=True):
-            x = pipe._sample(x, part, cond, uncond, guidance, sampler, rng, clock)
+        clock = _StepClock(self.timings, progress, len(sigmas) - 1, interrupt)
+        try:
+            for (pipe, part), (cond, uncond) in zip(stages, conds, strict=True):
+                x = pipe._sample(x, part, cond, uncond, guidance, sampler, rng, clock)
+        except Interrupted as stop:  # what the sampler has so far
+            x = stop.denoised
+            for pipe, _ in stages:
+                pipe._done(pipe.component(pipe.manifest.denoiser))
         finisher = stages[-1][0]
         decoder = finisher._open("vae_decoder")  # the model that finishes decodes, as diffusers does
         started = time.perf_counter()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -51,6 +52,29 @@ def test_inspect_package_and_source(tiny_package, tiny_source, capsys):
     assert code == 0 and "family: sd1 (Stable Diffusion 1.x; diffusers names)" in out
 
 
+def test_lora_from_the_command_line(tiny_package, tiny_source, tmp_path, capsys):
+    """inspect tells what a LoRA file is; generate applies it (flag or prompt tag) and records it."""
+    import json
+
+    from reference import diffusers_pipeline
+    from tiny_loras import write_lora
+
+    lora = write_lora(diffusers_pipeline(tiny_source("sd1")), tmp_path / "style.safetensors", "locon")
+    code, out, _ = run(capsys, "inspect", str(lora))
+    assert code == 0 and "format: LyCORIS LoCon" in out and "rank 4" in out and "21 lora convolution" in out
+    code, out, _ = run(capsys, "inspect", str(lora), "--json")
+    assert json.loads(out)["components"] == {"denoiser": 61, "text_encoder": 18}
+    images = []
+    for extra in (["--lora", f"{lora}:0.8"], ["--lora-dir", str(tmp_path), "--prompt", "a cat <lora:style:0.8>"]):
+        out_png = tmp_path / f"{len(images)}.png"
+        code, _, _ = run(capsys, *_generate(tiny_package, "--seed", "3", "--output", str(out_png), *extra))
+        assert code == 0
+        with Image.open(out_png) as img:
+            images.append(np.asarray(img.convert("RGB")))
+            assert 'Lora hashes: "style: ' in img.text["parameters"]
+    assert np.array_equal(*images)
+
+
 def test_gguf_from_the_command_line(tiny_source, tmp_path, capsys):
     """convert to GGUF, inspect it (types and how weights are held), generate from it."""
     import json
@@ -94,6 +118,9 @@ def _generate(tiny_package, *extra):
     (("--threads", "0"), "--threads must be at least 1"),
     (("--device", "tpu"), "invalid choice: 'tpu'"),
     (("--steps", "many"), "invalid int value: 'many'"),
+    (("--lora", "NOFILE"), "nofile.png: no such file"),
+    (("--lora", "NOFILE:nan"), "not a finite number"),
+    (("--prompt", "a cat <lora:style>"), "--lora-dir"),
 ])
 def test_generate_usage_errors(tiny_package, tmp_path, capsys, extra, message):
     good = tmp_path / "init.png"

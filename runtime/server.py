@@ -1,0 +1,519 @@
+"""`edgediff serve`: models kept loaded behind AUTOMATIC1111's web API and one small web page.
+
+The programs people drive a local image model with (chat front ends, editor plug-ins, bots,
+`webuiapi`) speak A1111's `/sdapi/v1/*`; this answers them with A1111's field names, defaults and
+error shape. One model is loaded at a time and jobs run on it one at a time; a bounded queue
+answers 503 with Retry-After when full. Starlette and uvicorn come with `edgediff[serve]`; the
+rest of the runtime does not import this module.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import math
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from edgediff import __version__
+from edgediff.errors import EdgediffError, UsageError, require
+from edgediff.runtime.pipeline import A1111_SCHEDULES
+from edgediff.runtime.samplers import A1111_NAMES, SAMPLERS
+
+PAGE = Path(__file__).parent / "web" / "index.html"
+# A1111's scheduler names -> edgediff's schedule (None: the model's default)
+SCHEDULERS = {"automatic": None, "uniform": "normal", "normal": "normal", "karras": "karras",
+              "exponential": "exponential", "sgm_uniform": "sgm_uniform", "simple": "simple", "beta": "beta"}
+_COMBINED = ("karras", "exponential")  # A1111's old "DPM++ 2M Karras" sampler names
+
+
+@dataclass
+class Limits:
+    """What one request may ask for (configurable with `edgediff serve` options)."""
+
+    max_body: int = 32 * 1024 * 1024  # bytes of request body (init images are base64 in it)
+    max_side: int = 2048  # pixels, width and height
+    max_steps: int = 150
+    max_images: int = 16  # batch_size * n_iter
+    queue: int = 4  # jobs waiting or running; more are answered 503
+
+
+class ApiError(Exception):
+    """An error answered as JSON in A1111's shape: {"error", "detail", "body", "errors"}."""
+
+    def __init__(self, status: int, detail: str, error: str = "HTTPException", headers: dict | None = None):
+        super().__init__(detail)
+        self.status, self.detail, self.error, self.headers = status, detail, error, headers or {}
+
+    def payload(self) -> dict:
+        return {"error": self.error, "detail": self.detail, "body": "", "errors": self.detail}
+
+
+def sampler_choice(name: str | None, scheduler: str | None) -> tuple[str | None, str | None]:
+    """A1111's sampler and scheduler names (or edgediff's, or A1111's aliases) -> edgediff's
+    sampler and schedule (None: the model's default)."""
+    schedule = None
+    if scheduler:
+        key = scheduler.strip().lower().replace(" ", "_")
+        if key not in SCHEDULERS:
+            raise ApiError(404, f"Scheduler not found: {scheduler!r} (known: {', '.join(SCHEDULERS)})")
+        schedule = SCHEDULERS[key]
+    if not name:
+        return None, schedule
+    key = name.strip().lower()
+    by_a1111 = {v.lower(): k for k, v in A1111_NAMES.items()}
+    for suffix in _COMBINED:  # "DPM++ 2M Karras": sampler plus schedule
+        if key.endswith(" " + suffix) and key.removesuffix(" " + suffix) in by_a1111:
+            return by_a1111[key.removesuffix(" " + suffix)], schedule or suffix
+    if key in by_a1111:
+        return by_a1111[key], schedule
+    alias = key.removeprefix("k_")
+    if alias in SAMPLERS:
+        return alias, schedule
+    raise ApiError(404, f"Sampler not found: {name!r}")
+
+
+def decode_image(data: object, where: str):
+    """A base64 image as clients send it (raw, or a data: URL)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(data, str):
+        raise ApiError(422, f"{where}: expected a base64 string")
+    text = data.split(",", 1)[1] if data.startswith("data:") else data
+    try:
+        raw = base64.b64decode(text, validate=True)
+        image = Image.open(io.BytesIO(raw))
+        image.load()
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError(422, f"{where}: not valid base64 ({exc})") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ApiError(422, f"{where}: not a readable image ({exc})") from None
+    return image.convert("RGB")
+
+
+def encode_png(image) -> str:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    if "parameters" in image.info:
+        info.add_text("parameters", image.info["parameters"])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _field(body: dict, name: str, kind, default, low=None, high=None):
+    """A request field checked for type and range (booleans are not numbers)."""
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ApiError(422, f"'{name}' must be {'a number' if kind in (int, float) else kind.__name__} (got {value!r})")
+    if kind is float and not math.isfinite(value):
+        raise ApiError(422, f"'{name}' must be a finite number (got {value})")
+    if low is not None and value < low or high is not None and value > high:
+        raise ApiError(422, f"'{name}' must be between {low} and {high} (got {value})")
+    return value
+
+
+@dataclass
+class Request:
+    """A txt2img/img2img request, A1111's fields with A1111's defaults, checked."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 20
+    cfg_scale: float = 7.0
+    sampler: str | None = None
+    schedule: str | None = None
+    seed: int = -1
+    width: int = 512
+    height: int = 512
+    batch_size: int = 1
+    n_iter: int = 1
+    denoising_strength: float = 0.75
+    clip_skip: int = 1
+    init_images: list = field(default_factory=list)
+    model: str | None = None  # override_settings.sd_model_checkpoint
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, body: object, limits: Limits, img2img: bool) -> Request:
+        if not isinstance(body, dict):
+            raise ApiError(422, "the request body must be a JSON object")
+        r = cls(
+            prompt=_field(body, "prompt", str, ""),
+            negative_prompt=_field(body, "negative_prompt", str, ""),
+            steps=_field(body, "steps", int, 20, 1, limits.max_steps),
+            cfg_scale=_field(body, "cfg_scale", float, 7.0, 0.0, 100.0),
+            seed=_field(body, "seed", int, -1, -1, 2**32 - 1),
+            width=_field(body, "width", int, 512, 8, limits.max_side),
+            height=_field(body, "height", int, 512, 8, limits.max_side),
+            batch_size=_field(body, "batch_size", int, 1, 1, limits.max_images),
+            n_iter=_field(body, "n_iter", int, 1, 1, limits.max_images),
+            denoising_strength=_field(body, "denoising_strength", float, 0.75, 0.0, 1.0),
+        )
+        if r.batch_size * r.n_iter > limits.max_images:
+            raise ApiError(422, f"batch_size x n_iter is {r.batch_size * r.n_iter}; at most {limits.max_images} images a request")
+        r.sampler, r.schedule = sampler_choice(_field(body, "sampler_name", str, None) or _field(body, "sampler_index", str, None),
+                                               _field(body, "scheduler", str, None))
+        overrides = _field(body, "override_settings", dict, {})
+        if overrides.get("sd_model_checkpoint") is not None:
+            r.model = _field(overrides, "sd_model_checkpoint", str, None)
+        if overrides.get("CLIP_stop_at_last_layers") is not None:
+            r.clip_skip = _field(overrides, "CLIP_stop_at_last_layers", int, 1, 1, 12)
+        if body.get("subseed", -1) not in (-1, None) and body.get("subseed_strength", 0) not in (0, 0.0, None):
+            r.notes.append("subseed and subseed_strength are ignored: edgediff has no variation seeds")
+        if img2img:
+            images = _field(body, "init_images", list, [])
+            if not images:
+                raise ApiError(422, "img2img needs 'init_images': a list with one base64 image")
+            r.init_images = [decode_image(images[0], "init_images[0]")]
+            if r.denoising_strength <= 0:
+                raise ApiError(422, "'denoising_strength' must be above 0 for img2img")
+        return r
+
+
+@dataclass
+class Job:
+    """What /progress reports about the job running now."""
+
+    started: float = 0.0
+    step: int = 0
+    steps: int = 0
+    image: int = 0  # images of this request done
+    images: int = 0
+    interrupted: bool = False
+    timestamp: str = ""
+
+    def fraction(self) -> float:
+        if not self.images or not self.steps:
+            return 0.0
+        return min(1.0, (self.image + self.step / self.steps) / self.images)
+
+
+class Models:
+    """The packages and .gguf files in a folder, by name (never used as a path)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise UsageError(f"--models {folder}: no such folder")
+        self.paths: dict[str, Path] = {}
+        for path in sorted(self.folder.iterdir()):
+            if (path / "edgediff.json").is_file() or path.suffix.lower() == ".gguf" and path.is_file():
+                self.paths[path.name] = path
+        if not self.paths:
+            raise UsageError(f"--models {folder}: no edgediff packages or .gguf files in it; make one with "
+                             "`edgediff convert SOURCE --output {folder}/NAME`")
+
+    def find(self, name: str) -> str:
+        """A client's model name -> ours: exact, or A1111's 'title [hash]' form."""
+        if name in self.paths:
+            return name
+        bare = name.split(" [", 1)[0]
+        if bare in self.paths:
+            return bare
+        raise ApiError(404, f"model {name!r} is not served here (served: {', '.join(self.paths)})")
+
+    def short_hash(self, name: str) -> str:
+        path = self.paths[name]
+        target = path / "edgediff.json" if path.is_dir() else path
+        st = target.stat()
+        return hashlib.sha256(f"{name} {st.st_size} {st.st_mtime_ns}".encode()).hexdigest()[:10]
+
+    def listing(self) -> list[dict]:
+        return [{"title": f"{n} [{self.short_hash(n)}]", "model_name": n, "hash": self.short_hash(n),
+                 "sha256": None, "filename": str(p), "config": None} for n, p in self.paths.items()]
+
+
+class Service:
+    """The loaded model, the job queue and the state /progress reports; the web layer calls in."""
+
+    def __init__(self, models: Models, model: str | None = None, limits: Limits | None = None,
+                 low_memory: bool = False, device: str = "auto", threads: int | None = None):
+        self.models, self.limits = models, limits or Limits()
+        self.low_memory, self.device, self.threads = low_memory, device, threads
+        self.name: str | None = None
+        self.pipe = None
+        self.model_lock = threading.Lock()  # one job (or model switch) on the model at a time
+        self.admit_lock = threading.Lock()
+        self.admitted = 0
+        self.job = Job()
+        self.interrupt_flag = threading.Event()
+        self.switch(model or next(iter(models.paths)))
+
+    def switch(self, name: str) -> None:
+        """Load `name` (waiting for the running job), unloading the previous model."""
+        from edgediff.runtime import Pipeline
+
+        name = self.models.find(name)
+        with self.model_lock:
+            if name == self.name:
+                return
+            if self.pipe is not None:
+                for comp in self.pipe._components.values():
+                    comp.release()
+            self.pipe = None
+            self.pipe = Pipeline(self.models.paths[name], device=self.device, threads=self.threads,
+                                 low_memory=self.low_memory)
+            self.name = name
+
+    def admit(self) -> None:
+        with self.admit_lock:
+            if self.admitted >= self.limits.queue:
+                raise ApiError(503, f"the queue is full ({self.limits.queue} jobs); try again shortly",
+                               headers={"Retry-After": "5"})
+            self.admitted += 1
+
+    def release(self) -> None:
+        with self.admit_lock:
+            self.admitted -= 1
+
+    def generate(self, r: Request) -> dict:
+        """Run a request (the caller has admitted it): images, parameters and A1111's info."""
+        if r.model is not None:
+            self.switch(r.model)
+        with self.model_lock:
+            return self._generate(r)
+
+    def _generate(self, r: Request) -> dict:
+        pipe = self.pipe
+        m = pipe.manifest
+        for side in ("width", "height"):
+            if getattr(r, side) % m.size_multiple:
+                raise ApiError(422, f"'{side}' must be a multiple of {m.size_multiple} for {m.family} (got {getattr(r, side)})")
+        seed = random.randrange(2**32) if r.seed == -1 else r.seed
+        count = r.batch_size * r.n_iter
+        self.interrupt_flag.clear()
+        self.job = Job(started=time.time(), steps=r.steps, images=count,
+                       timestamp=datetime.now().strftime("%Y%m%d%H%M%S"))
+
+        def progress(done: int, total: int) -> None:
+            self.job.step, self.job.steps = done, total
+
+        images, infotexts, seeds = [], [], []
+        for i in range(count):
+            if self.interrupt_flag.is_set():
+                break
+            self.job.image, self.job.step = i, 0
+            try:
+                image = pipe.generate(
+                    r.prompt, r.negative_prompt, steps=r.steps, guidance=r.cfg_scale, sampler=r.sampler,
+                    schedule=r.schedule, seed=(seed + i) % 2**32, width=r.width, height=r.height,
+                    init_image=r.init_images[0] if r.init_images else None, strength=r.denoising_strength,
+                    clip_skip=r.clip_skip, progress=progress, interrupt=self.interrupt_flag.is_set)
+            except EdgediffError as exc:
+                raise ApiError(422 if isinstance(exc, UsageError) else 500, str(exc), type(exc).__name__) from None
+            images.append(image)
+            infotexts.append(image.info["parameters"])
+            seeds.append((seed + i) % 2**32)
+        self.job.interrupted = self.interrupt_flag.is_set()
+        self.job.image = len(images)
+        info = {
+            "prompt": r.prompt, "all_prompts": [r.prompt] * len(images), "negative_prompt": r.negative_prompt,
+            "all_negative_prompts": [r.negative_prompt] * len(images), "seed": seed, "all_seeds": seeds,
+            "subseed": -1, "all_subseeds": [-1] * len(images), "subseed_strength": 0,
+            "width": r.width, "height": r.height,
+            "sampler_name": A1111_NAMES.get(r.sampler or str(m.defaults["sampler"])),
+            "cfg_scale": r.cfg_scale, "steps": r.steps, "batch_size": r.batch_size, "restore_faces": False,
+            "face_restoration_model": None, "sd_model_name": self.name, "sd_model_hash": self.models.short_hash(self.name),
+            "denoising_strength": r.denoising_strength if r.init_images else None, "clip_skip": r.clip_skip,
+            "extra_generation_params": {"Schedule type": A1111_SCHEDULES.get(r.schedule or "")} if r.schedule else {},
+            "index_of_first_image": 0, "infotexts": infotexts, "styles": [], "job_timestamp": self.job.timestamp,
+            "is_using_inpainting_conditioning": False, "version": f"edgediff {__version__}",
+            "interrupted": self.job.interrupted, "notes": r.notes,
+        }
+        self.job = Job(timestamp=self.job.timestamp, interrupted=self.job.interrupted)  # idle
+        return {"images": [encode_png(im) for im in images], "info": info}
+
+    def progress(self) -> dict:
+        job = self.job
+        fraction = job.fraction() if job.started else 0.0
+        elapsed = time.time() - job.started if job.started else 0.0
+        eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
+        return {"progress": fraction, "eta_relative": eta,
+                "state": {"skipped": False, "interrupted": job.interrupted, "job": "", "job_count": self.admitted,
+                          "job_timestamp": job.timestamp or "0", "job_no": job.image,
+                          "sampling_step": job.step, "sampling_steps": job.steps},
+                "current_image": None, "textinfo": None}
+
+    def options(self) -> dict:
+        return {"sd_model_checkpoint": f"{self.name} [{self.models.short_hash(self.name)}]",
+                "sd_checkpoint_hash": self.models.short_hash(self.name), "CLIP_stop_at_last_layers": 1,
+                "samples_format": "png"}
+
+
+def app(service: Service, auth: tuple[str, str] | None = None):
+    """The ASGI application (Starlette) over `service`."""
+    require("starlette", "serve", "edgediff serve")
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.middleware import Middleware
+    from starlette.responses import HTMLResponse, JSONResponse
+    from starlette.routing import Route
+
+    limits = service.limits
+
+    async def body_of(request) -> object:
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > limits.max_body):
+            raise ApiError(413, f"the request body is over {limits.max_body} bytes")
+        data = b""
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limits.max_body:
+                raise ApiError(413, f"the request body is over {limits.max_body} bytes")
+        try:
+            return json.loads(data or b"{}")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(422, f"the request body is not valid JSON ({exc})") from None
+
+    def generation(img2img: bool):
+        async def endpoint(request):
+            body = await body_of(request)
+            parsed = Request.parse(body, limits, img2img)
+            service.admit()
+            try:
+                result = await run_in_threadpool(service.generate, parsed)
+            finally:
+                service.release()
+            return JSONResponse({"images": result["images"], "parameters": body, "info": json.dumps(result["info"])})
+        return endpoint
+
+    async def sd_models(_request):
+        return JSONResponse(service.models.listing())
+
+    async def samplers(_request):
+        return JSONResponse([{"name": A1111_NAMES[k], "aliases": [k, f"k_{k}"], "options": {}} for k in SAMPLERS
+                             if k in A1111_NAMES])
+
+    async def schedulers(_request):
+        return JSONResponse([{"name": k, "label": k.replace("_", " ").title(), "aliases": None,
+                              "default_rho": -1, "need_inner_model": False} for k in SCHEDULERS])
+
+    async def options(request):
+        if request.method == "POST":
+            body = await body_of(request)
+            if not isinstance(body, dict):
+                raise ApiError(422, "the request body must be a JSON object")
+            if body.get("sd_model_checkpoint") is not None:
+                name = _field(body, "sd_model_checkpoint", str, None)
+                service.admit()
+                try:
+                    await run_in_threadpool(service.switch, name)
+                finally:
+                    service.release()
+            return JSONResponse(None)
+        return JSONResponse(service.options())
+
+    async def progress(_request):
+        return JSONResponse(service.progress())
+
+    async def interrupt(_request):
+        service.interrupt_flag.set()
+        return JSONResponse(None)
+
+    async def png_info(request):
+        body = await body_of(request)
+        if not isinstance(body, dict) or "image" not in body:
+            raise ApiError(422, "png-info needs 'image': a base64 PNG")
+        from PIL import Image
+
+        text = body["image"]
+        raw = text.split(",", 1)[1] if isinstance(text, str) and text.startswith("data:") else text
+        try:
+            image = Image.open(io.BytesIO(base64.b64decode(raw, validate=True)))
+        except Exception as exc:  # PIL and base64 raise several types
+            raise ApiError(422, f"image: not a readable base64 image ({exc})") from None
+        info = image.info.get("parameters", "")
+        return JSONResponse({"info": info, "items": {k: v for k, v in image.info.items() if isinstance(v, str)},
+                             "parameters": _parse_parameters(info)})
+
+    async def scripts(_request):
+        return JSONResponse({"txt2img": [], "img2img": []})
+
+    async def page(_request):
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    async def on_error(request, exc):
+        if isinstance(exc, ApiError):
+            return JSONResponse(exc.payload(), status_code=exc.status, headers=exc.headers)
+        status = getattr(exc, "status_code", 500)
+        detail = getattr(exc, "detail", None) or ("internal error" if status == 500 else str(exc))
+        return JSONResponse(ApiError(status, detail, type(exc).__name__).payload(), status_code=status)
+
+    routes = [
+        Route("/", page),
+        Route("/sdapi/v1/txt2img", generation(False), methods=["POST"]),
+        Route("/sdapi/v1/img2img", generation(True), methods=["POST"]),
+        Route("/sdapi/v1/sd-models", sd_models),
+        Route("/sdapi/v1/samplers", samplers),
+        Route("/sdapi/v1/schedulers", schedulers),
+        Route("/sdapi/v1/options", options, methods=["GET", "POST"]),
+        Route("/sdapi/v1/progress", progress),
+        Route("/sdapi/v1/interrupt", interrupt, methods=["POST"]),
+        Route("/sdapi/v1/png-info", png_info, methods=["POST"]),
+        Route("/sdapi/v1/scripts", scripts),
+    ]
+    middleware = [Middleware(_BasicAuth, credentials=auth)] if auth else []
+    return Starlette(routes=routes, middleware=middleware,
+                     exception_handlers={ApiError: on_error, Exception: on_error, 404: on_error, 405: on_error})
+
+
+class _BasicAuth:
+    """HTTP basic authentication on every route, as A1111's --api-auth."""
+
+    def __init__(self, app, credentials: tuple[str, str]):
+        self.app = app
+        token = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
+        self.expected = f"Basic {token}".encode()
+
+    async def __call__(self, scope, receive, send):
+        import hmac
+
+        if scope["type"] == "http":
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                from starlette.responses import JSONResponse
+
+                response = JSONResponse(ApiError(401, "Incorrect username or password").payload(), status_code=401,
+                                        headers={"WWW-Authenticate": "Basic"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _parse_parameters(text: str) -> dict:
+    """A1111's parameters text -> its fields (prompt, negative prompt, then "Key: value, ...")."""
+    lines = text.strip().splitlines()
+    if not lines:
+        return {}
+    out = {"Prompt": lines[0]}
+    rest = lines[1:]
+    if rest and rest[0].startswith("Negative prompt: "):
+        out["Negative prompt"] = rest.pop(0).removeprefix("Negative prompt: ")
+    if rest:
+        import re
+
+        for key, value in re.findall(r'\s*([\w ]+):\s*("(?:\\.|[^"])*"|[^,]*)(?:,|$)', rest[-1]):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def serve(models: Path, model: str | None = None, host: str = "127.0.0.1", port: int = 7860,
+          auth: tuple[str, str] | None = None, limits: Limits | None = None, low_memory: bool = False,
+          device: str = "auto", threads: int | None = None) -> None:
+    """Load the model and serve until interrupted."""
+    uvicorn = require("uvicorn", "serve", "edgediff serve")
+    service = Service(Models(models), model, limits, low_memory, device, threads)
+    uvicorn.run(app(service, auth), host=host, port=port, log_level="info")

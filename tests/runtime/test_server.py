@@ -1,0 +1,219 @@
+"""`edgediff serve`, driven by AUTOMATIC1111's own client (`webuiapi`) and by raw HTTP: the images
+equal `Pipeline.generate`'s, models list and switch, progress and interrupt work, and every bad
+request is a 4xx JSON error in A1111's shape."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from edgediff.runtime import Pipeline
+from edgediff.runtime.server import Limits, Models, Service, app
+
+PROMPT, NEGATIVE = "a red circle", "blurry"
+LIMITS = Limits(max_body=200_000, max_side=256, max_steps=60, max_images=4, queue=2)
+
+
+def _start(service: Service, auth=None):
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app(service, auth), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    return server, thread, port
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_package):
+    folder = tmp_path_factory.mktemp("models")
+    (folder / "alpha").symlink_to(tiny_package("sd1"))
+    (folder / "beta").symlink_to(tiny_package("sd1-deep"))
+    (folder / "notes.txt").write_text("not a model")
+    service = Service(Models(folder), "alpha", LIMITS, device="cpu")
+    server, thread, port = _start(service)
+    yield f"http://127.0.0.1:{port}", port, service
+    server.should_exit = True
+    thread.join(10)
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def _ours(package, **kw):
+    return Pipeline(package, device="cpu").generate(PROMPT, NEGATIVE, **kw)
+
+
+def test_webuiapi_txt2img_and_img2img_equal_generate(served, tiny_package):
+    import webuiapi
+
+    _, port, service = served
+    service.switch("alpha")
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler a", steps=4)
+    result = api.txt2img(prompt=PROMPT, negative_prompt=NEGATIVE, seed=5, cfg_scale=7.0, width=64, height=64)
+    ours = _ours(tiny_package("sd1"), steps=4, guidance=7.0, sampler="euler_a", seed=5, width=64, height=64)
+    assert np.array_equal(_pixels(result.image), _pixels(ours))
+    assert result.info["seed"] == 5 and result.info["sd_model_name"] == "alpha"
+    assert result.info["infotexts"][0] == ours.info["parameters"].replace("Model: sd1,", "Model: alpha,")
+
+    init = Image.new("RGB", (64, 64), (200, 40, 40))
+    result = api.img2img(images=[init], prompt=PROMPT, negative_prompt=NEGATIVE, seed=9, cfg_scale=7.0,
+                         width=64, height=64, denoising_strength=0.5, sampler_name="DPM++ 2M Karras")
+    ours = _ours(tiny_package("sd1"), steps=4, guidance=7.0, sampler="dpmpp_2m", schedule="karras", seed=9,
+                 width=64, height=64, init_image=init, strength=0.5)
+    assert np.array_equal(_pixels(result.image), _pixels(ours))
+
+
+def test_batches_models_options_and_png_info(served, tiny_package):
+    import webuiapi
+
+    _, port, service = served
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler", steps=3)
+    titles = api.util_get_model_names()
+    assert [t.split(" [")[0] for t in titles] == ["alpha", "beta"]
+    api.util_set_model("beta")
+    assert api.util_get_current_model().startswith("beta [")
+    result = api.txt2img(prompt=PROMPT, negative_prompt=NEGATIVE, seed=11, width=64, height=64, batch_size=2, n_iter=1)
+    assert len(result.images) == 2 and result.info["all_seeds"] == [11, 12]
+    second = _ours(tiny_package("sd1-deep"), steps=3, guidance=7.0, sampler="euler", seed=12, width=64, height=64)
+    assert np.array_equal(_pixels(result.images[1]), _pixels(second))
+    back = api.png_info(result.images[0])
+    assert back.info.startswith(PROMPT) and back.parameters["Seed"] == "11"
+    assert {s["name"] for s in api.get_samplers()} >= {"Euler", "Euler a", "DPM++ 2M"}
+    assert "karras" in api.util_get_scheduler_names()
+    api.util_set_model("alpha")
+    assert service.name == "alpha"
+
+
+def test_progress_and_interrupt(served):
+    url, _, _ = served
+    answer = {}
+
+    def job():
+        answer["r"] = requests.post(f"{url}/sdapi/v1/txt2img", json={
+            "prompt": PROMPT, "steps": 60, "width": 64, "height": 64, "seed": 1, "sampler_name": "Euler"})
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    seen = 0.0
+    for _ in range(400):
+        p = requests.get(f"{url}/sdapi/v1/progress").json()
+        if p["state"]["sampling_step"] >= 2 and p["progress"] > 0:
+            seen = p["progress"]
+            break
+        time.sleep(0.02)
+    assert 0 < seen < 1 and p["state"]["job_count"] == 1
+    requests.post(f"{url}/sdapi/v1/interrupt")
+    thread.join(60)
+    r = answer["r"]
+    assert r.status_code == 200
+    import json
+
+    info = json.loads(r.json()["info"])
+    assert info["interrupted"] and len(r.json()["images"]) == 1  # what it had, decoded
+
+
+def test_a_full_queue_answers_503(served):
+    url, _, _ = served
+    codes = []
+
+    def job():
+        codes.append(requests.post(f"{url}/sdapi/v1/txt2img", json={
+            "prompt": PROMPT, "steps": 25, "width": 64, "height": 64, "seed": 1}))
+
+    threads = [threading.Thread(target=job) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    statuses = sorted(r.status_code for r in codes)
+    assert statuses.count(200) >= 2 and set(statuses) <= {200, 503}
+    busy = [r for r in codes if r.status_code == 503]
+    assert busy and busy[0].headers["Retry-After"] and "queue is full" in busy[0].json()["detail"]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("path", "body", "status", "detail"), [
+    ("txt2img", b"{not json", 422, "not valid JSON"),
+    ("txt2img", [1, 2], 422, "must be a JSON object"),
+    ("txt2img", {"width": -64}, 422, "'width' must be between 8 and 256"),
+    ("txt2img", {"height": 100000}, 422, "'height' must be between 8 and 256"),
+    ("txt2img", {"width": 60}, 422, "multiple of 8"),
+    ("txt2img", {"steps": 0}, 422, "'steps' must be between 1 and 60"),
+    ("txt2img", {"steps": 10**6}, 422, "'steps' must be between 1 and 60"),
+    ("txt2img", {"steps": "4"}, 422, "'steps' must be a number"),
+    ("txt2img", {"cfg_scale": float("nan")}, 422, "must be a finite number"),
+    ("txt2img", {"batch_size": 4, "n_iter": 4}, 422, "at most 4 images"),
+    ("txt2img", {"sampler_name": "Euler z"}, 404, "Sampler not found"),
+    ("txt2img", {"scheduler": "wavy"}, 404, "Scheduler not found"),
+    ("txt2img", {"override_settings": {"sd_model_checkpoint": "gamma"}}, 404, "not served here"),
+    ("txt2img", {"override_settings": {"sd_model_checkpoint": "../alpha"}}, 404, "not served here"),
+    ("img2img", {"init_images": []}, 422, "needs 'init_images'"),
+    ("img2img", {"init_images": ["%%%"]}, 422, "not valid base64"),
+    ("img2img", {"init_images": [_b64(b"plain text, no image")]}, 422, "not a readable image"),
+    ("img2img", {"init_images": [_b64(_png()[:40])]}, 422, "not a readable image"),
+    ("txt2img", {"prompt": "x" * 300_000}, 413, "over 200000 bytes"),
+    ("options", {"sd_model_checkpoint": "/etc/passwd"}, 404, "not served here"),
+    ("png-info", {"image": "%%%"}, 422, "not a readable base64 image"),
+    ("no-such-endpoint", {}, 404, "Not Found"),
+])
+def test_bad_requests_are_4xx_json(served, path, body, status, detail):
+    import json
+
+    url, _, service = served
+    if isinstance(body, dict) and path.endswith("2img"):
+        body = {"width": 64, "height": 64, "steps": 2, **body}
+    data = body if isinstance(body, bytes) else json.dumps(body, allow_nan=True).encode()
+    r = requests.post(f"{url}/sdapi/v1/{path}", data=data, headers={"Content-Type": "application/json"})
+    assert r.status_code == status
+    payload = r.json()
+    assert set(payload) == {"error", "detail", "body", "errors"} and detail in payload["detail"]
+    assert "Traceback" not in r.text and service.name == "alpha"
+
+
+def test_password(tiny_package, tmp_path):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "alpha").symlink_to(tiny_package("sd1"))
+    server, thread, port = _start(Service(Models(folder), limits=LIMITS, device="cpu"), auth=("me", "secret"))
+    try:
+        url = f"http://127.0.0.1:{port}/sdapi/v1/options"
+        assert requests.get(url).status_code == 401
+        assert requests.get(url, auth=("me", "wrong")).status_code == 401
+        assert requests.get(url, auth=("me", "secret")).json()["sd_model_checkpoint"].startswith("alpha")
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_serve_refuses_other_addresses_without_a_password(tmp_path, capsys):
+    from edgediff.cli import main
+
+    assert main(["serve", "--models", str(tmp_path), "--listen"]) == 2
+    assert "--api-auth" in capsys.readouterr().err
+    assert main(["serve", "--models", str(tmp_path / "none")]) == 2
+    assert "no such folder" in capsys.readouterr().err
