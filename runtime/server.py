@@ -510,6 +510,30 @@ def _parse_parameters(text: str) -> dict:
     return out
 
 
+class Running:
+    """A server answering in a background thread (tests, benchmarks): `url`, then `stop()`."""
+
+    def __init__(self, service: Service, auth: tuple[str, str] | None = None, host: str = "127.0.0.1"):
+        import socket
+
+        uvicorn = require("uvicorn", "serve", "edgediff serve")
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        self.url = f"http://{host}:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app(service, auth), host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        for _ in range(400):
+            if self.server.started:
+                break
+            time.sleep(0.025)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
 def serve(models: Path, model: str | None = None, host: str = "127.0.0.1", port: int = 7860,
           auth: tuple[str, str] | None = None, limits: Limits | None = None, low_memory: bool = False,
           device: str = "auto", threads: int | None = None) -> None:

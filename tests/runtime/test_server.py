@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import threading
 import time
 
@@ -16,26 +15,10 @@ import requests
 from PIL import Image
 
 from edgediff.runtime import Pipeline
-from edgediff.runtime.server import Limits, Models, Service, app
+from edgediff.runtime.server import Limits, Models, Running, Service
 
 PROMPT, NEGATIVE = "a red circle", "blurry"
 LIMITS = Limits(max_body=200_000, max_side=256, max_steps=60, max_images=4, queue=2)
-
-
-def _start(service: Service, auth=None):
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app(service, auth), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    return server, thread, port
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +28,9 @@ def served(tmp_path_factory, tiny_package):
     (folder / "beta").symlink_to(tiny_package("sd1-deep"))
     (folder / "notes.txt").write_text("not a model")
     service = Service(Models(folder), "alpha", LIMITS, device="cpu")
-    server, thread, port = _start(service)
-    yield f"http://127.0.0.1:{port}", port, service
-    server.should_exit = True
-    thread.join(10)
+    running = Running(service)
+    yield running.url, int(running.url.rsplit(":", 1)[1]), service
+    running.stop()
 
 
 def _pixels(image) -> np.ndarray:
@@ -199,15 +181,14 @@ def test_password(tiny_package, tmp_path):
     folder = tmp_path / "models"
     folder.mkdir()
     (folder / "alpha").symlink_to(tiny_package("sd1"))
-    server, thread, port = _start(Service(Models(folder), limits=LIMITS, device="cpu"), auth=("me", "secret"))
+    running = Running(Service(Models(folder), limits=LIMITS, device="cpu"), auth=("me", "secret"))
     try:
-        url = f"http://127.0.0.1:{port}/sdapi/v1/options"
+        url = f"{running.url}/sdapi/v1/options"
         assert requests.get(url).status_code == 401
         assert requests.get(url, auth=("me", "wrong")).status_code == 401
         assert requests.get(url, auth=("me", "secret")).json()["sd_model_checkpoint"].startswith("alpha")
     finally:
-        server.should_exit = True
-        thread.join(10)
+        running.stop()
 
 
 def test_serve_refuses_other_addresses_without_a_password(tmp_path, capsys):
@@ -217,3 +198,119 @@ def test_serve_refuses_other_addresses_without_a_password(tmp_path, capsys):
     assert "--api-auth" in capsys.readouterr().err
     assert main(["serve", "--models", str(tmp_path / "none")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def browser(width: int = 1100, height: int = 760):
+    """Headless Chromium (Debian's chromium and chromium-driver) through selenium; skipped where
+    they are missing, unless EDGEDIFF_REQUIRE_BROWSER is set (CI installs them and sets it)."""
+    import os
+    import shutil
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver:
+        message = "the page test needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
+        if os.environ.get("EDGEDIFF_REQUIRE_BROWSER"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as ChromeService
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 f"--window-size={width},{height}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=ChromeService(driver), options=options)
+
+
+def test_the_page_in_a_browser(served, tiny_package, tmp_path):
+    """Type a prompt, press Generate, watch the progress bar fill, read the image back: it is
+    `Pipeline.generate`'s."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    url, _, service = served
+    service.switch("alpha")
+    driver = browser()
+    try:
+        driver.get(url + "/")
+        WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#sampler option")) > 0)
+        assert driver.find_element(By.ID, "model").text.startswith("alpha [")
+        for element, value in (("prompt", PROMPT), ("negative", NEGATIVE), ("width", "64"), ("height", "64"),
+                               ("steps", "40"), ("cfg", "7"), ("seed", "21")):
+            field = driver.find_element(By.ID, element)
+            field.clear()
+            field.send_keys(value)
+        Select(driver.find_element(By.ID, "sampler")).select_by_visible_text("Euler")
+        driver.find_element(By.ID, "generate").click()
+        seen = set()
+
+        def finished(d):
+            seen.add(int(d.find_element(By.ID, "bar").get_attribute("aria-valuenow")))
+            return d.find_element(By.ID, "status").text in ("done",) or d.find_element(By.ID, "error").text
+
+        WebDriverWait(driver, 120, poll_frequency=0.05).until(finished)
+        assert driver.find_element(By.ID, "error").text == ""
+        assert max(seen) == 100 and any(0 < v < 100 for v in seen)  # the bar moved while it ran
+        src = driver.find_element(By.ID, "image").get_attribute("src")
+        image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+        ours = _ours(tiny_package("sd1"), steps=40, guidance=7.0, sampler="euler", seed=21, width=64, height=64)
+        assert np.array_equal(_pixels(image), _pixels(ours))
+        assert "Seed: 21" in driver.find_element(By.ID, "parameters").text
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#history img")) == 1
+        driver.save_screenshot(str(tmp_path / "page.png"))
+    finally:
+        driver.quit()
+
+
+def test_forty_concurrent_requests_are_each_answered(served):
+    """Each gets its image (its own seed and prompt back) or a 503; none lost or mixed up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, _, service = served
+
+    def ask(i: int):
+        body = {"prompt": f"{PROMPT} {i}", "seed": 1000 + i, "steps": 2, "width": 64, "height": 64}
+        return i, requests.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=300)
+
+    with ThreadPoolExecutor(40) as pool:
+        answers = list(pool.map(ask, range(40)))
+    ok = 0
+    for i, r in answers:
+        assert r.status_code in (200, 503)
+        if r.status_code == 200:
+            import json
+
+            info = json.loads(r.json()["info"])
+            assert (info["seed"], info["prompt"]) == (1000 + i, f"{PROMPT} {i}") and len(r.json()["images"]) == 1
+            ok += 1
+    assert ok >= 1 and service.admitted == 0
+
+
+def test_a_client_that_leaves_mid_job(served):
+    url, _, service = served
+    body = {"prompt": PROMPT, "steps": 60, "width": 64, "height": 64, "seed": 3}
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=0.3)
+    for _ in range(600):  # the job finishes on its own; the server goes on
+        if service.admitted == 0:
+            break
+        time.sleep(0.05)
+    assert service.admitted == 0 and requests.get(f"{url}/sdapi/v1/progress").json()["progress"] == 0
+    r = requests.post(f"{url}/sdapi/v1/txt2img", json=dict(body, steps=2), timeout=60)
+    assert r.status_code == 200
+
+
+def test_memory_stays_flat_over_sequential_requests(served):
+    """RSS of the serving process after 10 warm-up requests and after 40 more: no growth per
+    request beyond noise (a leaked image or session per request would be megabytes each)."""
+    from edgediff.benchmarks.serve import _rss_mb
+
+    url, _, _ = served
+    body = {"prompt": PROMPT, "steps": 2, "width": 64, "height": 64, "seed": 3}
+    for _ in range(10):
+        requests.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=60).raise_for_status()
+    before = _rss_mb()
+    for _ in range(40):
+        requests.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=60).raise_for_status()
+    assert _rss_mb() - before < 40
