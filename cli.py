@@ -173,6 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--max-images", type=int, default=16, help="most images a request may ask (batch x n_iter)")
     v.add_argument("--queue", type=int, default=4, help="jobs waiting or running; more get 503")
     v.add_argument("--max-body-mb", type=float, default=32.0)
+    v.add_argument("--lora-dir", help="folder of LoRA files for <lora:NAME:STRENGTH> tags in prompts")
     return p
 
 
@@ -439,7 +440,8 @@ def _serve(args) -> int:
                     max_images=args.max_images, queue=args.queue)
     print(f"edgediff: serving {args.models} on http://{host}:{args.port}/ (A1111 API under /sdapi/v1)",
           file=sys.stderr, flush=True)
-    serve(Path(args.models), args.model, host, args.port, auth, limits, args.low_memory, args.device, args.threads)
+    serve(Path(args.models), args.model, host, args.port, auth, limits, args.low_memory, args.device, args.threads,
+          Path(args.lora_dir) if args.lora_dir else None)
     return 0
 
 

@@ -240,9 +240,10 @@ class Service:
     """The loaded model, the job queue and the state /progress reports; the web layer calls in."""
 
     def __init__(self, models: Models, model: str | None = None, limits: Limits | None = None,
-                 low_memory: bool = False, device: str = "auto", threads: int | None = None):
+                 low_memory: bool = False, device: str = "auto", threads: int | None = None,
+                 lora_dir: Path | None = None):
         self.models, self.limits = models, limits or Limits()
-        self.low_memory, self.device, self.threads = low_memory, device, threads
+        self.low_memory, self.device, self.threads, self.lora_dir = low_memory, device, threads, lora_dir
         self.name: str | None = None
         self.pipe = None
         self.model_lock = threading.Lock()  # one job (or model switch) on the model at a time
@@ -264,8 +265,13 @@ class Service:
                 for comp in self.pipe._components.values():
                     comp.release()
             self.pipe = None
-            self.pipe = Pipeline(self.models.paths[name], device=self.device, threads=self.threads,
-                                 low_memory=self.low_memory)
+            path = self.models.paths[name]
+            if path.is_file():  # a GGUF file another tool wrote runs through its cached graphs
+                from edgediff.convert.adopt import runnable
+
+                path = runnable(path)
+            self.pipe = Pipeline(path, device=self.device, threads=self.threads, low_memory=self.low_memory,
+                                 lora_dir=self.lora_dir)
             self.name = name
 
     def admit(self) -> None:
@@ -536,8 +542,8 @@ class Running:
 
 def serve(models: Path, model: str | None = None, host: str = "127.0.0.1", port: int = 7860,
           auth: tuple[str, str] | None = None, limits: Limits | None = None, low_memory: bool = False,
-          device: str = "auto", threads: int | None = None) -> None:
+          device: str = "auto", threads: int | None = None, lora_dir: Path | None = None) -> None:
     """Load the model and serve until interrupted."""
     uvicorn = require("uvicorn", "serve", "edgediff serve")
-    service = Service(Models(models), model, limits, low_memory, device, threads)
+    service = Service(Models(models), model, limits, low_memory, device, threads, lora_dir)
     uvicorn.run(app(service, auth), host=host, port=port, log_level="info")

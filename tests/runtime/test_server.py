@@ -22,10 +22,13 @@ LIMITS = Limits(max_body=200_000, max_side=256, max_steps=60, max_images=4, queu
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_package):
+def served(tmp_path_factory, tiny_package, tiny_source):
+    from edgediff.convert import convert
+
     folder = tmp_path_factory.mktemp("models")
     (folder / "alpha").symlink_to(tiny_package("sd1"))
     (folder / "beta").symlink_to(tiny_package("sd1-deep"))
+    convert(tiny_source("sd1"), folder / "gamma.gguf", precision="q8_0")
     (folder / "notes.txt").write_text("not a model")
     service = Service(Models(folder), "alpha", LIMITS, device="cpu")
     running = Running(service)
@@ -67,7 +70,7 @@ def test_batches_models_options_and_png_info(served, tiny_package):
     _, port, service = served
     api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler", steps=3)
     titles = api.util_get_model_names()
-    assert [t.split(" [")[0] for t in titles] == ["alpha", "beta"]
+    assert [t.split(" [")[0] for t in titles] == ["alpha", "beta", "gamma.gguf"]
     api.util_set_model("beta")
     assert api.util_get_current_model().startswith("beta [")
     result = api.txt2img(prompt=PROMPT, negative_prompt=NEGATIVE, seed=11, width=64, height=64, batch_size=2, n_iter=1)
@@ -78,6 +81,12 @@ def test_batches_models_options_and_png_info(served, tiny_package):
     assert back.info.startswith(PROMPT) and back.parameters["Seed"] == "11"
     assert {s["name"] for s in api.get_samplers()} >= {"Euler", "Euler a", "DPM++ 2M"}
     assert "karras" in api.util_get_scheduler_names()
+    api.util_set_model("gamma.gguf")  # a GGUF package
+    result = api.txt2img(prompt=PROMPT, negative_prompt=NEGATIVE, seed=4, width=64, height=64)
+    gguf = Pipeline(service.models.paths["gamma.gguf"], device="cpu").generate(
+        PROMPT, NEGATIVE, steps=3, guidance=7.0, sampler="euler", seed=4, width=64, height=64)
+    assert np.array_equal(_pixels(result.image), _pixels(gguf))
+    assert api.get_progress()["state"]["job_count"] == 0
     api.util_set_model("alpha")
     assert service.name == "alpha"
 
@@ -152,12 +161,14 @@ def _png() -> bytes:
     ("txt2img", {"batch_size": 4, "n_iter": 4}, 422, "at most 4 images"),
     ("txt2img", {"sampler_name": "Euler z"}, 404, "Sampler not found"),
     ("txt2img", {"scheduler": "wavy"}, 404, "Scheduler not found"),
-    ("txt2img", {"override_settings": {"sd_model_checkpoint": "gamma"}}, 404, "not served here"),
+    ("txt2img", {"override_settings": {"sd_model_checkpoint": "delta"}}, 404, "not served here"),
     ("txt2img", {"override_settings": {"sd_model_checkpoint": "../alpha"}}, 404, "not served here"),
     ("img2img", {"init_images": []}, 422, "needs 'init_images'"),
     ("img2img", {"init_images": ["%%%"]}, 422, "not valid base64"),
     ("img2img", {"init_images": [_b64(b"plain text, no image")]}, 422, "not a readable image"),
     ("img2img", {"init_images": [_b64(_png()[:40])]}, 422, "not a readable image"),
+    ("img2img", {"init_images": [_b64(_png())[:-7]]}, 422, "not valid base64"),
+    ("img2img", {"init_images": ["data:image/png;base64," + _b64(_png()[:40])]}, 422, "not a readable image"),
     ("txt2img", {"prompt": "x" * 300_000}, 413, "over 200000 bytes"),
     ("options", {"sd_model_checkpoint": "/etc/passwd"}, 404, "not served here"),
     ("png-info", {"image": "%%%"}, 422, "not a readable base64 image"),
