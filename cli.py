@@ -214,6 +214,8 @@ def _generate(args) -> int:
         out = Path(args.output)
         if not out.parent.is_dir():
             raise UsageError(f"--output {out}: the folder {out.parent} does not exist; create it first")
+        if out.is_dir():
+            raise UsageError(f"--output {out}: is a folder; name the PNG file to write")
     model = args.model
     say = lambda msg: print(f"[convert] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     if model is None:
@@ -237,7 +239,7 @@ def _generate(args) -> int:
         clip_skip=args.clip_skip, size_conditioning=size, refiner=refiner,
         refiner_start=args.refiner_start, progress=ProgressBar("sampling"),
     )
-    seed = image.info["parameters"].split("Seed: ")[1].split(",")[0]
+    seed = image.info["seed"]
     path = save_png(image, args.output or f"edgediff-{seed}.png", image.info["parameters"])
     print(f"wrote {path} ({image.width}x{image.height}, seed {seed})")
     print(f"time: {pipe.timings.summary()}")
@@ -262,7 +264,15 @@ def _bench(args) -> int:
     out = Path(args.output or f"bench-results/{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--output {out}: exists and is not empty; choose another folder")
-    rows = run_scenario(scenario, out, say, args.reconvert)
+    created = not out.exists()
+    try:
+        rows = run_scenario(scenario, out, say, args.reconvert)
+    except BaseException:  # a failed bench leaves no half-filled results folder
+        if created:
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     (out / "report.md").write_text(markdown(rows, f"{scenario.name}: {scenario.model}"))
     chart(rows, out / "chart.png")
     print(f"wrote {out / 'runs.jsonl'}, {out / 'report.md'}, {out / 'chart.png'}")
@@ -460,6 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("edgediff: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `edgediff inspect FILE | head`: the reader left; say nothing more
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

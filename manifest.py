@@ -94,14 +94,46 @@ class Manifest:
                 f"{where}: package format version {raw.get('format_version')} is not supported by this "
                 f"edgediff (it reads version {FORMAT_VERSION}); re-convert the model with this version"
             )
-        try:
-            raw["components"] = {
-                k: ComponentEntry(**{**v, "data_files": tuple(v.get("data_files", ()))})
-                for k, v in raw["components"].items()
-            }
-            raw["text_encoders"] = tuple(TextEncoderEntry(**t) for t in raw["text_encoders"])
-            extra = raw.get("conditioning", {})
-            raw["conditioning"] = Conditioning(**{**extra, "time_ids": tuple(extra.get("time_ids", ()))})
-            return cls(**raw)
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise PackageError(f"{where}: manifest is missing or has malformed fields ({exc})") from exc
+        from edgediff.typed import read
+
+        manifest = read(cls, raw, where, PackageError)
+        manifest.check(where)
+        return manifest
+
+    def check(self, where: str) -> None:
+        """What the types do not say: values in range, names that exist, files inside the package."""
+        from edgediff.runtime.samplers import SAMPLERS
+        from edgediff.runtime.schedules import SCHEDULES
+
+        def bad(message: str):
+            return PackageError(f"{where}: {message}; the manifest is damaged: re-run `edgediff convert`")
+
+        if self.prediction not in ("eps", "v", "flow"):
+            raise bad(f"'prediction' is {self.prediction!r} (eps, v or flow)")
+        for name in ("latent_channels", "vae_downscale", "size_multiple"):
+            if getattr(self, name) < 1:
+                raise bad(f"'{name}' is {getattr(self, name)} (at least 1)")
+        if not self.latent_scale > 0:
+            raise bad(f"'latent_scale' is {self.latent_scale} (above 0)")
+        if self.denoiser not in self.components:
+            raise bad(f"the denoiser '{self.denoiser}' is not among the components ({', '.join(self.components)})")
+        for te in self.text_encoders:
+            if te.component not in self.components:
+                raise bad(f"text encoder '{te.component}' is not among the components")
+        adopted = {str(f) for f in self.source.get("files", ())} if isinstance(self.source.get("files"), list) else set()
+        for name, entry in self.components.items():
+            for rel in (entry.file, *entry.data_files, *([entry.weights] if entry.weights else [])):
+                if rel == entry.weights and rel in adopted:
+                    continue  # a cached package binding the user's own file, as `source.files` lists
+                if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts or "\\" in rel:
+                    raise bad(f"component '{name}' names the file {rel!r}, outside the package")
+        kinds = {"steps": int, "guidance": (int, float), "sampler": str, "schedule": str, "width": int, "height": int}
+        for key, kind in kinds.items():
+            value = self.defaults.get(key)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise bad(f"defaults.{key} is {value!r}")
+        if self.defaults["sampler"] not in SAMPLERS or self.defaults["schedule"] not in SCHEDULES:
+            raise bad(f"defaults name an unknown sampler or schedule ({self.defaults['sampler']!r}, "
+                      f"{self.defaults['schedule']!r})")
+        if self.defaults["steps"] < 1 or self.defaults["width"] < 1 or self.defaults["height"] < 1:
+            raise bad("defaults.steps, width and height must be at least 1")

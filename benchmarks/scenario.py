@@ -21,7 +21,7 @@
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgediff.errors import UsageError
@@ -64,19 +64,29 @@ def load_scenario(path: str | Path) -> Scenario:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: not valid TOML ({exc})") from exc
-    known = {f.name: f for f in fields(Scenario)}
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        raise UsageError(f"{path}: unknown keys {unknown}; scenario keys are: {', '.join(known)}")
     for key in ("name", "model"):
         if key not in raw:
             raise UsageError(f"{path}: missing '{key}'")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
-    scenario = Scenario(**values)
+    from edgediff.typed import read
+
+    scenario = read(Scenario, raw, str(path), UsageError)
     if scenario.batch != 1:
         raise UsageError(f"{path}: batch {scenario.batch}: this version generates one image per run (batch = 1)")
-    if scenario.repeats < 1 or scenario.steps < 1:
-        raise UsageError(f"{path}: repeats and steps must be at least 1")
+    for key in ("repeats", "steps", "threads"):
+        if getattr(scenario, key) is not None and getattr(scenario, key) < 1:
+            raise UsageError(f"{path}: '{key}' must be at least 1 (got {getattr(scenario, key)})")
+    if not scenario.sizes or any(s < 8 or s % 8 for s in scenario.sizes):
+        raise UsageError(f"{path}: 'sizes' must be positive multiples of 8 (got {list(scenario.sizes)})")
+    if scenario.guidance < 0 or scenario.timeout is not None and scenario.timeout <= 0:
+        raise UsageError(f"{path}: 'guidance' must be >= 0 and 'timeout' above 0")
+    from edgediff.runtime.samplers import SAMPLERS
+    from edgediff.runtime.schedules import SCHEDULES
+    from edgediff.runtime.sessions import DEVICES
+
+    for key, value, known_names in (("sampler", scenario.sampler, SAMPLERS), ("schedule", scenario.schedule, SCHEDULES),
+                                    ("device", scenario.device, DEVICES)):
+        if value not in known_names:
+            raise UsageError(f"{path}: unknown {key} '{value}' (known: {', '.join(known_names)})")
     from edgediff.benchmarks.harness import parse_configuration
     from edgediff.benchmarks.peers import PEERS
 

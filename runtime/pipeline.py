@@ -6,6 +6,7 @@ text encoder and VAE are not resident while the denoiser runs.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 import warnings
@@ -329,8 +330,8 @@ class Pipeline:
         sigmas = get_sigmas(schedule, self.schedule.at_size(tokens), steps)
         if clip_skip < 1:
             raise UsageError(f"--clip-skip must be at least 1 (got {clip_skip})")
-        if guidance < 0:
-            raise UsageError(f"--guidance must be >= 0 (got {guidance})")
+        if not math.isfinite(guidance) or guidance < 0:
+            raise UsageError(f"--guidance must be a finite number >= 0 (got {guidance})")
         spec = m.conditioning
         if guidance > 1 and not spec.cfg and not spec.guidance_embedded:
             warnings.warn(f"{m.family} is distilled to run without guidance: --guidance {guidance} is ignored",
@@ -407,6 +408,7 @@ class Pipeline:
             "Version": f"edgediff {__version__}",
         }
         picture.info["parameters"] = img.a1111_parameters(prompt, negative_prompt, fields)
+        picture.info["seed"] = seed  # for callers: never parse it back out of the text
         return picture
 
     def _check_refiner(self, refiner: Pipeline) -> None:

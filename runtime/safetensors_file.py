@@ -53,6 +53,9 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     except (UnicodeDecodeError, ValueError) as exc:
         raise SourceError(f"{path}: garbled safetensors header ({exc}); download the file again") from exc
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise SourceError(f"{path}: its safetensors __metadata__ is not a map of strings (the format requires one); "
+                          "the file is damaged or was not written by a safetensors library")
     data_size = size - 8 - length
     tensors: dict[str, TensorInfo] = {}
     spans = []

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from edgediff.errors import UsageError
+from edgediff.errors import PackageError, UsageError
 
 
 class _SigmaRange:
@@ -42,6 +42,9 @@ class DiscreteSchedule(_SigmaRange):
     @classmethod
     def from_config(cls, config: Mapping[str, object]) -> DiscreteSchedule:
         """Betas as diffusers computes them (float32 torch.linspace, float32 cumprod)."""
+        if config.get("trained_betas") is None and not {"beta_start", "beta_end"} <= set(config):
+            raise PackageError(f"scheduler config {dict(config)!r} has no beta_start/beta_end (nor trained_betas): "
+                               "it says nothing of the model's noise schedule; re-convert the model")
         n = int(config.get("num_train_timesteps", 1000))
         kind = config.get("beta_schedule", "scaled_linear")
         start, end = float(config.get("beta_start", 0.00085)), float(config.get("beta_end", 0.012))
@@ -279,4 +282,7 @@ def get_sigmas(name: str, ds: Schedule, steps: int) -> np.ndarray:
         raise UsageError(f"unknown schedule '{name}'; choose one of: {', '.join(SCHEDULES)}")
     if steps < 1:
         raise UsageError(f"steps must be at least 1 (got {steps})")
+    if isinstance(ds, DiscreteSchedule) and steps > len(ds.sigmas):
+        raise UsageError(f"{steps} steps are more than the model's {len(ds.sigmas)} training timesteps "
+                         "(the schedule would repeat them); use fewer steps")
     return SCHEDULES[name](ds, steps)

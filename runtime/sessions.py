@@ -63,6 +63,21 @@ class SessionOptions:
     lora_mode: str = "branch"
 
 
+_FELL_BACK: set[str] = set()
+
+
+def _check_fallback(session, device: str, name: str) -> None:
+    """CUDA asked for and available, yet the session runs on the CPU (a missing CUDA/cuDNN
+    library makes onnxruntime fall back without an error): say so, once per process."""
+    wanted = providers_for(device)[0]
+    got = session.get_providers()[0]
+    if wanted != got and wanted not in _FELL_BACK:
+        _FELL_BACK.add(wanted)
+        warnings.warn(f"the {name} component asked for {wanted} but onnxruntime runs it on {got} (its CUDA "
+                      "libraries did not load: check CUDA and cuDNN against onnxruntime-gpu's requirements); "
+                      "every component will run there", RuntimeWarning, stacklevel=3)
+
+
 def _return_freed_memory() -> None:
     """Give freed heap memory back to the system: glibc keeps large freed blocks in its heap, so
     a process's resident size would stay at its high-water mark."""
@@ -123,6 +138,7 @@ class Component:
                     "re-convert the model or check that the provider supports its operators"
                 ) from exc
             self.load_seconds += time.perf_counter() - start
+            _check_fallback(self._session, self.options.device, self.name)
             if self.bind is not None:
                 # onnxruntime copied the arrays: free ours. Its Python wrapper would re-create the
                 # session from these options after a provider failure, when they are gone.
@@ -148,7 +164,16 @@ class Component:
         if self.tap is not None:
             self.tap(cast)
         names = [o.name for o in session.get_outputs()]
-        outputs = session.run(names, cast)
+        try:
+            outputs = session.run(names, cast)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in cast.items())
+            raise RuntimeFailure(
+                f"the {self.name} component failed in onnxruntime ({self.path}; inputs: {shapes}): "
+                f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}. An image size "
+                "or batch the graph was not exported for, too little memory, or a damaged package: try a "
+                "smaller size, --low-memory, or re-convert the model"
+            ) from exc
         result = {}
         for name, value in zip(names, outputs, strict=True):
             value = np.asarray(value)

@@ -52,6 +52,20 @@ def test_inspect_package_and_source(tiny_package, tiny_source, capsys):
     assert code == 0 and "family: sd1 (Stable Diffusion 1.x; diffusers names)" in out
 
 
+def test_a_seed_in_the_prompt_is_just_text(tiny_package, tmp_path, capsys, monkeypatch):
+    """The CLI reads the seed it used, never parses it back out of the parameters text."""
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(capsys, *_generate(tiny_package, "--prompt", "Seed: hello, world", "--seed", "77"))
+    assert code == 0 and "seed 77" in out and (tmp_path / "edgediff-77.png").is_file()
+
+
+def test_inspect_into_a_closed_pipe(tiny_package):
+    """`edgediff inspect PKG | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    done = subprocess.run(f"{sys.executable} -m edgediff.cli inspect {tiny_package('sd1')} | head -1",
+                          shell=True, capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith("edgediff package") and "Traceback" not in done.stderr
+
+
 def test_lora_from_the_command_line(tiny_package, tiny_source, tmp_path, capsys):
     """inspect tells what a LoRA file is; generate applies it (flag or prompt tag) and records it."""
     import json
@@ -119,6 +133,9 @@ def _generate(tiny_package, *extra):
     (("--device", "tpu"), "invalid choice: 'tpu'"),
     (("--steps", "many"), "invalid int value: 'many'"),
     (("--lora", "NOFILE"), "nofile.png: no such file"),
+    (("--guidance", "nan"), "--guidance must be a finite number >= 0 (got nan)"),
+    (("--steps", "2000"), "2000 steps are more than the model's"),
+    (("--output", "DIR"), "is a folder; name the PNG file"),
     (("--lora", "NOFILE:nan"), "not a finite number"),
     (("--prompt", "a cat <lora:style>"), "--lora-dir"),
 ])
@@ -127,7 +144,8 @@ def test_generate_usage_errors(tiny_package, tmp_path, capsys, extra, message):
     Image.new("RGB", (64, 64)).save(good)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image at all")
-    subst = {"IMG": str(good), "BAD": str(bad), "NOFILE": str(tmp_path / "nofile.png"),
+    (tmp_path / "folder").mkdir()
+    subst = {"IMG": str(good), "BAD": str(bad), "NOFILE": str(tmp_path / "nofile.png"), "DIR": str(tmp_path / "folder"),
              "MISSING/out.png": str(tmp_path / "missing" / "out.png")}
     before = sorted(tmp_path.iterdir())
     code, _, err = run(capsys, *_generate(tiny_package, *(subst.get(a, a) for a in extra)))

@@ -78,9 +78,13 @@ def test_scenario_files(tmp_path):
     assert good.model == "synthetic:sd15" and good.sizes == (512,) and "sdcpp-q4_0" in good.peers
     assert "diffusers-bf16" in load_scenario("sd15-256").peers
     bad = tmp_path / "bad.toml"
-    bad.write_text('name = "x"\nmodel = "m"\nspeed = 3\n')
-    with pytest.raises(UsageError, match="unknown keys \\['speed'\\]"):
-        load_scenario(bad)
+    for body, message in (('speed = 3', "unknown key 'speed'"), ('steps = "4"', "'steps' must be an integer"),
+                          ('sampler = "warp"', "unknown sampler 'warp'"), ('sizes = [500]', "multiples of 8"),
+                          ('threads = 0', "'threads' must be at least 1"), ('guidance = nan', "finite number"),
+                          ('seeds = [0.5]', r"'seeds\[0\]' must be an integer")):
+        bad.write_text(f'name = "x"\nmodel = "m"\n{body}\n')
+        with pytest.raises(UsageError, match=message):
+            load_scenario(bad)
     bad.write_text('name = "x"\nmodel = "m"\npeers = ["tensorrt"]\n')
     with pytest.raises(UsageError, match="unknown peer 'tensorrt'"):
         load_scenario(bad)

@@ -162,3 +162,11 @@ def test_not_a_gguf(tmp_path):
     path.write_bytes(b"GGUF" + b"\0" * 10)
     with pytest.raises(SourceError, match="corrupt or truncated GGUF header"):
         open_source(path)
+
+
+@pytest.mark.parametrize("metadata", [["a", "list"], {"format": 3}, "text"])
+def test_metadata_that_is_not_a_string_map(tmp_path, metadata):
+    path = _with_header(tmp_path, {"__metadata__": metadata, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+                        b"\0" * 4)
+    with pytest.raises(SourceError, match="__metadata__ is not a map of strings"):
+        read_safetensors_header(path)

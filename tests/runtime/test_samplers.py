@@ -17,7 +17,7 @@ from edgediff.runtime.samplers import SAMPLERS, get_sampler
 from edgediff.runtime.schedules import DiscreteSchedule, get_sigmas
 
 S = 0.5
-DS = DiscreteSchedule.from_config({})
+DS = DiscreteSchedule.from_config({"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"})
 
 
 def ideal(x, sigma):

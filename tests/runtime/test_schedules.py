@@ -142,3 +142,17 @@ def test_dynamic_shift_needs_the_image_size():
 
     with pytest.raises(UsageError, match="at_size"):
         get_sigmas("normal", FlowSchedule.from_config(FLUX_DEV), 4)
+
+
+def test_more_steps_than_training_timesteps_are_refused():
+    ds = DiscreteSchedule.from_config(CONFIG)
+    assert len(get_sigmas("normal", ds, 1000)) == 1001
+    with pytest.raises(UsageError, match="2000 steps are more than the model's 1000 training timesteps"):
+        get_sigmas("normal", ds, 2000)
+
+
+def test_a_scheduler_config_without_betas_is_refused():
+    from edgediff.errors import PackageError
+
+    with pytest.raises(PackageError, match="no beta_start/beta_end"):
+        DiscreteSchedule.from_config({})

@@ -50,3 +50,31 @@ def test_split_guidance_gives_the_same_image(tiny_package):
     a = Pipeline(tiny_package("sd1"), device="cpu").generate("a cat", "dog", **args)
     b = Pipeline(tiny_package("sd1"), device="cpu", split_guidance=True).generate("a cat", "dog", **args)
     assert psnr(a, b) > 60
+
+
+def test_an_onnxruntime_failure_names_the_component_and_its_inputs(tiny_package):
+    from edgediff.errors import RuntimeFailure
+    from edgediff.runtime.package import open_package
+    from edgediff.runtime.sessions import SessionOptions
+
+    comp = open_package(tiny_package("sd1")).component("vae_decoder", SessionOptions(device="cpu"))
+    with pytest.raises(RuntimeFailure, match=r"vae_decoder component failed in onnxruntime .*latent_sample \[1, 4, 8\]"):
+        comp.run({"latent_sample": np.zeros((1, 4, 8), np.float32)})  # a rank the graph does not take
+
+
+def test_a_silent_cpu_fallback_is_reported_once(monkeypatch):
+    from edgediff.runtime import sessions
+
+    class Session:
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    monkeypatch.setattr(sessions, "providers_for", lambda device: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(sessions, "_FELL_BACK", set())
+    with pytest.warns(RuntimeWarning, match="asked for CUDAExecutionProvider but onnxruntime runs it on CPUExecutionProvider"):
+        sessions._check_fallback(Session(), "cuda", "unet")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sessions._check_fallback(Session(), "cuda", "vae_decoder")  # once
