@@ -130,6 +130,7 @@ def convert(
     if fmt == "gguf" and output.suffix.lower() != ".gguf":
         raise UsageError(f"--output {output}: a GGUF package is one file; name it NAME.gguf")
     parsed_rules = [Rule.parse(r) for r in rules]
+    _check_rules(parsed_rules, fmt)
     keep_types = precision is None
     precision = precision or "fp32"
     parse_precision(precision, ALL_COMPONENTS, fmt)  # usage errors before any file is read
@@ -201,6 +202,20 @@ def convert(
             manifest = _apply_precisions(tmp, manifest, precisions, parsed_rules, progress)
             (tmp / MANIFEST).write_text(manifest.to_json())
     return manifest
+
+
+RULE_PRECISIONS = ("keep", "fp32", "fp16", "int8", "int4")  # what a rule may give a weight of an ONNX package
+
+
+def _check_rules(rules, fmt: str) -> None:
+    """A rule names a precision the format has (a misspelled one would leave the weight as it is)."""
+    from edgediff.kernels.gguf_blocks import WRITABLE
+
+    allowed = ("keep", *WRITABLE) if fmt == "gguf" else RULE_PRECISIONS
+    for rule in rules:
+        if rule.precision not in allowed:
+            raise UsageError(f"--rule '{rule.pattern}={rule.precision}': unknown precision '{rule.precision}' for "
+                             f"{fmt.upper()} packages; a rule gives one of: {', '.join(allowed)}")
 
 
 def full_precision_components(fam: Family, vae_half: bool) -> set[str]:
@@ -365,11 +380,13 @@ def _apply_precisions(root: Path, manifest: Manifest, precisions: dict[str, str]
 
     components = dict(manifest.components)
     for name, precision in precisions.items():
-        if precision == "fp32" or name not in components:
+        if precision == "fp32" and not rules or name not in components:
             continue
-        if progress:
+        if progress and precision != "fp32":
             progress(f"{name}: {precision}")
         applied = apply_precision(root / components[name].file, name, precision, rules, calibration(name))
+        if precision == "fp32" and not applied.notes:
+            continue  # no rule matched a weight of it
         files = [root / components[name].file]
         data = files[0].with_name(files[0].name + "_data")
         if data.exists():

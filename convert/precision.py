@@ -17,13 +17,14 @@ and last convolution stay high precision; user rules first).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgediff.errors import EdgediffError, PackageError, UsageError, require
 from edgediff.kernels import graph
-from edgediff.kernels.policy import Rule, precision_for
+from edgediff.kernels.policy import KEEP, Rule, precision_for
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-static", "int8-weights", "int4")
 # int8 = the one at fp32's quality: int8-weights is 49.9 dB from fp32 on the full-size SD 1.5
@@ -96,28 +97,45 @@ def apply_precision(
     rules: Sequence[Rule] = (),
     calibration: Callable[[], list[dict]] | None = None,
 ) -> Applied:
-    """Rewrite the graph at `path` in place to `precision`."""
-    if precision == "fp32":
+    """Rewrite the graph at `path` in place to `precision` (an fp32 component too where a rule
+    gives some of its weights int8 or int4)."""
+    if precision == "fp32" and not rules:
         return Applied("fp32", {})
     onnx = require("onnx", "convert", "Converting precision")
     # weight-only passes read each weight from the data file as they reach it (a full-size SDXL
     # UNet loaded whole, then rewritten, does not fit 24 GB)
-    lazy = precision in ("int8-weights", "int4") and path.with_name(path.name + "_data").exists()
+    weight_only = precision in ("fp32", "int8-weights", "int4")
+    lazy = weight_only and path.with_name(path.name + "_data").exists()
     model = onnx.load(str(path), load_external_data=not lazy)
     base = path.parent if lazy else None
     kind = {"int8-weights": "int8", "int8-static": "int8"}.get(precision, precision)
 
-    def choose(name: str, shape: tuple[int, ...]) -> bool:
-        return precision_for(name, shape, kind, rules) == kind
+    def choose(name: str, shape: tuple[int, ...]) -> int:
+        """The bits weight `name` is stored in (0: it stays float); a rule's precision wins over
+        the component's where the graph can hold it, else it is refused with the reason."""
+        chosen = precision_for(name, shape, kind, rules)
+        if chosen in (KEEP, "fp32"):
+            return 0
+        bits = {"int8": 8, "int8-weights": 8, "int4": 4}.get(chosen)
+        if bits is None or precision == "int8-static" and bits != 8:
+            raise PrecisionError(f"{component}: a rule gives '{name}' {chosen}, which an {precision} component "
+                                 f"cannot hold (it stores weights as {'int8 or fp32' if precision == 'int8-static' else 'int4, int8 or fp32'}); "
+                                 "convert that component to another precision or change the rule")
+        return bits
 
     if precision == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
+        if any(re.search(r.pattern, t.name) for r in rules for t in model.graph.initializer):
+            raise PrecisionError(f"{component}: --rule does not apply to an fp16 component (onnxruntime's fp16 "
+                                 "converter keeps its own list of ops in fp32); drop the rule, or convert this "
+                                 "component to int8/int4 where rules choose each weight's precision")
+
         _check_fp16_range(model, component)
         model = convert_float_to_float16(_with_shapes(path), keep_io_types=True, disable_shape_infer=True)
         notes = {"io": "fp32", "fp32_ops": "onnxruntime's float16.DEFAULT_OP_BLOCK_LIST"}
-    elif precision in ("int8-weights", "int4"):
-        bits = 8 if precision == "int8-weights" else 4
+    elif weight_only:
+        bits = 8 if precision == "int8-weights" else 4  # fp32: only the rules' weights, at their bits
         spill = path.name + "_transposed" if lazy else None  # the folded weights, until saved
         graph.fold_weight_transposes(model, base, spill)
         matmuls = graph.matmul_to_nbits(model, bits, BLOCK, choose, base=base)
@@ -130,6 +148,10 @@ def apply_precision(
         return Applied(precision, notes)
     else:
         raise UsageError(f"unknown precision '{precision}'")
+    if precision == "fp32" and not (notes["matmul_nbits"] or notes["conv_dequantize"]):
+        if lazy:
+            (path.parent / spill).unlink(missing_ok=True)
+        return Applied("fp32", {})  # no rule matched: the graph stays as exported
     save_model(model, path, base)
     if lazy:
         (path.parent / spill).unlink(missing_ok=True)

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgediff.kernels.quant import pack_nibbles, quantize_blocks, unpack_nibbles
 
-Choose = Callable[[str, tuple[int, ...]], bool]
+Choose = Callable[[str, tuple[int, ...]], "bool | int"]  # True: the pass's bits; an int: these bits; 0/False: keep
 TRANSPOSED = ".transposed"  # suffix of a folded weight; the rest is its state-dict name
 
 
@@ -131,15 +131,17 @@ def matmul_to_nbits(model: onnx.ModelProto, bits: int, block: int, choose: Choos
         if node.op_type != "MatMul" or node.input[1] not in inits:
             continue
         w_init = inits[node.input[1]]
-        if len(w_init.dims) != 2 or not choose(weight_name(w_init.name), tuple(w_init.dims)):
+        chosen = choose(weight_name(w_init.name), tuple(w_init.dims)) if len(w_init.dims) == 2 else 0
+        if not chosen:
             continue
+        b = bits if chosen is True else int(chosen)
         w = read_array(w_init, base).astype(np.float32)
         k, n = w.shape
-        name = w_init.name + f"_Q{bits}"
-        tensors = nbits_tensors(w.T, name, bits, block, symmetric)
+        name = w_init.name + f"_Q{b}"
+        tensors = nbits_tensors(w.T, name, b, block, symmetric)
         inputs = [node.input[0], *(t.name for t in tensors)]
         new += tensors
-        attrs = {"K": k, "N": n, "bits": bits, "block_size": block}
+        attrs = {"K": k, "N": n, "bits": b, "block_size": block}
         if accuracy_level:
             attrs["accuracy_level"] = accuracy_level
         replacement = helper.make_node("MatMulNBits", inputs, list(node.output), name=node.name + "_nbits",
@@ -206,15 +208,18 @@ def conv_weights_to_dq(model: onnx.ModelProto, bits: int, choose: Choose, block:
     low-bit convolution kernel: the weight is small on disk and dequantized when the Conv runs."""
     inits = _initializers(model)
     uses = _consumers(model)
-    drop, new, dq_nodes, count = set(), [], [], 0
+    drop, new, dq_nodes, count, int4 = set(), [], [], 0, False
     for node in model.graph.node:
         if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in inits:
             continue
         w_init = inits[node.input[1]]
-        if not choose(weight_name(w_init.name), tuple(w_init.dims)):
+        chosen = choose(weight_name(w_init.name), tuple(w_init.dims))
+        if not chosen:
             continue
-        name = w_init.name + f"_Q{bits}"
-        tensors, attrs = conv_dq_tensors(read_array(w_init, base).astype(np.float32), name, bits, block)
+        b = bits if chosen is True else int(chosen)
+        name = w_init.name + f"_Q{b}"
+        tensors, attrs = conv_dq_tensors(read_array(w_init, base).astype(np.float32), name, b, block)
+        int4 |= b == 4
         new += tensors
         out = name + "_dequantized"
         dq_nodes.append(helper.make_node("DequantizeLinear", [name, name + "_scale"], [out],
@@ -227,7 +232,7 @@ def conv_weights_to_dq(model: onnx.ModelProto, bits: int, choose: Choose, block:
     nodes = dq_nodes + list(model.graph.node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    if bits == 4:
+    if int4:
         _ensure_domain(model, "", 21)
     return count
 

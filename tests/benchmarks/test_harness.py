@@ -192,3 +192,13 @@ def test_packages_are_cached_until_reconvert_is_asked(tiny_source, tmp_path, mon
     assert converted == ["fp32", "int4"]
     prepare(scenario, progress=lambda msg: None, reconvert=True)
     assert converted == ["fp32", "int4", "fp32", "int4"]
+
+
+def test_a_failed_bench_leaves_no_folder(tmp_path, capsys):
+    from edgediff.cli import main
+
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(f'name = "x"\nmodel = "{tmp_path / "no-such-model"}"\nrepeats = 1\n')
+    out = tmp_path / "results"
+    assert main(["bench", str(scenario), "--output", str(out)]) != 0
+    assert "no-such-model" in capsys.readouterr().err and not out.exists()

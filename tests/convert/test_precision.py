@@ -155,3 +155,55 @@ def test_weight_passes_over_external_data_give_the_same_package(tiny_source, qua
     assert not list((tmp_path / "ext" / "unet").glob("*.new"))
     for a, b in zip(_images(tmp_path / "ext")[:2], _images(quantized[precision])[:2], strict=True):
         assert psnr(a, b) == float("inf")
+
+
+def _bits(package, component="unet") -> dict[str, int]:
+    """Each quantized weight of a component's graph and its bits, read back from the graph."""
+    import onnx
+
+    model = onnx.load(str(package / component / "model.onnx"), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            out[node.input[1]] = next(a.i for a in node.attribute if a.name == "bits")
+        elif node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            out[node.input[0]] = {onnx.TensorProto.INT8: 8, onnx.TensorProto.INT4: 4}[inits[node.input[0]].data_type]
+    return out
+
+
+def test_a_rule_gives_its_weight_that_precision(tiny_source, tmp_path):
+    """Whatever the component's precision: int8 weights inside an int4 U-Net, int4 ones inside an
+    fp32 text encoder (read back from the graphs)."""
+    m = convert(tiny_source("sd1"), tmp_path / "p", precision="unet=int4",
+                rules=[r"conv_in=int8", r"attn1\.to_q=int8", r"text_model.*q_proj=int4|encoder.*q_proj=int4"])
+    bits = _bits(tmp_path / "p")
+    assert bits["unet.conv_in.weight_Q8"] == 8  # kept in float by default; the rule quantizes it
+    to_q = {k: v for k, v in bits.items() if "attn1.to_q" in k}
+    assert to_q and set(to_q.values()) == {8}
+    assert {v for k, v in bits.items() if "attn2.to_q" in k} == {4}
+    text = _bits(tmp_path / "p", "text_encoder")
+    assert text and all("q_proj" in k for k in text) and set(text.values()) == {4}
+    assert m.components["text_encoder"].precision == "fp32" and m.components["text_encoder"].notes["matmul_nbits"] > 0
+
+
+@pytest.mark.parametrize(("kw", "error", "message"), [
+    (dict(precision="int4", rules=["attn=int3"]), UsageError, "unknown precision 'int3' for ONNX packages"),
+    (dict(precision="q4_0", rules=["attn=int8"], fmt="gguf"), UsageError, "unknown precision 'int8' for GGUF"),
+    (dict(precision="unet=fp16", rules=["conv_in=int8"]), PrecisionError, "does not apply to an fp16 component"),
+])
+def test_rules_that_cannot_hold(tiny_source, tmp_path, kw, error, message):
+    fmt = kw.pop("fmt", "onnx")
+    out = tmp_path / ("p.gguf" if fmt == "gguf" else "p")
+    with pytest.raises(error, match=message):
+        convert(tiny_source("sd1"), out, **kw)
+    assert not out.exists()
+
+
+def test_a_gguf_rule_sets_the_stored_type(tiny_source, tmp_path):
+    import gguf
+
+    convert(tiny_source("sd1"), tmp_path / "p.gguf", precision="q4_0", rules=[r"attn1\.to_q=q8_0"])
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "p.gguf").tensors}
+    to_q = {k: v for k, v in types.items() if "attn1.to_q" in k}
+    assert to_q and set(to_q.values()) == {"Q8_0"} and "Q4_0" in types.values()
