@@ -58,10 +58,40 @@ def resolve_source(spec: str | Path) -> Path:
     return Path(spec)
 
 
+_SAME_WEIGHTS = {"sd-turbo": "sd2", "sdxl-turbo": "sdxl"}  # distilled variants, told apart only by --family
+
+
 def resolve_family(source: Source, family: str = "auto") -> tuple[Family, str]:
+    """The family to convert as: detected from the tensors' shapes, or forced with --family
+    (refused when the shapes say another family). U-Nets that take other inputs than the
+    family's latent (inpainting: 9 channels) are refused here, not inside onnxruntime later."""
+    where = str(source.path)
     if family != "auto":
-        return get_family(family), "forced"
-    return detect_family(source.shapes, str(source.path))
+        forced = get_family(family)
+        try:
+            detected, _ = detect_family(source.shapes, where)
+        except SourceError:
+            return forced, "forced"  # shapes no family claims: the user's word stands
+        if _SAME_WEIGHTS.get(detected.name, detected.name) != _SAME_WEIGHTS.get(forced.name, forced.name):
+            raise SourceError(f"{where}: --family {family} does not fit this file: its tensors are "
+                              f"{detected.name}'s ({detected.title}); drop --family or give --family {detected.name}")
+        _check_inputs(source, forced)
+        return forced, "forced"
+    fam, layout = detect_family(source.shapes, where)
+    _check_inputs(source, fam)
+    return fam, layout
+
+
+def _check_inputs(source: Source, fam: Family) -> None:
+    if fam.denoiser != "unet":
+        return
+    for name in ("unet.conv_in.weight", "model.diffusion_model.input_blocks.0.0.weight"):
+        shape = source.shapes.get(name)
+        if shape is not None and len(shape) == 4 and shape[1] != fam.latent.channels:
+            kind = "an inpainting model" if shape[1] == 9 else "a variant"
+            raise SourceError(f"{source.path}: its U-Net takes {shape[1]} input channels ({name}), not the "
+                              f"{fam.latent.channels} latent channels of {fam.title}: {kind} edgediff does not run "
+                              "yet (it runs text-to-image and image-to-image models)")
 
 
 def _pad_token(tokenizer: Path, default: str) -> str:
@@ -176,7 +206,13 @@ def convert(
     if src.kind == "gguf" or any(parts.values()):
         pipe = adopt.dequantized(src_path, family=family, prediction=prediction, **parts)
     else:
-        pipe = load_torch_pipeline(src, fam, prediction, weightless=streamed)
+        try:
+            pipe = load_torch_pipeline(src, fam, prediction, weightless=streamed)
+        except (RuntimeError, ValueError) as exc:  # torch's size mismatches, GroupNorm's group counts
+            detail = str(exc).strip().splitlines()
+            raise SourceError(f"{src_path}: its tensors do not fit the standard {fam.title} architecture "
+                              f"({' '.join(detail[:2])[:300]}); the file is damaged, pruned in an unusual way, "
+                              "or a variant edgediff does not know") from exc
     if swap_vae:
         pipe.loaders.pop("vae", None)
         pipe.vae = load_vae(Path(vae), fam, pipe.vae)

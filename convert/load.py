@@ -311,7 +311,13 @@ def _load_strict(module, weights: dict, what: str, assign: bool = False) -> None
     tensors (a file's memory-mapped ones stay mapped, nothing is copied)."""
     if assign:
         weights = {k: v.float() for k, v in weights.items()}
-    result = module.load_state_dict(weights, strict=False, assign=assign)
+    try:
+        result = module.load_state_dict(weights, strict=False, assign=assign)
+    except RuntimeError as exc:  # size mismatches: shapes the standard architecture does not have
+        lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+        raise SourceError(f"the {what} weights do not fit the architecture read from the checkpoint "
+                          f"({'; '.join(lines[:2]) or str(exc)[:200]}{' ...' if len(lines) > 2 else ''}); the file "
+                          "may be damaged, pruned in an unusual way, or of an unsupported variant") from None
     if result.missing_keys or result.unexpected_keys:
         raise SourceError(
             f"the {what} weights do not fit the architecture read from the checkpoint "

@@ -68,8 +68,7 @@ def _open_diffusers(folder: Path, allow_pickle: bool) -> Source:
         files = [sub / n for n in names if (sub / n).is_file()]
         index = sorted(sub.glob("*.safetensors.index.json"))
         if not files and index:
-            weight_map = json.loads(index[0].read_text()).get("weight_map", {})
-            files = sorted({sub / f for f in weight_map.values()})
+            files = _indexed_files(index[0])
         if not files:
             pickles = [p for p in sub.iterdir() if p.suffix in PICKLE_SUFFIXES]
             if pickles:
@@ -89,6 +88,26 @@ def _open_diffusers(folder: Path, allow_pickle: bool) -> Source:
             "text_encoder/ with .safetensors weights)"
         )
     return Source(folder, "diffusers", tensors)
+
+
+def _indexed_files(index: Path) -> list[Path]:
+    """The shard files a `*.safetensors.index.json` names, each checked to be a file beside it
+    (a name like `../../etc/hostname` is refused, never followed)."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
+        raise SourceError(f"{index}: not a valid safetensors index ({exc}); download it again") from None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise SourceError(f"{index}: its 'weight_map' is not a map of tensor names to shard files; download it again")
+    files = []
+    for name in sorted(set(weight_map.values())):
+        if Path(name).name != name or name in (".", ".."):
+            raise SourceError(f"{index}: the shard {name!r} is not a file name beside the index (it points "
+                              "elsewhere); the index is damaged or malicious")
+        if not (index.parent / name).is_file():
+            raise SourceError(f"{index}: the shard {name!r} it names is missing from {index.parent}; download it")
+        files.append(index.parent / name)
+    return files
 
 
 def _open_checkpoint(path: Path) -> Source:

@@ -319,3 +319,40 @@ def test_sd3_single_file_matches_the_folder(tiny_source, tiny_package, tmp_path,
     args = dict(steps=3, width=48, height=64, seed=7)
     ref = Pipeline(tiny_package(name), device="cpu").generate("a red cube", "blurry", **args)
     assert psnr(ref, Pipeline(tmp_path / "pkg", device="cpu").generate("a red cube", "blurry", **args)) == float("inf")
+
+
+def _edited_checkpoint(tiny_source, tmp_path, edit) -> object:
+    """The tiny SD 1.x model as a single file, with `edit(tensors)` applied."""
+    from safetensors.numpy import load_file, save_file
+
+    path = write_ldm_checkpoint(tiny_source("sd1"), tmp_path / "sd1.safetensors")
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+    return path
+
+
+def test_files_that_do_not_fit_are_refused_before_any_output(tiny_source, tmp_path):
+    conv_in = "model.diffusion_model.input_blocks.0.0.weight"
+    norm = "model.diffusion_model.input_blocks.1.0.in_layers.0."
+
+    def inpainting(t):
+        t[conv_in] = np.concatenate([t[conv_in], t[conv_in], t[conv_in][:, :1]], axis=1)
+
+    def pruned(t):
+        for k in ("weight", "bias"):
+            t[norm + k] = t[norm + k][:-3]
+
+    for edit, message in ((inpainting, "takes 9 input channels .* an inpainting model"),
+                          (pruned, "UNet weights do not fit the architecture .*size mismatch")):
+        path = _edited_checkpoint(tiny_source, tmp_path, edit)
+        with pytest.raises(SourceError, match=message):
+            convert(path, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_forced_family_must_fit_the_file(tiny_source, tmp_path):
+    path = write_ldm_checkpoint(tiny_source("sdxl"), tmp_path / "xl.safetensors")
+    with pytest.raises(SourceError, match="--family sd1 does not fit this file: its tensors are sdxl's"):
+        convert(path, tmp_path / "out", family="sd1")
+    assert not (tmp_path / "out").exists()

@@ -170,3 +170,20 @@ def test_metadata_that_is_not_a_string_map(tmp_path, metadata):
                         b"\0" * 4)
     with pytest.raises(SourceError, match="__metadata__ is not a map of strings"):
         read_safetensors_header(path)
+
+
+@pytest.mark.parametrize(("index", "message"), [
+    ("{not json", "not a valid safetensors index"),
+    (json.dumps([1, 2]), "not a valid safetensors index"),
+    (json.dumps({"weight_map": {}}), "'weight_map' is not a map"),
+    (json.dumps({"weight_map": {"a": 3}}), "'weight_map' is not a map"),
+    (json.dumps({"weight_map": {"a": "missing.safetensors"}}), "'missing.safetensors' it names is missing"),
+    (json.dumps({"weight_map": {"a": "../../etc/hostname"}}), "is not a file name beside the index"),
+    (json.dumps({"weight_map": {"a": "/etc/hostname"}}), "is not a file name beside the index"),
+])
+def test_a_bad_sharded_index(tmp_path, index, message):
+    unet = tmp_path / "model" / "unet"
+    unet.mkdir(parents=True)
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(index)
+    with pytest.raises(SourceError, match=message):
+        open_source(tmp_path / "model")
