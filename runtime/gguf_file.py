@@ -24,6 +24,56 @@ ORIG_SHAPE = "comfy.gguf.orig_shape."  # ComfyUI-GGUF stores a reshaped tensor's
 PREFIX = "edgediff."  # our metadata keys
 
 
+_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
+_STRING, _ARRAY = 8, 9
+
+
+def _check_header(data, size: int) -> None:
+    """Walk the header's counts and lengths before gguf-py parses it: a count or length that
+    the file cannot hold (gguf-py would loop over empty reads, or allocate for it) is refused."""
+    import struct
+
+    if len(data) < 24:
+        raise _Bad("truncated header")
+    version, tensors, kvs = struct.unpack_from("<IQQ", data, 4)
+    if version not in (2, 3):
+        raise _Bad(f"GGUF version {version} (edgediff reads versions 2 and 3)")
+    if kvs * 13 > size or tensors * 32 > size:  # the smallest key/value and tensor entries
+        raise _Bad(f"the header claims {kvs} metadata entries and {tensors} tensors, more than the "
+                   f"{size}-byte file can hold")
+    pos = 24
+
+    def take(n: int) -> int:
+        nonlocal pos
+        if n < 0 or pos + n > len(data):
+            raise _Bad(f"a metadata entry runs past the end of the header at byte {pos}")
+        pos += n
+        return pos - n
+
+    def string() -> None:
+        (n,) = struct.unpack_from("<Q", data, take(8))
+        take(n)
+
+    def value(kind: int, depth: int = 0) -> None:
+        if kind in _SCALARS:
+            take(_SCALARS[kind])
+        elif kind == _STRING:
+            string()
+        elif kind == _ARRAY and depth < 4:
+            item, count = struct.unpack_from("<IQ", data, take(12))
+            if count * (_SCALARS.get(item, 8)) > len(data) - pos:
+                raise _Bad(f"an array of {count} items at byte {pos} is longer than the file")
+            for _ in range(count):
+                value(item, depth + 1)
+        else:
+            raise _Bad(f"unknown metadata value type {kind} at byte {pos}")
+
+    for _ in range(kvs):
+        string()
+        (kind,) = struct.unpack_from("<I", data, take(4))
+        value(kind)
+
+
 class _CheckedReader(GGUFReader):
     """GGUFReader that checks every tensor's type and data range before mapping it."""
 
@@ -70,6 +120,10 @@ class GGUFFile:
         if magic != MAGIC:
             raise SourceError(f"{self.path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
         try:
+            import mmap
+
+            with self.path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
+                _check_header(view, len(view))
             self.reader = _CheckedReader(self.path)
         except _Bad as exc:
             raise SourceError(f"{self.path}: {exc}") from None
