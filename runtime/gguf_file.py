@@ -92,6 +92,8 @@ class _CheckedReader(GGUFReader):
                 raise _Bad(f"tensor '{name}' has unknown type number {int(raw_dtype[0])}") from None
             block, type_size = GGML_QUANT_SIZES[ggml]
             count = math.prod(int(d) for d in dims)
+            if count == 0:
+                raise _Bad(f"tensor '{name}' ({ggml.name}) has no values (shape {[int(d) for d in dims]})")
             if dims.size and int(dims[0]) % block:
                 raise _Bad(f"tensor '{name}' ({ggml.name}) has rows of {int(dims[0])} values, not whole "
                            f"blocks of {block}")
