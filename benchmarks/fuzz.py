@@ -121,8 +121,10 @@ def target(reader: str):
     return read
 
 
-def run(reader: str, seconds: int, workdir: Path, rss_limit_mb: int = 2048, timeout_s: int = 10) -> int:
-    """Fuzz one reader in this process for `seconds` (atheris exits the process when done)."""
+def run(reader: str, seconds: int, workdir: Path, rss_limit_mb: int = 2048, timeout_s: int = 10,
+        runs: int = 0, seed: int = 0) -> int:
+    """Fuzz one reader in this process for `seconds`, or exactly `runs` inputs from `seed` (the
+    same inputs on every machine: what the tests use); atheris exits the process when done."""
     import atheris
 
     with atheris.instrument_imports(include=["edgediff", "gguf"]):  # coverage of what the readers run
@@ -133,7 +135,8 @@ def run(reader: str, seconds: int, workdir: Path, rss_limit_mb: int = 2048, time
         import edgediff.typed  # noqa: F401
     fuzz = target(reader)
     seeds = corpus(reader, workdir / f"corpus-{reader}")
-    args = [sys.argv[0], str(seeds), f"-max_total_time={seconds}", f"-max_len={MAX_LEN}",
+    limit = [f"-runs={runs}", f"-seed={seed}"] if runs else [f"-max_total_time={seconds}"]
+    args = [sys.argv[0], str(seeds), *limit, f"-max_len={MAX_LEN}",
             f"-rss_limit_mb={rss_limit_mb}", f"-timeout={timeout_s}", f"-artifact_prefix={workdir}/",
             "-print_final_stats=1"]
     atheris.Setup(args, fuzz)
@@ -147,11 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=int, default=60)
     p.add_argument("--out", default=".", help="folder for the corpus and any crash-* finding")
     p.add_argument("--rss-limit-mb", type=int, default=2048)
+    p.add_argument("--runs", type=int, default=0, help="exactly this many inputs instead of --seconds")
+    p.add_argument("--seed", type=int, default=1, help="with --runs: the mutation seed")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.reader != "all":
-        return run(args.reader, args.seconds, out, args.rss_limit_mb)
+        return run(args.reader, args.seconds, out, args.rss_limit_mb, runs=args.runs, seed=args.seed)
     failed = 0
     for reader in READERS:  # one process each: libFuzzer ends the process it runs in
         done = subprocess.run([sys.executable, "-m", "edgediff.benchmarks.fuzz", reader, "--seconds", str(args.seconds),

@@ -126,6 +126,9 @@ class GGUFFile:
 
             with self.path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
                 _check_header(view, len(view))
+        except _Bad as exc:
+            raise SourceError(f"{self.path}: corrupt or truncated GGUF header ({exc}); download the file again") from None
+        try:
             self.reader = _CheckedReader(self.path)
         except _Bad as exc:
             raise SourceError(f"{self.path}: {exc}") from None

@@ -247,8 +247,8 @@ def test_the_page_in_a_browser(served, tiny_package, tmp_path):
         driver.get(url + "/")
         WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#sampler option")) > 0)
         assert driver.find_element(By.ID, "model").text.startswith("alpha [")
-        for element, value in (("prompt", PROMPT), ("negative", NEGATIVE), ("width", "64"), ("height", "64"),
-                               ("steps", "40"), ("cfg", "7"), ("seed", "21")):
+        for element, value in (("prompt", PROMPT), ("negative", NEGATIVE), ("width", "192"), ("height", "192"),
+                               ("steps", "60"), ("cfg", "7"), ("seed", "21")):
             field = driver.find_element(By.ID, element)
             field.clear()
             field.send_keys(value)
@@ -265,7 +265,7 @@ def test_the_page_in_a_browser(served, tiny_package, tmp_path):
         assert max(seen) == 100 and any(0 < v < 100 for v in seen)  # the bar moved while it ran
         src = driver.find_element(By.ID, "image").get_attribute("src")
         image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
-        ours = _ours(tiny_package("sd1"), steps=40, guidance=7.0, sampler="euler", seed=21, width=64, height=64)
+        ours = _ours(tiny_package("sd1"), steps=60, guidance=7.0, sampler="euler", seed=21, width=192, height=192)
         assert np.array_equal(_pixels(image), _pixels(ours))
         assert "Seed: 21" in driver.find_element(By.ID, "parameters").text
         assert len(driver.find_elements(By.CSS_SELECTOR, "#history img")) == 1
@@ -300,15 +300,15 @@ def test_forty_concurrent_requests_are_each_answered(served):
 
 def test_a_client_that_leaves_mid_job(served):
     url, _, service = served
-    body = {"prompt": PROMPT, "steps": 60, "width": 64, "height": 64, "seed": 3}
+    body = {"prompt": PROMPT, "steps": 60, "width": 256, "height": 256, "seed": 3}
     with pytest.raises(requests.exceptions.ReadTimeout):
-        requests.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=0.3)
+        requests.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=0.2)
     for _ in range(600):  # the job finishes on its own; the server goes on
         if service.admitted == 0:
             break
         time.sleep(0.05)
     assert service.admitted == 0 and requests.get(f"{url}/sdapi/v1/progress").json()["progress"] == 0
-    r = requests.post(f"{url}/sdapi/v1/txt2img", json=dict(body, steps=2), timeout=60)
+    r = requests.post(f"{url}/sdapi/v1/txt2img", json=dict(body, steps=2, width=64, height=64), timeout=60)
     assert r.status_code == 200
 
 
