@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(args.reader, args.seconds, out, args.rss_limit_mb, runs=args.runs, seed=args.seed)
     failed = 0
     for reader in READERS:  # one process each: libFuzzer ends the process it runs in
-        done = subprocess.run([sys.executable, "-m", "edgediff.benchmarks.fuzz", reader, "--seconds", str(args.seconds),
+        done = subprocess.run([sys.executable, "-P", "-m", "edgediff.benchmarks.fuzz", reader, "--seconds", str(args.seconds),
                                "--out", str(out), "--rss-limit-mb", str(args.rss_limit_mb)])
         print(f"{reader}: {'no finding' if done.returncode == 0 else f'FINDING (exit {done.returncode})'}", flush=True)
         failed += done.returncode != 0

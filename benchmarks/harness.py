@@ -167,7 +167,9 @@ def _sample_rss(proc: subprocess.Popen, peak: list[float]) -> None:
 
 
 def run_worker(config: dict, python: str = sys.executable, timeout: float | None = None) -> dict:
-    proc = subprocess.Popen([python, "-m", "edgediff.benchmarks.worker", json.dumps(config)],
+    # -P: the working folder stays off sys.path (from a checkout, its `kernels/` would shadow the
+    # `kernels` package transformers imports)
+    proc = subprocess.Popen([python, "-P", "-m", "edgediff.benchmarks.worker", json.dumps(config)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     peak = [0.0]
     sampler = threading.Thread(target=_sample_rss, args=(proc, peak), daemon=True)

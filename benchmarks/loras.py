@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             image = out / f"{label.replace(' ', '-')}.png"
             config = dict(package=str(package), loras=files[:count], mode=mode, steps=args.steps, size=args.size,
                           image=str(image))
-            done = subprocess.run([sys.executable, "-m", "edgediff.benchmarks.loras", args.fp32, args.int4,
+            done = subprocess.run([sys.executable, "-P", "-m", "edgediff.benchmarks.loras", args.fp32, args.int4,
                                    "--run", json.dumps(config)], capture_output=True, text=True)
             if done.returncode:
                 print(done.stderr[-2000:], file=sys.stderr)

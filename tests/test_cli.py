@@ -61,7 +61,7 @@ def test_a_seed_in_the_prompt_is_just_text(tiny_package, tmp_path, capsys, monke
 
 def test_inspect_into_a_closed_pipe(tiny_package):
     """`edgediff inspect PKG | head -1`: the reader leaves early; no BrokenPipeError traceback."""
-    done = subprocess.run(f"{sys.executable} -m edgediff.cli inspect {tiny_package('sd1')} | head -1",
+    done = subprocess.run(f"{sys.executable} -P -m edgediff.cli inspect {tiny_package('sd1')} | head -1",
                           shell=True, capture_output=True, text=True, timeout=120)
     assert done.stdout.startswith("edgediff package") and "Traceback" not in done.stderr
 
@@ -191,11 +191,11 @@ def test_unknown_architecture_from_the_command_line(tmp_path, capsys):
 
 def test_console_script_exit_codes_without_traceback(tmp_path):
     """The installed `edgediff` entry point, as a user runs it."""
-    cmd = [sys.executable, "-m", "edgediff.cli", "generate", "--model", str(tmp_path), "--prompt", "x"]
+    cmd = [sys.executable, "-P", "-m", "edgediff.cli", "generate", "--model", str(tmp_path), "--prompt", "x"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 1 and "not an edgediff package" in proc.stderr
     assert "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "edgediff.cli", "generate"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-P", "-m", "edgediff.cli", "generate"], capture_output=True, text=True)
     assert proc.returncode == 2 and "the following arguments are required" in proc.stderr
 
 

@@ -20,7 +20,7 @@ def test_reader_survives_fuzzing(reader, tmp_path):
     pytest.importorskip("atheris")
     import os
 
-    done = subprocess.run([sys.executable, "-m", "edgediff.benchmarks.fuzz", reader, "--runs", str(RUNS[reader]),
+    done = subprocess.run([sys.executable, "-P", "-m", "edgediff.benchmarks.fuzz", reader, "--runs", str(RUNS[reader]),
                            "--seed", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=900,
                           cwd=tmp_path, env={**os.environ, "PYTHONHASHSEED": "0"})
     findings = [p.name for p in tmp_path.iterdir() if p.name.startswith(("crash-", "timeout-", "oom-", "leak-"))]
