@@ -124,6 +124,7 @@ class Pipeline:
         self._loras = [LoraRequest.parse(x) for x in loras]
         self._weight_names: dict[str, dict[str, str]] = {}
         self.lora_plan: Plan | None = None
+        self._lora_key: list = []  # (file, strength) of the LoRAs `lora_plan` applies
         self._use_loras(self._loras)
 
     @property
@@ -139,7 +140,7 @@ class Pipeline:
     def _use_loras(self, requests: list[LoraRequest]) -> None:
         """Apply these LoRAs from the next component opened on (those open now are closed)."""
         key = [(r.path.resolve(), r.strength) for r in requests]
-        if self.lora_plan is None and not key or self.lora_plan is not None and key == self._lora_key:
+        if key == self._lora_key:
             return
         loras = [read_lora(r) for r in requests]
         m = self.manifest
