@@ -247,7 +247,7 @@ def test_the_page_in_a_browser(served, tiny_package, tmp_path):
         driver.get(url + "/")
         WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#sampler option")) > 0)
         assert driver.find_element(By.ID, "model").text.startswith("alpha [")
-        for element, value in (("prompt", PROMPT), ("negative", NEGATIVE), ("width", "192"), ("height", "192"),
+        for element, value in (("prompt", PROMPT), ("negative", NEGATIVE), ("width", "256"), ("height", "256"),
                                ("steps", "60"), ("cfg", "7"), ("seed", "21")):
             field = driver.find_element(By.ID, element)
             field.clear()
@@ -265,7 +265,7 @@ def test_the_page_in_a_browser(served, tiny_package, tmp_path):
         assert max(seen) == 100 and any(0 < v < 100 for v in seen)  # the bar moved while it ran
         src = driver.find_element(By.ID, "image").get_attribute("src")
         image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
-        ours = _ours(tiny_package("sd1"), steps=60, guidance=7.0, sampler="euler", seed=21, width=192, height=192)
+        ours = _ours(tiny_package("sd1"), steps=60, guidance=7.0, sampler="euler", seed=21, width=256, height=256)
         assert np.array_equal(_pixels(image), _pixels(ours))
         assert "Seed: 21" in driver.find_element(By.ID, "parameters").text
         assert len(driver.find_elements(By.CSS_SELECTOR, "#history img")) == 1
