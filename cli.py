@@ -134,6 +134,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, help="CPU threads for onnxruntime")
     g.add_argument("--keep-loaded", action="store_true",
                    help="keep every component in memory instead of releasing each after use")
+    g.add_argument("--no-graph-cache", dest="graph_cache", action="store_false",
+                   help="do not keep onnxruntime's optimized graphs between runs (see `edgediff cache`)")
     g.add_argument("--split-guidance", action="store_true",
                    help="run the denoiser on prompt and negative prompt separately (less memory)")
     g.add_argument("--weights", choices=("compact", "expanded"), default="compact",
@@ -155,6 +157,10 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--allow-pickle", action="store_true")
+
+    k = sub.add_parser("cache", help="list or remove onnxruntime's optimized graphs kept between runs")
+    k.add_argument("package", nargs="?", help="only the entries made from this package folder")
+    k.add_argument("--clear", action="store_true", help="remove them")
 
     v = sub.add_parser("serve", help="keep models loaded behind AUTOMATIC1111's web API and a web page "
                                      "(pip install 'edgediff[serve]')")
@@ -225,7 +231,8 @@ def _generate(args) -> int:
     else:
         model = _runnable(model, say, **_parts(args))
     options = dict(device=args.device, threads=args.threads, low_memory=not args.keep_loaded,
-                   split_guidance=args.split_guidance, weights=args.weights, accuracy_level=args.accuracy_level)
+                   split_guidance=args.split_guidance, weights=args.weights, accuracy_level=args.accuracy_level,
+                   graph_cache=args.graph_cache)
     pipe = Pipeline(model, loras=args.lora, lora_dir=args.lora_dir, lora_mode=args.lora_mode, **options)
     refiner = Pipeline(_runnable(args.refiner, say), **options) if args.refiner else None
     size = SizeConditioning(
@@ -403,6 +410,11 @@ def _inspect(args) -> int:
             print(f"  {name:14s} {c.precision:12s} {_human(c.bytes):>10s}  {c.file}{stored}")
         print(f"  total: {_human(sum(c.bytes for c in m.components.values()))}; made by {m.created_by} "
               f"from {m.source.get('kind')} {m.source.get('path')}")
+        from edgediff.runtime import graph_cache
+
+        if cached := graph_cache.of_package(path):
+            print(f"  optimized-graph cache: {_human(sum(e[2] for e in cached))} for {len(cached)} components "
+                  f"(`edgediff cache --clear {path}` removes it)")
         return 0
     from edgediff.convert import resolve_family
     from edgediff.convert.sources import open_source, summarize
@@ -455,6 +467,20 @@ def _serve(args) -> int:
     return 0
 
 
+def _cache(args) -> int:
+    from edgediff.runtime import graph_cache
+
+    graph_cache.prune()
+    found = graph_cache.of_package(Path(args.package)) if args.package else graph_cache.entries()
+    for folder, source, size in found:
+        print(f"{_human(size):>10s}  {source or '(unreadable entry)'}")
+        if args.clear:
+            graph_cache.remove(folder)
+    total = _human(sum(e[2] for e in found))
+    print(f"{'removed' if args.clear else 'kept'}: {total} in {len(found)} optimized graphs under {graph_cache.root()}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"edgediff: warning: {message}", file=sys.stderr)
@@ -462,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = show
     try:
         args = _parser().parse_args(argv)
-        commands = {"convert": _convert, "generate": _generate, "inspect": _inspect, "bench": _bench, "serve": _serve}
+        commands = {"convert": _convert, "generate": _generate, "inspect": _inspect, "bench": _bench, "serve": _serve,
+                    "cache": _cache}
         return commands[args.command](args)
     except EdgediffError as exc:
         print(f"edgediff: error: {exc}", file=sys.stderr)

@@ -98,7 +98,7 @@ class Pipeline:
     def __init__(self, model: str | Path, device: str = "auto", threads: int | None = None,
                  low_memory: bool = True, split_guidance: bool = False, weights: str = "compact",
                  accuracy_level: int = 0, loras: Sequence[str | Path | LoraRequest] = (),
-                 lora_dir: str | Path | None = None, lora_mode: str = "branch"):
+                 lora_dir: str | Path | None = None, lora_mode: str = "branch", graph_cache: bool = True):
         if threads is not None and threads < 1:
             raise UsageError(f"--threads must be at least 1 (got {threads})")
         providers_for(device)  # validates the name, warns once about a CUDA fallback
@@ -110,7 +110,7 @@ class Pipeline:
         if lora_mode not in LORA_MODES:
             raise UsageError(f"unknown --lora-mode '{lora_mode}'; choose one of: {', '.join(LORA_MODES)}")
         self.options = SessionOptions(device=device, threads=threads, weights=weights, accuracy_level=accuracy_level,
-                                      lora_mode=lora_mode)
+                                      lora_mode=lora_mode, graph_cache=graph_cache)
         self.low_memory = low_memory
         self.split_guidance = split_guidance  # guidance as two batch-1 runs: half the activations
         self.schedule = model_schedule(self.package.scheduler_config, self.manifest.prediction,

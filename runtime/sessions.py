@@ -61,6 +61,9 @@ class SessionOptions:
     # a LoRA on quantized weights: 'merge' requantizes them changed; 'branch' keeps them and adds
     # a low-rank side branch (float weights are always changed in place)
     lora_mode: str = "branch"
+    # keep onnxruntime's optimized graph of a package's component files between runs
+    # (runtime.graph_cache; the CPU provider only): a second open skips the optimizer
+    graph_cache: bool = True
 
 
 _FELL_BACK: set[str] = set()
@@ -102,50 +105,97 @@ class Component:
     bindings: list = field(default_factory=list)  # how each bound weight is held
     load_seconds: float = 0.0
     tap: Callable[[dict[str, np.ndarray]], None] | None = None  # sees every run's inputs (calibration)
+    cached: bool = False  # opened from the optimized-graph cache
 
     @property
     def session(self):
         if self._session is None:
-            ort = _ort()
-            opts = ort.SessionOptions()
-            if self.options.threads:
-                opts.intra_op_num_threads = self.options.threads
-                opts.inter_op_num_threads = 1
             start = time.perf_counter()
-            source: str | bytes = str(self.path)
-            if self.bind is not None:
-                bound = self.bind()
-                names = list(bound.arrays)  # onnxruntime copies them while creating the session
-                opts.add_external_initializers(
-                    names, [ort.OrtValue.ortvalue_from_numpy(bound.arrays[n]) for n in names])
-                if bound.folder is not None:
-                    opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                                  str(bound.folder))
-                if self.options.weights == "compact" and any(b.kind in ("stored", "blocks") and b.stored != "f32"
-                                                             for b in bound.bindings):
-                    # folding their casts (and the NCHWc rewrite) would expand the weights to fp32
-                    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-                    opts.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
-                self.bindings = bound.bindings
-                source = bound.model.SerializeToString()
-            try:
-                self._session = ort.InferenceSession(
-                    source, sess_options=opts, providers=providers_for(self.options.device)
-                )
-            except Exception as exc:  # onnxruntime raises its own exception types
-                raise RuntimeFailure(
-                    f"{self.path}: onnxruntime could not load the {self.name} graph ({exc}); "
-                    "re-convert the model or check that the provider supports its operators"
-                ) from exc
+            bound = self.bind() if self.bind is not None else None
+            entry = self._cache_entry()
+            if entry is not None and not entry.valid():
+                self._session = self._open(bound, entry)
+            elif entry is not None:
+                self.cached = True
+                try:
+                    self._session = self._open(bound, None, cached=entry.model)
+                except RuntimeFailure:  # a damaged entry: rebuild it
+                    self.cached = False
+                    entry.drop()
+                    self._session = self._open(bound, entry)
+            else:
+                self._session = self._open(bound, None)
             self.load_seconds += time.perf_counter() - start
             _check_fallback(self._session, self.options.device, self.name)
-            if self.bind is not None:
+            if bound is not None:
                 # onnxruntime copied the arrays: free ours. Its Python wrapper would re-create the
                 # session from these options after a provider failure, when they are gone.
                 self._session.disable_fallback()
                 del bound
                 _return_freed_memory()
         return self._session
+
+    def _cache_entry(self):
+        """The optimized-graph cache entry of a component file on the CPU provider, else None
+        (bound graphs are made in memory; other providers' graphs hold their own kernels)."""
+        if self.bind is not None or not self.options.graph_cache or not self.path.is_file():
+            return None
+        providers = providers_for(self.options.device)
+        if providers != ["CPUExecutionProvider"]:
+            return None
+        from edgediff.runtime import graph_cache
+
+        return graph_cache.entry(self.path, providers, {})
+
+    def _open(self, bound, entry, cached: Path | None = None):
+        """A session of the graph (`cached`: an already optimized one), writing its optimized
+        graph into `entry` when given. Failing to write the cache only costs the cache."""
+        ort = _ort()
+        opts = ort.SessionOptions()
+        if self.options.threads:
+            opts.intra_op_num_threads = self.options.threads
+            opts.inter_op_num_threads = 1
+        source: str | bytes = str(cached or self.path)
+        if cached is not None:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        staged = None
+        if entry is not None:
+            from edgediff.runtime import graph_cache
+
+            staged = entry.staging()
+            opts.optimized_model_filepath = str(staged / graph_cache.MODEL)
+            for k, v in graph_cache.SAVE_CONFIG.items():
+                opts.add_session_config_entry(k, v)
+            opts.log_severity_level = 3  # its warning that NCHWc graphs are CPU-specific: the key says so
+        if bound is not None:
+            names = list(bound.arrays)  # onnxruntime copies them while creating the session
+            opts.add_external_initializers(
+                names, [ort.OrtValue.ortvalue_from_numpy(bound.arrays[n]) for n in names])
+            if bound.folder is not None:
+                opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                              str(bound.folder))
+            if self.options.weights == "compact" and any(b.kind in ("stored", "blocks") and b.stored != "f32"
+                                                         for b in bound.bindings):
+                # folding their casts (and the NCHWc rewrite) would expand the weights to fp32
+                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+                opts.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
+            self.bindings = bound.bindings
+            source = bound.model.SerializeToString()
+        try:
+            session = ort.InferenceSession(source, sess_options=opts, providers=providers_for(self.options.device))
+        except Exception as exc:  # onnxruntime raises its own exception types
+            if staged is not None:
+                from edgediff.runtime import graph_cache
+
+                graph_cache.remove(staged)
+                return self._open(bound, None)  # perhaps the disk is full: open without the cache
+            raise RuntimeFailure(
+                f"{cached or self.path}: onnxruntime could not load the {self.name} graph ({exc}); "
+                "re-convert the model or check that the provider supports its operators"
+            ) from exc
+        if staged is not None:
+            entry.commit(staged)
+        return session
 
     @property
     def input_names(self) -> list[str]:
