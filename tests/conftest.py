@@ -14,6 +14,14 @@ sys.path.insert(0, str(Path(__file__).parent))  # the helpers beside this file
 from tiny_models import build_tiny  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """The tests' own cache folder (optimized graphs, adopted GGUF graphs), not the user's."""
+    import os
+
+    os.environ["EDGEDIFF_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_source(tmp_path_factory):
     """tiny_source(name) -> diffusers folder of the tiny config `name`."""
