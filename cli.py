@@ -134,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, help="CPU threads for onnxruntime")
     g.add_argument("--keep-loaded", action="store_true",
                    help="keep every component in memory instead of releasing each after use")
+    g.add_argument("--vae-tile", type=int, default=0, metavar="PIXELS",
+                   help="decode (and encode) the image in overlapping tiles of this size, blended: "
+                        "bounded memory for large images (512 is a good start; default 0: whole)")
     g.add_argument("--no-graph-cache", dest="graph_cache", action="store_false",
                    help="do not keep onnxruntime's optimized graphs between runs (see `edgediff cache`)")
     g.add_argument("--split-guidance", action="store_true",
@@ -232,7 +235,7 @@ def _generate(args) -> int:
         model = _runnable(model, say, **_parts(args))
     options = dict(device=args.device, threads=args.threads, low_memory=not args.keep_loaded,
                    split_guidance=args.split_guidance, weights=args.weights, accuracy_level=args.accuracy_level,
-                   graph_cache=args.graph_cache)
+                   graph_cache=args.graph_cache, vae_tile=args.vae_tile)
     pipe = Pipeline(model, loras=args.lora, lora_dir=args.lora_dir, lora_mode=args.lora_mode, **options)
     refiner = Pipeline(_runnable(args.refiner, say), **options) if args.refiner else None
     size = SizeConditioning(

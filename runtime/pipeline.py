@@ -98,7 +98,8 @@ class Pipeline:
     def __init__(self, model: str | Path, device: str = "auto", threads: int | None = None,
                  low_memory: bool = True, split_guidance: bool = False, weights: str = "compact",
                  accuracy_level: int = 0, loras: Sequence[str | Path | LoraRequest] = (),
-                 lora_dir: str | Path | None = None, lora_mode: str = "branch", graph_cache: bool = True):
+                 lora_dir: str | Path | None = None, lora_mode: str = "branch", graph_cache: bool = True,
+                 vae_tile: int = 0):
         if threads is not None and threads < 1:
             raise UsageError(f"--threads must be at least 1 (got {threads})")
         providers_for(device)  # validates the name, warns once about a CUDA fallback
@@ -112,6 +113,11 @@ class Pipeline:
         self.options = SessionOptions(device=device, threads=threads, weights=weights, accuracy_level=accuracy_level,
                                       lora_mode=lora_mode, graph_cache=graph_cache)
         self.low_memory = low_memory
+        step = 4 * self.manifest.vae_downscale  # tiles overlap by a quarter, in whole latent pixels
+        if vae_tile < 0 or vae_tile % step:
+            raise UsageError(f"--vae-tile {vae_tile}: give a multiple of {step} pixels (512 is a good start; "
+                             "0 decodes whole)")
+        self.vae_tile = vae_tile  # VAE in tiles of this many pixels (bounded memory for large images)
         self.split_guidance = split_guidance  # guidance as two batch-1 runs: half the activations
         self.schedule = model_schedule(self.package.scheduler_config, self.manifest.prediction,
                                        self.manifest.flow_normal_end)
@@ -368,7 +374,8 @@ class Pipeline:
         if init is not None:
             encoder = self._open("vae_encoder")
             started = time.perf_counter()
-            latent = vae.encode(encoder, img.from_pil(init, width, height), rng, m.latent_scale, m.latent_shift)
+            latent = vae.encode(encoder, img.from_pil(init, width, height), rng, m.latent_scale, m.latent_shift,
+                                self.vae_tile, m.vae_downscale)
             self.timings.vae_encode = time.perf_counter() - started
             self._done(encoder)
         x = noisy_start(latent_space(self.manifest.prediction), float(sigmas[0]), rng.randn(shape), latent)
@@ -384,7 +391,8 @@ class Pipeline:
         finisher = stages[-1][0]
         decoder = finisher._open("vae_decoder")  # the model that finishes decodes, as diffusers does
         started = time.perf_counter()
-        pixels = vae.decode(decoder, x.astype(np.float32), m.latent_scale, m.latent_shift)
+        pixels = vae.decode(decoder, x.astype(np.float32), m.latent_scale, m.latent_shift,
+                            finisher.vae_tile, m.vae_downscale)
         self.timings.vae_decode = time.perf_counter() - started
         finisher._done(decoder)
         if finisher is not self:
