@@ -369,6 +369,12 @@ def load_vae(path: Path, family: Family, current):
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise SourceError(f"--vae {path}: a folder here must be a diffusers VAE (config.json and its weights)")
+        try:
+            kind = json.loads((path / "config.json").read_text()).get("_class_name")
+        except (ValueError, AttributeError) as exc:
+            raise SourceError(f"--vae {path}: config.json is not a diffusers config ({exc})") from exc
+        if kind == "AutoencoderTiny":
+            return tiny_vae(diffusers.AutoencoderTiny.from_pretrained(path, torch_dtype=torch.float32), current, path)
         return diffusers.AutoencoderKL.from_pretrained(path, torch_dtype=torch.float32)
     if path.suffix.lower() != ".safetensors":
         raise SourceError(f"--vae {path}: expected a diffusers VAE folder or a .safetensors file")
@@ -384,6 +390,42 @@ def load_vae(path: Path, family: Family, current):
     vae, fill = ldm_vae(shapes, family, state)
     fill()
     return vae.eval()
+
+
+def tiny_vae(tiny, current, path: Path):
+    """A tiny autoencoder (TAESD, TAESDXL, TAESD3, TAEF1: ~1/20 of the full decoder's work) in the
+    full VAE's place: the same graph inputs and outputs, so the package and runtime need nothing
+    new. TAESD works on the denoiser's latents (the full VAE's latents scaled and shifted) and
+    is deterministic (its encoder's log-variance is given as -30: the runtime's sample is the mean)."""
+    import torch
+
+    mine, theirs = tiny.config, current.config
+    down = 2 ** (len(theirs.block_out_channels) - 1)
+    if mine.latent_channels != theirs.latent_channels or 2 ** (len(mine.block_out_channels) - 1) != down:
+        raise SourceError(f"--vae {path}: this tiny autoencoder has {mine.latent_channels} latent channels and "
+                          f"scales by {2 ** (len(mine.block_out_channels) - 1)}; the model's VAE has "
+                          f"{theirs.latent_channels} and {down} (TAESD is for SD 1.x/2.x, TAESDXL for SDXL, "
+                          "TAESD3 for SD3, TAEF1 for Flux)")
+    scale, shift = float(theirs.scaling_factor), float(getattr(theirs, "shift_factor", None) or 0.0)
+
+    class TinyVae(torch.nn.Module):
+        config = theirs  # the latent format stays the model's
+
+        def __init__(self):
+            super().__init__()
+            self.tiny, self.quant_conv = tiny.eval(), None
+
+        def set_attn_processor(self, _processor) -> None:  # no attention
+            pass
+
+        def decode(self, z, return_dict: bool = False):
+            return (self.tiny.decoder((z - shift) * scale),)
+
+        def encoder(self, x):
+            mean = self.tiny.encoder(x) / scale + shift
+            return torch.cat([mean, torch.full_like(mean, -30.0)], 1)
+
+    return TinyVae()
 
 
 def ldm_vae(shapes: dict, family: Family, state: dict | None):
