@@ -1,6 +1,9 @@
-"""Reference pipelines: diffusers built from the same tiny models, for parity tests."""
+"""Reference pipelines: diffusers built from the same tiny models, for parity tests; and what a
+package's graphs store, read back with onnx."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
@@ -82,3 +85,45 @@ def diffusers_scheduler(sampler: str, schedule: str, config, ours_schedule):
     if sampler == "lcm":
         return d.LCMScheduler.from_config(config), {}
     raise KeyError(sampler)
+
+
+def onnx_graph(package, component="unet", external=False):
+    """A component's graph read back with onnx (its weights too with `external`)."""
+    import onnx
+
+    return onnx.load(str(package / component / "model.onnx"), load_external_data=external)
+
+
+def state_name(initializer: str) -> str:
+    """The state-dict name of a weight the precision passes renamed (folded, quantized)."""
+    return re.sub(r"(\.transposed)?(_Q\d)?$", "", initializer)
+
+
+def stored_types(package, component="unet") -> dict[str, str]:
+    """The type each Conv/MatMul/Gemm weight of a component is stored in, read back from its
+    graph: the initializer behind the node (through DequantizeLinear, Transpose, Cast), and for
+    MatMulNBits the code width its packed blocks hold ('INT4', 'INT8'); keyed by state-dict name."""
+    import onnx
+
+    model = onnx_graph(package, component)
+    inits = {t.name: t for t in model.graph.initializer}
+    made_by = {out: node for node in model.graph.node for out in node.output}
+    types = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in node.attribute}
+            b = inits[node.input[1]]
+            # B is [N, blocks, block * bits / 8] bytes: the layout says the width, not only the attribute
+            assert tuple(b.dims) == (attrs["N"], -(-attrs["K"] // attrs["block_size"]),
+                                     attrs["block_size"] * attrs["bits"] // 8), node.name
+            assert b.data_type == onnx.TensorProto.UINT8
+            types[state_name(b.name)] = f"INT{attrs['bits']}"
+        elif node.op_type in ("Conv", "MatMul", "Gemm") and len(node.input) > 1:
+            name = node.input[1]
+            while name not in inits and name in made_by and made_by[name].op_type in (
+                    "DequantizeLinear", "Transpose", "Cast"):
+                name = made_by[name].input[0]
+            if name in inits:
+                types[state_name(name)] = onnx.TensorProto.DataType.Name(inits[name].data_type)
+    assert types, f"no weights found in {component}"
+    return types

@@ -74,10 +74,27 @@ def test_lora_from_the_command_line(tiny_package, tiny_source, tmp_path, capsys)
     from tiny_loras import write_lora
 
     lora = write_lora(diffusers_pipeline(tiny_source("sd1")), tmp_path / "style.safetensors", "locon")
+    import hashlib
+
+    from safetensors import safe_open
+
+    with safe_open(str(lora), "np") as f:  # the file's own layers, counted here
+        downs = {k.removesuffix(".lora_down.weight"): f.get_slice(k).get_shape()
+                 for k in f.keys() if k.endswith(".lora_down.weight")}  # noqa: SIM118 (safe_open is not iterable)
+    unet = [k for k in downs if k.startswith("lora_unet_")]
+    text = [k for k in downs if k.startswith("lora_te_")]
+    convolutions = sum(len(shape) == 4 for shape in downs.values())
+    (rank,) = {shape[0] for shape in downs.values()}
+    data = lora.read_bytes()
+    digest = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]  # A1111's
     code, out, _ = run(capsys, "inspect", str(lora))
-    assert code == 0 and "format: LyCORIS LoCon" in out and "rank 4" in out and "21 lora convolution" in out
+    assert code == 0 and "format: LyCORIS LoCon" in out and f"rank {rank}" in out and rank == 4
+    assert f"{len(downs)} layers" in out and f"A1111 hash {digest}" in out
+    assert f"{convolutions} lora convolution" in out and convolutions == 21
     code, out, _ = run(capsys, "inspect", str(lora), "--json")
-    assert json.loads(out)["components"] == {"denoiser": 61, "text_encoder": 18}
+    assert json.loads(out)["components"] == {"denoiser": len(unet), "text_encoder": len(text)} == {
+        "denoiser": 61, "text_encoder": 18}
+    assert len(unet) + len(text) == len(downs)
     images = []
     for extra in (["--lora", f"{lora}:0.8"], ["--lora-dir", str(tmp_path), "--prompt", "a cat <lora:style:0.8>"]):
         out_png = tmp_path / f"{len(images)}.png"
@@ -101,8 +118,16 @@ def test_gguf_from_the_command_line(tiny_source, tmp_path, capsys):
     assert "run quantized (MatMulNBits)" in out and "in memory with --weights expanded" in out
     code, out, _ = run(capsys, "inspect", str(model), "--json")
     report = json.loads(out)
-    assert report["family"] == "sd1" and report["types"]["q8_0"]["bits_per_weight"] == 8.5
-    assert report["resident"]["compact"]["unet"]["kinds"]["quantized"]["tensors"] > 0
+    assert report["family"] == "sd1" and report["types"]["q8_0"]["bits_per_weight"] == 8.5  # 34 bytes a block of 32
+    import gguf
+
+    tensors = gguf.GGUFReader(model).tensors  # the counts as gguf-py reads the file
+    for kind, row in report["types"].items():
+        of_kind = [t for t in tensors if t.tensor_type.name.lower() == kind]
+        assert (row["tensors"], row["values"], row["bytes"]) == (
+            len(of_kind), sum(int(t.n_elements) for t in of_kind), sum(int(t.n_bytes) for t in of_kind)), kind
+    unet_q8 = [t for t in tensors if t.name.startswith("model.diffusion_model.") and t.tensor_type.name == "Q8_0"]
+    assert report["resident"]["compact"]["unet"]["kinds"]["quantized"]["tensors"] == len(unet_q8) > 0
     png = tmp_path / "m.png"
     code, out, _ = run(capsys, "generate", "-m", str(model), "-p", "a cat", "--steps", "2", "-o", str(png),
                        "--weights", "expanded")

@@ -44,3 +44,5 @@ def test_damaged_manifests(tiny_package, change, message):
 def test_a_good_manifest_reads_back_equal(tiny_package):
     m = Manifest.read(tiny_package("sd1"))
     assert Manifest.parse(m.to_json(), "again") == m
+    # and what it writes is the file it read, field for field (json's reader, not ours)
+    assert json.loads(m.to_json()) == _good(tiny_package)

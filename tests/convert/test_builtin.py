@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from edgediff.benchmarks.quality import draw_score
@@ -16,10 +18,21 @@ KEEP = 0.95  # the share of fp32's score every other precision keeps
 
 
 def test_shipped_weights_load_and_record_their_recipe(default_package):
+    """The manifest against the shipped folder: the recipe file as it is, the image size the
+    U-Net's latent size and the VAE's downscaling give."""
+    import json
+
+    import edgediff
+
+    shipped = BUILTIN / DEFAULT_MODEL
     m = Manifest.read(default_package)
-    assert m.family == "sd1" and m.defaults["width"] == m.defaults["height"] == 64
-    recipe = m.source["recipe"]
+    unet, vae = (json.loads((shipped / c / "config.json").read_text()) for c in ("unet", "vae"))
+    side = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    recipe = json.loads((shipped / "recipe.json").read_text())
+    assert m.family == "sd1" and m.defaults["width"] == m.defaults["height"] == side == recipe["image_size"] == 64
+    assert m.source["recipe"] == recipe
     assert recipe["script"] == "benchmarks/train_tiny.py" and recipe["seed"] == 0
+    assert (Path(edgediff.__file__).parent / recipe["script"]).is_file()  # the script it names is shipped
 
 
 def test_default_package_is_converted_once(default_package):

@@ -70,15 +70,30 @@ def test_attention_is_one_fused_node(tiny_package, component):
     assert "Softmax" not in ops
 
 
-def test_manifest_describes_the_package(tiny_package):
-    m = json.loads((tiny_package("sd2-v") / "edgediff.json").read_text())
-    assert m["family"] == "sd2" and m["prediction"] == "v"
-    assert m["text_encoders"][0]["pad_token"] == "!"
+def test_manifest_describes_the_package(tiny_source, tiny_package):
+    """Each field against what it describes: the source's configs, the files on disk (their
+    sizes and digests measured here), the graphs' stored types, diffusers' scheduler defaults."""
+    import hashlib
+
+    import diffusers
+
+    from reference import stored_types
+
+    src, pkg = tiny_source("sd2-v"), tiny_package("sd2-v")
+    m = json.loads((pkg / "edgediff.json").read_text())
+    src_scheduler = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
+    assert m["family"] == "sd2" and m["prediction"] == "v" and src_scheduler["prediction_type"] == "v_prediction"
+    pad = json.loads((src / "tokenizer" / "special_tokens_map.json").read_text())["pad_token"]
+    assert m["text_encoders"][0]["pad_token"] == pad == "!"  # OpenCLIP's, as the source's tokenizer says
     assert set(m["components"]) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
-    for entry in m["components"].values():
-        assert entry["precision"] == "fp32" and entry["bytes"] > 0 and len(entry["sha256"]) == 64
-    sched = json.loads((tiny_package("sd2-v") / "scheduler" / "scheduler_config.json").read_text())
-    assert sched["timestep_spacing"] == "leading"  # PNDM's own default, written out
+    for name, entry in m["components"].items():
+        files = [pkg / entry["file"], *(pkg / f for f in entry.get("data_files", ()))]
+        assert entry["bytes"] == sum(f.stat().st_size for f in files) > 0, name
+        assert entry["sha256"] == hashlib.sha256((pkg / entry["file"]).read_bytes()).hexdigest(), name
+        assert entry["precision"] == "fp32" and set(stored_types(pkg, name).values()) == {"FLOAT"}, name
+    sched = json.loads((pkg / "scheduler" / "scheduler_config.json").read_text())
+    default = getattr(diffusers, src_scheduler["_class_name"]).from_config(src_scheduler).config
+    assert sched["timestep_spacing"] == default["timestep_spacing"] == "leading"  # PNDM's own default, written out
 
 
 def test_single_file_checkpoint_gives_the_same_image(tiny_source, tiny_package, tmp_path):
@@ -88,7 +103,13 @@ def test_single_file_checkpoint_gives_the_same_image(tiny_source, tiny_package, 
     out = tmp_path / "from-single"
     manifest = convert(ckpt, out)
     assert manifest.family == "sd1" and manifest.source["layout"] == "ldm"
-    assert manifest.source["ema"] is True and manifest.source["dropped_keys"] > 0
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt), "np") as f:  # what the file holds besides the three models' weights
+        extra = [k for k in f.keys()  # noqa: SIM118 (safe_open is not iterable)
+                 if not k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))]
+    assert any(k.startswith("model_ema.") for k in extra) and "alphas_cumprod" in extra
+    assert manifest.source["ema"] is True and manifest.source["dropped_keys"] == len(extra)
     args = dict(steps=5, seed=11, width=64, height=64, sampler="dpmpp_2m", schedule="karras")
     a = Pipeline(out, device="cpu").generate("a blue square", "red", **args)
     b = Pipeline(tiny_package("sd1"), device="cpu").generate("a blue square", "red", **args)
@@ -225,9 +246,14 @@ def test_vae_swap(tiny_source, tmp_path, main, form, vae_precision):
     source = tiny_source("sdxl")
     if main == "single-file":
         source = write_ldm_checkpoint(source, tmp_path / "xl.safetensors")
+    from reference import stored_types
+
     manifest = convert(source, tmp_path / "pkg", precision="fp16", vae=vaes[form])
     assert manifest.components["vae_decoder"].precision == vae_precision
     assert manifest.components["unet"].precision == "fp16"
+    stored = {"fp16": "FLOAT16", "fp32": "FLOAT"}  # read back from the graphs
+    assert set(stored_types(tmp_path / "pkg", "vae_decoder").values()) == {stored[vae_precision]}
+    assert set(stored_types(tmp_path / "pkg", "unet").values()) == {"FLOAT16"}
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = AutoencoderKL.from_pretrained(vaes["folder"]).decode(z).sample.numpy()
@@ -265,10 +291,15 @@ def test_t5_encoder_matches_transformers(tiny_source, tiny_package):
 def test_fp16_keeps_t5_in_fp32(tiny_source, tiny_package, tmp_path):
     """T5's activations overflow fp16 (NaN text embeddings), so one 16-bit name leaves it fp32;
     the CLIPs and the transformer still convert."""
+    from reference import stored_types
+
     manifest = convert(tiny_source("sd3"), tmp_path / "pkg", precision="fp16")
     precisions = {k: v.precision for k, v in manifest.components.items()}
     assert precisions["text_encoder_3"] == "fp32"
     assert precisions["transformer"] == precisions["text_encoder_2"] == precisions["vae_decoder"] == "fp16"
+    stored = {c: set(stored_types(tmp_path / "pkg", c).values()) for c in precisions}  # read back
+    assert stored["text_encoder_3"] == {"FLOAT"}
+    assert stored["transformer"] == stored["text_encoder_2"] == stored["vae_decoder"] == {"FLOAT16"}
     args = dict(steps=4, width=64, height=64, seed=3)
     ref = Pipeline(tiny_package("sd3"), device="cpu").generate("a red cube", "", **args)
     assert psnr(ref, Pipeline(tmp_path / "pkg", device="cpu").generate("a red cube", "", **args)) > 40

@@ -105,8 +105,13 @@ def test_expanded_weights_match_compact(packages):
 def test_bound_components_say_how_weights_are_held(packages):
     pipe = Pipeline(packages["q4_0"], device="cpu", low_memory=False)
     pipe.generate(PROMPT, steps=1, seed=0, width=64, height=64)
-    kinds = {(b.stored, b.kind) for b in pipe.component("unet").bindings}
+    bindings = pipe.component("unet").bindings
+    kinds = {(b.stored, b.kind) for b in bindings}
     assert ("q4_0", "quantized") in kinds and ("f16", "stored") in kinds and ("f32", "stored") in kinds
+    # what each binding says it holds is what the file stores, as gguf-py reads it; every U-Net tensor bound
+    stored = {t.name: (t.tensor_type.name.lower(), int(t.n_elements)) for t in gguf.GGUFReader(packages["q4_0"]).tensors}
+    assert {b.name: (b.stored, b.weights) for b in bindings} == {
+        k: v for k, v in stored.items() if k.startswith("model.diffusion_model.")}
 
 
 def test_quantized_convolutions_run_from_their_blocks(tiny_package, tmp_path):

@@ -13,7 +13,9 @@ from edgediff.convert.precision import PrecisionError, parse_precision
 from edgediff.errors import UsageError
 from edgediff.runtime import Pipeline
 
+from reference import onnx_graph as _graph
 from reference import psnr
+from reference import stored_types as _stored_types
 
 # Mean PSNR (dB) over 4 seeds against the fp32 package of the tiny "sd1" model. Measured on
 # 2026-11-22: fp16 62.8, int8-weights 57.6, int8-static 28.1, int4 40.0; floors leave ~5 dB.
@@ -21,10 +23,65 @@ FLOORS = {"fp16": 55.0, "int8-weights": 50.0, "int8-static": 22.0, "int4": 34.0}
 COMPONENTS = ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
 
 
+# The inputs onnxruntime's static quantizer read while each precision was converted, per graph
+# input names (filled by the `quantized` fixture; an independent count of the calibration runs).
+CALIBRATION_FEEDS: dict[str, dict[tuple[str, ...], list[dict]]] = {}
+
+
 @pytest.fixture(scope="module")
 def quantized(tiny_source, tmp_path_factory):
+    import onnxruntime.quantization as ort_quantization
+
     root = tmp_path_factory.mktemp("precisions")
-    return {p: convert(tiny_source("sd1"), root / p, precision=p) and root / p for p in FLOORS}
+    stock = ort_quantization.quantize_static
+    packages = {}
+    for p in FLOORS:
+        fed = CALIBRATION_FEEDS.setdefault(p, {})
+
+        def counting(model_input, model_output, reader, *args, _fed=fed, **kwargs):
+            read = reader.get_next
+
+            def get_next():
+                feed = read()
+                if feed is not None:
+                    _fed.setdefault(tuple(sorted(feed)), []).append(feed)
+                return feed
+
+            reader.get_next = get_next
+            return stock(model_input, model_output, reader, *args, **kwargs)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(ort_quantization, "quantize_static", counting)
+            packages[p] = convert(tiny_source("sd1"), root / p, precision=p) and root / p
+    return packages
+
+
+def _measured_storage(package, component="unet") -> tuple[int, int, int]:
+    """(weights stored quantized, the bytes they take with their scales and zero points as
+    serialized in the graph, weights kept as they were), measured from the graph file."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in _graph(package, component, external=True).graph.initializer}
+
+    def size(t) -> int:  # what the file holds for it (INT4: two codes a byte)
+        return len(t.raw_data) if t.HasField("raw_data") else numpy_helper.to_array(t).nbytes
+
+    counted, quantized, stored = set(), 0, 0
+    for node in _graph(package, component).graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in node.attribute}
+            count, parts = attrs["K"] * attrs["N"], node.input[1:4]
+        elif node.op_type == "DequantizeLinear" and node.input[0] in inits and len(inits[node.input[0]].dims) > 1:
+            count, parts = int(np.prod(inits[node.input[0]].dims)), node.input[:3]
+        else:
+            continue
+        quantized += count
+        for part in parts:
+            if part in inits and part not in counted:
+                counted.add(part)
+                stored += size(inits[part])
+    kept = sum(int(np.prod(t.dims)) for name, t in inits.items() if name not in counted)
+    return quantized, stored, kept
 
 
 def _images(package):
@@ -41,13 +98,39 @@ def test_precision_quality_floor(tiny_package, quantized, precision):
 
 
 def test_manifest_records_each_component(quantized):
+    """What the manifest says of each component is what its graph stores (read back)."""
+    import collections
+
+    import onnx
+
     m = json.loads((quantized["int4"] / "edgediff.json").read_text())["components"]
-    assert m["unet"]["precision"] == "int4" and m["text_encoder"]["precision"] == "int4"
-    assert m["vae_decoder"]["precision"] == "fp32"  # the VAE stays fp32 under a single low-bit name
-    assert m["unet"]["notes"]["matmul_nbits"] > 0 and m["unet"]["notes"]["conv_dequantize"] > 0
-    assert "dequantized" in m["unet"]["notes"]["conv_weights_in_memory"] or "fp32" in m["unet"]["notes"]["conv_weights_in_memory"]
+    for component in ("unet", "text_encoder"):
+        assert "INT4" in _stored_types(quantized["int4"], component).values(), component
+        assert m[component]["precision"] == "int4"
+    # the VAE stays fp32 under a single low-bit name: every weight float, no quantized node
+    assert set(_stored_types(quantized["int4"], "vae_decoder").values()) == {"FLOAT"}
+    assert not {n.op_type for n in _graph(quantized["int4"], "vae_decoder").graph.node} & {
+        "MatMulNBits", "DequantizeLinear", "QuantizeLinear"}
+    assert m["vae_decoder"]["precision"] == "fp32"
+    unet = _graph(quantized["int4"])
+    made_by = {out: node for node in unet.graph.node for out in node.output}
+    inits = {t.name: t for t in unet.graph.initializer}
+    int4_convs = [n for n in unet.graph.node if n.op_type == "Conv" and n.input[1] in made_by
+                  and made_by[n.input[1]].op_type == "DequantizeLinear"
+                  and inits[made_by[n.input[1]].input[0]].data_type == onnx.TensorProto.INT4]
+    ops = collections.Counter(n.op_type for n in unet.graph.node)
+    assert m["unet"]["notes"]["matmul_nbits"] == ops["MatMulNBits"] > 0
+    assert m["unet"]["notes"]["conv_dequantize"] == len(int4_convs) > 0
+    # int4 convolutions run in fp32: a DequantizeLinear feeds each, and no integer Conv exists
+    assert not ops["ConvInteger"] and not ops["QLinearConv"]
+    # int8-static calibrates on 6 prompts x 10 steps: onnxruntime read 60 U-Net inputs, at 10
+    # timesteps and 6 conditionings
+    fed = CALIBRATION_FEEDS["int8-static"][("encoder_hidden_states", "sample", "timestep")]
+    assert len(fed) == 60 and len({f["sample"].tobytes() for f in fed}) == 60
+    assert len({f["timestep"].tobytes() for f in fed}) == 10
+    assert len({f["encoder_hidden_states"].tobytes() for f in fed}) == 6
     static = json.loads((quantized["int8-static"] / "edgediff.json").read_text())["components"]["unet"]
-    assert static["notes"]["calibration_runs"] == 60  # 6 prompts x 10 steps
+    assert static["notes"]["calibration_runs"] == len(fed)
 
 
 # Bits per converted weight, scales and zero points included: the payload plus an fp32 scale
@@ -57,11 +140,20 @@ CLAIMED_BITS = {"int4": (4, 4 + 32 / 32 + 4 / 32), "int8-weights": (8, 8 + 32 / 
 
 
 @pytest.mark.parametrize("precision", list(CLAIMED_BITS))
-def test_weights_are_stored_at_the_bits_claimed(quantized, precision):
-    m = json.loads((quantized[precision] / "edgediff.json").read_text())["components"]["unet"]
+def test_weights_are_stored_at_the_bits_claimed(tiny_package, quantized, precision):
+    """Measured from the graph as serialized: the bytes of each quantized weight's codes,
+    scales and zero points over its values; every weight of the fp32 U-Net is accounted for."""
+    quantized_weights, stored, kept = _measured_storage(quantized[precision])
+    bits = 8 * stored / quantized_weights
     low, high = CLAIMED_BITS[precision]
-    assert low < m["notes"]["bits_per_quantized_weight"] <= high
-    assert m["notes"]["weights_quantized"] > 5 * m["notes"]["weights_kept"]  # the policy keeps few
+    assert low < bits <= high
+    assert quantized_weights > 5 * kept  # the policy keeps few
+    fp32_weights = sum(int(np.prod(t.dims)) for t in _graph(tiny_package("sd1")).graph.initializer)
+    # none lost or doubled (a static graph adds activation scales and zero points)
+    assert fp32_weights <= quantized_weights + kept <= fp32_weights * 1.01
+    m = json.loads((quantized[precision] / "edgediff.json").read_text())["components"]["unet"]
+    assert m["notes"]["bits_per_quantized_weight"] == pytest.approx(bits, abs=1e-3)  # what it claims
+    assert (m["notes"]["weights_quantized"], m["notes"]["weights_kept"]) == (quantized_weights, kept)
 
 
 def test_low_bit_graphs_use_compact_ops(quantized):
@@ -92,12 +184,26 @@ def test_fp16_overflow_names_the_component(tiny_source, tmp_path):
     assert not (tmp_path / "pkg").exists()
     fine = convert(src, tmp_path / "pkg", precision="text_encoder=fp16,unet=fp16")  # what it suggests
     assert fine.components["vae_decoder"].precision == "fp32"
+    # read back: the VAE's weights stay float32, the big one unclipped; the others are float16
+    assert set(_stored_types(tmp_path / "pkg", "vae_decoder").values()) == {"FLOAT"}
+    from onnx import numpy_helper
+
+    stored = {t.name: t for t in _graph(tmp_path / "pkg", "vae_decoder").graph.initializer}
+    np.testing.assert_array_equal(numpy_helper.to_array(stored["vae.decoder.conv_out.weight"]),
+                                  state["decoder.conv_out.weight"].numpy())
+    for component in ("unet", "text_encoder"):
+        assert set(_stored_types(tmp_path / "pkg", component).values()) == {"FLOAT16"}, component
 
 
 def test_rules_override_the_policy(tiny_source, tmp_path):
-    m = convert(tiny_source("sd1"), tmp_path / "p", precision="unet=int4", rules=[r"attentions=keep", r"resnets=keep"])
-    assert m.components["unet"].notes["matmul_nbits"] == 0  # every MatMul weight is in an attention block
-    assert m.components["text_encoder"].precision == "fp32"
+    convert(tiny_source("sd1"), tmp_path / "p", precision="unet=int4", rules=[r"attentions=keep", r"resnets=keep"])
+    types = _stored_types(tmp_path / "p")  # read back from the graph
+    assert {t for name, t in types.items() if "attentions" in name or "resnets" in name} == {"FLOAT"}
+    # every MatMul weight is in an attention block: none is left for MatMulNBits
+    assert "MatMulNBits" not in {n.op_type for n in _graph(tmp_path / "p").graph.node}
+    # the rest still follow the policy: the resampling convolutions are int4
+    assert {t for name, t in types.items() if "samplers" in name} == {"INT4"}
+    assert set(_stored_types(tmp_path / "p", "text_encoder").values()) == {"FLOAT"}
 
 
 def test_precision_spec_parsing():
@@ -124,6 +230,9 @@ def test_sdxl_precision_quality_floor(tiny_source, tiny_package, tmp_path, preci
     conditioning); the VAE stays fp32 under a single low-bit name."""
     manifest = convert(tiny_source("sdxl"), tmp_path / "xl", precision=precision)
     assert manifest.components["vae_decoder"].precision == "fp32"  # SDXL's stock VAE overflows in fp16
+    assert set(_stored_types(tmp_path / "xl", "vae_decoder").values()) == {"FLOAT"}  # read back
+    stored = {"fp16": "FLOAT16", "int8-weights": "INT8", "int8-static": "INT8", "int4": "INT4"}[precision]
+    assert stored in _stored_types(tmp_path / "xl").values()  # the U-Net did convert
     args = dict(steps=8, width=64, height=64)
     reference = [Pipeline(tiny_package("sdxl")).generate("a red circle", "blurry", seed=s, **args) for s in (0, 1)]
     got = [Pipeline(tmp_path / "xl").generate("a red circle", "blurry", seed=s, **args) for s in (0, 1)]
@@ -140,6 +249,7 @@ def test_sdxl_vae_that_needs_no_upcast_goes_fp16(tiny_source, tmp_path):
     (source / "vae" / "config.json").write_text(json.dumps({**config, "force_upcast": False}))
     manifest = convert(source, tmp_path / "xl", precision="fp16")
     assert manifest.components["vae_decoder"].precision == "fp16"
+    assert set(_stored_types(tmp_path / "xl", "vae_decoder").values()) == {"FLOAT16"}  # read back
 
 
 @pytest.mark.parametrize("precision", ["int4", "int8-weights"])
@@ -150,26 +260,17 @@ def test_weight_passes_over_external_data_give_the_same_package(tiny_source, qua
     import edgediff.convert.export as export
 
     monkeypatch.setattr(export, "EXTERNAL_DATA_LIMIT", 0)
+    import onnx
+
     manifest = convert(tiny_source("sd1"), tmp_path / "ext", precision=precision)
     assert manifest.components["unet"].data_files == ("unet/model.onnx_data",)
     assert not list((tmp_path / "ext" / "unet").glob("*.new"))
+    locations = {e.value for t in _graph(tmp_path / "ext").graph.initializer
+                 if t.data_location == onnx.TensorProto.EXTERNAL for e in t.external_data if e.key == "location"}
+    assert locations == {"model.onnx_data"}  # the graph reads its weights from the file named
+    assert _stored_types(tmp_path / "ext") == _stored_types(quantized[precision])  # the same types, weight by weight
     for a, b in zip(_images(tmp_path / "ext")[:2], _images(quantized[precision])[:2], strict=True):
         assert psnr(a, b) == float("inf")
-
-
-def _bits(package, component="unet") -> dict[str, int]:
-    """Each quantized weight of a component's graph and its bits, read back from the graph."""
-    import onnx
-
-    model = onnx.load(str(package / component / "model.onnx"), load_external_data=False)
-    inits = {t.name: t for t in model.graph.initializer}
-    out = {}
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
-            out[node.input[1]] = next(a.i for a in node.attribute if a.name == "bits")
-        elif node.op_type == "DequantizeLinear" and node.input[0] in inits:
-            out[node.input[0]] = {onnx.TensorProto.INT8: 8, onnx.TensorProto.INT4: 4}[inits[node.input[0]].data_type]
-    return out
 
 
 def test_a_rule_gives_its_weight_that_precision(tiny_source, tmp_path):
@@ -177,14 +278,21 @@ def test_a_rule_gives_its_weight_that_precision(tiny_source, tmp_path):
     fp32 text encoder (read back from the graphs)."""
     m = convert(tiny_source("sd1"), tmp_path / "p", precision="unet=int4",
                 rules=[r"conv_in=int8", r"attn1\.to_q=int8", r"text_model.*q_proj=int4|encoder.*q_proj=int4"])
-    bits = _bits(tmp_path / "p")
-    assert bits["unet.conv_in.weight_Q8"] == 8  # kept in float by default; the rule quantizes it
-    to_q = {k: v for k, v in bits.items() if "attn1.to_q" in k}
-    assert to_q and set(to_q.values()) == {8}
-    assert {v for k, v in bits.items() if "attn2.to_q" in k} == {4}
-    text = _bits(tmp_path / "p", "text_encoder")
-    assert text and all("q_proj" in k for k in text) and set(text.values()) == {4}
-    assert m.components["text_encoder"].precision == "fp32" and m.components["text_encoder"].notes["matmul_nbits"] > 0
+    types = _stored_types(tmp_path / "p")
+    assert types["unet.conv_in.weight"] == "INT8"  # kept in float by default; the rule quantizes it
+    to_q = {k: v for k, v in types.items() if "attn1.to_q" in k}
+    assert to_q and set(to_q.values()) == {"INT8"}
+    # the others the policy's: int4, or float where it keeps small ones (the 32-wide blocks)
+    assert types["unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_q.weight"] == "INT4"
+    assert {v for k, v in types.items() if "attn2.to_q" in k} == {"INT4", "FLOAT"}
+    assert types["unet.conv_out.weight"] == "FLOAT"  # no rule names it: the policy keeps it
+    text = _stored_types(tmp_path / "p", "text_encoder")
+    q_proj = {k: v for k, v in text.items() if "q_proj" in k}
+    assert q_proj and set(q_proj.values()) == {"INT4"}
+    assert {v for k, v in text.items() if "q_proj" not in k} == {"FLOAT"}  # the component stays fp32
+    nbits = [n for n in _graph(tmp_path / "p", "text_encoder").graph.node if n.op_type == "MatMulNBits"]
+    assert m.components["text_encoder"].precision == "fp32"
+    assert m.components["text_encoder"].notes["matmul_nbits"] == len(nbits) == len(q_proj)
 
 
 @pytest.mark.parametrize(("kw", "error", "message"), [

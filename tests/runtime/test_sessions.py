@@ -24,14 +24,19 @@ def test_cuda_falls_back_to_cpu_with_a_warning():
     assert providers_for("auto") == ["CPUExecutionProvider"]
 
 
-def test_components_are_released_after_use(tiny_package):
+def test_components_are_released_after_use(tiny_package, monkeypatch):
+    from edgediff.runtime.sessions import Component
+
     pipe = Pipeline(tiny_package("sd1"), device="cpu")
     pipe.generate("a cat", steps=2, width=64, height=64, seed=0)
     assert pipe._components and all(c._session is None for c in pipe._components.values())
+    runs = []  # the U-Net evaluations, counted where onnxruntime is called
+    stock = Component.run
+    monkeypatch.setattr(Component, "run", lambda self, feeds: runs.append(self.name) or stock(self, feeds))
     kept = Pipeline(tiny_package("sd1"), device="cpu", low_memory=False)
-    kept.generate("a cat", steps=2, width=64, height=64, seed=0)
+    kept.generate("a cat", steps=2, width=64, height=64, seed=0, sampler="euler")  # one evaluation a step
     assert all(c._session is not None for c in kept._components.values())
-    assert kept.timings.load > 0 and len(kept.timings.steps) == 2
+    assert kept.timings.load > 0 and len(kept.timings.steps) == runs.count("unet") == 2
 
 
 def test_non_finite_output_names_the_component(tiny_package):
