@@ -92,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--quantize-convolutions", action="store_true",
                    help="gguf: store convolution weights in the block type too (ComfyUI-GGUF's reshaped layout): "
                         "smaller, and less memory in edgediff, but stable-diffusion.cpp cannot read the file")
+    c.add_argument("--deep-cache", action="store_true",
+                   help="also write the U-Net's shallow branch, so `generate --cache-interval N` can reuse its "
+                        "deep features across steps (DeepCache; SD 1.x/2.x/SDXL, ONNX packages)")
     _parts_arguments(c)
 
     g = sub.add_parser("generate", help="generate an image with a converted package")
@@ -134,6 +137,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, help="CPU threads for onnxruntime")
     g.add_argument("--keep-loaded", action="store_true",
                    help="keep every component in memory instead of releasing each after use")
+    g.add_argument("--cache-interval", type=int, default=1, metavar="N",
+                   help="run the whole U-Net every N steps and only its shallow branch on the deep features "
+                        "kept in between (DeepCache; needs a package converted with --deep-cache; default 1: off)")
     g.add_argument("--vae-tile", type=int, default=0, metavar="PIXELS",
                    help="decode (and encode) the image in overlapping tiles of this size, blended: "
                         "bounded memory for large images (512 is a good start; default 0: whole)")
@@ -196,7 +202,8 @@ def _convert(args) -> int:
     manifest = convert(args.source, args.output, fmt=args.format, precision=args.precision,
                        family=args.family, prediction=args.prediction,
                        allow_pickle=args.allow_pickle, overwrite=args.overwrite, rules=args.rule,
-                       progress=say, quantize_convolutions=args.quantize_convolutions, **_parts(args))
+                       progress=say, quantize_convolutions=args.quantize_convolutions, deep_cache=args.deep_cache,
+                       **_parts(args))
     size = sum(c.bytes for c in manifest.components.values())
     kinds = ", ".join(sorted({c.precision for c in manifest.components.values()}))
     print(f"wrote {args.output} ({manifest.family}, {kinds}, {_human(size)}) "
@@ -247,7 +254,7 @@ def _generate(args) -> int:
         sampler=args.sampler, schedule=args.schedule, seed=args.seed, width=args.width,
         height=args.height, init_image=args.init_image, strength=args.strength,
         clip_skip=args.clip_skip, size_conditioning=size, refiner=refiner,
-        refiner_start=args.refiner_start, progress=ProgressBar("sampling"),
+        refiner_start=args.refiner_start, progress=ProgressBar("sampling"), cache_interval=args.cache_interval,
     )
     seed = image.info["seed"]
     path = save_png(image, args.output or f"edgediff-{seed}.png", image.info["parameters"])

@@ -135,6 +135,7 @@ def convert(
     vae: str | Path | None = None,
     text_encoders: Sequence[str | Path] = (),
     quantize_convolutions: bool = False,
+    deep_cache: bool = False,
 ) -> Manifest:
     """Convert `source` into a package at `output`, atomically; returns its manifest.
 
@@ -146,7 +147,8 @@ def convert(
     written to GGUF without a `precision` keeps every tensor as stored; otherwise it is
     dequantized and converted as any checkpoint. `quantize_convolutions` (GGUF) stores convolution
     weights in the block type too, in ComfyUI-GGUF's reshaped layout, which stable-diffusion.cpp
-    cannot read."""
+    cannot read. `deep_cache` also writes the U-Net's shallow branch, for DeepCache-style reuse of
+    its deep features across steps (`generate --cache-interval N`)."""
     from edgediff.convert.package import atomic_file, atomic_folder, check_output
     from edgediff.convert.precision import parse_precision
     from edgediff.kernels.policy import Rule
@@ -157,6 +159,8 @@ def convert(
         raise UsageError(f"unknown --format '{fmt}'; this version writes: {', '.join(FORMATS)}")
     if quantize_convolutions and fmt != "gguf":
         raise UsageError("--quantize-convolutions applies to --format gguf")
+    if deep_cache and fmt != "onnx":
+        raise UsageError("--deep-cache writes an ONNX package (a GGUF package has no graph for the shallow branch)")
     if fmt == "gguf" and output.suffix.lower() != ".gguf":
         raise UsageError(f"--output {output}: a GGUF package is one file; name it NAME.gguf")
     parsed_rules = [Rule.parse(r) for r in rules]
@@ -190,6 +194,11 @@ def convert(
     fam, layout = resolve_family(src, family)
     components = fam.components
     precisions = parse_precision(precision, components, fmt)
+    if deep_cache:
+        if fam.denoiser != "unet":
+            raise UsageError(f"--deep-cache reuses a U-Net's deep features; {fam.title} has a transformer: "
+                             "convert it without --deep-cache")
+        precisions["unet_shallow"] = precisions["unet"]  # the same weights, at the same precision
     if fmt == "gguf" and fam.denoiser != "unet" and layout == "ldm" and not swap_vae:
         # a DiT's files hold the very tensors of its GGUF file: requantized one at a time
         from edgediff.convert import adopt
@@ -233,7 +242,7 @@ def convert(
                               shapes=_ldm_shape, reshape=quantize_convolutions, progress=progress,
                               weights=_folder_weights(src, pipe) if streamed else None)
     with atomic_folder(output, overwrite) as tmp:
-        manifest = _export(pipe, src, src_path, layout, tmp, progress)
+        manifest = _export(pipe, src, src_path, layout, tmp, progress, deep_cache)
         if any(p != "fp32" for p in precisions.values()):
             manifest = _apply_precisions(tmp, manifest, precisions, parsed_rules, progress)
             (tmp / MANIFEST).write_text(manifest.to_json())
@@ -335,14 +344,15 @@ def _ldm_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _export(pipe, src: Source, src_path: Path, layout: str, tmp: Path,
-            progress: Callable[[str], None] | None) -> Manifest:
+            progress: Callable[[str], None] | None, deep_cache: bool = False) -> Manifest:
     """The fp32 ONNX package of `pipe` in the folder `tmp`; returns its manifest."""
     from edgediff.convert.export import export_components
     from edgediff.convert.load import BUNDLED_CLIP_TOKENIZER
 
     fam = pipe.family
     started = time.perf_counter()
-    written = export_components(pipe, tmp, progress=lambda name: progress and progress(f"exporting {name}"))
+    written = export_components(pipe, tmp, progress=lambda name: progress and progress(f"exporting {name}"),
+                                deep_cache=deep_cache)
     encoders = []
     for spec, model, tok_dir in pipe.text_encoders:
         dst = tmp / spec.tokenizer

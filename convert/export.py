@@ -24,6 +24,9 @@ from edgediff.kernels.bind import placeholder
 from edgediff.kernels.graph import external_tensor
 
 OPSET = 18
+# DeepCache's shallow branch recomputes the last up block's last two layers (and the first down
+# layer whose output one of them joins), its paper's finest setting for SD (branch 0, layer 0)
+SHALLOW_LAYERS = 2
 EXTERNAL_DATA_LIMIT = 1_800_000_000  # protobuf cannot hold 2 GiB: larger graphs keep weights beside
 
 
@@ -87,17 +90,64 @@ def _wrappers():
 
     class UNetGraph(torch.nn.Module):
         """The UNet with its added conditioning (SDXL's `text_embeds`, `time_ids`, LCM's
-        `timestep_cond`) as named inputs."""
+        `timestep_cond`) as named inputs; with `feature`, also the deep features the shallow
+        branch reuses (what enters the last up block's last SHALLOW_LAYERS layers, before their
+        skip connections join)."""
+
+        def __init__(self, unet, extras: tuple[str, ...], feature: bool = False):
+            super().__init__()
+            self.unet, self.extras, self.feature = unet, extras, feature
+
+        def forward(self, sample, timestep, encoder_hidden_states, *extras):
+            added = dict(zip(self.extras, extras, strict=True))
+            kwargs = {"timestep_cond": added.pop("timestep_cond")} if "timestep_cond" in added else {}
+            run = lambda: self.unet(sample, timestep, encoder_hidden_states, return_dict=False,  # noqa: E731
+                                    **({"added_cond_kwargs": added} if added else {}), **kwargs)[0]
+            if not self.feature:
+                return run()
+            seen = []
+            skip = self.unet.config.block_out_channels[0]  # conv_in's and the first down layers' width
+            layer = self.unet.up_blocks[-1].resnets[-SHALLOW_LAYERS]
+            hook = layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0][:, :args[0].shape[1] - skip]))
+            try:
+                out = run()
+            finally:
+                hook.remove()
+            return out, seen[0]
+
+    class ShallowUNetGraph(torch.nn.Module):
+        """DeepCache's shallow branch (Ma et al. 2023): the time embedding, conv_in, the first
+        SHALLOW_LAYERS - 1 down layers (whose outputs are the skips it needs), then the last
+        SHALLOW_LAYERS up layers fed `deep_feature` from an earlier step's full run, and conv_out."""
 
         def __init__(self, unet, extras: tuple[str, ...]):
             super().__init__()
             self.unet, self.extras = unet, extras
 
-        def forward(self, sample, timestep, encoder_hidden_states, *extras):
-            added = dict(zip(self.extras, extras, strict=True))
-            kwargs = {"timestep_cond": added.pop("timestep_cond")} if "timestep_cond" in added else {}
-            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False,
-                             **({"added_cond_kwargs": added} if added else {}), **kwargs)[0]
+        def forward(self, sample, timestep, encoder_hidden_states, *rest):
+            *extras, feature = rest
+            u, added = self.unet, dict(zip(self.extras, extras, strict=True))
+            emb = u.time_embedding(u.get_time_embed(sample=sample, timestep=timestep), added.pop("timestep_cond", None))
+            aug = u.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added)
+            emb = emb + aug if aug is not None else emb
+            if u.time_embed_act is not None:
+                emb = u.time_embed_act(emb)
+
+            def layer(block, j, h):
+                h = block.resnets[j](h, emb)
+                if getattr(block, "attentions", None):
+                    h = block.attentions[j](h, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+                return h
+
+            skips = [u.conv_in(sample)]
+            for j in range(SHALLOW_LAYERS - 1):
+                skips.append(layer(u.down_blocks[0], j, skips[-1]))
+            h, up = feature, u.up_blocks[-1]
+            for j in range(len(up.resnets) - SHALLOW_LAYERS, len(up.resnets)):
+                h = layer(up, j, torch.cat([h, skips.pop()], 1))
+            if u.conv_norm_out is not None:
+                h = u.conv_act(u.conv_norm_out(h))
+            return u.conv_out(h)
 
     class TransformerGraph(torch.nn.Module):
         """A DiT under the UNet's contract: `sample`, `timestep` (0..1000), the text context, and
@@ -153,7 +203,7 @@ def _wrappers():
                 moments = self.vae.quant_conv(moments)
             return moments
 
-    return TextEncoderGraph, UNetGraph, {"SD3Transformer2DModel": TransformerGraph, "FluxTransformer2DModel": FluxGraph}, \
+    return TextEncoderGraph, (UNetGraph, ShallowUNetGraph), {"SD3Transformer2DModel": TransformerGraph, "FluxTransformer2DModel": FluxGraph}, \
         VaeDecoderGraph, VaeEncoderGraph
 
 
@@ -369,8 +419,12 @@ def _release(module):
     return types.SimpleNamespace(config=module.config)
 
 
-def _export_unet(UNetGraph, unet, conditioning, out_dir: Path, graph=export_graph) -> list[Path]:
+def _export_unet(graphs, unet, conditioning, out_dir: Path, graph=export_graph,
+                 deep_cache: bool = False) -> dict[str, list[Path]]:
+    """The UNet's graph; with `deep_cache`, it also gives its deep features, and the shallow
+    branch that reuses them is written as `unet_shallow`."""
     torch = require("torch", "convert", "Exporting to ONNX")
+    UNetGraph, ShallowUNetGraph = graphs
     unet.set_attn_processor(_fused_attention())
     channels = unet.config.in_channels
     context = unet.config.cross_attention_dim
@@ -378,17 +432,26 @@ def _export_unet(UNetGraph, unet, conditioning, out_dir: Path, graph=export_grap
     # every latent size, not only multiples of 2**levels.
     side = 2 ** (len(unet.config.block_out_channels) - 1) + 1
     extras = added_conditioning(unet.config, conditioning)
-    contract = Contract(UNET.inputs + tuple(extras), UNET.outputs,
-                        {**UNET.dynamic_axes, **{name: {0: "batch"} for name in extras}})
-    return graph(
-        UNetGraph(unet, tuple(extras)),
-        (torch.randn(1, channels, side, side), torch.tensor([999.0]), torch.randn(1, 77, context),
-         *(torch.randn(1, width) for width in extras.values())),
-        contract, out_dir / "unet" / "model.onnx",
-    )
+    axes = {**UNET.dynamic_axes, **{name: {0: "batch"} for name in extras}}
+    args = (torch.randn(1, channels, side, side), torch.tensor([999.0]), torch.randn(1, 77, context),
+            *(torch.randn(1, width) for width in extras.values()))
+    feature = {"deep_feature": {0: "batch", 2: "height", 3: "width"}}
+    written = {"unet": graph(
+        UNetGraph(unet, tuple(extras), feature=deep_cache), args,
+        Contract(UNET.inputs + tuple(extras), UNET.outputs + tuple(feature if deep_cache else ()),
+                 {**axes, **(feature if deep_cache else {})}),
+        out_dir / "unet" / "model.onnx")}
+    if deep_cache:
+        with torch.no_grad():
+            deep = UNetGraph(unet, tuple(extras), feature=True)(*args)[1]
+        written["unet_shallow"] = graph(
+            ShallowUNetGraph(unet, tuple(extras)), (*args, deep),
+            Contract(UNET.inputs + tuple(extras) + ("deep_feature",), UNET.outputs, {**axes, **feature}),
+            out_dir / "unet_shallow" / "model.onnx")
+    return written
 
 
-def export_components(pipe, out_dir: Path, progress=None) -> dict[str, list[Path]]:
+def export_components(pipe, out_dir: Path, progress=None, deep_cache: bool = False) -> dict[str, list[Path]]:
     """Export every component of a TorchPipeline under `out_dir` in optimum's folder layout,
     releasing each module once it is written."""
     torch = require("torch", "convert", "Exporting to ONNX")
@@ -417,7 +480,7 @@ def export_components(pipe, out_dir: Path, progress=None) -> dict[str, list[Path
     denoiser, vae = pipe.denoiser, pipe.vae
     step(name)
     if name == "unet":
-        written[name] = _export_unet(UNetGraph, denoiser, pipe.family.conditioning, out_dir, graph)
+        written.update(_export_unet(UNetGraph, denoiser, pipe.family.conditioning, out_dir, graph, deep_cache))
     else:
         config = denoiser.config
         flux = pipe.family.denoiser_class == "FluxTransformer2DModel"

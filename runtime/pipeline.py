@@ -19,8 +19,8 @@ from PIL import Image
 
 from edgediff import __version__
 from edgediff.errors import PackageError, UsageError
+from edgediff.runtime import feature_cache, text, vae
 from edgediff.runtime import image as img
-from edgediff.runtime import text, vae
 from edgediff.runtime.conditioning import Cond, SizeConditioning, guidance_embedding, time_ids
 from edgediff.runtime.denoiser import Denoiser, latent_space, noisy_start
 from edgediff.runtime.lora import LoraRequest, Plan, plan, prompt_loras, read_lora
@@ -233,7 +233,7 @@ class Pipeline:
         return conds[0], (conds[1] if len(conds) > 1 else None)
 
     def _sample(self, x, sigmas, cond: Cond, uncond: Cond | None, guidance: float, sampler: str, rng,
-                clock: _StepClock) -> np.ndarray:
+                clock: _StepClock, cache_interval: int = 1) -> np.ndarray:
         """Run the sampler over `sigmas` with this model's denoiser (opened, then released), fed
         by the names its graph declares."""
         comp = self._open(self.manifest.denoiser)
@@ -250,10 +250,17 @@ class Pipeline:
         def run(x_in, t, c):
             return comp.run({"sample": x_in, "timestep": t, **c})["out_sample"]
 
+        shallow = self._open("unet_shallow") if cache_interval > 1 else None
+        if shallow is not None:
+            takes = set(shallow.input_names)  # SDXL's outer layers have no cross-attention: no text input
+            run = feature_cache.reusing(comp.run, lambda f: shallow.run({k: v for k, v in f.items() if k in takes}),
+                                        cache_interval)
         denoiser = Denoiser(run, self.schedule, self.manifest.prediction, cond, uncond, guidance,
                             split_batch=self.split_guidance)
         x = get_sampler(sampler)(denoiser, x, sigmas, rng, clock)
         self._done(comp)
+        if shallow is not None:
+            self._done(shallow)
         return x
 
     def refiner_split(self, sigmas: np.ndarray, refiner_start: float) -> int:
@@ -294,6 +301,7 @@ class Pipeline:
         loras: Sequence[str | Path | LoraRequest] | None = None,
         progress: Progress | None = None,
         interrupt: Callable[[], bool] | None = None,
+        cache_interval: int = 1,
     ) -> Image.Image:
         """One image. Its `.info["parameters"]` holds the A1111 parameter text; stage times are
         in `self.timings`.
@@ -304,7 +312,11 @@ class Pipeline:
 
         `loras` replaces the Pipeline's LoRAs for this image (and `<lora:NAME:S>` tags in the
         prompt add to them); the components open again when the set changes. When `interrupt()`
-        turns true after a step, sampling stops and the latest denoised latent is decoded."""
+        turns true after a step, sampling stops and the latest denoised latent is decoded.
+
+        `cache_interval` N > 1 runs the whole U-Net every N evaluations and its shallow branch on
+        the deep features kept in between (runtime.feature_cache; packages converted with
+        --deep-cache)."""
         m = self.manifest
         d = m.defaults
         text_prompt, tagged = prompt_loras(prompt, self.lora_dir)
@@ -337,6 +349,13 @@ class Pipeline:
         sigmas = get_sigmas(schedule, self.schedule.at_size(tokens), steps)
         if clip_skip < 1:
             raise UsageError(f"--clip-skip must be at least 1 (got {clip_skip})")
+        if cache_interval < 1:
+            raise UsageError(f"--cache-interval must be at least 1 (got {cache_interval}; 1 runs the whole U-Net "
+                             "every step)")
+        for pipe in (self, refiner) if refiner is not None else (self,):
+            if cache_interval > 1 and "unet_shallow" not in pipe.manifest.components:
+                raise UsageError(f"--cache-interval {cache_interval}: {pipe.package.name} has no shallow U-Net "
+                                 "branch; convert it with --deep-cache (SD 1.x/2.x/SDXL, ONNX packages)")
         if not math.isfinite(guidance) or guidance < 0:
             raise UsageError(f"--guidance must be a finite number >= 0 (got {guidance})")
         spec = m.conditioning
@@ -383,7 +402,7 @@ class Pipeline:
         clock = _StepClock(self.timings, progress, len(sigmas) - 1, interrupt)
         try:
             for (pipe, part), (cond, uncond) in zip(stages, conds, strict=True):
-                x = pipe._sample(x, part, cond, uncond, guidance, sampler, rng, clock)
+                x = pipe._sample(x, part, cond, uncond, guidance, sampler, rng, clock, cache_interval)
         except Interrupted as stop:  # what the sampler has so far
             x = stop.denoised
             for pipe, _ in stages:
@@ -411,6 +430,7 @@ class Pipeline:
             "Model": self.package.name,
             "Denoising strength": strength if init is not None else None,
             "Clip skip": clip_skip if clip_skip > 1 else None,
+            "Cache interval": cache_interval if cache_interval > 1 else None,
             "Refiner": refiner.package.name if refiner is not None else None,
             "Refiner switch at": refiner_start if refiner is not None else None,
             "Lora hashes": f'"{self.lora_plan.hashes()}"' if self.lora_plan else None,
