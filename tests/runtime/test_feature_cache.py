@@ -12,6 +12,7 @@ from edgediff.convert import convert
 from edgediff.errors import UsageError
 from edgediff.runtime import Pipeline
 from edgediff.runtime.feature_cache import reusing
+
 from reference import NEGATIVE, PROMPT, psnr
 
 
