@@ -198,7 +198,6 @@ def convert(
         if fam.denoiser != "unet":
             raise UsageError(f"--deep-cache reuses a U-Net's deep features; {fam.title} has a transformer: "
                              "convert it without --deep-cache")
-        precisions["unet_shallow"] = precisions["unet"]  # the same weights, at the same precision
     if fmt == "gguf" and fam.denoiser != "unet" and layout == "ldm" and not swap_vae:
         # a DiT's files hold the very tensors of its GGUF file: requantized one at a time
         from edgediff.convert import adopt
@@ -229,6 +228,8 @@ def convert(
     # a VAE whose config says it needs no upcast (SDXL's fp16-fix VAE) is safe in 16 bits
     vae_half = fam.vae_fp16 or getattr(pipe.vae.config, "force_upcast", True) is False
     precisions = parse_precision(precision, components, fmt, full_precision_components(fam, vae_half))
+    if deep_cache:
+        precisions["unet_shallow"] = precisions["unet"]  # the same weights, at the same precision
     if fmt == "gguf":
         import tempfile
 
@@ -449,6 +450,7 @@ def _calibration_feeds(root: Path, manifest: Manifest, progress) -> dict[str, li
 
     size = min(int(manifest.defaults["width"]), 256)
     pipe = Pipeline(root, device="cpu", low_memory=False)
+    reuse = "unet_shallow" in manifest.components  # its shallow branch sees every other step
     feeds: dict[str, list[dict]] = {}
     for name in manifest.components:
         pipe.component(name).tap = lambda f, name=name: feeds.setdefault(name, []).append(dict(f))
@@ -456,7 +458,7 @@ def _calibration_feeds(root: Path, manifest: Manifest, progress) -> dict[str, li
         if progress:
             progress(f"calibrating: fp32 run {i + 1}/{len(CALIBRATION_PROMPTS)} at {size}x{size}")
         pipe.generate(prompt, "blurry, low quality", steps=10, sampler="euler", schedule="normal",
-                      seed=i, width=size, height=size)
+                      seed=i, width=size, height=size, cache_interval=2 if reuse else 1)
     return feeds
 
 

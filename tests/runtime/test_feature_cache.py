@@ -93,3 +93,21 @@ def test_reuse_needs_the_shallow_branch(tiny_package, tiny_source, tmp_path):
         convert(tiny_source("flux-schnell"), tmp_path / "f", deep_cache=True)
     with pytest.raises(UsageError, match="--deep-cache writes an ONNX package"):
         convert(tiny_source("sd1"), tmp_path / "g.gguf", deep_cache=True)
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8-static"])
+def test_the_shallow_branch_gets_the_unets_precision(tiny_source, tmp_path, precision):
+    """Its weights are stored as the U-Net's (read back from the graphs); int8-static calibrates
+    it on its own inputs; reuse on the quantized package stays near its uncached image."""
+    from reference import stored_types
+
+    pkg = tmp_path / "pkg"
+    manifest = convert(tiny_source("sd1"), pkg, precision=precision, deep_cache=True)
+    assert manifest.components["unet_shallow"].precision == manifest.components["unet"].precision
+    unet, shallow = stored_types(pkg, "unet"), stored_types(pkg, "unet_shallow")
+    assert shallow and all(shallow[name] == unet[name] for name in shallow)
+    assert {"INT4"} <= set(shallow.values()) if precision == "int4" else {"INT8"} <= set(shallow.values())
+    pipe = Pipeline(pkg, device="cpu")
+    args = dict(steps=8, guidance=7.5, sampler="euler", seed=5, width=64, height=64)
+    assert 30 < psnr(pipe.generate(PROMPT, NEGATIVE, **args),
+                     pipe.generate(PROMPT, NEGATIVE, **args, cache_interval=2)) < float("inf")
