@@ -194,10 +194,9 @@ def convert(
     fam, layout = resolve_family(src, family)
     components = fam.components
     precisions = parse_precision(precision, components, fmt)
-    if deep_cache:
-        if fam.denoiser != "unet":
-            raise UsageError(f"--deep-cache reuses a U-Net's deep features; {fam.title} has a transformer: "
-                             "convert it without --deep-cache")
+    if deep_cache and fam.denoiser != "unet":
+        raise UsageError(f"--deep-cache reuses a U-Net's deep features; {fam.title} has a transformer: "
+                         "convert it without --deep-cache")
     if fmt == "gguf" and fam.denoiser != "unet" and layout == "ldm" and not swap_vae:
         # a DiT's files hold the very tensors of its GGUF file: requantized one at a time
         from edgediff.convert import adopt
