@@ -119,7 +119,7 @@ def test_single_file_checkpoint_gives_the_same_image(tiny_source, tiny_package, 
 def test_failed_conversion_leaves_nothing(tiny_source, tmp_path, monkeypatch):
     import edgediff.convert.export as export
 
-    def broken(pipe, out_dir, progress=None):
+    def broken(pipe, out_dir, progress=None, **_):
         (out_dir / "unet").mkdir()
         (out_dir / "unet" / "model.onnx").write_bytes(b"half")
         raise SourceError("simulated failure half way")
