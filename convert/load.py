@@ -400,11 +400,11 @@ def tiny_vae(tiny, current, path: Path):
     import torch
 
     mine, theirs = tiny.config, current.config
-    down = 2 ** (len(theirs.block_out_channels) - 1)
-    if mine.latent_channels != theirs.latent_channels or 2 ** (len(mine.block_out_channels) - 1) != down:
+    down = [2 ** (len(c.block_out_channels) - 1) for c in (mine, theirs)]
+    if mine.latent_channels != theirs.latent_channels or down[0] != down[1]:
         raise SourceError(f"--vae {path}: this tiny autoencoder has {mine.latent_channels} latent channels and "
-                          f"scales by {2 ** (len(mine.block_out_channels) - 1)}; the model's VAE has "
-                          f"{theirs.latent_channels} and {down} (TAESD is for SD 1.x/2.x, TAESDXL for SDXL, "
+                          f"scales by {down[0]}; the model's VAE has "
+                          f"{theirs.latent_channels} and {down[1]} (TAESD is for SD 1.x/2.x, TAESDXL for SDXL, "
                           "TAESD3 for SD3, TAEF1 for Flux)")
     scale, shift = float(theirs.scaling_factor), float(getattr(theirs, "shift_factor", None) or 0.0)
 

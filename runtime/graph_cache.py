@@ -53,12 +53,11 @@ def _files(model: Path) -> list[list]:
     return out
 
 
-def key(model: Path, providers: list[str], config: dict[str, str]) -> dict:
+def key(model: Path, providers: list[str]) -> dict:
     import onnxruntime
 
     return {"format": FORMAT, "source": str(model.resolve()), "files": _files(model),
-            "onnxruntime": onnxruntime.__version__, "cpu": cpu_features(), "providers": providers,
-            "config": dict(sorted(config.items()))}
+            "onnxruntime": onnxruntime.__version__, "cpu": cpu_features(), "providers": providers}
 
 
 def _folder(model: Path) -> Path:
@@ -101,8 +100,8 @@ class Entry:
         remove(self.folder)
 
 
-def entry(model: Path, providers: list[str], config: dict[str, str]) -> Entry:
-    return Entry(_folder(model), key(model, providers, config))
+def entry(model: Path, providers: list[str]) -> Entry:
+    return Entry(_folder(model), key(model, providers))
 
 
 # what makes onnxruntime write the optimized graph's weights into one external file beside it

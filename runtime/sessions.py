@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edgediff.errors import RuntimeFailure, UsageError
+from edgediff.runtime import graph_cache
 
 DEVICES = ("auto", "cpu", "cuda")
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
@@ -113,18 +114,14 @@ class Component:
             start = time.perf_counter()
             bound = self.bind() if self.bind is not None else None
             entry = self._cache_entry()
-            if entry is not None and not entry.valid():
-                self._session = self._open(bound, entry)
-            elif entry is not None:
-                self.cached = True
+            self.cached = False
+            if entry is not None and entry.valid():
                 try:
-                    self._session = self._open(bound, None, cached=entry.model)
-                except RuntimeFailure:  # a damaged entry: rebuild it
-                    self.cached = False
+                    self._session, self.cached = self._open(bound, None, cached=entry.model), True
+                except RuntimeFailure:  # a damaged entry: rebuilt below
                     entry.drop()
-                    self._session = self._open(bound, entry)
-            else:
-                self._session = self._open(bound, None)
+            if self._session is None:  # writing the cache entry when there is one to write
+                self._session = self._open(bound, entry)
             self.load_seconds += time.perf_counter() - start
             _check_fallback(self._session, self.options.device, self.name)
             if bound is not None:
@@ -143,9 +140,7 @@ class Component:
         providers = providers_for(self.options.device)
         if providers != ["CPUExecutionProvider"]:
             return None
-        from edgediff.runtime import graph_cache
-
-        return graph_cache.entry(self.path, providers, {})
+        return graph_cache.entry(self.path, providers)
 
     def _open(self, bound, entry, cached: Path | None = None):
         """A session of the graph (`cached`: an already optimized one), writing its optimized
@@ -160,8 +155,6 @@ class Component:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         staged = None
         if entry is not None:
-            from edgediff.runtime import graph_cache
-
             staged = entry.staging()
             opts.optimized_model_filepath = str(staged / graph_cache.MODEL)
             for k, v in graph_cache.SAVE_CONFIG.items():
@@ -185,8 +178,6 @@ class Component:
             session = ort.InferenceSession(source, sess_options=opts, providers=providers_for(self.options.device))
         except Exception as exc:  # onnxruntime raises its own exception types
             if staged is not None:
-                from edgediff.runtime import graph_cache
-
                 graph_cache.remove(staged)
                 return self._open(bound, None)  # perhaps the disk is full: open without the cache
             raise RuntimeFailure(
