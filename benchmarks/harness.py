@@ -8,6 +8,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -107,8 +108,8 @@ def prepare(scenario: Scenario, progress: Progress, reconvert: bool = False) -> 
         package = base / (f"{stem}.gguf" if fmt == "gguf" else stem)
         if reconvert or not (package.is_file() or (package / "edgediff.json").is_file()):
             progress(f"converting {model} to {precision.split('@')[0]}")
-            convert(source, package, precision=kind, overwrite=True,
-                    **({"quantize_convolutions": True} if "convs" in options else {}))
+            convert(source, package, precision=kind, overwrite=True, quantize_convolutions="convs" in options,
+                    deep_cache="deepcache" in options, vae=synthetic_taesd(base) if "taesd" in options else None)
         packages[precision] = package
     return source, packages
 
@@ -136,21 +137,54 @@ def _synthetic_dit(scenario: Scenario, arch: str, progress: Progress) -> dict[st
     return packages
 
 
+# options after the precision: at conversion (':name') and when running ('@name'), each for one format
+CONVERT_OPTIONS = {"convs": "gguf", "deepcache": "onnx", "taesd": "onnx"}
+RUN_OPTIONS = {"expanded": "gguf", "int8": "gguf", "cache": "onnx"}  # 'cacheN': --cache-interval N
+
+
 def parse_configuration(name: str) -> tuple[str, str, set[str]]:
     """A scenario precision -> (format, precision, options). 'int4' is an ONNX package;
-    'gguf-q4_0' a GGUF one; options follow: ':convs' (convolutions quantized too) at conversion,
-    '@expanded' (--weights expanded) and '@int8' (--accuracy-level 4) when running."""
+    'gguf-q4_0' a GGUF one. Conversion options: ':convs' (a GGUF's convolutions quantized too),
+    ':deepcache' (the U-Net's shallow branch), ':taesd' (a tiny autoencoder, random weights, in
+    the VAE's place); run options: '@expanded' (--weights expanded), '@int8' (--accuracy-level 4),
+    '@cacheN' (--cache-interval N, with :deepcache)."""
     base, _, run = name.partition("@")
     base, *convert_options = base.split(":")
-    options = set(convert_options) | ({run} if run else set())
-    unknown = options - {"convs", "expanded", "int8"}
+    fmt = "gguf" if base.startswith("gguf-") else "onnx"
+    unknown = sorted([o for o in convert_options if o not in CONVERT_OPTIONS]
+                     + ([run] if run and _kind(run) not in RUN_OPTIONS else []))
     if unknown:
-        raise UsageError(f"precision '{name}': unknown options {sorted(unknown)} (known: :convs, @expanded, @int8)")
-    if base.startswith("gguf-"):
-        return "gguf", base.removeprefix("gguf-"), options
-    if options:
-        raise UsageError(f"precision '{name}': options apply to gguf-* precisions")
-    return "onnx", base, options
+        raise UsageError(f"precision '{name}': unknown options {unknown} (known: :convs, :deepcache, :taesd, "
+                         "@expanded, @int8, @cacheN)")
+    options = set(convert_options) | ({run} if run else set())
+    wrong = sorted(o for o in options if {**CONVERT_OPTIONS, **RUN_OPTIONS}[_kind(o)] != fmt)
+    if wrong:
+        raise UsageError(f"precision '{name}': {', '.join(wrong)} apply to "
+                         f"{'gguf-*' if fmt == 'onnx' else 'ONNX'} precisions")
+    if run and _kind(run) == "cache" and "deepcache" not in options:
+        raise UsageError(f"precision '{name}': @cacheN needs a package converted with :deepcache")
+    return fmt, base.removeprefix("gguf-"), options
+
+
+def _kind(option: str) -> str:
+    return "cache" if re.fullmatch(r"cache\d+", option) else option
+
+
+def cache_interval(options: set[str]) -> int:
+    return next((int(o[5:]) for o in options if _kind(o) == "cache"), 1)
+
+
+def synthetic_taesd(base: Path) -> Path:
+    """A diffusers AutoencoderTiny of TAESD's architecture (the default config) with random
+    weights: its cost is the real one, its image is not."""
+    folder = base / "taesd"
+    if not (folder / "config.json").is_file():
+        import diffusers
+        import torch
+
+        torch.manual_seed(0)
+        diffusers.AutoencoderTiny().save_pretrained(folder)
+    return folder
 
 
 def _sample_rss(proc: subprocess.Popen, peak: list[float]) -> None:
@@ -203,7 +237,8 @@ def configurations(scenario: Scenario, packages: dict[str, Path], source: Path |
         options = parse_configuration(precision)[2]
         out.append((f"edgediff-{precision}", {"tool": "edgediff", "precision": precision, "package": str(package),
                                               "weights": "expanded" if "expanded" in options else "compact",
-                                              "accuracy_level": 4 if "int8" in options else 0}, None))
+                                              "accuracy_level": 4 if "int8" in options else 0,
+                                              "cache_interval": cache_interval(options)}, None))
     for name in scenario.peers:
         peer = PEERS[name]
         python = peer_python(name, scenario)

@@ -27,7 +27,8 @@ def run_edgediff(config: dict) -> dict:
                     weights=config.get("weights", "compact"), accuracy_level=config.get("accuracy_level", 0),
                     graph_cache=config.get("graph_cache", True))
     args = dict(guidance=config["guidance"], sampler=config["sampler"], schedule=config["schedule"],
-                seed=config["seed"], width=config["size"], height=config["size"])
+                seed=config["seed"], width=config["size"], height=config["size"],
+                cache_interval=config.get("cache_interval", 1))
     pipe.generate(config["prompt"], config["negative_prompt"], steps=1, **args)  # warm-up, cold load
     cold = pipe.timings.load
     cached = sorted(name for name, c in pipe._components.items() if c.cached)  # cold load from the graph cache

@@ -31,6 +31,9 @@ PRECISIONS = ("fp32", "fp16", "int8", "int8-static", "int8-weights", "int4")
 # architecture, int8-static 21.0 dB though 1.46x faster per step at 512x512 (benchmarks/RESULTS.md).
 INT8_DEFAULT = "int8-weights"
 BLOCK = 32
+# Layers int8-static keeps float (after the user's rules), from the sensitivity table of
+# benchmarks/int8.py (benchmarks/RESULTS.md)
+STATIC_FLOAT: tuple[Rule, ...] = ()
 # Components that a single precision name applies to; the VAE stays fp32 under int8/int4
 # (its convolutions have no fast low-bit kernel on the CPU provider).
 LOW_BIT_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -90,6 +93,28 @@ def _check_gguf(name: str, where: str) -> str:
         raise UsageError(f"{where}: {exc}") from None
 
 
+def chooser(component: str, precision: str, rules: Sequence[Rule] = ()) -> Callable[[str, tuple[int, ...]], int]:
+    """The bits each weight of `component` is stored in at `precision` (0: it stays float); a
+    rule's precision wins over the component's where the graph can hold it, else it is refused
+    with the reason. int8-static keeps its own float layers (STATIC_FLOAT) after the user's rules."""
+    kind = {"int8-weights": "int8", "int8-static": "int8"}.get(precision, precision)
+    if precision == "int8-static":
+        rules = (*rules, *STATIC_FLOAT)
+
+    def choose(name: str, shape: tuple[int, ...]) -> int:
+        chosen = precision_for(name, shape, kind, rules)
+        if chosen in (KEEP, "fp32"):
+            return 0
+        bits = {"int8": 8, "int8-weights": 8, "int4": 4}.get(chosen)
+        if bits is None or precision == "int8-static" and bits != 8:
+            raise PrecisionError(f"{component}: a rule gives '{name}' {chosen}, which an {precision} component "
+                                 f"cannot hold (it stores weights as {'int8 or fp32' if precision == 'int8-static' else 'int4, int8 or fp32'}); "
+                                 "convert that component to another precision or change the rule")
+        return bits
+
+    return choose
+
+
 def apply_precision(
     path: Path,
     component: str,
@@ -108,20 +133,8 @@ def apply_precision(
     lazy = weight_only and path.with_name(path.name + "_data").exists()
     model = onnx.load(str(path), load_external_data=not lazy)
     base = path.parent if lazy else None
-    kind = {"int8-weights": "int8", "int8-static": "int8"}.get(precision, precision)
 
-    def choose(name: str, shape: tuple[int, ...]) -> int:
-        """The bits weight `name` is stored in (0: it stays float); a rule's precision wins over
-        the component's where the graph can hold it, else it is refused with the reason."""
-        chosen = precision_for(name, shape, kind, rules)
-        if chosen in (KEEP, "fp32"):
-            return 0
-        bits = {"int8": 8, "int8-weights": 8, "int4": 4}.get(chosen)
-        if bits is None or precision == "int8-static" and bits != 8:
-            raise PrecisionError(f"{component}: a rule gives '{name}' {chosen}, which an {precision} component "
-                                 f"cannot hold (it stores weights as {'int8 or fp32' if precision == 'int8-static' else 'int4, int8 or fp32'}); "
-                                 "convert that component to another precision or change the rule")
-        return bits
+    choose = chooser(component, precision, rules)
 
     if precision == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -144,7 +157,7 @@ def apply_precision(
                  "conv_weights_in_memory": "fp32 while the Conv runs (no low-bit Conv kernel)",
                  **_storage(model)}
     elif precision == "int8-static":
-        notes = _static_int8(model, path, choose, calibration)
+        notes = static_int8(model, path, choose, calibration)
         return Applied(precision, notes)
     else:
         raise UsageError(f"unknown precision '{precision}'")
@@ -253,38 +266,55 @@ class _Feeds:
         return next(self._it, None)
 
 
-def _static_int8(model, path: Path, choose, calibration) -> dict[str, object]:
+@dataclass(frozen=True)
+class StaticInt8:
+    """How int8-static quantizes; benchmarks/int8.py measures each choice (benchmarks/RESULTS.md)."""
+
+    # 7-bit weights: AVX2 without VNNI multiplies u8 x s8 pairs with VPMADDUBSW, whose int16 sums
+    # saturate at full-range weights (3-4 dB of the U-Net's output, measured)
+    reduce_range: bool = True
+    unsigned_weights: bool = False  # uint8 weights: the U8U8 kernel, which cannot saturate either
+    calibration_cache: Path | None = None  # onnxruntime's JSON of activation ranges: calibrate once
+
+
+def static_int8(model, out: Path, choose, calibration, options: StaticInt8 = StaticInt8()) -> dict[str, object]:
+    """Quantize `model` (weights and activations, QDQ) into `out`; `choose` as `chooser` gives it."""
     import tempfile
 
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    if calibration is None:
+    cached = options.calibration_cache is not None and Path(options.calibration_cache).is_file()
+    if calibration is None and not cached:
         raise UsageError("int8-static needs calibration data from the fp32 model")
     graph.fold_weight_transposes(model)
     inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
     exclude = [n.name for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")
                and any(i in inits and not choose(graph.weight_name(i), inits[i]) for i in n.input[1:2])]
-    feeds = calibration()
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+    feeds = [] if cached else calibration()
+    with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
         folded = Path(scratch) / "folded.onnx"
         save_model(model, folded)
-        out = Path(scratch) / "quantized.onnx"
+        del model
+        quantized_path = Path(scratch) / "quantized.onnx"
         big = folded.with_name(folded.name + "_data").exists()
         quantize_static(
-            str(folded), str(out), _Feeds(feeds), quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=["Conv", "MatMul"], per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            str(folded), str(quantized_path), _Feeds(feeds) if feeds else None, quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["Conv", "MatMul"], per_channel=True, reduce_range=options.reduce_range,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QUInt8 if options.unsigned_weights else QuantType.QInt8,
             nodes_to_exclude=exclude, use_external_data_format=big,
             calibrate_method=CalibrationMethod.MinMax,
+            calibration_cache_path=options.calibration_cache,
             extra_options={"CalibStridedMinMax": 1, "WeightSymmetric": True},
         )
-        quantized = onnx.load(str(out), load_external_data=True)
+        quantized = onnx.load(str(quantized_path), load_external_data=True)
         storage = _storage(quantized)
-        save_model(quantized, path)
-    return {"calibration_runs": len(feeds), "excluded_nodes": len(exclude),
-            "activations": "uint8 (MinMax over the model's own sampling runs)", "weights": "int8 per channel",
-            **storage}
+        save_model(quantized, out)
+    return {"calibration_runs": len(feeds) if feeds else "cached", "excluded_nodes": len(exclude),
+            "activations": "uint8 (MinMax over the model's own sampling runs)",
+            "weights": f"{'u' if options.unsigned_weights else ''}int8 per channel"
+                       f"{', 7-bit range' if options.reduce_range else ''}", **storage}
 
 
 def _storage(model) -> dict[str, object]:

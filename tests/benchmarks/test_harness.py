@@ -104,8 +104,15 @@ def test_gguf_configurations(tmp_path):
     assert parse_configuration("int4") == ("onnx", "int4", set())
     with pytest.raises(UsageError, match=r"unknown options \['fast'\]"):
         parse_configuration("gguf-q4_0@fast")
-    with pytest.raises(UsageError, match="options apply to gguf-"):
+    with pytest.raises(UsageError, match="int8 apply to gguf-"):
         parse_configuration("int4@int8")
+    assert parse_configuration("fp32:deepcache@cache3") == ("onnx", "fp32", {"deepcache", "cache3"})
+    with pytest.raises(UsageError, match="needs a package converted with :deepcache"):
+        parse_configuration("fp32@cache3")
+    with pytest.raises(UsageError, match="deepcache apply to ONNX"):
+        parse_configuration("gguf-q8_0:deepcache")
+    with pytest.raises(UsageError, match="unknown options"):
+        parse_configuration("fp32@taesd")
     assert "sdcpp-gguf-q4_0" in load_scenario("gguf-512").peers
     bad = tmp_path / "bad.toml"
     bad.write_text('name = "x"\nmodel = "m"\nprecisions = ["gguf-q4_0@quick"]\n')
@@ -116,6 +123,7 @@ def test_gguf_configurations(tmp_path):
                 "gguf-q4_0@int8": tmp_path / "q4.gguf"}
     configs = {label: (cfg, reason) for label, cfg, reason in configurations(scenario, packages, tmp_path)}
     assert configs["edgediff-gguf-q4_0@int8"][0]["accuracy_level"] == 4
+    assert configs["edgediff-gguf-q4_0@int8"][0]["cache_interval"] == 1
     assert configs["sdcpp-gguf-q4_0"][0]["gguf"] == str(tmp_path / "q4.gguf")
     assert "the scenario's precisions lack" in configs["sdcpp-gguf-q8_0"][1]
 
@@ -180,7 +188,8 @@ def test_packages_are_cached_until_reconvert_is_asked(tiny_source, tmp_path, mon
     monkeypatch.setenv("EDGEDIFF_CACHE", str(tmp_path / "cache"))
     converted = []
 
-    def convert(source, package, precision, overwrite):
+    def convert(source, package, precision, overwrite, **options):
+        assert not any(options.values())  # no :deepcache, :taesd or :convs asked
         converted.append(precision)
         package.mkdir(parents=True, exist_ok=True)
         (package / "edgediff.json").write_text("{}")

@@ -315,3 +315,43 @@ def test_a_gguf_rule_sets_the_stored_type(tiny_source, tmp_path):
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "p.gguf").tensors}
     to_q = {k: v for k, v in types.items() if "attn1.to_q" in k}
     assert to_q and set(to_q.values()) == {"Q8_0"} and "Q4_0" in types.values()
+
+
+def _int8_weight_codes(path) -> np.ndarray:
+    """Every quantized weight code of a static int8 graph (the constants behind DequantizeLinear
+    nodes with more than one dimension), read back with onnx."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    codes = [numpy_helper.to_array(inits[n.input[0]]).ravel() for n in model.graph.node
+             if n.op_type == "DequantizeLinear" and n.input[0] in inits and len(inits[n.input[0]].dims) > 1]
+    return np.concatenate(codes)
+
+
+def test_static_int8_weights_cannot_saturate_avx2(tiny_package, quantized, tmp_path):
+    """int8-static stores 7-bit weights (|code| <= 64): two u8 x s8 products summed in int16 by
+    AVX2's VPMADDUBSW stay below 32767, which full-range weights overflow. Quantizing the same
+    graph with full-range weights (from the same ranges, cached) shows the check can fail."""
+    import onnx
+
+    from edgediff.convert.precision import StaticInt8, chooser, static_int8
+
+    codes = _int8_weight_codes(quantized["int8-static"] / "unet" / "model.onnx")
+    assert codes.dtype == np.int8 and np.abs(codes.astype(int)).max() <= 64
+    feeds = CALIBRATION_FEEDS["int8-static"][("encoder_hidden_states", "sample", "timestep")]
+    source = tiny_package("sd1") / "unet" / "model.onnx"
+    cache = tmp_path / "ranges.json"
+    choose = chooser("unet", "int8-static")
+    wide = static_int8(onnx.load(str(source)), tmp_path / "wide.onnx", choose, lambda: feeds,
+                       StaticInt8(reduce_range=False, calibration_cache=cache))
+    assert cache.is_file() and wide["calibration_runs"] == len(feeds)
+    assert np.abs(_int8_weight_codes(tmp_path / "wide.onnx").astype(int)).max() > 64
+    # the cached ranges stand in for calibration: the same graph, with no calibration run
+    narrow = static_int8(onnx.load(str(source)), tmp_path / "narrow.onnx", choose, None,
+                         StaticInt8(calibration_cache=cache))
+    assert narrow["calibration_runs"] == "cached"
+    again = static_int8(onnx.load(str(source)), tmp_path / "again.onnx", choose, lambda: feeds, StaticInt8())
+    assert (tmp_path / "narrow.onnx").read_bytes() == (tmp_path / "again.onnx").read_bytes()
+

@@ -1,0 +1,184 @@
+"""int8-static's choices, measured on a package's U-Net against its fp32 U-Net: weight range,
+which layers stay float, and one block at a time (the sensitivity table).
+
+    python -m edgediff.benchmarks.int8 ~/.cache/edgediff/synthetic/sd15/package-fp32 --work /tmp/int8
+    python -m edgediff.benchmarks.int8 PACKAGE --work /tmp/int8 --sensitivity
+
+Calibration is the converter's own (its prompts, 10 euler steps at up to 256x256), run once and
+kept as onnxruntime's range cache in WORK; every variant quantizes the same fp32 graph with those
+ranges. Each variant is judged by the images of held-out prompts and seeds (PSNR against fp32's
+with the same seeds) and by the U-Net's output on those runs' fp32 inputs (SNR per step, high
+noise first). Timings are single U-Net evaluations at the image size; run alone for clean ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pickle
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgediff.benchmarks import stats
+from edgediff.benchmarks.quality import PROMPTS
+from edgediff.convert.precision import StaticInt8, chooser, static_int8
+from edgediff.kernels.policy import Rule
+
+BLOCKS = ("down_blocks.0", "down_blocks.1", "down_blocks.2", "down_blocks.3", "mid_block",
+          "up_blocks.0", "up_blocks.1", "up_blocks.2", "up_blocks.3")
+# NVIDIA's diffusers int8 recipe keeps these in float (beyond conv_in/conv_out, which the policy keeps)
+RECIPE_FLOAT = (Rule(r"conv_shortcut", "fp32"), Rule(r"time_emb_proj", "fp32"))
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    options: StaticInt8 = StaticInt8()
+    rules: tuple[Rule, ...] = field(default=())
+
+
+def variants() -> list[Variant]:
+    return [Variant("8-bit weights", StaticInt8(reduce_range=False)),
+            Variant("7-bit weights (reduce_range)"),
+            Variant("uint8 weights (U8U8)", StaticInt8(reduce_range=False, unsigned_weights=True)),
+            Variant("7-bit, shortcut and time projections float", rules=RECIPE_FLOAT)]
+
+
+def block_only(block: str) -> Variant:
+    """Only `block` quantized (7-bit weights), everything else float."""
+    return Variant(f"only {block}", rules=(Rule(rf"^(?!{block}\.)", "fp32"),))
+
+
+class Bench:
+    def __init__(self, package: Path, work: Path, size: int, steps: int, seeds: int, threads: int | None):
+        self.package, self.work, self.size, self.steps, self.threads = package, work, size, steps, threads
+        self.seeds = list(range(100, 100 + seeds))
+        self.fp32 = package / "unet" / "model.onnx"
+        work.mkdir(parents=True, exist_ok=True)
+        self.cache = work / "calibration.json"
+        self.results = work / "results.json"
+
+    def _pipeline(self, unet: Path):
+        from edgediff.runtime import Pipeline
+
+        pipe = Pipeline(self.package, device="cpu", threads=self.threads, low_memory=False, graph_cache=False)
+        pipe.component("unet").path = unet
+        return pipe
+
+    def _images(self, unet: Path, tap=None) -> list[np.ndarray]:
+        pipe = self._pipeline(unet)
+        pipe.component("unet").tap = tap
+        return [np.asarray(pipe.generate(prompt, "blurry, low quality", steps=self.steps, sampler="euler",
+                                         schedule="normal", seed=seed, width=self.size, height=self.size))
+                for prompt in PROMPTS for seed in self.seeds]
+
+    def reference(self) -> dict:
+        """fp32's images, the U-Net inputs of those runs and its outputs on them; recorded once."""
+        path = self.work / f"reference-{self.size}-{self.steps}-{len(self.seeds)}.pkl"
+        if not path.is_file():
+            feeds: list[dict] = []
+            images = self._images(self.fp32, tap=lambda f: feeds.append(dict(f)))
+            outputs, seconds = self._unet_outputs(self.fp32, feeds)
+            path.write_bytes(pickle.dumps({"images": images, "feeds": feeds, "outputs": outputs,
+                                           "unet_seconds": seconds}))
+        return pickle.loads(path.read_bytes())
+
+    def _unet_outputs(self, unet: Path, feeds: list[dict]) -> tuple[list[np.ndarray], float]:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        session = ort.InferenceSession(str(unet), opts, providers=["CPUExecutionProvider"])
+        outputs, times = [], []
+        for f in feeds:
+            start = time.perf_counter()
+            outputs.append(session.run(None, f)[0])
+            times.append(time.perf_counter() - start)
+        return outputs, float(np.median(times))
+
+    def quantize(self, variant: Variant, out: Path) -> dict:
+        import onnx
+
+        def calibration() -> list[dict]:
+            from edgediff.convert import _calibration_feeds
+            from edgediff.runtime.package import open_package
+
+            print("calibrating (once; the ranges are cached)", file=sys.stderr)
+            return _calibration_feeds(self.package, open_package(self.package).manifest, None)["unet"]
+
+        options = dataclasses.replace(variant.options, calibration_cache=self.cache)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return static_int8(onnx.load(str(self.fp32)), out, chooser("unet", "int8-static", variant.rules),
+                           calibration, options)
+
+    def measure(self, variant: Variant, keep: bool = False) -> dict:
+        ref = self.reference()
+        folder = self.work / variant.name.replace(" ", "_").replace(",", "").replace("/", "_")
+        start = time.perf_counter()
+        notes = self.quantize(variant, folder / "model.onnx")
+        quantize_s = time.perf_counter() - start
+        images = self._images(folder / "model.onnx")
+        outputs, seconds = self._unet_outputs(folder / "model.onnx", ref["feeds"])
+        per_step = np.asarray([_snr(r, o) for r, o in zip(ref["outputs"], outputs, strict=True)]).reshape(-1, self.steps)
+        psnrs = [stats.psnr(r, i) for r, i in zip(ref["images"], images, strict=True)]
+        row = {"variant": variant.name, "size": self.size, "steps": self.steps, "images": len(images),
+               "psnr_db_median": float(np.median(psnrs)), "psnr_db_min": float(np.min(psnrs)),
+               "unet_snr_db_per_step": [round(float(x), 1) for x in per_step.mean(axis=0)],
+               "unet_seconds": seconds, "fp32_unet_seconds": ref["unet_seconds"],
+               "excluded_nodes": notes["excluded_nodes"], "quantize_seconds": round(quantize_s)}
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+        rows = json.loads(self.results.read_text()) if self.results.is_file() else []
+        rows = [r for r in rows if (r["variant"], r["size"], r["steps"]) != (variant.name, self.size, self.steps)]
+        self.results.write_text(json.dumps([*rows, row], indent=1))
+        return row
+
+
+def _snr(ref: np.ndarray, got: np.ndarray) -> float:
+    return float(10 * np.log10(np.mean(ref.astype(np.float64) ** 2) / np.mean((ref - got).astype(np.float64) ** 2)))
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| variant | image PSNR dB median (min) | U-Net SNR dB per step | U-Net s (fp32 s) | float nodes |",
+           "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        snr = " / ".join(f"{x:.1f}" for x in r["unet_snr_db_per_step"])
+        out.append(f"| {r['variant']} | {r['psnr_db_median']:.1f} ({r['psnr_db_min']:.1f}) | {snr} | "
+                   f"{r['unet_seconds']:.2f} ({r['fp32_unet_seconds']:.2f}) | {r['excluded_nodes']} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("package", type=Path, help="an fp32 package")
+    parser.add_argument("--work", type=Path, default=Path("bench-results/int8"))
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--sensitivity", action="store_true", help="one U-Net block at a time")
+    parser.add_argument("--only", help="run only the variants whose name contains this")
+    parser.add_argument("--keep", action="store_true", help="keep each variant's graph in WORK")
+    args = parser.parse_args(argv)
+    bench = Bench(args.package, args.work, args.size, args.steps, args.seeds, args.threads)
+    chosen = [block_only(b) for b in BLOCKS] if args.sensitivity else variants()
+    rows = []
+    for variant in chosen:
+        if args.only and args.only not in variant.name:
+            continue
+        print(f"{variant.name} ...", file=sys.stderr, flush=True)
+        rows.append(bench.measure(variant, keep=args.keep))
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

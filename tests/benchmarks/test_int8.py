@@ -1,0 +1,34 @@
+"""The int8 choices benchmark quantizes with the converter's own code and measures against fp32."""
+
+from __future__ import annotations
+
+import json
+
+from edgediff.benchmarks.int8 import block_only, main
+
+
+def test_int8_bench_measures_variants_and_blocks(tiny_package, tmp_path, capsys):
+    work = tmp_path / "work"
+    assert main([str(tiny_package("sd1")), "--work", str(work), "--size", "64", "--steps", "2",
+                 "--seeds", "1", "--only", "reduce_range"]) == 0
+    assert (work / "calibration.json").is_file()  # the ranges, kept for every later variant
+    main([str(tiny_package("sd1")), "--work", str(work), "--size", "64", "--steps", "2", "--seeds", "1",
+          "--sensitivity", "--only", "mid_block"])
+    rows = {r["variant"]: r for r in json.loads((work / "results.json").read_text())}
+    assert set(rows) == {"7-bit weights (reduce_range)", "only mid_block"}
+    whole, mid = rows["7-bit weights (reduce_range)"], rows["only mid_block"]
+    assert len(whole["unet_snr_db_per_step"]) == 2 and whole["images"] == 2
+    # one block quantized stays closer to fp32 than all of them, and keeps more nodes float
+    assert mid["excluded_nodes"] > whole["excluded_nodes"]
+    assert min(mid["unet_snr_db_per_step"]) > min(whole["unet_snr_db_per_step"])
+    assert "| only mid_block |" in capsys.readouterr().out
+    assert not any(p.is_dir() for p in work.iterdir())  # each variant's graph is removed
+
+
+def test_block_only_keeps_the_rest_float():
+    from edgediff.convert.precision import chooser
+
+    choose = chooser("unet", "int8-static", block_only("up_blocks.1").rules)
+    assert choose("up_blocks.1.resnets.0.conv1.weight", (64, 64, 3, 3)) == 8
+    assert choose("up_blocks.10.resnets.0.conv1.weight", (64, 64, 3, 3)) == 0
+    assert choose("down_blocks.1.resnets.0.conv1.weight", (64, 64, 3, 3)) == 0
