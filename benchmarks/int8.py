@@ -5,7 +5,7 @@ which layers stay float, and one block at a time (the sensitivity table).
     python -m edgediff.benchmarks.int8 PACKAGE --work /tmp/int8 --sensitivity
 
 Calibration is the converter's own (its prompts, 10 euler steps at up to 256x256), run once and
-kept as onnxruntime's range cache in WORK; every variant quantizes the same fp32 graph with those
+kept as onnxruntime's range cache in WORK (one per range method); every variant quantizes the same fp32 graph with those
 ranges. Each variant is judged by the images of held-out prompts and seeds (PSNR against fp32's
 with the same seeds) and by the U-Net's output on those runs' fp32 inputs (SNR per step, high
 noise first). Timings are single U-Net evaluations at the image size; run alone for clean ones.
@@ -27,13 +27,11 @@ import numpy as np
 
 from edgediff.benchmarks import stats
 from edgediff.benchmarks.quality import PROMPTS
-from edgediff.convert.precision import StaticInt8, chooser, static_int8
+from edgediff.convert.precision import STATIC_FLOAT, StaticInt8, chooser, static_int8
 from edgediff.kernels.policy import Rule
 
 BLOCKS = ("down_blocks.0", "down_blocks.1", "down_blocks.2", "down_blocks.3", "mid_block",
           "up_blocks.0", "up_blocks.1", "up_blocks.2", "up_blocks.3")
-# NVIDIA's diffusers int8 recipe keeps these in float (beyond conv_in/conv_out, which the policy keeps)
-RECIPE_FLOAT = (Rule(r"conv_shortcut", "fp32"), Rule(r"time_emb_proj", "fp32"))
 
 
 @dataclass(frozen=True)
@@ -41,17 +39,22 @@ class Variant:
     name: str
     options: StaticInt8 = StaticInt8()
     rules: tuple[Rule, ...] = field(default=())
+    float_layers: tuple[Rule, ...] = STATIC_FLOAT  # int8-static's own
 
 
 def variants() -> list[Variant]:
-    return [Variant("8-bit weights", StaticInt8(reduce_range=False)),
-            Variant("7-bit weights (reduce_range)"),
-            Variant("uint8 weights (U8U8)", StaticInt8(reduce_range=False, unsigned_weights=True)),
-            Variant("7-bit, shortcut and time projections float", rules=RECIPE_FLOAT)]
+    return [Variant("8-bit weights, every layer", StaticInt8(reduce_range=False), float_layers=()),
+            Variant("7-bit weights (reduce_range), every layer", float_layers=()),
+            Variant("uint8 weights (U8U8), every layer", StaticInt8(reduce_range=False, unsigned_weights=True),
+                    float_layers=()),
+            Variant("7-bit, shortcut convolutions float", float_layers=STATIC_FLOAT[:1]),
+            Variant("7-bit, time projections float", float_layers=STATIC_FLOAT[1:]),
+            Variant("7-bit, both float (int8-static)"),
+            Variant("7-bit, both float, mean of per-input ranges", StaticInt8(ranges="mean"))]
 
 
 def block_only(block: str) -> Variant:
-    """Only `block` quantized (7-bit weights), everything else float."""
+    """Only `block` quantized, as int8-static quantizes it; everything else float."""
     return Variant(f"only {block}", rules=(Rule(rf"^(?!{block}\.)", "fp32"),))
 
 
@@ -61,7 +64,6 @@ class Bench:
         self.seeds = list(range(100, 100 + seeds))
         self.fp32 = package / "unet" / "model.onnx"
         work.mkdir(parents=True, exist_ok=True)
-        self.cache = work / "calibration.json"
         self.results = work / "results.json"
 
     def _pipeline(self, unet: Path):
@@ -113,9 +115,10 @@ class Bench:
             print("calibrating (once; the ranges are cached)", file=sys.stderr)
             return _calibration_feeds(self.package, open_package(self.package).manifest, None)["unet"]
 
-        options = dataclasses.replace(variant.options, calibration_cache=self.cache)
+        cache = self.work / f"calibration-{variant.options.ranges}.json"
+        options = dataclasses.replace(variant.options, calibration_cache=cache)
         out.parent.mkdir(parents=True, exist_ok=True)
-        return static_int8(onnx.load(str(self.fp32)), out, chooser("unet", "int8-static", variant.rules),
+        return static_int8(onnx.load(str(self.fp32)), out, chooser("unet", "int8-static", variant.rules, variant.float_layers),
                            calibration, options)
 
     def measure(self, variant: Variant, keep: bool = False) -> dict:

@@ -31,9 +31,11 @@ PRECISIONS = ("fp32", "fp16", "int8", "int8-static", "int8-weights", "int4")
 # architecture, int8-static 21.0 dB though 1.46x faster per step at 512x512 (benchmarks/RESULTS.md).
 INT8_DEFAULT = "int8-weights"
 BLOCK = 32
-# Layers int8-static keeps float (after the user's rules), from the sensitivity table of
-# benchmarks/int8.py (benchmarks/RESULTS.md)
-STATIC_FLOAT: tuple[Rule, ...] = ()
+# Layers int8-static keeps float (after the user's rules), as NVIDIA's diffusers int8 recipe does:
+# the residual path's 1x1 shortcut convolutions and the time embedding's per-block projection
+# (whose error shifts a whole feature map). On the full-size SD 1.5 U-Net they cost 8 dB of the
+# image quantized, a few percent of the arithmetic float (benchmarks/int8.py, RESULTS.md).
+STATIC_FLOAT = (Rule(r"conv_shortcut", "fp32"), Rule(r"time_emb_proj", "fp32"))
 # Components that a single precision name applies to; the VAE stays fp32 under int8/int4
 # (its convolutions have no fast low-bit kernel on the CPU provider).
 LOW_BIT_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -93,13 +95,14 @@ def _check_gguf(name: str, where: str) -> str:
         raise UsageError(f"{where}: {exc}") from None
 
 
-def chooser(component: str, precision: str, rules: Sequence[Rule] = ()) -> Callable[[str, tuple[int, ...]], int]:
+def chooser(component: str, precision: str, rules: Sequence[Rule] = (),
+            static_float: Sequence[Rule] = STATIC_FLOAT) -> Callable[[str, tuple[int, ...]], int]:
     """The bits each weight of `component` is stored in at `precision` (0: it stays float); a
     rule's precision wins over the component's where the graph can hold it, else it is refused
-    with the reason. int8-static keeps its own float layers (STATIC_FLOAT) after the user's rules."""
+    with the reason. int8-static keeps `static_float` float after the user's rules."""
     kind = {"int8-weights": "int8", "int8-static": "int8"}.get(precision, precision)
     if precision == "int8-static":
-        rules = (*rules, *STATIC_FLOAT)
+        rules = (*rules, *static_float)
 
     def choose(name: str, shape: tuple[int, ...]) -> int:
         chosen = precision_for(name, shape, kind, rules)
@@ -274,7 +277,15 @@ class StaticInt8:
     # saturate at full-range weights (3-4 dB of the U-Net's output, measured)
     reduce_range: bool = True
     unsigned_weights: bool = False  # uint8 weights: the U8U8 kernel, which cannot saturate either
+    # activation ranges: "minmax" over every calibration input, or "mean" of each input's min and
+    # max (rare high-noise outliers are clipped instead of stretching the range for every step)
+    ranges: str = "minmax"
     calibration_cache: Path | None = None  # onnxruntime's JSON of activation ranges: calibrate once
+
+
+# onnxruntime's MinMax calibrator: one input at a time keeps a running min/max; all at once with
+# its moving average takes the mean of each input's (only the reductions are kept: small)
+RANGES = {"minmax": {"CalibStridedMinMax": 1}, "mean": {"CalibMovingAverage": True}}
 
 
 def static_int8(model, out: Path, choose, calibration, options: StaticInt8 = StaticInt8()) -> dict[str, object]:
@@ -306,13 +317,14 @@ def static_int8(model, out: Path, choose, calibration, options: StaticInt8 = Sta
             nodes_to_exclude=exclude, use_external_data_format=big,
             calibrate_method=CalibrationMethod.MinMax,
             calibration_cache_path=options.calibration_cache,
-            extra_options={"CalibStridedMinMax": 1, "WeightSymmetric": True},
+            extra_options={"WeightSymmetric": True, **RANGES[options.ranges]},
         )
         quantized = onnx.load(str(quantized_path), load_external_data=True)
         storage = _storage(quantized)
         save_model(quantized, out)
     return {"calibration_runs": len(feeds) if feeds else "cached", "excluded_nodes": len(exclude),
-            "activations": "uint8 (MinMax over the model's own sampling runs)",
+            "activations": f"uint8 ({'MinMax' if options.ranges == 'minmax' else 'mean of per-input min/max'} "
+                           "over the model's own sampling runs)",
             "weights": f"{'u' if options.unsigned_weights else ''}int8 per channel"
                        f"{', 7-bit range' if options.reduce_range else ''}", **storage}
 

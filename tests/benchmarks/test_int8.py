@@ -10,13 +10,13 @@ from edgediff.benchmarks.int8 import block_only, main
 def test_int8_bench_measures_variants_and_blocks(tiny_package, tmp_path, capsys):
     work = tmp_path / "work"
     assert main([str(tiny_package("sd1")), "--work", str(work), "--size", "64", "--steps", "2",
-                 "--seeds", "1", "--only", "reduce_range"]) == 0
-    assert (work / "calibration.json").is_file()  # the ranges, kept for every later variant
+                 "--seeds", "1", "--only", "(int8-static)"]) == 0
+    assert (work / "calibration-minmax.json").is_file()  # the ranges, kept for every later variant
     main([str(tiny_package("sd1")), "--work", str(work), "--size", "64", "--steps", "2", "--seeds", "1",
           "--sensitivity", "--only", "mid_block"])
     rows = {r["variant"]: r for r in json.loads((work / "results.json").read_text())}
-    assert set(rows) == {"7-bit weights (reduce_range)", "only mid_block"}
-    whole, mid = rows["7-bit weights (reduce_range)"], rows["only mid_block"]
+    assert set(rows) == {"7-bit, both float (int8-static)", "only mid_block"}
+    whole, mid = rows["7-bit, both float (int8-static)"], rows["only mid_block"]
     assert len(whole["unet_snr_db_per_step"]) == 2 and whole["images"] == 2
     # one block quantized stays closer to fp32 than all of them, and keeps more nodes float
     assert mid["excluded_nodes"] > whole["excluded_nodes"]
