@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import pickle
+import re
 import shutil
 import sys
 import time
@@ -55,7 +56,7 @@ def variants() -> list[Variant]:
 
 def block_only(block: str) -> Variant:
     """Only `block` quantized, as int8-static quantizes it; everything else float."""
-    return Variant(f"only {block}", rules=(Rule(rf"^(?!{block}\.)", "fp32"),))
+    return Variant(f"only {block}", rules=(Rule(rf"^(?!(.*\.)?{re.escape(block)}\.)", "fp32"),))
 
 
 class Bench:

@@ -448,7 +448,8 @@ def _calibration_feeds(root: Path, manifest: Manifest, progress) -> dict[str, li
     from edgediff.runtime import Pipeline
 
     size = min(int(manifest.defaults["width"]), 256)
-    pipe = Pipeline(root, device="cpu", low_memory=False)
+    # the package is still being written: nothing to keep in the optimized-graph cache
+    pipe = Pipeline(root, device="cpu", low_memory=False, graph_cache=False)
     reuse = "unet_shallow" in manifest.components  # its shallow branch sees every other step
     feeds: dict[str, list[dict]] = {}
     for name in manifest.components:

@@ -20,7 +20,7 @@ def test_int8_bench_measures_variants_and_blocks(tiny_package, tmp_path, capsys)
     assert len(whole["unet_snr_db_per_step"]) == 2 and whole["images"] == 2
     # one block quantized stays closer to fp32 than all of them, and keeps more nodes float
     assert mid["excluded_nodes"] > whole["excluded_nodes"]
-    assert min(mid["unet_snr_db_per_step"]) > min(whole["unet_snr_db_per_step"])
+    assert min(whole["unet_snr_db_per_step"]) < min(mid["unet_snr_db_per_step"]) < float("inf")  # some quantized
     assert "| only mid_block |" in capsys.readouterr().out
     assert not any(p.is_dir() for p in work.iterdir())  # each variant's graph is removed
 
@@ -29,6 +29,7 @@ def test_block_only_keeps_the_rest_float():
     from edgediff.convert.precision import chooser
 
     choose = chooser("unet", "int8-static", block_only("up_blocks.1").rules)
-    assert choose("up_blocks.1.resnets.0.conv1.weight", (64, 64, 3, 3)) == 8
-    assert choose("up_blocks.10.resnets.0.conv1.weight", (64, 64, 3, 3)) == 0
-    assert choose("down_blocks.1.resnets.0.conv1.weight", (64, 64, 3, 3)) == 0
+    for prefix in ("", "unet."):  # the graph's weight names carry the component's prefix
+        assert choose(f"{prefix}up_blocks.1.resnets.0.conv1.weight", (64, 64, 3, 3)) == 8
+        assert choose(f"{prefix}up_blocks.10.resnets.0.conv1.weight", (64, 64, 3, 3)) == 0
+        assert choose(f"{prefix}down_blocks.1.resnets.0.conv1.weight", (64, 64, 3, 3)) == 0
