@@ -110,11 +110,11 @@ class Bench:
         import onnx
 
         def calibration() -> list[dict]:
-            from edgediff.convert import _calibration_feeds
+            from edgediff.convert import calibration_feeds
             from edgediff.runtime.package import open_package
 
             print("calibrating (once; the ranges are cached)", file=sys.stderr)
-            return _calibration_feeds(self.package, open_package(self.package).manifest, None)["unet"]
+            return calibration_feeds(self.package, open_package(self.package).manifest, None)["unet"]
 
         cache = self.work / f"calibration-{variant.options.ranges}.json"
         options = dataclasses.replace(variant.options, calibration_cache=cache)

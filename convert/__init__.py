@@ -420,7 +420,7 @@ def _apply_precisions(root: Path, manifest: Manifest, precisions: dict[str, str]
     def calibration(component: str):
         def collect() -> list[dict]:
             if not recorded:
-                recorded.update(_calibration_feeds(root, manifest, progress))
+                recorded.update(calibration_feeds(root, manifest, progress))
             return recorded.get(component, [])
         return collect
 
@@ -442,7 +442,7 @@ def _apply_precisions(root: Path, manifest: Manifest, precisions: dict[str, str]
     return dataclasses.replace(manifest, components=components)
 
 
-def _calibration_feeds(root: Path, manifest: Manifest, progress) -> dict[str, list[dict]]:
+def calibration_feeds(root: Path, manifest: Manifest, progress) -> dict[str, list[dict]]:
     """Inputs of every component over fp32 sampling runs of the built-in prompts, at every
     timestep of a 10-step schedule (activation ranges change with the timestep)."""
     from edgediff.runtime import Pipeline
