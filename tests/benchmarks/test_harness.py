@@ -48,8 +48,13 @@ def test_scenario_runs_end_to_end(tiny_source, tmp_path, monkeypatch, fake_peer)
     saved = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     assert len(saved) == len(rows)
 
+    first, second = by_label["edgediff-fp32"]
+    assert not first["cold_load_cached"] and second["cold_load_cached"]  # the first run wrote the graph cache
+
     text = markdown(rows, "t")
     assert "| edgediff-int8 | 64 |" in text and "ghost-tool: skipped" in text
+    assert "* cold load from the optimized-graph cache" not in text  # only where every run's was
+    assert "from the optimized-graph cache" in markdown([r for r in rows if r.get("repeat") != 0], "t")
     path = chart(rows, out / "chart.png")
     with Image.open(path) as img:
         assert img.size[0] == 900 and img.size[1] > 100
