@@ -216,3 +216,24 @@ def test_a_failed_bench_leaves_no_folder(tmp_path, capsys):
     out = tmp_path / "results"
     assert main(["bench", str(scenario), "--output", str(out)]) != 0
     assert "no-such-model" in capsys.readouterr().err and not out.exists()
+
+
+def test_fewer_flops_configurations(tiny_source, tmp_path, monkeypatch):
+    """':deepcache' converts the U-Net's shallow branch and '@cacheN' runs it; ':taesd' puts an
+    AutoencoderTiny of TAESD's architecture (random weights) in the VAE's place."""
+    from edgediff.benchmarks.harness import configurations, prepare
+    from edgediff.manifest import Manifest
+
+    monkeypatch.setenv("EDGEDIFF_CACHE", str(tmp_path / "cache"))
+    scenario = Scenario(name="t", model=str(tiny_source("sd1")), precisions=("fp32", "fp32:deepcache@cache2", "fp32:taesd"))
+    source, packages = prepare(scenario, progress=lambda msg: None)
+    assert packages["fp32:deepcache@cache2"].name == "package-fp32-deepcache"
+    assert "unet_shallow" in Manifest.read(packages["fp32:deepcache@cache2"]).components
+    assert "unet_shallow" not in Manifest.read(packages["fp32"]).components
+    taesd = json.loads((packages["fp32:taesd"].parent / "taesd" / "config.json").read_text())
+    assert taesd["_class_name"] == "AutoencoderTiny" and taesd["decoder_block_out_channels"] == [64, 64, 64, 64]
+    sizes = {p: (packages[p] / "vae_decoder" / "model.onnx").stat().st_size for p in ("fp32", "fp32:taesd")}
+    assert sizes["fp32:taesd"] != sizes["fp32"]
+    configs = {label: cfg for label, cfg, _ in configurations(scenario, packages, source)}
+    assert configs["edgediff-fp32:deepcache@cache2"]["cache_interval"] == 2
+    assert configs["edgediff-fp32:taesd"]["cache_interval"] == 1
