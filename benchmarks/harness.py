@@ -139,7 +139,7 @@ def _synthetic_dit(scenario: Scenario, arch: str, progress: Progress) -> dict[st
 
 # options after the precision: at conversion (':name') and when running ('@name'), each for one format
 CONVERT_OPTIONS = {"convs": "gguf", "deepcache": "onnx", "taesd": "onnx"}
-RUN_OPTIONS = {"expanded": "gguf", "int8": "gguf", "cache": "onnx"}  # 'cacheN': --cache-interval N
+RUN_OPTIONS = {"expanded": "gguf", "int8": "gguf", "cache": "onnx", "tile": "onnx"}  # N: --cache-interval/--vae-tile
 
 
 def parse_configuration(name: str) -> tuple[str, str, set[str]]:
@@ -147,7 +147,7 @@ def parse_configuration(name: str) -> tuple[str, str, set[str]]:
     'gguf-q4_0' a GGUF one. Conversion options: ':convs' (a GGUF's convolutions quantized too),
     ':deepcache' (the U-Net's shallow branch), ':taesd' (a tiny autoencoder, random weights, in
     the VAE's place); run options: '@expanded' (--weights expanded), '@int8' (--accuracy-level 4),
-    '@cacheN' (--cache-interval N, with :deepcache)."""
+    '@cacheN' (--cache-interval N, with :deepcache), '@tileN' (--vae-tile N)."""
     base, _, run = name.partition("@")
     base, *convert_options = base.split(":")
     fmt = "gguf" if base.startswith("gguf-") else "onnx"
@@ -155,7 +155,7 @@ def parse_configuration(name: str) -> tuple[str, str, set[str]]:
                      + ([run] if run and _kind(run) not in RUN_OPTIONS else []))
     if unknown:
         raise UsageError(f"precision '{name}': unknown options {unknown} (known: :convs, :deepcache, :taesd, "
-                         "@expanded, @int8, @cacheN)")
+                         "@expanded, @int8, @cacheN, @tileN)")
     options = set(convert_options) | ({run} if run else set())
     wrong = sorted(o for o in options if {**CONVERT_OPTIONS, **RUN_OPTIONS}[_kind(o)] != fmt)
     if wrong:
@@ -167,11 +167,13 @@ def parse_configuration(name: str) -> tuple[str, str, set[str]]:
 
 
 def _kind(option: str) -> str:
-    return "cache" if re.fullmatch(r"cache\d+", option) else option
+    """'cache3' -> 'cache', 'tile512' -> 'tile': the options that take a number."""
+    match = re.fullmatch(r"(cache|tile)\d+", option)
+    return match.group(1) if match else option
 
 
-def cache_interval(options: set[str]) -> int:
-    return next((int(o[5:]) for o in options if _kind(o) == "cache"), 1)
+def _number(options: set[str], kind: str, default: int) -> int:
+    return next((int(o.removeprefix(kind)) for o in options if _kind(o) == kind), default)
 
 
 def synthetic_taesd(base: Path) -> Path:
@@ -238,7 +240,8 @@ def configurations(scenario: Scenario, packages: dict[str, Path], source: Path |
         out.append((f"edgediff-{precision}", {"tool": "edgediff", "precision": precision, "package": str(package),
                                               "weights": "expanded" if "expanded" in options else "compact",
                                               "accuracy_level": 4 if "int8" in options else 0,
-                                              "cache_interval": cache_interval(options)}, None))
+                                              "cache_interval": _number(options, "cache", 1),
+                                              "vae_tile": _number(options, "tile", 0)}, None))
     for name in scenario.peers:
         peer = PEERS[name]
         python = peer_python(name, scenario)

@@ -25,7 +25,7 @@ def run_edgediff(config: dict) -> dict:
     # a GGUF file edgediff did not write runs through its cached graphs
     pipe = Pipeline(runnable(config["package"]), device=config["device"], threads=config.get("threads"),
                     weights=config.get("weights", "compact"), accuracy_level=config.get("accuracy_level", 0),
-                    graph_cache=config.get("graph_cache", True))
+                    graph_cache=config.get("graph_cache", True), vae_tile=config.get("vae_tile", 0))
     args = dict(guidance=config["guidance"], sampler=config["sampler"], schedule=config["schedule"],
                 seed=config["seed"], width=config["size"], height=config["size"],
                 cache_interval=config.get("cache_interval", 1))

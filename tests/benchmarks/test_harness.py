@@ -118,6 +118,7 @@ def test_gguf_configurations(tmp_path):
         parse_configuration("gguf-q8_0:deepcache")
     with pytest.raises(UsageError, match="unknown options"):
         parse_configuration("fp32@taesd")
+    assert parse_configuration("fp32@tile512") == ("onnx", "fp32", {"tile512"})
     assert "sdcpp-gguf-q4_0" in load_scenario("gguf-512").peers
     bad = tmp_path / "bad.toml"
     bad.write_text('name = "x"\nmodel = "m"\nprecisions = ["gguf-q4_0@quick"]\n')
@@ -236,4 +237,4 @@ def test_fewer_flops_configurations(tiny_source, tmp_path, monkeypatch):
     assert sizes["fp32:taesd"] != sizes["fp32"]
     configs = {label: cfg for label, cfg, _ in configurations(scenario, packages, source)}
     assert configs["edgediff-fp32:deepcache@cache2"]["cache_interval"] == 2
-    assert configs["edgediff-fp32:taesd"]["cache_interval"] == 1
+    assert configs["edgediff-fp32:taesd"]["cache_interval"] == 1 and configs["edgediff-fp32:taesd"]["vae_tile"] == 0
