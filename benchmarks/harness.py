@@ -35,11 +35,13 @@ def system_info(threads: int | None) -> dict[str, object]:
     cpu, flags = platform.processor() or platform.machine(), []
     try:
         text = Path("/proc/cpuinfo").read_text()
-        cpu = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+        field = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.split("\n\n")[0].splitlines())}
+        # a virtual machine's model name can be just "AMD EPYC": the family and model say which generation
+        cpu = f"{field['model name']} (family {field.get('cpu family')}, model {field.get('model')})"
         present = set(next(line for line in text.splitlines() if line.startswith("flags")).split())
-        flags = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+        flags = [f for f in ("avx2", "fma", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
                  if f in present]
-    except (OSError, StopIteration):
+    except (OSError, StopIteration, KeyError):
         pass
     return {"edgediff": __version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
             "cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "threads": threads}

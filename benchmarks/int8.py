@@ -3,6 +3,7 @@ which layers stay float, and one block at a time (the sensitivity table).
 
     python -m edgediff.benchmarks.int8 ~/.cache/edgediff/synthetic/sd15/package-fp32 --work /tmp/int8
     python -m edgediff.benchmarks.int8 PACKAGE --work /tmp/int8 --sensitivity
+    python -m edgediff.benchmarks.int8 --kernels      # fp32 and int8 GEMM rates on this CPU
 
 Calibration is the converter's own (its prompts, 10 euler steps at up to 256x256), run once and
 kept as onnxruntime's range cache in WORK (one per range method); every variant quantizes the same fp32 graph with those
@@ -145,6 +146,43 @@ class Bench:
         return row
 
 
+def kernel_throughput(threads: int | None = None, m: int = 8192, k: int = 2880, n: int = 320,
+                      repeats: int = 5) -> dict[str, float]:
+    """GMAC/s of one U-Net-sized product ([m, k] x [k, n]: a 3x3 convolution of 320 channels on a
+    64x64 latent at batch 2, as a GEMM) in fp32 (MatMul) and int8 (MatMulInteger: uint8
+    activations times int8 or uint8 weights, the kernels QLinearConv and QLinearMatMul use)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    cases = {"fp32": (TensorProto.FLOAT, np.float32, TensorProto.FLOAT, np.float32),
+             "u8 x s8": (TensorProto.UINT8, np.uint8, TensorProto.INT8, np.int8),
+             "u8 x u8": (TensorProto.UINT8, np.uint8, TensorProto.UINT8, np.uint8)}
+    out = {}
+    for name, (a_type, a_np, b_type, b_np) in cases.items():
+        op = "MatMul" if name == "fp32" else "MatMulInteger"
+        weight = (rng.standard_normal((k, n)) * 40).clip(-64, 63).astype(b_np) if b_np is not np.uint8 \
+            else rng.integers(0, 255, (k, n), dtype=np.uint8)
+        graph = helper.make_graph(
+            [helper.make_node(op, ["a", "b"], ["y"])], "gemm",
+            [helper.make_tensor_value_info("a", a_type, [m, k])], [helper.make_tensor_value_info("y", TensorProto.FLOAT if name == "fp32" else TensorProto.INT32, None)],
+            [helper.make_tensor("b", b_type, [k, n], weight.tobytes(), raw=True)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        a = rng.standard_normal((m, k)).astype(np.float32) if a_np is np.float32 else rng.integers(0, 255, (m, k), dtype=np.uint8)
+        session.run(None, {"a": a})
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            session.run(None, {"a": a})
+            times.append(time.perf_counter() - start)
+        out[name] = m * k * n / float(np.median(times)) / 1e9
+    return out
+
+
 def _snr(ref: np.ndarray, got: np.ndarray) -> float:
     return float(10 * np.log10(np.mean(ref.astype(np.float64) ** 2) / np.mean((ref - got).astype(np.float64) ** 2)))
 
@@ -161,7 +199,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("package", type=Path, help="an fp32 package")
+    parser.add_argument("package", type=Path, nargs="?", help="an fp32 package")
     parser.add_argument("--work", type=Path, default=Path("bench-results/int8"))
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
@@ -170,7 +208,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sensitivity", action="store_true", help="one U-Net block at a time")
     parser.add_argument("--only", help="run only the variants whose name contains this")
     parser.add_argument("--keep", action="store_true", help="keep each variant's graph in WORK")
+    parser.add_argument("--kernels", action="store_true", help="only the GEMM throughput of fp32 and int8 here")
     args = parser.parse_args(argv)
+    if args.kernels:
+        rates = kernel_throughput(args.threads)
+        print("| product [8192x2880] x [2880x320] | GMAC/s | vs fp32 |\n| --- | --- | --- |")
+        for name, rate in rates.items():
+            print(f"| {name} | {rate:.0f} | {rate / rates['fp32']:.2f}x |")
+        return 0
+    if args.package is None:
+        parser.error("give an fp32 package (or --kernels)")
     bench = Bench(args.package, args.work, args.size, args.steps, args.seeds, args.threads)
     chosen = [block_only(b) for b in BLOCKS] if args.sensitivity else variants()
     rows = []

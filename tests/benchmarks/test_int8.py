@@ -33,3 +33,10 @@ def test_block_only_keeps_the_rest_float():
         assert choose(f"{prefix}up_blocks.1.resnets.0.conv1.weight", (64, 64, 3, 3)) == 8
         assert choose(f"{prefix}up_blocks.10.resnets.0.conv1.weight", (64, 64, 3, 3)) == 0
         assert choose(f"{prefix}down_blocks.1.resnets.0.conv1.weight", (64, 64, 3, 3)) == 0
+
+
+def test_kernel_throughput_is_measured():
+    from edgediff.benchmarks.int8 import kernel_throughput
+
+    rates = kernel_throughput(threads=1, m=64, k=288, n=32, repeats=1)
+    assert set(rates) == {"fp32", "u8 x s8", "u8 x u8"} and all(r > 0 for r in rates.values())
