@@ -22,7 +22,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,7 @@ BLOCKS = ("down_blocks.0", "down_blocks.1", "down_blocks.2", "down_blocks.3", "m
 class Variant:
     name: str
     options: StaticInt8 = StaticInt8()
-    rules: tuple[Rule, ...] = field(default=())
+    rules: tuple[Rule, ...] = ()
     float_layers: tuple[Rule, ...] = STATIC_FLOAT  # int8-static's own
 
 
