@@ -290,7 +290,8 @@ RANGES = {"minmax": {"CalibStridedMinMax": 1}, "mean": {"CalibMovingAverage": Tr
 
 
 def static_int8(model, out: Path, choose, calibration, options: StaticInt8 = StaticInt8()) -> dict[str, object]:
-    """Quantize `model` (weights and activations, QDQ) into `out`; `choose` as `chooser` gives it."""
+    """Quantize `model` (weights and activations, QDQ) into `out`; `choose` as `chooser` gives it.
+    `model` is emptied of its weights on the way (they would double the peak memory)."""
     import tempfile
 
     import onnx
