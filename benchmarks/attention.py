@@ -32,7 +32,7 @@ def _mha_model(heads: int):
     out = helper.make_tensor_value_info("out", TensorProto.FLOAT, None)
     node = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["out"], domain="com.microsoft", num_heads=heads)
     graph = helper.make_graph([node], "mha", [q, k, v], [out])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
 
 
 def _gemm_model():
@@ -43,7 +43,7 @@ def _gemm_model():
     out = helper.make_tensor_value_info("out", TensorProto.FLOAT, None)
     nodes = [helper.make_node("MatMul", ["q", "kt"], ["s"]), helper.make_node("MatMul", ["s", "v"], ["out"])]
     return helper.make_model(helper.make_graph(nodes, "gemm", [q, kt, v], [out]),
-                             opset_imports=[helper.make_opsetid("", 17)])
+                             opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
 def _time(model, feeds: dict, threads: int | None, repeats: int) -> float:

@@ -167,7 +167,7 @@ def kernel_throughput(threads: int | None = None, m: int = 8192, k: int = 2880, 
             [helper.make_node(op, ["a", "b"], ["y"])], "gemm",
             [helper.make_tensor_value_info("a", a_type, [m, k])], [helper.make_tensor_value_info("y", TensorProto.FLOAT if name == "fp32" else TensorProto.INT32, None)],
             [helper.make_tensor("b", b_type, [k, n], weight.tobytes(), raw=True)])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
