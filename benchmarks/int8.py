@@ -49,10 +49,8 @@ def variants() -> list[Variant]:
             Variant("7-bit weights (reduce_range), every layer", float_layers=()),
             Variant("uint8 weights (U8U8), every layer", StaticInt8(reduce_range=False, unsigned_weights=True),
                     float_layers=()),
-            Variant("7-bit, shortcut convolutions float", float_layers=STATIC_FLOAT[:1]),
-            Variant("7-bit, time projections float", float_layers=STATIC_FLOAT[1:]),
-            Variant("7-bit, both float (int8-static)"),
-            Variant("7-bit, both float, mean of per-input ranges", StaticInt8(ranges="mean"))]
+            Variant("7-bit, shortcut convolutions float (int8-static)"),
+            Variant("7-bit, shortcut convolutions float, mean of per-input ranges", StaticInt8(ranges="mean"))]
 
 
 def block_only(block: str) -> Variant:

@@ -15,8 +15,8 @@ def test_int8_bench_measures_variants_and_blocks(tiny_package, tmp_path, capsys)
     main([str(tiny_package("sd1")), "--work", str(work), "--size", "64", "--steps", "2", "--seeds", "1",
           "--sensitivity", "--only", "mid_block"])
     rows = {r["variant"]: r for r in json.loads((work / "results.json").read_text())}
-    assert set(rows) == {"7-bit, both float (int8-static)", "only mid_block"}
-    whole, mid = rows["7-bit, both float (int8-static)"], rows["only mid_block"]
+    assert set(rows) == {"7-bit, shortcut convolutions float (int8-static)", "only mid_block"}
+    whole, mid = rows["7-bit, shortcut convolutions float (int8-static)"], rows["only mid_block"]
     assert len(whole["unet_snr_db_per_step"]) == 2 and whole["images"] == 2
     # one block quantized stays closer to fp32 than all of them, and keeps more nodes float
     assert mid["excluded_nodes"] > whole["excluded_nodes"]

@@ -19,7 +19,7 @@ from reference import stored_types as _stored_types
 
 # Mean PSNR (dB) over 4 seeds against the fp32 package of the tiny "sd1" model. Measured on
 # 2026-11-22: fp16 62.8, int8-weights 57.6, int4 40.0; int8-static 34.6 on 2026-12-03 (28.1 with
-# 8-bit weights and its shortcut convolutions and time projections quantized); floors leave ~5 dB.
+# 8-bit weights and its shortcut convolutions quantized); floors leave ~5 dB.
 FLOORS = {"fp16": 55.0, "int8-weights": 50.0, "int8-static": 29.0, "int4": 34.0}
 COMPONENTS = ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
 
@@ -359,8 +359,9 @@ def test_static_int8_weights_cannot_saturate_avx2(tiny_package, quantized, tmp_p
 
 
 def test_static_int8_keeps_its_float_layers(quantized):
-    """The shortcut convolutions and time projections stay float32 (read back from the graph),
-    the resnets' convolutions are int8; a user's rule still wins over both."""
+    """The shortcut convolutions stay float32 (read back from the graph), and the time
+    projections (Gemm nodes, never quantized); the resnets' convolutions are int8; a user's rule
+    still wins."""
     import re
 
     types = _stored_types(quantized["int8-static"])
