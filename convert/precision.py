@@ -8,7 +8,7 @@
   Conv weights per output channel behind DequantizeLinear.
 - int8-static: weights and activations (QDQ), per-channel 7-bit weights, activation ranges
   calibrated on the model's own fp32 sampling runs (onnxruntime.quantization.quantize_static);
-  the layers in STATIC_FLOAT stay float (StaticInt8 says why).
+  the layers in STATIC_FLOAT stay float (its comment says why).
 - int4: weight-only, blocks of 32 with zero points; MatMul in MatMulNBits (kept compact in
   memory), Conv behind blocked int4 DequantizeLinear (compact on disk only: onnxruntime has no
   int4 convolution, it dequantizes the weight when the Conv runs; the manifest says so).
