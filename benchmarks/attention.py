@@ -46,7 +46,8 @@ def _gemm_model():
                              opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
-def _time(model, feeds: dict, threads: int | None, repeats: int) -> float:
+def run_seconds(model, feeds: dict, threads: int | None, repeats: int) -> float:
+    """Median seconds of `repeats` warm runs of an in-memory graph on the CPU provider."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -76,11 +77,11 @@ def measure(size: int = 512, threads: int | None = None, repeats: int = 3, batch
                "gflop": 4 * batch * heads * s * c * head / 1e9}
         for path, flag in (("flash", "0"), ("unfused", "1")):
             os.environ["ORT_DISABLE_FLASH_ATTENTION"] = flag  # read when the kernel is made
-            row[f"{path}_ms"] = 1000 * _time(_mha_model(heads), {"q": q, "k": k, "v": v}, threads, repeats)
+            row[f"{path}_ms"] = 1000 * run_seconds(_mha_model(heads), {"q": q, "k": k, "v": v}, threads, repeats)
         os.environ.pop("ORT_DISABLE_FLASH_ATTENTION")
         qh, kh, vh = (x.reshape(batch, -1, heads, head).transpose(0, 2, 1, 3).copy() for x in (q, k, v))
         feeds = {"q": qh, "kt": kh.transpose(0, 1, 3, 2).copy(), "v": vh}
-        row["gemm_ms"] = 1000 * _time(_gemm_model(), feeds, threads, repeats)
+        row["gemm_ms"] = 1000 * run_seconds(_gemm_model(), feeds, threads, repeats)
         for path in ("flash", "unfused", "gemm"):
             row[f"{path}_gflops"] = row["gflop"] / (row[f"{path}_ms"] / 1000)
         rows.append(row)

@@ -149,8 +149,9 @@ def kernel_throughput(threads: int | None = None, m: int = 8192, k: int = 2880, 
     """GMAC/s of one U-Net-sized product ([m, k] x [k, n]: a 3x3 convolution of 320 channels on a
     64x64 latent at batch 2, as a GEMM) in fp32 (MatMul) and int8 (MatMulInteger: uint8
     activations times int8 or uint8 weights, the kernels QLinearConv and QLinearMatMul use)."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper
+
+    from edgediff.benchmarks.attention import run_seconds
 
     rng = np.random.default_rng(0)
     cases = {"fp32": (TensorProto.FLOAT, np.float32, TensorProto.FLOAT, np.float32),
@@ -166,18 +167,8 @@ def kernel_throughput(threads: int | None = None, m: int = 8192, k: int = 2880, 
             [helper.make_tensor_value_info("a", a_type, [m, k])], [helper.make_tensor_value_info("y", TensorProto.FLOAT if name == "fp32" else TensorProto.INT32, None)],
             [helper.make_tensor("b", b_type, [k, n], weight.tobytes(), raw=True)])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         a = rng.standard_normal((m, k)).astype(np.float32) if a_np is np.float32 else rng.integers(0, 255, (m, k), dtype=np.uint8)
-        session.run(None, {"a": a})
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            session.run(None, {"a": a})
-            times.append(time.perf_counter() - start)
-        out[name] = m * k * n / float(np.median(times)) / 1e9
+        out[name] = m * k * n / run_seconds(model, {"a": a}, threads, repeats) / 1e9
     return out
 
 
