@@ -15,6 +15,11 @@ from pathlib import Path
 
 from edgediff import __version__
 from edgediff.errors import EdgediffError, UsageError
+from edgediff.runtime.sessions import DEVICES
+
+DEVICE_HELP = ("auto (default): CUDA where onnxruntime-gpu has it, else OpenVINO where it is installed and "
+               "measured faster on this CPU (only CPUs with BF16), else onnxruntime's CPU provider; "
+               "openvino needs pip install 'edgediff[openvino]'")
 
 
 def _human(n: float) -> str:
@@ -133,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="LoRA on quantized weights: branch keeps them and adds a low-rank side branch "
                         "(default); merge dequantizes, changes and requantizes them")
     _parts_arguments(g)
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    g.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
     g.add_argument("--threads", type=int, help="CPU threads for onnxruntime")
     g.add_argument("--keep-loaded", action="store_true",
                    help="keep every component in memory instead of releasing each after use")
@@ -167,7 +172,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--allow-pickle", action="store_true")
 
-    k = sub.add_parser("cache", help="list or remove onnxruntime's optimized graphs kept between runs")
+    k = sub.add_parser("cache", help="list or remove the optimized graphs (onnxruntime) and compiled models "
+                                     "(OpenVINO) kept between runs")
     k.add_argument("package", nargs="?", help="only the entries made from this package folder")
     k.add_argument("--clear", action="store_true", help="remove them")
 
@@ -181,7 +187,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--api-auth", metavar="USER:PASSWORD", help="HTTP basic authentication, as A1111's")
     v.add_argument("--insecure", action="store_true", help="allow --listen without --api-auth")
     v.add_argument("--low-memory", action="store_true", help="release each component after use")
-    v.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    v.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
     v.add_argument("--threads", type=int)
     v.add_argument("--max-side", type=int, default=2048, help="largest width or height a request may ask")
     v.add_argument("--max-steps", type=int, default=150)
@@ -478,7 +484,7 @@ def _serve(args) -> int:
 
 
 def _cache(args) -> int:
-    from edgediff.runtime import graph_cache
+    from edgediff.runtime import graph_cache, openvino_session
 
     graph_cache.prune()
     found = graph_cache.of_package(Path(args.package)) if args.package else graph_cache.entries()
@@ -488,6 +494,12 @@ def _cache(args) -> int:
             graph_cache.remove(folder)
     total = _human(sum(e[2] for e in found))
     print(f"{'removed' if args.clear else 'kept'}: {total} in {len(found)} optimized graphs under {graph_cache.root()}")
+    compiled = openvino_session.cache_dir()
+    if not args.package and compiled.is_dir():  # its files are named by hashes: all or nothing
+        size = sum(p.stat().st_size for p in compiled.rglob("*") if p.is_file())
+        if args.clear:
+            graph_cache.remove(compiled)
+        print(f"{'removed' if args.clear else 'kept'}: {_human(size)} of OpenVINO's compiled models under {compiled}")
     return 0
 
 

@@ -359,3 +359,7 @@ def check_runnable(scenario: Scenario) -> None:
 
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
             raise EdgediffError("the scenario asks for device = 'cuda' but onnxruntime has no CUDA provider here")
+    if scenario.device == "openvino":
+        from edgediff.runtime import openvino_session
+
+        openvino_session.require()  # says how to install it

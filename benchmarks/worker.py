@@ -35,15 +35,11 @@ def run_edgediff(config: dict) -> dict:
     image = pipe.generate(config["prompt"], config["negative_prompt"], steps=config["steps"], **args)
     t = pipe.timings
     image.save(config["image"])
-    import onnxruntime
-
-    from edgediff.runtime.sessions import providers_for
-
-    providers = providers_for(config["device"])
+    from edgediff.runtime.sessions import runtime_name
 
     return {"load_cold_s": cold, "load_warm_s": t.load, "text_encode_s": t.text_encode,
             "steps_s": list(t.steps), "vae_decode_s": t.vae_decode, "total_s": t.compute,
-            "image": config["image"], "cold_load_cached": cached, "provider": f"onnxruntime {onnxruntime.__version__} {providers[0]}"}
+            "image": config["image"], "cold_load_cached": cached, "provider": runtime_name(config["device"])}
 
 
 def peak_rss_mb() -> float:

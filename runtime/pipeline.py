@@ -28,7 +28,14 @@ from edgediff.runtime.noise import TorchGenerator
 from edgediff.runtime.package import Package, open_package
 from edgediff.runtime.samplers import A1111_NAMES, get_sampler
 from edgediff.runtime.schedules import get_sigmas, model_schedule
-from edgediff.runtime.sessions import LORA_MODES, WEIGHTS, Component, SessionOptions, providers_for
+from edgediff.runtime.sessions import (
+    LORA_MODES,
+    WEIGHTS,
+    Component,
+    SessionOptions,
+    providers_for,
+    uses_openvino,
+)
 
 Progress = Callable[[int, int], None]
 A1111_SCHEDULES = {"karras": "Karras", "exponential": "Exponential", "sgm_uniform": "SGM Uniform",
@@ -103,6 +110,7 @@ class Pipeline:
         if threads is not None and threads < 1:
             raise UsageError(f"--threads must be at least 1 (got {threads})")
         providers_for(device)  # validates the name, warns once about a CUDA fallback
+        uses_openvino(device)  # fails now if OpenVINO is asked for and missing; auto measures it once
         self.package: Package = open_package(model)
         if weights not in WEIGHTS:
             raise UsageError(f"unknown --weights '{weights}'; choose one of: {', '.join(WEIGHTS)}")

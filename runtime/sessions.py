@@ -15,7 +15,7 @@ import numpy as np
 from edgediff.errors import RuntimeFailure, UsageError
 from edgediff.runtime import graph_cache
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "openvino")
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
                 "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
@@ -27,11 +27,12 @@ def _ort():
 
 
 def providers_for(device: str) -> list[str]:
-    """Execution providers for `device`; CUDA falls back to CPU with a warning that says why."""
+    """onnxruntime's execution providers for `device`; CUDA falls back to CPU with a warning that
+    says why. ('openvino' gets the CPU provider: it runs what OpenVINO cannot take.)"""
     if device not in DEVICES:
         raise UsageError(f"unknown device '{device}'; choose one of: {', '.join(DEVICES)}")
     available = _ort().get_available_providers()
-    if device == "cpu":
+    if device in ("cpu", "openvino"):
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -44,6 +45,27 @@ def providers_for(device: str) -> list[str]:
             stacklevel=2,
         )
     return ["CPUExecutionProvider"]
+
+
+def uses_openvino(device: str) -> bool:
+    """Whether components run on OpenVINO: asked for by name (it must be installed), or chosen by
+    `auto` where there is no GPU and OpenVINO measured faster here (runtime.openvino_session)."""
+    from edgediff.runtime import openvino_session
+
+    if device == "openvino":
+        openvino_session.require()  # raises the install hint
+        return True
+    return device == "auto" and providers_for("auto")[0] == "CPUExecutionProvider" and openvino_session.auto_picks()
+
+
+def runtime_name(device: str) -> str:
+    """What runs the components, for reports: 'openvino 2026.4.1 CPU bf16', 'onnxruntime 1.32.0 CPUExecutionProvider'."""
+    if uses_openvino(device):
+        from edgediff.runtime import openvino_session
+
+        caps = openvino_session.capabilities()
+        return f"openvino {openvino_session.require().__version__} CPU {openvino_session.precision(caps)}"
+    return f"onnxruntime {_ort().__version__} {providers_for(device)[0]}"
 
 
 WEIGHTS = ("compact", "expanded")
@@ -107,14 +129,20 @@ class Component:
     load_seconds: float = 0.0
     tap: Callable[[dict[str, np.ndarray]], None] | None = None  # sees every run's inputs (calibration)
     cached: bool = False  # opened from the optimized-graph cache
+    runtime: str = "onnxruntime"  # or "openvino": which one opened the session
 
     @property
     def session(self):
         if self._session is None:
             start = time.perf_counter()
+            self.cached, self.runtime = False, "onnxruntime"
+            if uses_openvino(self.options.device):
+                self._session = self._open_openvino()
+            if self._session is not None:
+                self.load_seconds += time.perf_counter() - start
+                return self._session
             bound = self.bind() if self.bind is not None else None
             entry = self._cache_entry()
-            self.cached = False
             if entry is not None and entry.valid():
                 try:
                     self._session, self.cached = self._open(bound, None, cached=entry.model), True
@@ -131,6 +159,26 @@ class Component:
                 del bound
                 _return_freed_memory()
         return self._session
+
+    def _open_openvino(self):
+        """The component on OpenVINO, or None where OpenVINO cannot take it: then onnxruntime's
+        CPU provider runs it, and a warning says why."""
+        from edgediff.runtime import openvino_session
+
+        if self.bind is not None:
+            reason = "its weights are bound at load from a GGUF file, which only onnxruntime takes"
+        else:
+            try:
+                cache = openvino_session.cache_dir() if self.options.graph_cache else None
+                session = openvino_session.Session(self.path, self.options.threads, cache)
+                self.runtime = "openvino"
+                return session
+            except Exception as exc:  # OpenVINO raises its own exception types
+                last = str(exc).strip().splitlines()
+                reason = f"OpenVINO could not compile it ({last[-1] if last else type(exc).__name__})"
+        warnings.warn(f"the {self.name} component runs on onnxruntime's CPU provider, not OpenVINO: {reason}",
+                      RuntimeWarning, stacklevel=4)
+        return None
 
     def _cache_entry(self):
         """The optimized-graph cache entry of a component file on the CPU provider, else None
@@ -210,7 +258,7 @@ class Component:
         except Exception as exc:  # onnxruntime raises its own exception types
             shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in cast.items())
             raise RuntimeFailure(
-                f"the {self.name} component failed in onnxruntime ({self.path}; inputs: {shapes}): "
+                f"the {self.name} component failed in {self.runtime} ({self.path}; inputs: {shapes}): "
                 f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}. An image size "
                 "or batch the graph was not exported for, too little memory, or a damaged package: try a "
                 "smaller size, --low-memory, or re-convert the model"

@@ -1,0 +1,106 @@
+"""OpenVINO behind the component interface: the same images as onnxruntime's CPU provider, and
+`auto`'s rule (installed, BF16, measured faster) held to."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+from edgediff.errors import MissingDependencyError, RuntimeFailure
+from edgediff.runtime import Pipeline, openvino_session, sessions
+
+pytest.importorskip("openvino")  # in the test extra; skipped only where it has no wheel
+ARGS = dict(steps=3, width=64, height=64, seed=4)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "flux-schnell"])
+def test_images_match_the_cpu_provider(tiny_package, family):
+    from reference import psnr
+
+    cpu = Pipeline(tiny_package(family), device="cpu").generate("a cat", "dog", **ARGS)
+    pipe = Pipeline(tiny_package(family), device="openvino")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no component may fall back to onnxruntime
+        image = pipe.generate("a cat", "dog", **ARGS)
+    assert {c.runtime for c in pipe._components.values()} == {"openvino"}
+    # measured: 89 dB for sd1 and sdxl, identical pixels for flux-schnell (fp32 on both runtimes;
+    # on CPUs with BF16, OpenVINO would compute in bf16 and this floor would not hold)
+    if openvino_session.precision(openvino_session.capabilities()) == "f32":
+        assert psnr(cpu, image) > 60
+
+
+def test_compiled_models_are_kept_in_the_cache(tiny_package):
+    Pipeline(tiny_package("sd1"), device="openvino").generate("a cat", **ARGS)
+    assert any(p.is_file() and p.name != "probe.json" for p in openvino_session.cache_dir().rglob("*"))
+
+
+def test_a_gguf_package_runs_on_onnxruntime_with_a_warning(tmp_path, tiny_source):
+    from edgediff.convert import convert
+
+    path = tmp_path / "sd1.gguf"
+    convert(tiny_source("sd1"), path, precision="q8_0")
+    with pytest.warns(RuntimeWarning, match="unet component runs on onnxruntime's CPU provider, not OpenVINO: its weights are bound"):
+        pipe = Pipeline(path, device="openvino")
+        pipe.generate("a cat", **ARGS)
+    assert pipe.component("unet").runtime == "onnxruntime"
+
+
+def test_a_failed_run_names_openvino(tiny_package):
+    comp = Pipeline(tiny_package("sd1"), device="openvino").component("vae_decoder")
+    with pytest.raises(RuntimeFailure, match=r"vae_decoder component failed in openvino .*latent_sample \[1, 4, 8\]"):
+        comp.run({"latent_sample": np.zeros((1, 4, 8), np.float32)})
+
+
+def test_missing_openvino_says_how_to_install(tiny_package, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import fails as if not installed
+    with pytest.raises(MissingDependencyError, match=r"pip install 'edgediff\[openvino\]'"):
+        Pipeline(tiny_package("sd1"), device="openvino")
+
+
+def test_the_probe_times_both_runtimes():
+    ort_s, ov_s = openvino_session.measure(threads=1)
+    assert ort_s > 0 and ov_s > 0
+
+
+def test_auto_takes_openvino_only_with_bf16_and_measured_faster():
+    prefer = openvino_session.prefer
+    assert not prefer(("FP32", "INT8"), 10.0, 1.0)  # fp32 only: measured no faster, never tried
+    assert prefer(("FP32", "BF16"), 1.3, 1.0)
+    assert not prefer(("FP32", "BF16"), 1.2, 1.0)  # below FASTER: not worth a second runtime
+    assert not prefer(("FP32", "BF16"), None, 1.0)
+
+
+@pytest.fixture
+def probe(monkeypatch):
+    """auto's decision with OpenVINO's capabilities and the probe's timings under the test's control."""
+    calls = []
+    state = {"caps": ("FP32", "INT8"), "times": (2.0, 1.0)}
+    monkeypatch.setattr(openvino_session, "capabilities", lambda: state["caps"])
+    monkeypatch.setattr(openvino_session, "measure", lambda threads=None: calls.append(1) or state["times"])
+    openvino_session.auto_picks.cache_clear()
+    yield state, calls
+    openvino_session.auto_picks.cache_clear()
+
+
+def test_auto_never_measures_without_bf16(probe):
+    state, calls = probe
+    assert not sessions.uses_openvino("auto") and calls == []  # this AVX2 CPU's case
+
+
+def test_auto_measures_once_per_cpu_and_versions(probe, monkeypatch):
+    from edgediff.runtime import graph_cache
+
+    state, calls = probe
+    state["caps"] = ("FP32", "INT8", "BF16")
+    openvino_session._probe_file().unlink(missing_ok=True)
+    assert sessions.uses_openvino("auto") and len(calls) == 1
+    openvino_session.auto_picks.cache_clear()
+    state["times"] = (1.0, 1.0)  # not measured again: the kept result decides
+    assert sessions.uses_openvino("auto") and len(calls) == 1
+    openvino_session.auto_picks.cache_clear()
+    monkeypatch.setattr(graph_cache, "cpu_features", lambda: "another cpu")
+    assert not sessions.uses_openvino("auto") and len(calls) == 2  # measured again, no faster
+    assert not sessions.uses_openvino("cpu")
