@@ -141,7 +141,8 @@ def _synthetic_dit(scenario: Scenario, arch: str, progress: Progress) -> dict[st
 
 # options after the precision: at conversion (':name') and when running ('@name'), each for one format
 CONVERT_OPTIONS = {"convs": "gguf", "deepcache": "onnx", "taesd": "onnx"}
-RUN_OPTIONS = {"expanded": "gguf", "int8": "gguf", "cache": "onnx", "tile": "onnx"}  # N: --cache-interval/--vae-tile
+RUN_OPTIONS = {"expanded": "gguf", "int8": "gguf", "cache": "onnx", "tile": "onnx",  # N: --cache-interval/--vae-tile
+               "openvino": "onnx"}
 
 
 def parse_configuration(name: str) -> tuple[str, str, set[str]]:
@@ -149,7 +150,8 @@ def parse_configuration(name: str) -> tuple[str, str, set[str]]:
     'gguf-q4_0' a GGUF one. Conversion options: ':convs' (a GGUF's convolutions quantized too),
     ':deepcache' (the U-Net's shallow branch), ':taesd' (a tiny autoencoder, random weights, in
     the VAE's place); run options: '@expanded' (--weights expanded), '@int8' (--accuracy-level 4),
-    '@cacheN' (--cache-interval N, with :deepcache), '@tileN' (--vae-tile N)."""
+    '@cacheN' (--cache-interval N, with :deepcache), '@tileN' (--vae-tile N), '@openvino' (--device
+    openvino, beside the scenario's device)."""
     base, _, run = name.partition("@")
     base, *convert_options = base.split(":")
     fmt = "gguf" if base.startswith("gguf-") else "onnx"
@@ -157,7 +159,7 @@ def parse_configuration(name: str) -> tuple[str, str, set[str]]:
                      + ([run] if run and _kind(run) not in RUN_OPTIONS else []))
     if unknown:
         raise UsageError(f"precision '{name}': unknown options {unknown} (known: :convs, :deepcache, :taesd, "
-                         "@expanded, @int8, @cacheN, @tileN)")
+                         "@expanded, @int8, @cacheN, @tileN, @openvino)")
     options = set(convert_options) | ({run} if run else set())
     wrong = sorted(o for o in options if {**CONVERT_OPTIONS, **RUN_OPTIONS}[_kind(o)] != fmt)
     if wrong:
@@ -243,7 +245,8 @@ def configurations(scenario: Scenario, packages: dict[str, Path], source: Path |
                                               "weights": "expanded" if "expanded" in options else "compact",
                                               "accuracy_level": 4 if "int8" in options else 0,
                                               "cache_interval": _number(options, "cache", 1),
-                                              "vae_tile": _number(options, "tile", 0)}, None))
+                                              "vae_tile": _number(options, "tile", 0),
+                                              **({"device": "openvino"} if "openvino" in options else {})}, None))
     for name in scenario.peers:
         peer = PEERS[name]
         python = peer_python(name, scenario)
@@ -294,10 +297,11 @@ def run_scenario(scenario: Scenario, out_dir: Path, progress: Progress, reconver
                 for repeat in range(scenario.repeats):
                     for label, cfg in live:  # A B A B: every configuration once per round
                         image = out_dir / "images" / f"{label}-{size}-p{p}-s{seed}-r{repeat}.png"
-                        config = {**cfg, "size": size, "steps": scenario.steps, "sampler": scenario.sampler,
-                                  "schedule": scenario.schedule, "guidance": scenario.guidance, "seed": seed,
-                                  "prompt": prompt, "negative_prompt": scenario.negative_prompt,
-                                  "device": scenario.device, "threads": scenario.threads, "image": str(image)}
+                        config = {"device": scenario.device, **cfg, "size": size, "steps": scenario.steps,
+                                  "sampler": scenario.sampler, "schedule": scenario.schedule,
+                                  "guidance": scenario.guidance, "seed": seed, "prompt": prompt,
+                                  "negative_prompt": scenario.negative_prompt, "threads": scenario.threads,
+                                  "image": str(image)}
                         done += 1
                         progress(f"[{done}/{total}] {label} {size}x{size} prompt {p} seed {seed} round {repeat + 1}")
                         if label in timed_out:  # it would only spend the timeout again
@@ -359,7 +363,7 @@ def check_runnable(scenario: Scenario) -> None:
 
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
             raise EdgediffError("the scenario asks for device = 'cuda' but onnxruntime has no CUDA provider here")
-    if scenario.device == "openvino":
+    if scenario.device == "openvino" or any(p.endswith("@openvino") for p in scenario.precisions):
         from edgediff.runtime import openvino_session
 
         openvino_session.require()  # says how to install it

@@ -112,6 +112,7 @@ def test_gguf_configurations(tmp_path):
     with pytest.raises(UsageError, match="int8 apply to gguf-"):
         parse_configuration("int4@int8")
     assert parse_configuration("fp32:deepcache@cache3") == ("onnx", "fp32", {"deepcache", "cache3"})
+    assert parse_configuration("int8-static@openvino") == ("onnx", "int8-static", {"openvino"})
     with pytest.raises(UsageError, match="needs a package converted with :deepcache"):
         parse_configuration("fp32@cache3")
     with pytest.raises(UsageError, match="deepcache apply to ONNX"):
@@ -238,3 +239,19 @@ def test_fewer_flops_configurations(tiny_source, tmp_path, monkeypatch):
     configs = {label: cfg for label, cfg, _ in configurations(scenario, packages, source)}
     assert configs["edgediff-fp32:deepcache@cache2"]["cache_interval"] == 2
     assert configs["edgediff-fp32:taesd"]["cache_interval"] == 1 and configs["edgediff-fp32:taesd"]["vae_tile"] == 0
+
+
+def test_openvino_runs_beside_onnxruntime(tiny_source, tmp_path, monkeypatch):
+    """'@openvino' runs the same package on OpenVINO in the same scenario, its row naming it."""
+    pytest.importorskip("openvino")
+    from edgediff.runtime import openvino_session
+
+    monkeypatch.setenv("EDGEDIFF_CACHE", str(tmp_path / "cache"))
+    scenario = Scenario(name="t", model=str(tiny_source("sd1")), precisions=("fp32", "fp32@openvino"), sizes=(64,),
+                        steps=2, threads=1, peers=())
+    rows = {r["label"]: r for r in run_scenario(scenario, tmp_path / "out", progress=lambda msg: None)}
+    assert rows["edgediff-fp32"]["provider"].startswith("onnxruntime ")
+    assert rows["edgediff-fp32@openvino"]["provider"].startswith("openvino ")
+    assert validate_row(rows["edgediff-fp32@openvino"]) == []
+    if openvino_session.precision(openvino_session.capabilities()) == "f32":
+        assert rows["edgediff-fp32@openvino"]["quality"]["psnr_db"] > 60  # measured 89 dB on the tiny sd1
