@@ -7,7 +7,8 @@ takes the model, precisions, size and prompts of a scenario. For the embedded sh
 
     python -m edgediff.benchmarks.quality tiny --draw
 
-scores instead what share of 50 images show the prompted shape and colours, per precision.
+scores instead what share of 50 images show the prompted shape and colours, per precision
+(a precision's '@cacheN' runs it with --cache-interval N).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("scenario")
     parser.add_argument("--seeds", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, help="denoising steps (default 2; with --draw, the package's)")
     parser.add_argument("--size", type=int, help="image size (default: the scenario's first)")
     parser.add_argument("--output", type=Path, default=Path("bench-results/quality"))
     parser.add_argument("--draw", action="store_true", help="score shapes drawn (the embedded model)")
@@ -89,14 +90,18 @@ def main(argv: list[str] | None = None) -> int:
     scenario = load_scenario(args.scenario)
     _, packages = prepare(scenario, progress=lambda m: print(m, file=sys.stderr))
     if args.draw:
-        scores = {precision: draw_score(package) for precision, package in packages.items()}
+        from edgediff.benchmarks.harness import _number, parse_configuration
+
+        steps = {"steps": args.steps} if args.steps else {}
+        scores = {precision: draw_score(package, cache_interval=_number(parse_configuration(precision)[2], "cache", 1),
+                                        **steps) for precision, package in packages.items()}
         ref = scores[scenario.reference]
         print("| precision | images drawn right (of 50) | share of the reference's score |\n| --- | --- | --- |")
         for precision, score in scores.items():
             print(f"| {precision} | {score:.0%} | {score / ref:.0%} |" if ref else f"| {precision} | {score:.0%} | - |")
         return 0
     prompts = scenario.prompts if len(scenario.prompts) >= 2 else PROMPTS
-    rows = sweep(packages, scenario.reference, prompts, range(args.seeds), args.size or scenario.sizes[0], args.steps,
+    rows = sweep(packages, scenario.reference, prompts, range(args.seeds), args.size or scenario.sizes[0], args.steps or 2,
                  args.output, progress=lambda m: print(m, file=sys.stderr, flush=True))
     (args.output / "quality.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = table(rows)

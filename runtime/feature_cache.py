@@ -12,6 +12,22 @@ import numpy as np
 
 ModelFn = Callable[[np.ndarray, np.ndarray, dict], np.ndarray]
 
+# whole-U-Net evaluations a generation needs to keep its quality: measured on the embedded
+# model's draw score (benchmarks/RESULTS.md, "DeepCache"), 9 or more kept 96-102% of it at 20,
+# 30 and 50 steps, 8 kept 83%, 7 77%, 4-5 26-47%
+FULL_EVALUATIONS = 9
+
+
+def advice(steps: int, interval: int) -> str | None:
+    """Why `interval` is too long for `steps`, or None."""
+    full = -(-steps // interval)
+    if interval == 1 or full >= FULL_EVALUATIONS:
+        return None
+    fix = f"an interval of at most {steps // FULL_EVALUATIONS}" if steps >= 2 * FULL_EVALUATIONS else "no caching"
+    return (f"--cache-interval {interval} with {steps} steps runs the whole U-Net only {full} times; below "
+            f"{FULL_EVALUATIONS} the embedded model lost much of its image quality (benchmarks/RESULTS.md): "
+            f"use more steps or {fix}")
+
 
 def reusing(full: Callable[[dict], dict], shallow: Callable[[dict], dict], interval: int) -> ModelFn:
     """The denoiser's model function over the two graphs. Each conditioning (the guided double

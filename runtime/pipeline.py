@@ -364,6 +364,8 @@ class Pipeline:
             if cache_interval > 1 and "unet_shallow" not in pipe.manifest.components:
                 raise UsageError(f"--cache-interval {cache_interval}: {pipe.package.name} has no shallow U-Net "
                                  "branch; convert it with --deep-cache (SD 1.x/2.x/SDXL, ONNX packages)")
+        if reason := feature_cache.advice(steps, cache_interval):
+            warnings.warn(reason, stacklevel=2)
         if not math.isfinite(guidance) or guidance < 0:
             raise UsageError(f"--guidance must be a finite number >= 0 (got {guidance})")
         spec = m.conditioning

@@ -176,8 +176,9 @@ class Component:
             except Exception as exc:  # OpenVINO raises its own exception types
                 last = str(exc).strip().splitlines()
                 reason = f"OpenVINO could not compile it ({last[-1] if last else type(exc).__name__})"
-        warnings.warn(f"the {self.name} component runs on onnxruntime's CPU provider, not OpenVINO: {reason}",
-                      RuntimeWarning, stacklevel=4)
+        if self.options.device == "openvino":  # asked for by name (auto's choice falls back quietly)
+            warnings.warn(f"the {self.name} component runs on onnxruntime's CPU provider, not OpenVINO: {reason}",
+                          RuntimeWarning, stacklevel=4)
         return None
 
     def _cache_entry(self):

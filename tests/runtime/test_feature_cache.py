@@ -111,3 +111,13 @@ def test_the_shallow_branch_gets_the_unets_precision(tiny_source, tmp_path, prec
     args = dict(steps=8, guidance=7.5, sampler="euler", seed=5, width=64, height=64)
     assert 30 < psnr(pipe.generate(PROMPT, NEGATIVE, **args),
                      pipe.generate(PROMPT, NEGATIVE, **args, cache_interval=2)) < float("inf")
+
+
+def test_too_few_whole_evaluations_are_warned_about(deep):
+    from edgediff.runtime.feature_cache import advice
+
+    assert advice(50, 5) is None and advice(20, 2) is None and advice(4, 1) is None
+    assert "only 7 times" in advice(20, 3) and "an interval of at most 2" in advice(20, 3)
+    assert "no caching" in advice(6, 3)
+    with pytest.warns(UserWarning, match="--cache-interval 2 with 4 steps runs the whole U-Net only 2 times"):
+        Pipeline(deep("sd1"), device="cpu").generate(PROMPT, steps=4, width=64, height=64, cache_interval=2)
