@@ -12,6 +12,7 @@ outputs keep the ONNX graph's names and types, and `run` returns arrays."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -161,6 +162,27 @@ def cache_dir() -> Path:
     from edgediff.convert import cache_root
 
     return cache_root() / "openvino"
+
+
+def compiled_cache(path: Path) -> Path:
+    """OpenVINO's CACHE_DIR for one component file. OpenVINO finds a compiled model by the file's
+    path, not its contents (measured: a rewritten file ran the old compiled model), so each file
+    gets its own folder, emptied whenever the key of runtime.graph_cache (the files' sizes and
+    times, the CPU's features) or OpenVINO's version or precision changes."""
+    from edgediff.runtime import graph_cache
+
+    key = graph_cache.key(path, [f"openvino {require().__version__} {precision(capabilities())}"])
+    folder = cache_dir() / hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:20]
+    stamp = folder / graph_cache.KEY
+    try:
+        if json.loads(stamp.read_text()) == key:
+            return folder
+    except (OSError, ValueError):
+        pass
+    graph_cache.remove(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(key))
+    return folder
 
 
 def _probe_file() -> Path:

@@ -169,7 +169,7 @@ class Component:
             reason = "its weights are bound at load from a GGUF file, which only onnxruntime takes"
         else:
             try:
-                cache = openvino_session.cache_dir() if self.options.graph_cache else None
+                cache = openvino_session.compiled_cache(self.path) if self.options.graph_cache else None
                 session = openvino_session.Session(self.path, self.options.threads, cache)
                 self.runtime = "openvino"
                 return session

@@ -34,7 +34,7 @@ def test_images_match_the_cpu_provider(tiny_package, family):
 
 def test_compiled_models_are_kept_in_the_cache(tiny_package):
     Pipeline(tiny_package("sd1"), device="openvino").generate("a cat", **ARGS)
-    assert any(p.is_file() and p.name != "probe.json" for p in openvino_session.cache_dir().rglob("*"))
+    assert any(p.suffix == ".blob" for p in openvino_session.cache_dir().rglob("*"))
 
 
 def test_a_gguf_package_runs_on_onnxruntime_with_a_warning(tmp_path, tiny_source):
@@ -104,3 +104,24 @@ def test_auto_measures_once_per_cpu_and_versions(probe, monkeypatch):
     monkeypatch.setattr(graph_cache, "cpu_features", lambda: "another cpu")
     assert not sessions.uses_openvino("auto") and len(calls) == 2  # measured again, no faster
     assert not sessions.uses_openvino("cpu")
+
+
+def test_a_rewritten_file_is_compiled_again(tmp_path):
+    """OpenVINO's own cache would run the old compiled model for a file rewritten in place."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    path = tmp_path / "m.onnx"
+
+    def run(scale: float) -> float:
+        weight = numpy_helper.from_array(np.full((4, 4), scale, np.float32), "w")
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+        session = openvino_session.Session(path, 1, openvino_session.compiled_cache(path))
+        return float(session.run(["y"], {"x": np.ones((1, 4), np.float32)})[0][0, 0])
+
+    assert run(1.0) == 4.0
+    assert any(p.suffix == ".blob" for p in openvino_session.compiled_cache(path).iterdir())  # kept
+    assert run(2.0) == 8.0
