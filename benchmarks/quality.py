@@ -8,7 +8,7 @@ takes the model, precisions, size and prompts of a scenario. For the embedded sh
     python -m edgediff.benchmarks.quality tiny --draw
 
 scores instead what share of 50 images show the prompted shape and colours, per precision
-(a precision's '@cacheN' runs it with --cache-interval N).
+(a precision's '@cacheN' runs it with --cache-interval N, '@openvino' on OpenVINO).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def sweep(packages: dict[str, Path], reference: str, prompts, seeds, size: int, 
     out.mkdir(parents=True, exist_ok=True)
     rows, ref_images = [], {}
     for precision in [reference, *(p for p in packages if p != reference)]:
-        pipe = Pipeline(packages[precision], device="cpu", low_memory=False)
+        pipe = Pipeline(packages[precision], device=device(precision), low_memory=False)
         for p, prompt in enumerate(prompts):
             for seed in seeds:
                 progress(f"{precision}: prompt {p} seed {seed}")
@@ -58,11 +58,18 @@ def evaluation_prompts(n: int = 50, seed: int = 2024) -> list[tuple[str, int, sh
     return [(truth.caption, 1000 + i, truth) for i, (_, truth) in enumerate(shapes.sample(rng) for _ in range(n))]
 
 
-def draw_score(package: Path, n: int = 50, **kwargs) -> float:
+def device(precision: str) -> str:
+    """onnxruntime's CPU provider, or OpenVINO for a '@openvino' configuration."""
+    from edgediff.benchmarks.harness import parse_configuration
+
+    return "openvino" if "openvino" in parse_configuration(precision)[2] else "cpu"
+
+
+def draw_score(package: Path, n: int = 50, device: str = "cpu", **kwargs) -> float:
     """Share of generated images that show the prompted shape and colours (package defaults)."""
     from edgediff.runtime import Pipeline
 
-    pipe = Pipeline(package, device="cpu", low_memory=False)
+    pipe = Pipeline(package, device=device, low_memory=False)
     hits = [shapes.check(pipe.generate(caption, seed=seed, **kwargs)).matches(truth)
             for caption, seed, truth in evaluation_prompts(n)]
     return sum(hits) / len(hits)
@@ -93,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         from edgediff.benchmarks.harness import _number, parse_configuration
 
         steps = {"steps": args.steps} if args.steps else {}
-        scores = {precision: draw_score(package, cache_interval=_number(parse_configuration(precision)[2], "cache", 1),
-                                        **steps) for precision, package in packages.items()}
+        scores = {precision: draw_score(package, device=device(precision),
+                                        cache_interval=_number(parse_configuration(precision)[2], "cache", 1), **steps)
+                  for precision, package in packages.items()}
         ref = scores[scenario.reference]
         print("| precision | images drawn right (of 50) | share of the reference's score |\n| --- | --- | --- |")
         for precision, score in scores.items():

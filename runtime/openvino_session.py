@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -25,6 +26,8 @@ from edgediff.errors import EdgediffError, MissingDependencyError
 from edgediff.errors import require as _require
 
 FASTER = 1.25  # auto takes OpenVINO when the probe runs this much faster than onnxruntime
+# "0" keeps `auto` on onnxruntime: fp32 images that are the same on every CPU (the tests set it)
+AUTO_ENV = "EDGEDIFF_AUTO_OPENVINO"
 _ONNX_TYPES = {1: "tensor(float)", 10: "tensor(float16)", 7: "tensor(int64)", 6: "tensor(int32)"}
 
 
@@ -193,7 +196,7 @@ def _probe_file() -> Path:
 def auto_picks() -> bool:
     """Whether `auto` runs on OpenVINO on this machine: installed, BF16, and measured faster.
     The measurement (a few seconds, once) is kept per CPU and runtime versions."""
-    if not installed() or "BF16" not in capabilities():
+    if os.environ.get(AUTO_ENV) == "0" or not installed() or "BF16" not in capabilities():
         return False
     import onnxruntime
 
