@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="onnx (a folder of graphs) or gguf (one file stable-diffusion.cpp also reads); "
                         "default: gguf when --output ends in .gguf, else onnx")
     c.add_argument("--precision",
-                   help="onnx: fp32, fp16, int8, int8-static, int8-weights or int4; gguf: f32, f16, q8_0, "
+                   help="onnx: fp32, fp16, int8 (= int8-static), int8-static, int8-weights or int4; gguf: f32, f16, q8_0, "
                         "q5_0, q5_1, q4_0 or q4_1; or per component, e.g. unet=int4,text_encoder=int8,vae=fp16. "
                         "Default: fp32; a GGUF source keeps its own types (nothing is requantized)")
     c.add_argument("--rule", action="append", default=[], metavar="REGEX=PRECISION",

@@ -28,9 +28,11 @@ from edgediff.kernels import graph
 from edgediff.kernels.policy import KEEP, Rule, precision_for
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-static", "int8-weights", "int4")
-# int8 = the one at fp32's quality: int8-weights is 49.9 dB from fp32 on the full-size SD 1.5
-# architecture, int8-static 21.0 dB though 1.46x faster per step at 512x512 (benchmarks/RESULTS.md).
-INT8_DEFAULT = "int8-weights"
+# int8 = int8-static since it met issue 16's targets on a CPU with VNNI (Zen 4): 34 dB from fp32's
+# image on the full-size SD 1.5 architecture at 512x512, 98% of fp32's draw score, a guided step at
+# 0.51x fp32's; on AVX2 without VNNI it runs at fp32's speed in 40% less memory. int8-weights
+# (50 dB) is slower than fp32 on both (benchmarks/RESULTS.md).
+INT8_DEFAULT = "int8-static"
 BLOCK = 32
 # Layers int8-static keeps float (after the user's rules), as NVIDIA's diffusers int8 recipe does:
 # the 1x1 shortcut convolutions on the residual path. On the full-size SD 1.5 U-Net they cost 8 dB

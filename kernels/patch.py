@@ -72,8 +72,10 @@ def changed_weights(model: onnx.ModelProto, base: Path | None, delta: Delta) -> 
             zp = read(node.input[2]) if len(node.input) > 2 and node.input[2] else None
             w = _dequantize(q, read(node.input[1]), zp, a.get("axis", 1), a.get("block_size", 0))
             w = w + (d.T if transposed else d)
+            # int8-static's 7-bit weights stay 7-bit (AVX2's VPMADDUBSW saturates full-range ones)
+            qmax = 64 if np.abs(q).max() <= 64 else 127
             out.update({t.name: t if t.data_type in (TensorProto.INT4, TensorProto.UINT4) else numpy_helper.to_array(t)
-                        for t in _requantized(w, node, inits, a)})
+                        for t in _requantized(w, node, inits, a, qmax)})
     for t in inits.values():
         if t.name in done or t.data_type not in _FLOATS or len(t.dims) < 2:
             continue
@@ -101,14 +103,14 @@ def _dequantize(q: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, axis: i
     return (q - zp) * scale
 
 
-def _requantized(w: np.ndarray, node: onnx.NodeProto, inits: dict, a: dict) -> list[TensorProto]:
+def _requantized(w: np.ndarray, node: onnx.NodeProto, inits: dict, a: dict, qmax: int) -> list[TensorProto]:
     """`w` in the DequantizeLinear form the converters wrote: int4 in blocks (convolutions) or
-    symmetric int8 per channel (int8 convolutions, int8-static's weights)."""
+    symmetric int8 per channel in [-qmax, qmax] (int8 convolutions; int8-static's 7-bit weights)."""
     name, scale_name = node.input[0], node.input[1]
     if inits[name].data_type == TensorProto.INT4:
         tensors, _ = conv_dq_tensors(w, name, 4, a["block_size"])
     elif inits[name].data_type == TensorProto.INT8 and not a.get("block_size"):
-        q, scale = quantize_per_channel_int8(w, a.get("axis", 1) % w.ndim)
+        q, scale = quantize_per_channel_int8(w, a.get("axis", 1) % w.ndim, qmax)
         tensors = [numpy_helper.from_array(q, name), numpy_helper.from_array(scale, scale_name)]
     else:
         raise ValueError(f"'{name}': a DequantizeLinear form edgediff does not write "

@@ -86,14 +86,15 @@ def unpack_nibbles(packed: np.ndarray, length: int) -> np.ndarray:
     return out[..., :length]
 
 
-def quantize_per_channel_int8(w: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def quantize_per_channel_int8(w: np.ndarray, axis: int = 0, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 per output channel, as onnxruntime.quantization quantizes QDQ weights:
-    scale = max|w| / 127 per channel, q = round_half_even(w / scale) in [-127, 127]."""
+    scale = max|w| / qmax per channel, q = round_half_even(w / scale) in [-qmax, qmax] (qmax 64:
+    its reduce_range, 7-bit weights)."""
     w = np.asarray(w, dtype=np.float32)
     moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
     absmax = np.abs(moved).max(1).astype(np.float64)
     tiny = np.finfo(np.float32).tiny
-    scale = np.where(2 * absmax / 254 >= tiny, 2 * absmax / 254, 1.0).astype(np.float32)
-    q = np.clip(np.round(moved / scale[:, None]), -127, 127).astype(np.int8)
+    scale = np.where(2 * absmax / (2 * qmax) >= tiny, 2 * absmax / (2 * qmax), 1.0).astype(np.float32)
+    q = np.clip(np.round(moved / scale[:, None]), -qmax, qmax).astype(np.int8)
     shape = list(np.moveaxis(w, axis, 0).shape)
     return np.moveaxis(q.reshape(shape), 0, axis), scale

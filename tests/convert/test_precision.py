@@ -211,7 +211,7 @@ def test_precision_spec_parsing():
     assert parse_precision("int4", COMPONENTS) == {"text_encoder": "int4", "unet": "int4",
                                                    "vae_decoder": "fp32", "vae_encoder": "fp32"}
     assert parse_precision("unet=int8,vae=fp16", COMPONENTS) == {
-        "text_encoder": "fp32", "unet": "int8-weights", "vae_decoder": "fp16", "vae_encoder": "fp16"}
+        "text_encoder": "fp32", "unet": "int8-static", "vae_decoder": "fp16", "vae_encoder": "fp16"}
     assert set(parse_precision("fp16", COMPONENTS).values()) == {"fp16"}
     with pytest.raises(UsageError, match="unknown precision 'int3'"):
         parse_precision("int3", COMPONENTS)

@@ -87,6 +87,28 @@ def test_quantized_weights_are_requantized_in_their_form(weights, bits):
     assert np.abs(got - (c + d["conv.weight"])).max() <= step
 
 
+@pytest.mark.parametrize("qmax", [64, 127])
+def test_int8_static_weights_keep_their_range(weights, qmax):
+    """int8-static stores 7-bit weights ([-64, 64]: AVX2's VPMADDUBSW saturates wider ones); a
+    LoRA merged into them must not widen them to 8 bits."""
+    from edgediff.kernels.quant import quantize_per_channel_int8
+
+    _, c = weights
+    q, scale = quantize_per_channel_int8(c, 0, qmax)
+    nodes = [helper.make_node("DequantizeLinear", ["conv.weight_quantized", "conv.weight_scale"], ["w"], axis=0),
+             helper.make_node("Conv", ["img", "w"], ["z"], pads=[1, 1, 1, 1])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("img", TensorProto.FLOAT, [1, 64, 4, 4])],
+                          [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(q, "conv.weight_quantized"),
+                           numpy_helper.from_array(scale, "conv.weight_scale")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    d = _deltas({"conv.weight": c.shape}, scale=0.5)
+    out = changed_weights(model, None, lambda n, s: d.get(n))
+    assert np.abs(out["conv.weight_quantized"]).max() == qmax
+    got = out["conv.weight_quantized"].astype(np.float32) * out["conv.weight_scale"].reshape(-1, 1, 1, 1)
+    assert np.abs(got - (c + d["conv.weight"])).max() <= np.abs(c + d["conv.weight"]).max() / qmax
+
+
 def test_a_bound_weight_keeps_its_block_format():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((16, 64)).astype(np.float32)

@@ -64,13 +64,17 @@ def test_block_dequantize_error_is_bounded():
         assert np.all(err <= np.abs(b.scale)[..., None] * steps * (1 + 1e-6))
 
 
+@pytest.mark.parametrize("reduce_range", [False, True])
 @pytest.mark.parametrize("axis", [0, 1])
-def test_per_channel_int8_matches_onnxruntime(axis):
+def test_per_channel_int8_matches_onnxruntime(axis, reduce_range):
+    """Full range and int8-static's 7-bit weights (onnxruntime's reduce_range: [-64, 64])."""
     w = _weights(64, 48, seed=1)
-    q, scale = quantize_per_channel_int8(w, axis=axis)
+    q, scale = quantize_per_channel_int8(w, axis=axis, qmax=64 if reduce_range else 127)
+    assert np.abs(q).max() == (64 if reduce_range else 127)
     for c in range(w.shape[axis]):
         channel = np.take(w, c, axis=axis)
-        _, ref_scale, ref_q = quantize_data(channel.ravel(), TensorProto.INT8, symmetric=True)
+        _, ref_scale, ref_q = quantize_data(channel.ravel(), TensorProto.INT8, symmetric=True,
+                                            reduce_range=reduce_range)
         assert scale[c] == ref_scale
         np.testing.assert_array_equal(np.take(q, c, axis=axis).ravel(), ref_q)
 

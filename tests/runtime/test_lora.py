@@ -119,7 +119,7 @@ FLOORS = {"branch": 1.5, "merge": 4.0}
 
 
 @pytest.mark.parametrize("mode", ["branch", "merge"])
-@pytest.mark.parametrize("precision", ["int4", "gguf-q8_0", "gguf-q4_0"])
+@pytest.mark.parametrize("precision", ["int8", "int4", "gguf-q8_0", "gguf-q4_0"])
 def test_quantized_packages_take_a_lora(tiny_source, tiny_package, sd1_reference, tmp_path, precision, mode):
     """On a quantized package the LoRA's picture stays about as close to the fp32 one as the
     package's own picture is to fp32's without it (the precision's floor)."""
