@@ -151,21 +151,21 @@ def parse_configuration(name: str) -> tuple[str, str, set[str]]:
     ':deepcache' (the U-Net's shallow branch), ':taesd' (a tiny autoencoder, random weights, in
     the VAE's place); run options: '@expanded' (--weights expanded), '@int8' (--accuracy-level 4),
     '@cacheN' (--cache-interval N, with :deepcache), '@tileN' (--vae-tile N), '@openvino' (--device
-    openvino, beside the scenario's device)."""
-    base, _, run = name.partition("@")
+    openvino, beside the scenario's device); run options combine ('@cache3@openvino')."""
+    base, *run = name.split("@")
     base, *convert_options = base.split(":")
     fmt = "gguf" if base.startswith("gguf-") else "onnx"
     unknown = sorted([o for o in convert_options if o not in CONVERT_OPTIONS]
-                     + ([run] if run and _kind(run) not in RUN_OPTIONS else []))
+                     + [r for r in run if _kind(r) not in RUN_OPTIONS])
     if unknown:
         raise UsageError(f"precision '{name}': unknown options {unknown} (known: :convs, :deepcache, :taesd, "
                          "@expanded, @int8, @cacheN, @tileN, @openvino)")
-    options = set(convert_options) | ({run} if run else set())
+    options = set(convert_options) | set(run)
     wrong = sorted(o for o in options if {**CONVERT_OPTIONS, **RUN_OPTIONS}[_kind(o)] != fmt)
     if wrong:
         raise UsageError(f"precision '{name}': {', '.join(wrong)} apply to "
                          f"{'gguf-*' if fmt == 'onnx' else 'ONNX'} precisions")
-    if run and _kind(run) == "cache" and "deepcache" not in options:
+    if any(_kind(r) == "cache" for r in run) and "deepcache" not in options:
         raise UsageError(f"precision '{name}': @cacheN needs a package converted with :deepcache")
     return fmt, base.removeprefix("gguf-"), options
 
@@ -363,7 +363,7 @@ def check_runnable(scenario: Scenario) -> None:
 
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
             raise EdgediffError("the scenario asks for device = 'cuda' but onnxruntime has no CUDA provider here")
-    if scenario.device == "openvino" or any(p.endswith("@openvino") for p in scenario.precisions):
+    if scenario.device == "openvino" or any("openvino" in parse_configuration(p)[2] for p in scenario.precisions):
         from edgediff.runtime import openvino_session
 
         openvino_session.require()  # says how to install it

@@ -113,6 +113,8 @@ def test_gguf_configurations(tmp_path):
         parse_configuration("int4@int8")
     assert parse_configuration("fp32:deepcache@cache3") == ("onnx", "fp32", {"deepcache", "cache3"})
     assert parse_configuration("int8-static@openvino") == ("onnx", "int8-static", {"openvino"})
+    assert parse_configuration("int8-static:deepcache:taesd@cache3@openvino") == (
+        "onnx", "int8-static", {"deepcache", "taesd", "cache3", "openvino"})
     with pytest.raises(UsageError, match="needs a package converted with :deepcache"):
         parse_configuration("fp32@cache3")
     with pytest.raises(UsageError, match="deepcache apply to ONNX"):
