@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -454,11 +455,13 @@ def calibration_feeds(root: Path, manifest: Manifest, progress) -> dict[str, lis
     feeds: dict[str, list[dict]] = {}
     for name in manifest.components:
         pipe.component(name).tap = lambda f, name=name: feeds.setdefault(name, []).append(dict(f))
-    for i, prompt in enumerate(CALIBRATION_PROMPTS):
-        if progress:
-            progress(f"calibrating: fp32 run {i + 1}/{len(CALIBRATION_PROMPTS)} at {size}x{size}")
-        pipe.generate(prompt, "blurry, low quality", steps=10, sampler="euler", schedule="normal",
-                      seed=i, width=size, height=size, cache_interval=2 if reuse else 1)
+    with warnings.catch_warnings():  # the advice on the interval is for users' images, not calibration
+        warnings.filterwarnings("ignore", message="--cache-interval", category=UserWarning)
+        for i, prompt in enumerate(CALIBRATION_PROMPTS):
+            if progress:
+                progress(f"calibrating: fp32 run {i + 1}/{len(CALIBRATION_PROMPTS)} at {size}x{size}")
+            pipe.generate(prompt, "blurry, low quality", steps=10, sampler="euler", schedule="normal",
+                          seed=i, width=size, height=size, cache_interval=2 if reuse else 1)
     return feeds
 
 
