@@ -35,7 +35,7 @@ def sweep(packages: dict[str, Path], reference: str, prompts, seeds, size: int, 
     out.mkdir(parents=True, exist_ok=True)
     rows, ref_images = [], {}
     for precision in [reference, *(p for p in packages if p != reference)]:
-        pipe = Pipeline(packages[precision], device=device(precision), low_memory=False)
+        pipe = Pipeline(packages[precision], device=device_of(precision), low_memory=False)
         for p, prompt in enumerate(prompts):
             for seed in seeds:
                 progress(f"{precision}: prompt {p} seed {seed}")
@@ -58,7 +58,7 @@ def evaluation_prompts(n: int = 50, seed: int = 2024) -> list[tuple[str, int, sh
     return [(truth.caption, 1000 + i, truth) for i, (_, truth) in enumerate(shapes.sample(rng) for _ in range(n))]
 
 
-def device(precision: str) -> str:
+def device_of(precision: str) -> str:
     """onnxruntime's CPU provider, or OpenVINO for a '@openvino' configuration."""
     from edgediff.benchmarks.harness import parse_configuration
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         from edgediff.benchmarks.harness import _number, parse_configuration
 
         steps = {"steps": args.steps} if args.steps else {}
-        scores = {precision: draw_score(package, device=device(precision),
+        scores = {precision: draw_score(package, device=device_of(precision),
                                         cache_interval=_number(parse_configuration(precision)[2], "cache", 1), **steps)
                   for precision, package in packages.items()}
         ref = scores[scenario.reference]

@@ -72,10 +72,8 @@ def changed_weights(model: onnx.ModelProto, base: Path | None, delta: Delta) -> 
             zp = read(node.input[2]) if len(node.input) > 2 and node.input[2] else None
             w = _dequantize(q, read(node.input[1]), zp, a.get("axis", 1), a.get("block_size", 0))
             w = w + (d.T if transposed else d)
-            # int8-static's 7-bit weights stay 7-bit (AVX2's VPMADDUBSW saturates full-range ones)
-            qmax = 64 if np.abs(q).max() <= 64 else 127
             out.update({t.name: t if t.data_type in (TensorProto.INT4, TensorProto.UINT4) else numpy_helper.to_array(t)
-                        for t in _requantized(w, node, inits, a, qmax)})
+                        for t in _requantized(w, q, node, inits, a)})
     for t in inits.values():
         if t.name in done or t.data_type not in _FLOATS or len(t.dims) < 2:
             continue
@@ -103,13 +101,15 @@ def _dequantize(q: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, axis: i
     return (q - zp) * scale
 
 
-def _requantized(w: np.ndarray, node: onnx.NodeProto, inits: dict, a: dict, qmax: int) -> list[TensorProto]:
-    """`w` in the DequantizeLinear form the converters wrote: int4 in blocks (convolutions) or
-    symmetric int8 per channel in [-qmax, qmax] (int8 convolutions; int8-static's 7-bit weights)."""
+def _requantized(w: np.ndarray, q: np.ndarray, node: onnx.NodeProto, inits: dict, a: dict) -> list[TensorProto]:
+    """`w` in the DequantizeLinear form the converters wrote (`q`: the codes it replaces): int4 in
+    blocks (convolutions) or symmetric int8 per channel (int8 convolutions, int8-static's weights)."""
     name, scale_name = node.input[0], node.input[1]
     if inits[name].data_type == TensorProto.INT4:
         tensors, _ = conv_dq_tensors(w, name, 4, a["block_size"])
     elif inits[name].data_type == TensorProto.INT8 and not a.get("block_size"):
+        # int8-static's 7-bit weights stay 7-bit (AVX2's VPMADDUBSW saturates full-range ones)
+        qmax = 64 if np.abs(q).max() <= 64 else 127
         q, scale = quantize_per_channel_int8(w, a.get("axis", 1) % w.ndim, qmax)
         tensors = [numpy_helper.from_array(q, name), numpy_helper.from_array(scale, scale_name)]
     else:

@@ -94,7 +94,8 @@ def quantize_per_channel_int8(w: np.ndarray, axis: int = 0, qmax: int = 127) -> 
     moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
     absmax = np.abs(moved).max(1).astype(np.float64)
     tiny = np.finfo(np.float32).tiny
-    scale = np.where(2 * absmax / (2 * qmax) >= tiny, 2 * absmax / (2 * qmax), 1.0).astype(np.float32)
+    step = 2 * absmax / (2 * qmax)  # onnxruntime's (rmax - rmin) / (qmax - qmin), to the bit
+    scale = np.where(step >= tiny, step, 1.0).astype(np.float32)
     q = np.clip(np.round(moved / scale[:, None]), -qmax, qmax).astype(np.int8)
     shape = list(np.moveaxis(w, axis, 0).shape)
     return np.moveaxis(q.reshape(shape), 0, axis), scale

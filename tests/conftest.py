@@ -12,12 +12,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))  # the helpers beside this file
 
+from edgediff.runtime.openvino_session import AUTO_ENV  # noqa: E402
+
 from tiny_models import build_tiny  # noqa: E402
 
 # `auto` stays on onnxruntime in every test (and in the processes tests start): on a CPU with
 # BF16, OpenVINO computes in bf16 and the fp32 floors would depend on the machine. The tests of
 # OpenVINO ask for it by name or clear this.
-os.environ["EDGEDIFF_AUTO_OPENVINO"] = "0"
+os.environ[AUTO_ENV] = "0"
 
 
 @pytest.fixture(scope="session", autouse=True)
