@@ -22,8 +22,8 @@ from edgediff import __version__
 from edgediff.benchmarks import stats
 from edgediff.benchmarks.peers import PEERS, missing
 from edgediff.benchmarks.scenario import Scenario
-from edgediff.convert import cache_root
 from edgediff.errors import EdgediffError, UsageError
+from edgediff.runtime.paths import cache_root
 
 Progress = Callable[[str], None]
 

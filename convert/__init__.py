@@ -25,6 +25,7 @@ from edgediff.families import (
     scheduler_defaults,
 )
 from edgediff.manifest import MANIFEST, ComponentEntry, Manifest, TextEncoderEntry
+from edgediff.runtime.paths import cache_root
 
 CALIBRATION_PROMPTS = (  # varied subjects, styles and lengths, for int8 activation ranges
     "a photograph of a lighthouse on a rocky coast at sunset, dramatic clouds",
@@ -463,14 +464,6 @@ def calibration_feeds(root: Path, manifest: Manifest, progress) -> dict[str, lis
             pipe.generate(prompt, "blurry, low quality", steps=10, sampler="euler", schedule="normal",
                           seed=i, width=size, height=size, cache_interval=2 if reuse else 1)
     return feeds
-
-
-def cache_root() -> Path:
-    """Where converted defaults, synthetic models and peer environments are kept."""
-    import os
-
-    root = os.environ.get("EDGEDIFF_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgediff"
-    return Path(root)
 
 
 def default_package(progress: Callable[[str], None] | None = None) -> Path:

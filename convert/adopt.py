@@ -139,11 +139,11 @@ def adopted_package(main: Path, *, base: Path | None = None, vae: Path | None = 
     what `edgediff generate --model file.gguf` runs. Built once per set of files."""
     import onnx
 
-    from edgediff.convert import cache_root
     from edgediff.convert.ldm import stored_transposed
     from edgediff.convert.package import atomic_folder
     from edgediff.kernels.bind import strip_weights
     from edgediff.manifest import MANIFEST
+    from edgediff.runtime.paths import cache_root
 
     paths = [Path(main), *([Path(vae)] if vae else []), *map(Path, text_encoders), *([Path(base)] if base else [])]
     for p in paths:

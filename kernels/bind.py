@@ -4,15 +4,18 @@ A component can be stored as an ONNX graph whose weight initializers carry no da
 `external_data` location is `PLACEHOLDER`, their name the weight's name in its file) plus a
 weight source: a GGUF file's tensors, a safetensors file. `bind` turns the pair into what
 onnxruntime runs: a Linear weight stored in a ggml block format becomes a `MatMulNBits` node fed
-with the same codes and scales (repacked, never requantized); any other weight becomes a float
-array of the graph's type (F32 as it is, zero-copy from a memory map; F16 and block types
-dequantized once). The arrays are handed to onnxruntime with
-`SessionOptions.add_external_initializers`.
+with the same codes and scales (repacked, never requantized); a float weight lying in its file
+as the graph reads it is external data pointing into that file; any other weight becomes an array
+made once (repacked codes, dequantized blocks). Where those arrays go is the caller's `Sink`:
+kept in memory for `SessionOptions.add_external_initializers` (which copies them), or written to
+a file that onnxruntime maps (runtime.weight_cache), so that every weight reaches onnxruntime
+once and stays a mapping of a file.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -65,7 +68,56 @@ class Bound:
     model: onnx.ModelProto
     arrays: dict[str, np.ndarray]  # handed to onnxruntime, which copies them
     bindings: list[Binding]
-    folder: Path | None = None  # where the files that external data names lie
+    folder: Path | None = None  # external data locations are relative to this folder
+
+
+Arrays = Callable[[], dict[str, np.ndarray]]
+
+
+class Sink:
+    """Where the arrays `bind` makes go. `put(group, make, keep)` returns, per array name, the
+    initializer the graph gets for it; `make()` gives the arrays (called only when needed).
+    This one keeps them in memory (`Bound.arrays`); runtime.weight_cache writes them to a file
+    onnxruntime maps. `keep=False` marks arrays that hold a LoRA's change: never cached."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def put(self, group: str, make: Arrays, keep: bool = True) -> dict[str, TensorProto]:
+        made = make()
+        self.arrays.update(made)
+        return {n: placeholder(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape) for n, a in made.items()}
+
+
+def external(name: str, data_type: int, dims, path: Path, offset: int, length: int) -> TensorProto:
+    """An initializer whose data onnxruntime reads from `path` (absolute until `bind` makes every
+    location relative to one folder holding them all, as onnxruntime requires)."""
+    t = TensorProto()
+    t.name, t.data_type = name, data_type
+    t.dims.extend(int(d) for d in dims)
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", str(path)), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
+
+
+def _relocate(inits: list[TensorProto], where: str) -> Path | None:
+    """Make every external location relative to the deepest folder holding all of them (the
+    source file's and the repack cache's): onnxruntime reads external data only from below one
+    folder, and refuses symbolic links out of it."""
+    refs = [(t, e) for t in inits if t.data_location == TensorProto.EXTERNAL and not is_placeholder(t)
+            for e in t.external_data if e.key == "location" and os.path.isabs(e.value)]
+    if not refs:
+        return None
+    try:
+        base = os.path.commonpath([os.path.dirname(e.value) for _, e in refs])
+    except ValueError as exc:  # another drive (Windows)
+        raise PackageError(f"{where}: its weights and their repack cache lie on different drives; set "
+                           "EDGEDIFF_CACHE to a folder on the model's drive") from exc
+    for _, e in refs:
+        e.value = os.path.relpath(e.value, base)
+    return Path(base)
 
 
 def rows_ref(pieces: Sequence[tuple[str, int, int]]) -> str:
@@ -213,30 +265,35 @@ def _linear_uses(name: str, uses: dict[str, list[onnx.NodeProto]]) -> list[onnx.
     return found or None
 
 
-def _rewrite_linear(name: str, nodes: list[onnx.NodeProto], n: int, k: int, nb,
-                    replaced: dict[str, list[onnx.NodeProto]], accuracy_level: int = 0) -> dict[str, np.ndarray]:
-    """Replace x @ W.T by MatMulNBits over the repacked blocks (plus the per-block minimum term
-    when the format has one and onnxruntime cannot take it as a zero point)."""
-    base = f"{name}.nbits{nb.bits}"
+def _nbits_arrays(base: str, nb) -> dict[str, np.ndarray]:
+    """MatMulNBits' inputs for one weight, named as the rewritten graph names them."""
     arrays = {base: nb.b, base + ".scales": nb.scales}
-    inputs = [base, base + ".scales"]
     if nb.zero_points is not None:
         arrays[base + ".zero_points"] = nb.zero_points
-        inputs.append(base + ".zero_points")
     if nb.minimum is not None:
         arrays[base + ".minimum"] = np.ascontiguousarray(nb.minimum.T)  # [blocks, N]
+    return arrays
+
+
+def _rewrite_linear(base: str, nodes: list[onnx.NodeProto], n: int, k: int, fmt: BlockFormat, parts: Collection[str],
+                    replaced: dict[str, list[onnx.NodeProto]], accuracy_level: int = 0) -> None:
+    """Replace x @ W.T by MatMulNBits over the repacked blocks (`parts`: the names of its inputs,
+    plus the per-block minimum term when the format has one that onnxruntime cannot take as a
+    zero point)."""
+    inputs = [base, base + ".scales", *([base + ".zero_points"] if base + ".zero_points" in parts else [])]
+    minimum = base + ".minimum" in parts
     for node in nodes:
         new_nodes = replaced.setdefault(node.output[0], [])
         if node.op_type == "Transpose":
             continue
         out = node.output[0]
-        y = out if node.op_type == "MatMul" and nb.minimum is None else out + ".nbits"
+        y = out if node.op_type == "MatMul" and not minimum else out + ".nbits"
         new_nodes.append(helper.make_node(
             "MatMulNBits", [node.input[0], *inputs], [y], name=(node.name or out) + ".nbits",
-            domain="com.microsoft", K=k, N=n, bits=nb.bits, block_size=nb.block,
+            domain="com.microsoft", K=k, N=n, bits=fmt.nbits, block_size=fmt.block,
             **({"accuracy_level": accuracy_level} if accuracy_level else {})))
-        if nb.minimum is not None:
-            z = _minimum_term(node.input[0], base, k // nb.block, nb.block, y, new_nodes)
+        if minimum:
+            z = _minimum_term(node.input[0], base, k // fmt.block, fmt.block, y, new_nodes)
             y2 = out if node.op_type == "MatMul" else out + ".min"
             new_nodes.append(helper.make_node("Add", [y, z], [y2]))
             y = y2
@@ -244,7 +301,6 @@ def _rewrite_linear(name: str, nodes: list[onnx.NodeProto], n: int, k: int, nb,
             bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
             new_nodes.append(helper.make_node("Add", [y, bias], [out]) if bias
                              else helper.make_node("Identity", [y], [out]))
-    return arrays
 
 
 def _minimum_term(x: str, base: str, blocks: int, block: int, like: str,
@@ -266,26 +322,27 @@ def _minimum_term(x: str, base: str, blocks: int, block: int, like: str,
 
 
 def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: str,
-         dry_run: bool = False, expand: bool = False, accuracy_level: int = 0, delta=None) -> Bound:
+         dry_run: bool = False, expand: bool = False, accuracy_level: int = 0, delta=None,
+         sink: Sink | None = None) -> Bound:
     """The runnable graph and what its placeholders stand for. `lookup(name)` gives the stored
     weight (None: missing, an error naming the file and tensor).
 
     Float weights lying in a file as they are become external data pointing into it
-    (onnxruntime memory-maps them; `Bound.folder` is the file's folder); when stored in another
-    float type than the graph's, a Cast follows them, which onnxruntime either folds at load
-    (expanded) or runs each time (compact: the weight stays as stored). With `dry_run` only the
-    bindings are computed (what `edgediff inspect` reports), nothing is repacked.
+    (onnxruntime memory-maps them); when stored in another float type than the graph's, a Cast
+    follows them, which onnxruntime either folds at load (expanded) or runs each time (compact:
+    the weight stays as stored). With `dry_run` only the bindings are computed (what `edgediff
+    inspect` reports), nothing is repacked.
 
     Other weights in block formats (convolutions, for which onnxruntime has no low-bit kernel)
     are kept as 8-bit codes and scales and dequantized as their node runs, or, with `expand`,
     dequantized to fp32 once here. `accuracy_level` is MatMulNBits' (4: int8 activations).
-    `delta(name, shape)` (a LoRA; kernels.patch.Delta) changes weights on the way in."""
+    `delta(name, shape)` (a LoRA; kernels.patch.Delta) changes weights on the way in. Arrays made
+    here go to `sink` (default: kept in memory, `Bound.arrays`)."""
+    sink = sink if sink is not None else Sink()
     uses = _consumers(model)
-    arrays: dict[str, np.ndarray] = {}
     bindings: list[Binding] = []
     replaced: dict[str, list[onnx.NodeProto]] = {}  # node (by its output) -> what takes its place
     casts: list[onnx.NodeProto] = []  # nodes that only read weights: they go first
-    folders: set[Path] = set()
     inits = []
     for t in model.graph.initializer:
         if not is_placeholder(t):
@@ -294,22 +351,22 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
         w = resolve(t.name, lookup)
         dims = tuple(int(d) for d in t.dims)
         check_shape(w, t.name, dims, where)
+        keep = True
         if delta is not None and not dry_run and (d := delta(graph_name(t), dims)) is not None:
             from edgediff.kernels.patch import changed_weight
 
-            w = changed_weight(w, d)
+            w, keep = changed_weight(w, d), False
         count = math.prod(dims)
         linear = _linear_uses(t.name, uses) if w.fmt.nbits and len(dims) == 2 else None
         if linear and tuple(w.shape) == dims and dims[1] % w.fmt.block == 0:
+            bindings.append(Binding(t.name, w.fmt.name, "quantized", count, nbits_bytes(w.fmt, *dims)))
             if dry_run:
-                bindings.append(Binding(t.name, w.fmt.name, "quantized", count, nbits_bytes(w.fmt, *dims)))
                 continue
-            nb = to_matmul_nbits(np.asarray(w.data).reshape(dims[0], -1), w.fmt)
-            parts = _rewrite_linear(t.name, linear, dims[0], dims[1], nb, replaced, accuracy_level)
-            for name, array in parts.items():
-                arrays[name] = array
-                inits.append(placeholder(name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape))
-            bindings.append(Binding(t.name, w.fmt.name, "quantized", count, nb.nbytes))
+            base = f"{t.name}.nbits{w.fmt.nbits}"
+            parts = sink.put(t.name, lambda w=w, base=base, dims=dims: _nbits_arrays(
+                base, to_matmul_nbits(np.asarray(w.data).reshape(dims[0], -1), w.fmt)), keep)
+            _rewrite_linear(base, linear, dims[0], dims[1], w.fmt, parts, replaced, accuracy_level)
+            inits += parts.values()
             continue
         if (w.fmt.nbits and not expand and t.data_type == TensorProto.FLOAT and len(dims) > 1
                 and math.prod(dims[1:]) % w.fmt.block == 0):
@@ -317,11 +374,10 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
             bindings.append(Binding(t.name, w.fmt.name, "blocks", count, per_run))
             if dry_run:
                 continue
-            codes = unpack(np.asarray(w.data).reshape(dims[0], -1), w.fmt)
-            parts = _dequantize_per_run(t.name, codes, dims, casts)
-            for name, array in parts.items():
-                arrays[name] = array
-                inits.append(placeholder(name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape))
+            parts = sink.put(t.name, lambda w=w, name=t.name, dims=dims: _code_arrays(
+                name, unpack(np.asarray(w.data).reshape(dims[0], -1), w.fmt)), keep)
+            _dequantize_per_run(t.name, dims, parts, casts)
+            inits += parts.values()
             continue
         dtype = _FLOAT_TYPES.get(t.data_type)
         if dtype is None:
@@ -329,8 +385,7 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
                                f"{TensorProto.DataType.Name(t.data_type)}; only float weights can be bound")
         stored = _STORED_TYPES.get(w.fmt.name)
         if w.file is not None and stored is not None:
-            inits.append(_file_reference(t.name, stored, dims, w))
-            folders.add(w.file.parent)
+            inits.append(external(t.name, stored, dims, Path(w.file).resolve(), w.offset, count * w.fmt.block_bytes))
             held = Binding(t.name, w.fmt.name, "stored", count, count * w.fmt.block_bytes)
             if stored != t.data_type:
                 casts.append(helper.make_node("Cast", [t.name], [t.name + CAST], to=t.data_type,
@@ -343,11 +398,11 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
         bindings.append(Binding(t.name, w.fmt.name, kind, count, count * np.dtype(dtype).itemsize))
         if dry_run:
             continue
-        arrays[t.name] = (np.asarray(w.data).reshape(dims) if kind == "stored"
-                          else dequantize(w.data, w.fmt, dims).astype(dtype, copy=False))
-        inits.append(placeholder(t.name, t.data_type, t.dims))
-    if len(folders) > 1:
-        raise PackageError(f"{where}: one graph's weights lie in several folders ({sorted(map(str, folders))})")
+        parts = sink.put(t.name, lambda w=w, kind=kind, dtype=dtype, name=t.name, dims=dims: {name: (
+            np.asarray(w.data).reshape(dims) if kind == "stored"
+            else dequantize(w.data, w.fmt, dims).astype(dtype, copy=False))}, keep)
+        inits += parts.values()
+    folder = None if dry_run else _relocate(inits, where)
     out = onnx.ModelProto()
     _copy_without_initializers(model, out)
     del out.graph.initializer[:]
@@ -363,41 +418,33 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
         out.graph.node.extend(casts + nodes)
         if replaced and not any(o.domain == "com.microsoft" for o in out.opset_import):
             out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return Bound(out, arrays, bindings, next(iter(folders), None))
+    return Bound(out, sink.arrays, bindings, folder)
 
 
-def _dequantize_per_run(name: str, a: Affine, dims: tuple[int, ...], nodes: list[onnx.NodeProto]) -> dict:
-    """A weight kept as its blocks' codes (8 bits each) and scales, turned into fp32 each time its
-    node runs (onnxruntime has no low-bit convolution): the memory of the codes, not of fp32.
-    Cast and Mul rather than a blocked DequantizeLinear (the same arithmetic): 2.8 against 3.7 s
-    per SD 1.5 UNet evaluation at 256x256 with CFG batch 2 here (medians of 6 warm runs, twice).
-    Symmetric formats become signed codes; a format's minimum is added."""
+def _code_arrays(name: str, a: Affine) -> dict[str, np.ndarray]:
+    """A block-format weight as its codes (8 bits each, signed for the symmetric formats) and
+    scales (and minimum), for `_dequantize_per_run`."""
     codes = a.codes if a.minimum is not None else (a.codes.astype(np.int16) - a.offset).astype(np.int8)
     arrays = {name + ".codes": np.ascontiguousarray(codes), name + ".scale": np.ascontiguousarray(a.scale[..., None])}
+    if a.minimum is not None:
+        arrays[name + ".minimum"] = np.ascontiguousarray(a.minimum[..., None])
+    return arrays
+
+
+def _dequantize_per_run(name: str, dims: tuple[int, ...], parts: Collection[str], nodes: list[onnx.NodeProto]) -> None:
+    """A weight kept as its blocks' codes and scales (`_code_arrays`), turned into fp32 each time
+    its node runs (onnxruntime has no low-bit convolution): the memory of the codes, not of fp32.
+    Cast and Mul rather than a blocked DequantizeLinear (the same arithmetic): 2.8 against 3.7 s
+    per SD 1.5 UNet evaluation at 256x256 with CFG batch 2 here (medians of 6 warm runs, twice)."""
     nodes.append(helper.make_node("Cast", [name + ".codes"], [name + ".codes_f32"], to=TensorProto.FLOAT))
     nodes.append(helper.make_node("Mul", [name + ".codes_f32", name + ".scale"], [name + ".blocks"]))
     blocks = name + ".blocks"
-    if a.minimum is not None:
-        arrays[name + ".minimum"] = np.ascontiguousarray(a.minimum[..., None])
+    if name + ".minimum" in parts:
         nodes.append(helper.make_node("Add", [blocks, name + ".minimum"], [blocks + ".shifted"]))
         blocks += ".shifted"
     nodes.append(helper.make_node("Constant", [], [name + ".dims"], value=helper.make_tensor(
         name + ".dims", TensorProto.INT64, [len(dims)], list(dims))))
     nodes.append(helper.make_node("Reshape", [blocks, name + ".dims"], [name]))
-    return arrays
-
-
-def _file_reference(name: str, data_type: int, dims, w: Weight) -> TensorProto:
-    """An initializer whose data onnxruntime reads from the weight's own file."""
-    t = TensorProto()
-    t.name, t.data_type = name, data_type
-    t.dims.extend(int(d) for d in dims)
-    t.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", w.file.name), ("offset", str(w.offset)),
-                       ("length", str(math.prod(dims) * w.fmt.block_bytes))):
-        entry = t.external_data.add()
-        entry.key, entry.value = key, value
-    return t
 
 
 def nbits_bytes(fmt: BlockFormat, n: int, k: int) -> int:

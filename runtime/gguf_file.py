@@ -18,6 +18,7 @@ from edgediff.errors import SourceError
 from edgediff.families import DENOISER, bare_denoiser
 from edgediff.kernels.bind import Weight
 from edgediff.kernels.gguf_blocks import format_of
+from edgediff.runtime.weight_cache import identity
 
 MAGIC = b"GGUF"
 ORIG_SHAPE = "comfy.gguf.orig_shape."  # ComfyUI-GGUF stores a reshaped tensor's true shape here
@@ -117,6 +118,7 @@ class GGUFFile:
         try:
             with self.path.open("rb") as fh:
                 magic = fh.read(4)
+            self.identity = identity(self.path)  # what binding checks the file still is
         except OSError as exc:
             raise SourceError(f"{self.path}: cannot be read ({exc})") from exc
         if magic != MAGIC:

@@ -27,7 +27,7 @@ KEY = "key.json"
 
 
 def root() -> Path:
-    from edgediff.convert import cache_root
+    from edgediff.runtime.paths import cache_root
 
     return cache_root() / "optimized"
 

@@ -162,7 +162,7 @@ def prefer(caps: tuple[str, ...], ort_s: float | None, ov_s: float | None) -> bo
 
 def cache_dir() -> Path:
     """Where OpenVINO keeps compiled models (its CACHE_DIR; `edgediff cache --clear` empties it)."""
-    from edgediff.convert import cache_root
+    from edgediff.runtime.paths import cache_root
 
     return cache_root() / "openvino"
 

@@ -50,11 +50,12 @@ class Package:
             change = (change[0], None)
         how = {"expand": options.weights == "expanded", "accuracy_level": options.accuracy_level, "change": change}
         if self.gguf is not None:
-            return Component(name, self.root, options, bind=lambda: self._bind(entry.file, self.gguf, **how))
+            return Component(name, self.root, options, bind=lambda: self._bind(entry.file, self.gguf, component=name,
+                                                                               **how))
         path = self.root / entry.file
         if entry.weights:
             return Component(name, path, options, bind=lambda: self._bind(
-                path, open_weights(self.root / entry.weights, entry.weights_prefix), **how))
+                path, open_weights(self.root / entry.weights, entry.weights_prefix), component=name, **how))
         if change is not None:
             return Component(name, path, options, bind=lambda: _changed(path, *change))
         return Component(name, path, options)
@@ -82,7 +83,8 @@ class Package:
         return out
 
     def _graph(self, graph):
-        """A component's graph (external data not loaded) and where it is, for messages."""
+        """A component's graph (external data not loaded), where it is (for messages), and its
+        stored bytes."""
         import onnx
 
         if self.gguf is not None:
@@ -92,15 +94,18 @@ class Package:
         else:
             data, where = Path(graph).read_bytes(), str(graph)
         try:
-            return onnx.load_model_from_string(data), where
+            return onnx.load_model_from_string(data), where, data
         except Exception as exc:  # protobuf's DecodeError and friends
             raise PackageError(f"{where}: the stored graph is not a valid ONNX model ({exc})") from exc
 
     def _bind(self, graph, weights, expand: bool = False, dry_run: bool = False, accuracy_level: int = 0,
-              change=None):
+              change=None, component: str = ""):
+        """The component's graph with its weights: the arrays bind makes come from (or go to) the
+        repack cache, so a later open maps them instead of repacking (runtime.weight_cache)."""
         from edgediff.kernels.bind import bind, graph_name, is_placeholder, parse_rows_ref
+        from edgediff.runtime.weight_cache import bind_mapped
 
-        model, _ = self._graph(graph)
+        model, _, stored = self._graph(graph)
         delta, factors = change or (None, None)
         if factors is not None:  # block-format weights keep their blocks, beside a low-rank branch
             from edgediff.kernels.patch import add_branches
@@ -108,8 +113,10 @@ class Package:
             blocks = {t.name: graph_name(t) for t in model.graph.initializer if is_placeholder(t)
                       and (w := weights.weight(parse_rows_ref(t.name)[0][0])) is not None and w.fmt.nbits}
             delta = _except(delta, add_branches(model, blocks, factors))
-        bound = bind(model, weights.weight, str(weights.path), dry_run=dry_run, expand=expand,
-                     accuracy_level=accuracy_level, delta=delta)
+        if dry_run:
+            return bind(model, weights.weight, str(weights.path), dry_run=True, expand=expand)
+        bound = bind_mapped(model, weights, stored, component, expand=expand, accuracy_level=accuracy_level,
+                            delta=delta)
         weights.drop_pages()
         return bound
 

@@ -88,8 +88,11 @@ class SafetensorsFile:
     """A safetensors file as a weight source: `weight(name)` is a memory-mapped view."""
 
     def __init__(self, path: str | Path, prefix: str = ""):
+        from edgediff.runtime.weight_cache import identity
+
         self.path = Path(path)
         self.header, self.metadata = read_safetensors_header(self.path)
+        self.identity = identity(self.path)  # what binding checks the file still is
         self.prefix = prefix  # prepended to names that lack it (a bare VAE or text encoder file)
         self._map = None
 

@@ -1,0 +1,246 @@
+"""The arrays a weight file needs before onnxruntime can run it, made once and then mapped.
+
+A GGUF file's Linear weights are repacked into MatMulNBits' layout, its convolution weights
+into 8-bit codes and scales, K-quant tensors dequantized (kernels.bind). Made at every open and
+handed over with `add_external_initializers`, they cost the repacking each time and sat in
+memory three times over while the session opened (ours, onnxruntime's copy, its prepacked
+one): 17.4 GB for a 10 GB Flux file. Written once to `weights.bin` here, they are external data
+that onnxruntime maps itself, per tensor, dropping each mapping once its kernel has prepacked
+it; a later open repacks nothing.
+
+An entry is one (weight file, component, graph) and lives in a folder of its own: `index.json`
+says where each array lies and what it was made from (the file's path, size and modification
+time, the graph's digest, the options that change the arrays, this module's FORMAT). Any
+difference, a missing or resized `weights.bin`, or an index that does not parse, and the entry
+is made again. It is written into a staging folder and renamed into place after its index: a
+run killed or a disk filled while writing leaves no entry a later open would trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from edgediff.errors import SourceError
+from edgediff.kernels.bind import Arrays, Bound, Sink, bind, external
+from edgediff.runtime.paths import cache_root
+
+FORMAT = 1  # what the arrays are for the same inputs: raise it when kernels.bind makes others
+DATA, INDEX = "weights.bin", "index.json"
+ALIGN = 4096  # each array on its own pages: onnxruntime maps and releases them one by one
+DROP_EVERY = 256 << 20  # source bytes read between dropping the file's pages while repacking
+
+
+def root() -> Path:
+    return cache_root() / "weights"
+
+
+def identity(path: Path) -> dict:
+    """What says a file is still the one an entry was made from, without reading gigabytes."""
+    st = Path(path).stat()
+    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+class Stale(Exception):
+    """The entry does not describe what the graph needs: it is made again."""
+
+
+class Unwritable(Exception):
+    """The entry could not be written (a full disk, a read-only cache folder)."""
+
+
+class Entry(Sink):
+    """A `kernels.bind.Sink` backed by one cache entry: reads it where valid, else writes it."""
+
+    def __init__(self, folder: Path, key: dict, drop_pages: Callable[[], None] | None = None):
+        super().__init__()
+        self.folder, self.key, self.drop_pages = folder, key, drop_pages
+        self.index = _read_index(folder, key)  # None: to be written
+        self._staged: Path | None = None
+        self._out = None
+        self._groups: dict[str, dict[str, list]] = {}
+        self._size = 0
+        self._since_drop = 0
+
+    @property
+    def hit(self) -> bool:
+        return self.index is not None
+
+    def put(self, group: str, make: Arrays, keep: bool = True) -> dict[str, TensorProto]:
+        if not keep:  # a LoRA's change: held in memory, never cached
+            return super().put(group, make)
+        data = self.folder / DATA
+        if self.index is not None:
+            entries = self.index["groups"].get(group)
+            if entries is None:
+                raise Stale(group)
+            return {name: external(name, dtype, shape, data, offset, length)
+                    for name, (offset, length, dtype, shape) in entries.items()}
+        arrays = make()
+        out = {}
+        try:
+            if self._out is None:
+                self.folder.parent.mkdir(parents=True, exist_ok=True)
+                self._staged = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}-", dir=self.folder.parent))
+                self._out = (self._staged / DATA).open("wb")
+            for name, array in arrays.items():
+                array = np.ascontiguousarray(array)
+                pad = -self._size % ALIGN
+                self._out.write(b"\0" * pad)
+                offset = self._size + pad
+                self._out.write(memoryview(array).cast("B"))
+                self._size = offset + array.nbytes
+                dtype = helper.np_dtype_to_tensor_dtype(array.dtype)
+                self._groups.setdefault(group, {})[name] = [offset, array.nbytes, dtype, list(array.shape)]
+                out[name] = external(name, dtype, array.shape, data, offset, array.nbytes)
+                self._since_drop += array.nbytes
+        except OSError as exc:
+            self.discard()
+            raise Unwritable(f"{self.folder.parent}: {exc.strerror or exc}") from exc
+        if self.drop_pages is not None and self._since_drop > DROP_EVERY:
+            self.drop_pages()  # the source's pages read so far: repacked and written now
+            self._since_drop = 0
+        return out
+
+    def commit(self) -> None:
+        """Publish what was written: its index last, then the folder renamed into place."""
+        if self._out is None:
+            return
+        try:
+            self._out.flush()
+            os.fsync(self._out.fileno())
+            self._out.close()
+            index = {"key": self.key, "size": self._size, "groups": self._groups}
+            (self._staged / INDEX).write_text(json.dumps(index))
+        except OSError as exc:
+            self.discard()
+            raise Unwritable(f"{self.folder.parent}: {exc.strerror or exc}") from exc
+        remove(self.folder)
+        try:
+            os.rename(self._staged, self.folder)
+        except OSError:  # another process published the same entry first: theirs is as good
+            remove(self._staged)
+        self._out = self._staged = None
+        prune()
+
+    def discard(self) -> None:
+        if self._out is not None:
+            with contextlib.suppress(OSError):
+                self._out.close()
+        if self._staged is not None:
+            remove(self._staged)
+        self._out = self._staged = None
+
+
+def _read_index(folder: Path, key: dict) -> dict | None:
+    """The entry's index if it is whole and made from what `key` says, else None."""
+    try:
+        index = json.loads((folder / INDEX).read_text())
+        if index["key"] != key or (folder / DATA).stat().st_size != index["size"]:
+            return None
+        for entries in index["groups"].values():
+            for offset, length, _dtype, _shape in entries.values():
+                if offset < 0 or offset + length > index["size"]:
+                    return None
+        return index
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def entry(weights_path: Path, component: str, graph: bytes, expand: bool,
+          drop_pages: Callable[[], None] | None = None) -> Entry:
+    """The entry of a component's arrays made from `weights_path` for the graph `graph`."""
+    source = identity(weights_path)
+    name = hashlib.sha256(f"{source['path']}\0{component}\0{expand}".encode()).hexdigest()[:20]
+    key = {"format": FORMAT, "source": source, "component": component, "expand": expand,
+           "graph": hashlib.sha256(graph).hexdigest()}
+    return Entry(root() / name, key, drop_pages)
+
+
+def bind_mapped(model, weights, graph: bytes, component: str, **how) -> Bound:
+    """`kernels.bind.bind` with its arrays in the cache: read where an entry is valid, written
+    (once) where not. A cache that cannot be written costs only the cache: the arrays are then
+    handed over in memory, and a warning says why."""
+    opened = getattr(weights, "identity", None)
+    if opened is not None and identity(weights.path) != opened:
+        raise SourceError(f"{weights.path}: the file changed after it was opened (size or modification time); "
+                          "open the model again")
+    where = str(weights.path)
+    for _ in range(2):
+        sink = entry(weights.path, component, graph, how.get("expand", False), weights.drop_pages)
+        try:
+            bound = bind(model, weights.weight, where, sink=sink, **how)
+            sink.commit()
+            return bound
+        except Stale:  # an index that lacks a weight the graph binds: made again
+            remove(sink.folder)
+        except Unwritable as exc:
+            sink.discard()
+            warnings.warn(f"the repacked weights of {component} could not be cached ({exc}); they are held "
+                          "in memory for this run, which needs more memory and repacks at every open",
+                          RuntimeWarning, stacklevel=3)
+            break
+        except BaseException:  # a missing tensor, Ctrl-C: nothing half-written stays
+            sink.discard()
+            raise
+    return bind(model, weights.weight, where, **how)
+
+
+def remove(folder: Path) -> None:
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def entries() -> list[tuple[Path, str, int]]:
+    """(folder, the weight file it was made from, bytes) for every entry."""
+    out = []
+    base = root()
+    if not base.is_dir():
+        return out
+    for folder in sorted(base.iterdir()):
+        if not folder.is_dir() or folder.name.startswith("."):
+            continue
+        try:
+            source = json.loads((folder / INDEX).read_text())["key"]["source"]["path"]
+        except (OSError, ValueError, KeyError, TypeError):
+            source = ""
+        out.append((folder, source, sum(p.stat().st_size for p in folder.iterdir() if p.is_file())))
+    return out
+
+
+def prune() -> int:
+    """Remove entries whose weight file is gone or changed, and abandoned staging folders; bytes freed."""
+    freed = 0
+    for folder, source, size in entries():
+        try:
+            key = json.loads((folder / INDEX).read_text())["key"]
+            current = identity(Path(source)) == key["source"]
+        except (OSError, ValueError, KeyError, TypeError):
+            current = False
+        if not current:
+            remove(folder)
+            freed += size
+    base = root()
+    if base.is_dir():
+        for staged in base.glob(".*-*"):
+            with contextlib.suppress(OSError):
+                if time.time() - staged.stat().st_mtime > 3600:  # not one being written now
+                    remove(staged)
+    return freed
+
+
+def of_files(paths) -> list[tuple[Path, str, int]]:
+    """The entries made from these weight files."""
+    wanted = {str(Path(p).resolve()) for p in paths}
+    return [e for e in entries() if e[1] in wanted]
