@@ -172,9 +172,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--allow-pickle", action="store_true")
 
-    k = sub.add_parser("cache", help="list or remove the optimized graphs (onnxruntime) and compiled models "
-                                     "(OpenVINO) kept between runs")
-    k.add_argument("package", nargs="?", help="only the entries made from this package folder")
+    k = sub.add_parser("cache", help="list or remove what is kept between runs: optimized graphs (onnxruntime), "
+                                     "repacked GGUF weights, compiled models (OpenVINO)")
+    k.add_argument("package", nargs="?", help="only the entries made from this package folder or model file")
     k.add_argument("--clear", action="store_true", help="remove them")
 
     v = sub.add_parser("serve", help="keep models loaded behind AUTOMATIC1111's web API and a web page "
@@ -345,6 +345,10 @@ def _gguf_report(path: Path) -> dict:
                                             for k, v in kinds.items()},
                                   "bytes": size, "bits_per_weight": round(8 * size / max(weights, 1), 2)}
             report["resident"][mode] = per
+    from edgediff.runtime import weight_cache
+
+    cached = weight_cache.of_package(path)
+    report["repacked"] = {"components": len(cached), "bytes": sum(e[2] for e in cached)}
     return report
 
 
@@ -360,6 +364,9 @@ def _print_gguf(report: dict) -> None:
           f"{report['bits_per_weight']:5.2f} bits/weight")
     for name, kind in report["unsupported"].items():
         print(f"  {name}: {kind}, a type edgediff cannot read")
+    if report["repacked"]["components"]:
+        print(f"  repacked weights: {_human(report['repacked']['bytes'])} for {report['repacked']['components']} "
+              f"components, mapped at every open (`edgediff cache --clear {report['path']}` removes them)")
     if "resident" not in report:
         print("  no stored graphs: `edgediff generate --model FILE` builds them once; "
               "`edgediff convert FILE --output PACKAGE.gguf` stores them")
@@ -426,11 +433,12 @@ def _inspect(args) -> int:
             print(f"  {name:14s} {c.precision:12s} {_human(c.bytes):>10s}  {c.file}{stored}")
         print(f"  total: {_human(sum(c.bytes for c in m.components.values()))}; made by {m.created_by} "
               f"from {m.source.get('kind')} {m.source.get('path')}")
-        from edgediff.runtime import graph_cache
+        from edgediff.runtime import graph_cache, weight_cache
 
-        if cached := graph_cache.of_package(path):
-            print(f"  optimized-graph cache: {_human(sum(e[2] for e in cached))} for {len(cached)} components "
-                  f"(`edgediff cache --clear {path}` removes it)")
+        for what, cache in (("optimized-graph cache", graph_cache), ("repacked weights", weight_cache)):
+            if cached := cache.of_package(path):
+                print(f"  {what}: {_human(sum(e[2] for e in cached))} for {len(cached)} components "
+                      f"(`edgediff cache --clear {path}` removes it)")
         return 0
     from edgediff.convert import resolve_family
     from edgediff.convert.sources import open_source, summarize
@@ -484,16 +492,20 @@ def _serve(args) -> int:
 
 
 def _cache(args) -> int:
-    from edgediff.runtime import graph_cache, openvino_session
+    from edgediff.runtime import graph_cache, openvino_session, weight_cache
 
-    graph_cache.prune()
-    found = graph_cache.of_package(Path(args.package)) if args.package else graph_cache.entries()
-    for folder, source, size in found:
-        print(f"{_human(size):>10s}  {source or '(unreadable entry)'}")
-        if args.clear:
-            graph_cache.remove(folder)
-    total = _human(sum(e[2] for e in found))
-    print(f"{'removed' if args.clear else 'kept'}: {total} in {len(found)} optimized graphs under {graph_cache.root()}")
+    target = Path(args.package) if args.package else None
+    if target is not None and not target.exists():
+        raise UsageError(f"{target}: no such package or model file; `edgediff cache` alone lists every entry")
+    for what, cache in (("optimized graphs", graph_cache), ("repacked weights", weight_cache)):
+        cache.prune()
+        found = cache.of_package(target) if target else cache.entries()
+        for folder, source, size in found:
+            print(f"{_human(size):>10s}  {source or '(unreadable entry)'}")
+            if args.clear:
+                cache.remove(folder)
+        total = _human(sum(e[2] for e in found))
+        print(f"{'removed' if args.clear else 'kept'}: {total} in {len(found)} {what} under {cache.root()}")
     compiled = openvino_session.cache_dir()
     if not args.package and compiled.is_dir():  # its files are named by hashes: all or nothing
         size = sum(p.stat().st_size for p in compiled.rglob("*") if p.is_file())

@@ -240,7 +240,17 @@ def prune() -> int:
     return freed
 
 
-def of_files(paths) -> list[tuple[Path, str, int]]:
-    """The entries made from these weight files."""
-    wanted = {str(Path(p).resolve()) for p in paths}
-    return [e for e in entries() if e[1] in wanted]
+def of_package(package: Path) -> list[tuple[Path, str, int]]:
+    """The entries made from a model file, or from the weight files a package folder binds (its
+    own, or the files of another tool it was adopted from)."""
+    from edgediff.errors import EdgediffError
+    from edgediff.manifest import Manifest
+
+    package = Path(package).resolve()
+    sources = {str(package)}
+    if package.is_dir():
+        with contextlib.suppress(EdgediffError):
+            sources |= {str((package / c.weights).resolve()) for c in Manifest.read(package).components.values()
+                        if c.weights}
+    inside = str(package) + os.sep
+    return [e for e in entries() if e[1] in sources or e[1].startswith(inside)]

@@ -275,3 +275,32 @@ def test_a_mid_size_component_peaks_near_its_weights_bytes(tmp_path):
         m = json.loads(out.stdout.strip().splitlines()[-1])
         grown = m["peak"] - m["base"]
         assert grown <= 1.3 * stored + (48 << 20), (state, grown / 2**20, stored / 2**20)
+
+
+def test_a_gguf_package_runs_from_its_cache_and_the_cache_command_shows_and_clears_it(tiny_source, tmp_path,
+                                                                                      monkeypatch, capsys):
+    from edgediff.cli import main
+    from edgediff.convert import convert
+    from edgediff.runtime.pipeline import Pipeline
+
+    monkeypatch.setenv("EDGEDIFF_CACHE", str(tmp_path / "cache"))
+    package = tmp_path / "sd1-q4_0.gguf"
+    convert(tiny_source("sd1"), package, precision="q4_0")
+
+    def image():
+        return np.asarray(Pipeline(package, device="cpu").generate("a red circle", steps=3, seed=4))
+
+    first = image()
+    made = weight_cache.of_package(package)
+    assert {json.loads((f / weight_cache.INDEX).read_text())["key"]["component"] for f, _, _ in made} == {
+        "text_encoder", "unet"}  # the VAE stays F32 in the file: nothing to repack
+    np.testing.assert_array_equal(image(), first)
+    assert main(["inspect", str(package)]) == 0
+    assert "repacked weights: " in capsys.readouterr().out
+    assert main(["cache"]) == 0
+    listed = capsys.readouterr().out
+    assert str(package.resolve()) in listed and "kept: " in listed and " in 2 repacked weights" in listed
+    assert main(["cache", "--clear", str(package)]) == 0
+    assert " in 2 repacked weights" in capsys.readouterr().out and weight_cache.entries() == []
+    assert main(["cache", str(tmp_path / "nope.gguf")]) == 2
+    assert "no such package" in capsys.readouterr().err
