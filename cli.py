@@ -266,6 +266,7 @@ def _generate(args) -> int:
     seed = image.info["seed"]
     path = save_png(image, args.output or f"edgediff-{seed}.png", image.info["parameters"])
     print(f"wrote {path} ({image.width}x{image.height}, seed {seed})")
+    print(f"ran: {pipe.ran()}")
     print(f"time: {pipe.timings.summary()}")
     return 0
 

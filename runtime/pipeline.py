@@ -449,6 +449,18 @@ class Pipeline:
         picture.info["seed"] = seed  # for callers: never parse it back out of the text
         return picture
 
+    def ran(self) -> str:
+        """What computed the last image: the runtime and, per component, its precision (and for
+        GGUF blocks in MatMulNBits, whether activations were int8)."""
+        by_runtime: dict[str, list[str]] = {}
+        for name, comp in self._components.items():
+            precision = self.manifest.components[name].precision
+            if any(b.kind == "quantized" for b in comp.bindings):
+                level = self.options.accuracy_level
+                precision += f" in MatMulNBits ({'int8' if level == 4 else 'fp32'} activations, accuracy level {level})"
+            by_runtime.setdefault(comp.ran_on, []).append(f"{name} {precision}")
+        return "; ".join(f"{where}: {', '.join(parts)}" for where, parts in by_runtime.items())
+
     def _check_refiner(self, refiner: Pipeline) -> None:
         """A refiner continues this model's latent: it must read the same latent space."""
         mine, theirs = self.manifest, refiner.manifest

@@ -130,6 +130,7 @@ class Component:
     tap: Callable[[dict[str, np.ndarray]], None] | None = None  # sees every run's inputs (calibration)
     cached: bool = False  # opened from the optimized-graph cache
     runtime: str = "onnxruntime"  # or "openvino": which one opened the session
+    ran_on: str = ""  # what ran it, as reports say: 'onnxruntime 1.32.0 CPUExecutionProvider'
 
     @property
     def session(self):
@@ -140,6 +141,7 @@ class Component:
                 self._session = self._open_openvino()
             if self._session is not None:
                 self.load_seconds += time.perf_counter() - start
+                self.ran_on = self._session.get_providers()[0]
                 return self._session
             bound = self.bind() if self.bind is not None else None
             entry = self._cache_entry()
@@ -151,6 +153,7 @@ class Component:
             if self._session is None:  # writing the cache entry when there is one to write
                 self._session = self._open(bound, entry)
             self.load_seconds += time.perf_counter() - start
+            self.ran_on = f"onnxruntime {_ort().__version__} {self._session.get_providers()[0]}"
             _check_fallback(self._session, self.options.device, self.name)
             if bound is not None:
                 # onnxruntime copied the arrays: free ours. Its Python wrapper would re-create the

@@ -27,6 +27,7 @@ def test_generate_writes_png_with_parameters(tiny_package, tmp_path, capsys):
                           "--seed", "42", "--sampler", "euler_a", "--output", str(out), "--device", "cpu",
                           "--threads", "1")
     assert code == 0 and f"wrote {out}" in stdout and "s/step" in stdout
+    assert "ran: onnxruntime " in stdout and "CPUExecutionProvider: text_encoder fp32, unet fp32, vae_decoder fp32" in stdout
     with Image.open(out) as img:
         params = img.text["parameters"]
     assert params.startswith("a cat\nNegative prompt: dog\nSteps: 3, Sampler: Euler a")
@@ -130,8 +131,9 @@ def test_gguf_from_the_command_line(tiny_source, tmp_path, capsys):
     assert report["resident"]["compact"]["unet"]["kinds"]["quantized"]["tensors"] == len(unet_q8) > 0
     png = tmp_path / "m.png"
     code, out, _ = run(capsys, "generate", "-m", str(model), "-p", "a cat", "--steps", "2", "-o", str(png),
-                       "--weights", "expanded")
+                       "--weights", "expanded", "--accuracy-level", "4")
     assert code == 0 and png.is_file()
+    assert "ran: onnxruntime " in out and "unet q8_0 in MatMulNBits (int8 activations, accuracy level 4)" in out
     code, _, err = run(capsys, "convert", str(tiny_source("sd1")), "-o", str(tmp_path / "x.gguf"),
                        "--precision", "int4")
     assert code == 2 and "unknown GGUF precision 'int4'" in err
