@@ -322,7 +322,7 @@ def _minimum_term(x: str, base: str, blocks: int, block: int, like: str,
 
 
 def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: str,
-         dry_run: bool = False, expand: bool = False, accuracy_level: int = 0, delta=None,
+         dry_run: bool = False, expand: bool = False, accuracy_level: int | Mapping[int, int] = 0, delta=None,
          sink: Sink | None = None) -> Bound:
     """The runnable graph and what its placeholders stand for. `lookup(name)` gives the stored
     weight (None: missing, an error naming the file and tensor).
@@ -335,7 +335,8 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
 
     Other weights in block formats (convolutions, for which onnxruntime has no low-bit kernel)
     are kept as 8-bit codes and scales and dequantized as their node runs, or, with `expand`,
-    dequantized to fp32 once here. `accuracy_level` is MatMulNBits' (4: int8 activations).
+    dequantized to fp32 once here. `accuracy_level` is MatMulNBits' (4: int8 activations), for
+    all weights or per repacked bit width ({4: 4, 8: 0}).
     `delta(name, shape)` (a LoRA; kernels.patch.Delta) changes weights on the way in. Arrays made
     here go to `sink` (default: kept in memory, `Bound.arrays`)."""
     sink = sink if sink is not None else Sink()
@@ -365,7 +366,8 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
             base = f"{t.name}.nbits{w.fmt.nbits}"
             parts = sink.put(t.name, lambda w=w, base=base, dims=dims: _nbits_arrays(
                 base, to_matmul_nbits(np.asarray(w.data).reshape(dims[0], -1), w.fmt)), keep)
-            _rewrite_linear(base, linear, dims[0], dims[1], w.fmt, parts, replaced, accuracy_level)
+            level = accuracy_level.get(w.fmt.nbits, 0) if isinstance(accuracy_level, Mapping) else accuracy_level
+            _rewrite_linear(base, linear, dims[0], dims[1], w.fmt, parts, replaced, level)
             inits += parts.values()
             continue
         if (w.fmt.nbits and not expand and t.data_type == TensorProto.FLOAT and len(dims) > 1

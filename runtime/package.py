@@ -98,7 +98,7 @@ class Package:
         except Exception as exc:  # protobuf's DecodeError and friends
             raise PackageError(f"{where}: the stored graph is not a valid ONNX model ({exc})") from exc
 
-    def _bind(self, graph, weights, expand: bool = False, dry_run: bool = False, accuracy_level: int = 0,
+    def _bind(self, graph, weights, expand: bool = False, dry_run: bool = False, accuracy_level: int | dict = 0,
               change=None, component: str = ""):
         """The component's graph with its weights: the arrays bind makes come from (or go to) the
         repack cache, so a later open maps them instead of repacking (runtime.weight_cache)."""

@@ -19,6 +19,7 @@ from PIL import Image
 
 from edgediff import __version__
 from edgediff.errors import PackageError, UsageError
+from edgediff.kernels.gguf_blocks import FORMATS
 from edgediff.runtime import accuracy, feature_cache, text, vae
 from edgediff.runtime import image as img
 from edgediff.runtime.conditioning import Cond, SizeConditioning, guidance_embedding, time_ids
@@ -455,8 +456,9 @@ class Pipeline:
         by_runtime: dict[str, list[str]] = {}
         for name, comp in self._components.items():
             precision = self.manifest.components[name].precision
-            if any(b.kind == "quantized" for b in comp.bindings):
-                level = self.options.accuracy_level
+            if bits := {FORMATS[b.stored].nbits for b in comp.bindings if b.kind == "quantized"}:
+                levels = self.options.accuracy_level
+                level = max(levels.get(n, 0) for n in bits) if isinstance(levels, dict) else levels
                 precision += f" in MatMulNBits ({'int8' if level == 4 else 'fp32'} activations, accuracy level {level})"
             by_runtime.setdefault(comp.ran_on, []).append(f"{name} {precision}")
         return "; ".join(f"{where}: {', '.join(parts)}" for where, parts in by_runtime.items())

@@ -80,7 +80,9 @@ class SessionOptions:
     # (convolutions): 'compact' keeps them so and converts each as its node runs; 'expanded'
     # converts them to fp32 once at load (faster steps, more memory).
     weights: str = "compact"
-    accuracy_level: int = 0  # MatMulNBits compute: 0 fp32 activations, 4 int8 (see README)
+    # MatMulNBits compute: 0 fp32 activations, 4 int8; for every weight, or per repacked bit width
+    # ({4: 4, 8: 0}: what `auto` gives on a CPU with VNNI; runtime.accuracy)
+    accuracy_level: int | dict[int, int] = 0
     # a LoRA on quantized weights: 'merge' requantizes them changed; 'branch' keeps them and adds
     # a low-rank side branch (float weights are always changed in place)
     lora_mode: str = "branch"
