@@ -69,6 +69,7 @@ class Bound:
     arrays: dict[str, np.ndarray]  # handed to onnxruntime, which copies them
     bindings: list[Binding]
     folder: Path | None = None  # external data locations are relative to this folder
+    files: tuple[Path, ...] = ()  # the files external data points into
 
 
 Arrays = Callable[[], dict[str, np.ndarray]]
@@ -102,14 +103,15 @@ def external(name: str, data_type: int, dims, path: Path, offset: int, length: i
     return t
 
 
-def _relocate(inits: list[TensorProto], where: str) -> Path | None:
+def _relocate(inits: list[TensorProto], where: str) -> tuple[Path | None, tuple[Path, ...]]:
     """Make every external location relative to the deepest folder holding all of them (the
     source file's and the repack cache's): onnxruntime reads external data only from below one
     folder, and refuses symbolic links out of it."""
     refs = [(t, e) for t in inits if t.data_location == TensorProto.EXTERNAL and not is_placeholder(t)
             for e in t.external_data if e.key == "location" and os.path.isabs(e.value)]
     if not refs:
-        return None
+        return None, ()
+    files = tuple(sorted({Path(e.value) for _, e in refs}))
     try:
         base = os.path.commonpath([os.path.dirname(e.value) for _, e in refs])
     except ValueError as exc:  # another drive (Windows)
@@ -117,7 +119,7 @@ def _relocate(inits: list[TensorProto], where: str) -> Path | None:
                            "EDGEDIFF_CACHE to a folder on the model's drive") from exc
     for _, e in refs:
         e.value = os.path.relpath(e.value, base)
-    return Path(base)
+    return Path(base), files
 
 
 def rows_ref(pieces: Sequence[tuple[str, int, int]]) -> str:
@@ -404,7 +406,7 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
             np.asarray(w.data).reshape(dims) if kind == "stored"
             else dequantize(w.data, w.fmt, dims).astype(dtype, copy=False))}, keep)
         inits += parts.values()
-    folder = None if dry_run else _relocate(inits, where)
+    folder, files = (None, ()) if dry_run else _relocate(inits, where)
     out = onnx.ModelProto()
     _copy_without_initializers(model, out)
     del out.graph.initializer[:]
@@ -420,7 +422,7 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
         out.graph.node.extend(casts + nodes)
         if replaced and not any(o.domain == "com.microsoft" for o in out.opset_import):
             out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return Bound(out, sink.arrays, bindings, folder)
+    return Bound(out, sink.arrays, bindings, folder, files)
 
 
 def _code_arrays(name: str, a: Affine) -> dict[str, np.ndarray]:

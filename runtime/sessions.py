@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edgediff.errors import RuntimeFailure, UsageError
-from edgediff.runtime import graph_cache
+from edgediff.runtime import graph_cache, pages
 
 DEVICES = ("auto", "cpu", "cuda", "openvino")
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
@@ -229,7 +229,8 @@ class Component:
             self.bindings = bound.bindings
             source = bound.model.SerializeToString()
         try:
-            session = ort.InferenceSession(source, sess_options=opts, providers=providers_for(self.options.device))
+            with pages.dropping(bound.files if bound is not None else ()):
+                session = ort.InferenceSession(source, sess_options=opts, providers=providers_for(self.options.device))
         except Exception as exc:  # onnxruntime raises its own exception types
             if staged is not None:
                 graph_cache.remove(staged)
