@@ -141,7 +141,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
     g.add_argument("--threads", type=int, help="CPU threads for onnxruntime")
     g.add_argument("--keep-loaded", action="store_true",
-                   help="keep every component in memory instead of releasing each after use")
+                   help="keep every component in memory instead of releasing each after use (faster "
+                        "repeated images; generate says what it costs)")
+    g.add_argument("--memory-budget", type=float, metavar="GB",
+                   help="the most memory the run may need: it gives up speed to fit (fp32 activations, VAE "
+                        "tiles, guidance in two halves) or is refused before loading, with what it needs "
+                        "(default: fit the memory available, warn when it cannot)")
     g.add_argument("--cache-interval", type=int, default=1, metavar="N",
                    help="run the whole U-Net every N steps and only its shallow branch on the deep features "
                         "kept in between (DeepCache; needs a package converted with --deep-cache; default 1: off)")
@@ -249,7 +254,7 @@ def _generate(args) -> int:
         model = _runnable(model, say, **_parts(args))
     options = dict(device=args.device, threads=args.threads, low_memory=not args.keep_loaded,
                    split_guidance=args.split_guidance, weights=args.weights, accuracy_level=args.accuracy_level,
-                   graph_cache=args.graph_cache, vae_tile=args.vae_tile)
+                   graph_cache=args.graph_cache, vae_tile=args.vae_tile, memory_budget=args.memory_budget)
     pipe = Pipeline(model, loras=args.lora, lora_dir=args.lora_dir, lora_mode=args.lora_mode, **options)
     refiner = Pipeline(_runnable(args.refiner, say), **options) if args.refiner else None
     size = SizeConditioning(
@@ -267,6 +272,7 @@ def _generate(args) -> int:
     path = save_png(image, args.output or f"edgediff-{seed}.png", image.info["parameters"])
     print(f"wrote {path} ({image.width}x{image.height}, seed {seed})")
     print(f"ran: {pipe.ran()}")
+    print(f"memory: {pipe.memory_note()}")
     print(f"time: {pipe.timings.summary()}")
     return 0
 

@@ -105,6 +105,22 @@ class Conditioning:
 
 
 @dataclass(frozen=True)
+class Memory:
+    """Activation bytes per unit of work, measured at full size with random weights on a 2-core
+    Zen 4 EPYC, onnxruntime 1.32 (benchmarks/RESULTS.md, "Memory"); runtime.memory scales them to
+    estimate a run before it loads. The denoiser's are per latent pixel and batch item."""
+
+    denoiser_per_latent_pixel: float
+    # a text encoder's, whatever the prompt (fixed costs dominate: T5-XXL's F16 embedding alone
+    # is a 0.5 GB fp32 cast as it runs): CLIP-L 0.16 GB, CLIP-G 0.29 GB; T5-XXL 0.81 GB at 512
+    # tokens (Flux), 1.11 GB for two prompts of 256 (SD3.5)
+    clip_activations: float = 0.3e9
+    t5_activations: float = 1.15e9
+    vae_per_pixel: float = 4.4e3  # decode whole: 1.1 GB at 512x512 (4.29 KB a pixel), 4.4 GB at 1024x1024
+    vae_tiled_per_pixel: float = 1.0e3  # with tiles, per pixel of the whole image (1024 in 512 tiles: 2.2 GB)
+
+
+@dataclass(frozen=True)
 class Defaults:
     sampler: str
     schedule: str
@@ -152,6 +168,8 @@ class Family:
     scheduler_config: Mapping[str, object] = field(default_factory=lambda: dict(_SD_SCHEDULER))
     # the scheduler of its guidance-distilled variant, for single files (Flux dev: shift by size)
     guided_scheduler_config: Mapping[str, object] | None = None
+    # activations (runtime.memory); the U-Net's measured on SD 1.5 at 512x512, guided (0.34 GB)
+    memory: Memory = Memory(denoiser_per_latent_pixel=4.2e4)
     unet_heads: int | None = None  # LDM `num_heads` (SD 1.x) ...
     unet_head_channels: int | None = None  # ... or `num_head_channels` (SD 2.x)
 
@@ -242,6 +260,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             name="sdxl",
+            memory=Memory(denoiser_per_latent_pixel=2.3e4),  # SDXL at 1024x1024, guided: 0.74 GB
             title="Stable Diffusion XL (base)",
             text_encoders=(
                 TextEncoder(norm_hidden=False, hidden_layer=2, ldm_prefix="conditioner.embedders.0.transformer."),
@@ -270,6 +289,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             name="sdxl-refiner",
+            memory=Memory(denoiser_per_latent_pixel=2.3e4),  # as SDXL's (not measured)
             title="Stable Diffusion XL refiner",
             text_encoders=(replace(_XL_G, ldm_prefix="conditioner.embedders.0.model."),),
             role="refiner",
@@ -295,6 +315,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             name="sd3",
+            memory=Memory(denoiser_per_latent_pixel=1.36e5),  # SD3.5-medium at 512x512, guided: 1.12 GB
             title="Stable Diffusion 3 / 3.5 (MMDiT)",
             text_encoders=(
                 TextEncoder(kind="clip_projection", norm_hidden=False, hidden_layer=2, pooled=True,
@@ -323,6 +344,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             name="flux",
+            memory=Memory(denoiser_per_latent_pixel=1.21e5),  # FLUX.1-schnell at 512x512: 0.50 GB
             title="FLUX.1 (schnell / dev)",
             text_encoders=(
                 TextEncoder(pooled=True, context="none", ldm_prefix="text_encoders.clip_l.transformer.",

@@ -8,7 +8,7 @@ gets its weights bound when its session opens (kernels.bind)."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgediff.errors import PackageError
@@ -27,6 +27,7 @@ class Package:
     manifest: Manifest
     scheduler_config: dict
     gguf: object | None = None  # runtime.gguf_file.GGUFFile of a single-file package
+    _residency: dict = field(default_factory=dict, repr=False)  # expand -> residency(expand)
 
     @property
     def name(self) -> str:
@@ -72,8 +73,10 @@ class Package:
 
     def residency(self, expand: bool = False) -> dict[str, list]:
         """Per bound component, how each weight would be held (kernels.bind.Binding), without
-        opening a session."""
-        out = {}
+        opening a session (what runtime.memory counts before every image: worked out once)."""
+        if expand in self._residency:
+            return self._residency[expand]
+        out = self._residency[expand] = {}
         for name, entry in self.manifest.components.items():
             if self.gguf is not None:
                 out[name] = self._bind(entry.file, self.gguf, expand, dry_run=True).bindings

@@ -6,6 +6,7 @@ text encoder and VAE are not resident while the denoiser runs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -20,7 +21,7 @@ from PIL import Image
 from edgediff import __version__
 from edgediff.errors import PackageError, UsageError
 from edgediff.kernels.gguf_blocks import FORMATS
-from edgediff.runtime import accuracy, feature_cache, text, vae
+from edgediff.runtime import accuracy, feature_cache, memory, text, vae
 from edgediff.runtime import image as img
 from edgediff.runtime.conditioning import Cond, SizeConditioning, guidance_embedding, time_ids
 from edgediff.runtime.denoiser import Denoiser, latent_space, noisy_start
@@ -107,7 +108,7 @@ class Pipeline:
                  low_memory: bool = True, split_guidance: bool = False, weights: str = "compact",
                  accuracy_level: int | str = "auto", loras: Sequence[str | Path | LoraRequest] = (),
                  lora_dir: str | Path | None = None, lora_mode: str = "branch", graph_cache: bool = True,
-                 vae_tile: int = 0):
+                 vae_tile: int = 0, memory_budget: float | None = None):
         if threads is not None and threads < 1:
             raise UsageError(f"--threads must be at least 1 (got {threads})")
         providers_for(device)  # validates the name, warns once about a CUDA fallback
@@ -116,6 +117,7 @@ class Pipeline:
         if weights not in WEIGHTS:
             raise UsageError(f"unknown --weights '{weights}'; choose one of: {', '.join(WEIGHTS)}")
         accuracy_level = accuracy.resolve(accuracy_level)
+        self._asked_level = accuracy_level  # a memory plan may run an image at a lower level
         if lora_mode not in LORA_MODES:
             raise UsageError(f"unknown --lora-mode '{lora_mode}'; choose one of: {', '.join(LORA_MODES)}")
         self.options = SessionOptions(device=device, threads=threads, weights=weights, accuracy_level=accuracy_level,
@@ -127,6 +129,11 @@ class Pipeline:
                              "0 decodes whole)")
         self.vae_tile = vae_tile  # VAE in tiles of this many pixels (bounded memory for large images)
         self.split_guidance = split_guidance  # guidance as two batch-1 runs: half the activations
+        if memory_budget is not None and not memory_budget > 0:
+            raise UsageError(f"--memory-budget must be a positive number of GB (got {memory_budget})")
+        # GB a run may need (runtime.memory): the plan gives up speed to fit, or refuses before loading
+        self.memory_budget = memory_budget
+        self.plan: memory.Plan | None = None  # the last image's
         self.schedule = model_schedule(self.package.scheduler_config, self.manifest.prediction,
                                        self.manifest.flow_normal_end)
         self._components: dict[str, Component] = {}
@@ -241,7 +248,7 @@ class Pipeline:
         return conds[0], (conds[1] if len(conds) > 1 else None)
 
     def _sample(self, x, sigmas, cond: Cond, uncond: Cond | None, guidance: float, sampler: str, rng,
-                clock: _StepClock, cache_interval: int = 1) -> np.ndarray:
+                clock: _StepClock, cache_interval: int = 1, split_guidance: bool = False) -> np.ndarray:
         """Run the sampler over `sigmas` with this model's denoiser (opened, then released), fed
         by the names its graph declares."""
         comp = self._open(self.manifest.denoiser)
@@ -264,7 +271,7 @@ class Pipeline:
             run = feature_cache.reusing(comp.run, lambda f: shallow.run({k: v for k, v in f.items() if k in takes}),
                                         cache_interval)
         denoiser = Denoiser(run, self.schedule, self.manifest.prediction, cond, uncond, guidance,
-                            split_batch=self.split_guidance)
+                            split_batch=split_guidance)
         x = get_sampler(sampler)(denoiser, x, sigmas, rng, clock)
         self._done(comp)
         if shallow is not None:
@@ -388,6 +395,7 @@ class Pipeline:
             self._check_refiner(refiner)
             split = self.refiner_split(sigmas, refiner_start)
             stages = [(self, sigmas[:split + 1]), (refiner, sigmas[split:])]
+        plan = self._plan(width, height, guidance > 1 and spec.cfg and not spec.guidance_embedded, init is not None)
 
         self.timings = Timings()
         began = time.perf_counter()
@@ -404,7 +412,7 @@ class Pipeline:
             encoder = self._open("vae_encoder")
             started = time.perf_counter()
             latent = vae.encode(encoder, img.from_pil(init, width, height), rng, m.latent_scale, m.latent_shift,
-                                self.vae_tile, m.vae_downscale)
+                                plan.vae_tile, m.vae_downscale)
             self.timings.vae_encode = time.perf_counter() - started
             self._done(encoder)
         x = noisy_start(latent_space(self.manifest.prediction), float(sigmas[0]), rng.randn(shape), latent)
@@ -412,7 +420,8 @@ class Pipeline:
         clock = _StepClock(self.timings, progress, len(sigmas) - 1, interrupt)
         try:
             for (pipe, part), (cond, uncond) in zip(stages, conds, strict=True):
-                x = pipe._sample(x, part, cond, uncond, guidance, sampler, rng, clock, cache_interval)
+                x = pipe._sample(x, part, cond, uncond, guidance, sampler, rng, clock, cache_interval,
+                                 plan.split_guidance)
         except Interrupted as stop:  # what the sampler has so far
             x = stop.denoised
             for pipe, _ in stages:
@@ -421,7 +430,7 @@ class Pipeline:
         decoder = finisher._open("vae_decoder")  # the model that finishes decodes, as diffusers does
         started = time.perf_counter()
         pixels = vae.decode(decoder, x.astype(np.float32), m.latent_scale, m.latent_shift,
-                            finisher.vae_tile, m.vae_downscale)
+                            plan.vae_tile if finisher is self else finisher.vae_tile, m.vae_downscale)
         self.timings.vae_decode = time.perf_counter() - started
         finisher._done(decoder)
         if finisher is not self:
@@ -449,6 +458,56 @@ class Pipeline:
         picture.info["parameters"] = img.a1111_parameters(prompt, negative_prompt, fields)
         picture.info["seed"] = seed  # for callers: never parse it back out of the text
         return picture
+
+    def _plan(self, width: int, height: int, guided: bool, img2img: bool) -> memory.Plan:
+        """How this image runs within memory (runtime.memory), decided before anything loads. With
+        a budget the plan fits it or the run is refused; without one, the machine's available
+        memory is the budget the plan tries to fit, and a warning says when it cannot."""
+        asked = dict(width=width, height=height, guided=guided, img2img=img2img, keep_loaded=not self.low_memory,
+                     expand=self.options.weights == "expanded",
+                     level=self._asked_level, vae_tile=self.vae_tile, split_guidance=self.split_guidance)
+        if self.memory_budget is not None:
+            plan = memory.plan(self.package, budget=self.memory_budget * memory.GB, **asked)
+        else:
+            free = memory.available()
+            try:
+                plan = memory.plan(self.package, budget=free, **asked)
+            except UsageError:
+                plan = memory.plan(self.package, budget=None, **asked)
+                warnings.warn(f"{self.package.name} at {width}x{height} needs an estimated {plan.describe()}; this "
+                              f"machine has {free / memory.GB:.1f} GB available: it may not fit", RuntimeWarning,
+                              stacklevel=3)
+        changes = [what for what, now, was in (
+            ("MatMulNBits with fp32 activations", plan.accuracy_level, self._asked_level),
+            (f"the VAE in {plan.vae_tile}-pixel tiles", plan.vae_tile, self.vae_tile),
+            ("guidance as two half batches", plan.split_guidance, self.split_guidance)) if now != was]
+        if changes:
+            budget = (f"--memory-budget {self.memory_budget:g} GB" if self.memory_budget is not None
+                      else "the memory available")
+            warnings.warn(f"to fit {budget}, this image runs with {', '.join(changes)} (estimated "
+                          f"{plan.describe()})", RuntimeWarning, stacklevel=3)
+        if plan.accuracy_level != self.options.accuracy_level:
+            self.options = dataclasses.replace(self.options, accuracy_level=plan.accuracy_level)
+            for comp in self._components.values():
+                comp.release()
+            self._components.clear()
+        self.plan = plan
+        self._plan_args = {k: v for k, v in asked.items() if k != "keep_loaded"} | {
+            "level": plan.accuracy_level, "vae_tile": plan.vae_tile, "split_guidance": plan.split_guidance}
+        return plan
+
+    def memory_note(self) -> str:
+        """The last image's estimated peak and, with components kept loaded, what keeping them cost."""
+        plan = self.plan
+        if plan is None:
+            return "no image made yet"
+        note = f"estimated {plan.describe()}"
+        if not self.low_memory:
+            released = memory.stages(self.package, keep_loaded=False, **self._plan_args)
+            extra = (plan.need - max(released.values())) / memory.GB
+            note += (f"; keeping every component loaded adds an estimated {extra:.1f} GB to it (without "
+                     "--keep-loaded each is released after use)")
+        return note
 
     def ran(self) -> str:
         """What computed the last image: the runtime and, per component, its precision (and for
