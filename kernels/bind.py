@@ -26,7 +26,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from edgediff.errors import PackageError
-from edgediff.kernels.gguf_blocks import Affine, BlockFormat, dequantize, to_matmul_nbits, unpack
+from edgediff.kernels.gguf_blocks import BlockFormat, dequantize, to_matmul_nbits, unpack
 
 PLACEHOLDER = "edgediff:bound"  # external-data location of an initializer bound at session time
 GRAPH_NAME = "edgediff:name"  # external-data key of a placeholder's state-dict name
@@ -374,13 +374,13 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
             continue
         if (w.fmt.nbits and not expand and t.data_type == TensorProto.FLOAT and len(dims) > 1
                 and math.prod(dims[1:]) % w.fmt.block == 0):
-            per_run = count + 4 * (count // w.fmt.block) * (2 if w.fmt.has_min else 1)
+            per_run = count * min(w.fmt.nbits, 8) // 8 + 4 * (count // w.fmt.block) * (2 if w.fmt.has_min else 1)
             bindings.append(Binding(t.name, w.fmt.name, "blocks", count, per_run))
             if dry_run:
                 continue
             parts = sink.put(t.name, lambda w=w, name=t.name, dims=dims: _code_arrays(
-                name, unpack(np.asarray(w.data).reshape(dims[0], -1), w.fmt)), keep)
-            _dequantize_per_run(t.name, dims, parts, casts)
+                name, np.asarray(w.data).reshape(dims[0], -1), w.fmt), keep)
+            _dequantize_per_run(t.name, dims, parts, w.fmt, casts)
             inits += parts.values()
             continue
         dtype = _FLOAT_TYPES.get(t.data_type)
@@ -425,23 +425,48 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
     return Bound(out, sink.arrays, bindings, folder, files)
 
 
-def _code_arrays(name: str, a: Affine) -> dict[str, np.ndarray]:
-    """A block-format weight as its codes (8 bits each, signed for the symmetric formats) and
-    scales (and minimum), for `_dequantize_per_run`."""
-    codes = a.codes if a.minimum is not None else (a.codes.astype(np.int16) - a.offset).astype(np.int8)
-    arrays = {name + ".codes": np.ascontiguousarray(codes), name + ".scale": np.ascontiguousarray(a.scale[..., None])}
+def _code_arrays(name: str, raw: np.ndarray, fmt: BlockFormat) -> dict[str, np.ndarray]:
+    """A block-format weight as its scales (and minimum) and its codes, for `_dequantize_per_run`:
+    4-bit codes as ggml packs them (byte j: codes j and j + 16 of its block; unpacked as the node
+    runs), wider ones as 8-bit codes (signed for the symmetric formats)."""
+    a = unpack(raw, fmt)
+    arrays = {name + ".scale": np.ascontiguousarray(a.scale[..., None])}
+    if fmt.nbits == 4:
+        b = np.asarray(raw, dtype=np.uint8).reshape(raw.shape[0], -1, fmt.block_bytes)
+        arrays[name + ".nibbles"] = np.ascontiguousarray(b[..., fmt.block_bytes - fmt.block // 2:])
+    else:
+        codes = a.codes if a.minimum is not None else (a.codes.astype(np.int16) - a.offset).astype(np.int8)
+        arrays[name + ".codes"] = np.ascontiguousarray(codes)
     if a.minimum is not None:
         arrays[name + ".minimum"] = np.ascontiguousarray(a.minimum[..., None])
     return arrays
 
 
-def _dequantize_per_run(name: str, dims: tuple[int, ...], parts: Collection[str], nodes: list[onnx.NodeProto]) -> None:
+def _dequantize_per_run(name: str, dims: tuple[int, ...], parts: Collection[str], fmt: BlockFormat,
+                        nodes: list[onnx.NodeProto]) -> None:
     """A weight kept as its blocks' codes and scales (`_code_arrays`), turned into fp32 each time
     its node runs (onnxruntime has no low-bit convolution): the memory of the codes, not of fp32.
     Cast and Mul rather than a blocked DequantizeLinear (the same arithmetic): 2.8 against 3.7 s
-    per SD 1.5 UNet evaluation at 256x256 with CFG batch 2 here (medians of 6 warm runs, twice)."""
-    nodes.append(helper.make_node("Cast", [name + ".codes"], [name + ".codes_f32"], to=TensorProto.FLOAT))
-    nodes.append(helper.make_node("Mul", [name + ".codes_f32", name + ".scale"], [name + ".blocks"]))
+    per SD 1.5 UNet evaluation at 256x256 with CFG batch 2 here (medians of 6 warm runs, twice).
+    4-bit codes are split from their bytes first (BitwiseAnd, BitShift), then offset as gguf-py
+    does, so the weight is its dequantized value bit for bit."""
+    codes = name + ".codes"
+    if name + ".nibbles" in parts:
+        nodes += [
+            helper.make_node("Constant", [], [name + ".four"], value=helper.make_tensor(name + ".four", TensorProto.UINT8, [], [4])),
+            helper.make_node("Constant", [], [name + ".low"], value=helper.make_tensor(name + ".low", TensorProto.UINT8, [], [15])),
+            helper.make_node("BitwiseAnd", [name + ".nibbles", name + ".low"], [name + ".lo"]),
+            helper.make_node("BitShift", [name + ".nibbles", name + ".four"], [name + ".hi"], direction="RIGHT"),
+            helper.make_node("Concat", [name + ".lo", name + ".hi"], [codes], axis=-1),
+        ]
+    nodes.append(helper.make_node("Cast", [codes], [name + ".codes_f32"], to=TensorProto.FLOAT))
+    values = name + ".codes_f32"
+    if name + ".nibbles" in parts and not fmt.has_min:  # the symmetric code offset, as gguf-py subtracts it
+        nodes += [helper.make_node("Constant", [], [name + ".offset"], value=helper.make_tensor(
+                      name + ".offset", TensorProto.FLOAT, [], [float(fmt.offset)])),
+                  helper.make_node("Sub", [values, name + ".offset"], [values + ".centered"])]
+        values += ".centered"
+    nodes.append(helper.make_node("Mul", [values, name + ".scale"], [name + ".blocks"]))
     blocks = name + ".blocks"
     if name + ".minimum" in parts:
         nodes.append(helper.make_node("Add", [blocks, name + ".minimum"], [blocks + ".shifted"]))

@@ -194,3 +194,30 @@ def test_k_quants_are_dequantized_at_load(name):
     x = np.random.default_rng(4).standard_normal((2, cols)).astype(np.float32)
     y = ort.InferenceSession(bound.model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(y, x @ dequantize(raw, fmt, (rows, cols)).T, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"])
+def test_weights_kept_in_blocks_are_gguf_pys_values_bit_for_bit(fmt):
+    """A convolution-shaped weight held as its codes (4-bit ones packed as ggml packs them) and
+    dequantized as its node runs: exactly the values gguf-py's dequantize gives."""
+    shape = (8, 32, 3, 3)
+    w = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    raw = quantize(w.reshape(8, -1), FORMATS[fmt])
+    stored = {"w": Weight("w", FORMATS[fmt], shape, raw)}
+    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
+                              [helper.make_tensor_value_info("y", 1, None)], [numpy_helper.from_array(w, "w")])
+    model = strip_weights(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), {"w": "w"})
+    bound = bind(model, stored.get, "t.gguf")
+    (binding,) = bound.bindings
+    held = {k: v.nbytes for k, v in bound.arrays.items()}
+    assert binding.kind == "blocks" and binding.resident_bytes == sum(held.values())
+    if fmt.startswith("q4"):  # half a byte a weight, as stored
+        assert held["w.nibbles"] == w.size // 2
+    got = _run_outputs(bound)
+    np.testing.assert_array_equal(got, dequantize(raw, FORMATS[fmt], shape))
+
+
+def _run_outputs(bound) -> np.ndarray:
+    so = ort.SessionOptions()
+    so.add_external_initializers(list(bound.arrays), [ort.OrtValue.ortvalue_from_numpy(a) for a in bound.arrays.values()])
+    return ort.InferenceSession(bound.model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {})[0]
