@@ -292,10 +292,10 @@ def _rewrite_linear(base: str, nodes: list[onnx.NodeProto], n: int, k: int, fmt:
         y = out if node.op_type == "MatMul" and not minimum else out + ".nbits"
         new_nodes.append(helper.make_node(
             "MatMulNBits", [node.input[0], *inputs], [y], name=(node.name or out) + ".nbits",
-            domain="com.microsoft", K=k, N=n, bits=fmt.nbits, block_size=fmt.block,
+            domain="com.microsoft", K=k, N=n, bits=fmt.nbits, block_size=fmt.scale_block,
             **({"accuracy_level": accuracy_level} if accuracy_level else {})))
         if minimum:
-            z = _minimum_term(node.input[0], base, k // fmt.block, fmt.block, y, new_nodes)
+            z = _minimum_term(node.input[0], base, k // fmt.scale_block, fmt.scale_block, y, new_nodes)
             y2 = out if node.op_type == "MatMul" else out + ".min"
             new_nodes.append(helper.make_node("Add", [y, z], [y2]))
             y = y2
@@ -374,7 +374,8 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
             continue
         if (w.fmt.nbits and not expand and t.data_type == TensorProto.FLOAT and len(dims) > 1
                 and math.prod(dims[1:]) % w.fmt.block == 0):
-            per_run = count * min(w.fmt.nbits, 8) // 8 + 4 * (count // w.fmt.block) * (2 if w.fmt.has_min else 1)
+            code_bits = 4 if w.fmt.nbits == 4 and not w.fmt.group else 8  # see _code_arrays
+            per_run = count * code_bits // 8 + 4 * (count // w.fmt.scale_block) * (2 if w.fmt.has_min else 1)
             bindings.append(Binding(t.name, w.fmt.name, "blocks", count, per_run))
             if dry_run:
                 continue
@@ -427,11 +428,11 @@ def bind(model: onnx.ModelProto, lookup: Callable[[str], Weight | None], where: 
 
 def _code_arrays(name: str, raw: np.ndarray, fmt: BlockFormat) -> dict[str, np.ndarray]:
     """A block-format weight as its scales (and minimum) and its codes, for `_dequantize_per_run`:
-    4-bit codes as ggml packs them (byte j: codes j and j + 16 of its block; unpacked as the node
-    runs), wider ones as 8-bit codes (signed for the symmetric formats)."""
+    Q4_0/Q4_1's 4-bit codes as ggml packs them (byte j: codes j and j + 16 of its block; unpacked
+    as the node runs), others as 8-bit codes (signed for the symmetric formats)."""
     a = unpack(raw, fmt)
     arrays = {name + ".scale": np.ascontiguousarray(a.scale[..., None])}
-    if fmt.nbits == 4:
+    if fmt.nbits == 4 and not fmt.group:
         b = np.asarray(raw, dtype=np.uint8).reshape(raw.shape[0], -1, fmt.block_bytes)
         arrays[name + ".nibbles"] = np.ascontiguousarray(b[..., fmt.block_bytes - fmt.block // 2:])
     else:
@@ -479,7 +480,7 @@ def _dequantize_per_run(name: str, dims: tuple[int, ...], parts: Collection[str]
 def nbits_bytes(fmt: BlockFormat, n: int, k: int) -> int:
     """Bytes MatMulNBits holds for an [N, K] weight repacked from `fmt`: codes, fp32 scales, and
     zero points or the per-block minimum where the format has one."""
-    blocks = n * (k // fmt.block)
+    blocks = n * (k // fmt.scale_block)
     extra = 4 * blocks if fmt.has_min else 0
     return n * k * fmt.nbits // 8 + 4 * blocks + extra
 

@@ -14,7 +14,9 @@ point, keep the minimum as a separate per-block term the graph adds (kernels.bin
 
 Block layouts are ggml's (ggml-common.h): Q8_0 = d, 32 x int8; Q4_0 = d, 16 bytes of nibbles
 (byte j holds codes j and j+16); Q4_1 = d, m, nibbles; Q5_0 = d, 32 high bits, nibbles;
-Q5_1 = d, m, 32 high bits, nibbles.
+Q5_1 = d, m, 32 high bits, nibbles. The K-quants are super-blocks of 256 whose sub-blocks of 16
+or 32 are each affine with their own scale (6- or 8-bit, times the super-block's d) and, for
+Q2_K/Q4_K/Q5_K, minimum (times dmin): `group` is that sub-block, MatMulNBits' block size.
 """
 
 from __future__ import annotations
@@ -33,14 +35,20 @@ class BlockFormat:
 
     name: str  # as users write it: --precision q4_0
     ggml: GGMLQuantizationType
-    nbits: int  # MatMulNBits bits it repacks into without loss; 0 = dequantized at load
+    nbits: int  # MatMulNBits bits it repacks into without loss; 0: a float format
     offset: int = 0  # the code that means zero
     has_min: bool = False
     writable: bool = False  # edgediff writes it (gguf-py quantizes it)
+    group: int = 0  # values per scale, where it differs from the block (K-quants: 16 or 32 of 256)
 
     @property
     def block(self) -> int:
         return GGML_QUANT_SIZES[self.ggml][0]
+
+    @property
+    def scale_block(self) -> int:
+        """Values sharing one scale (and minimum): MatMulNBits' block size."""
+        return self.group or self.block
 
     @property
     def block_bytes(self) -> int:
@@ -66,8 +74,13 @@ FORMATS: dict[str, BlockFormat] = {
         BlockFormat("q5_1", T.Q5_1, 8, has_min=True, writable=True),
         BlockFormat("q4_0", T.Q4_0, 4, offset=8, writable=True),
         BlockFormat("q4_1", T.Q4_1, 4, has_min=True, writable=True),
-        # K-quants (stable-diffusion.cpp and llama.cpp files): read, dequantized at load
-        *(BlockFormat(f"q{b}_k", getattr(T, f"Q{b}_K"), 0) for b in (2, 3, 4, 5, 6)),
+        # K-quants (stable-diffusion.cpp, ComfyUI-GGUF and llama.cpp files): read, repacked; super-blocks
+        # of 256 values whose sub-blocks of 16 or 32 each have a scale (and minimum)
+        BlockFormat("q2_k", T.Q2_K, 4, has_min=True, group=16),
+        BlockFormat("q3_k", T.Q3_K, 4, offset=4, group=16),
+        BlockFormat("q4_k", T.Q4_K, 4, has_min=True, group=32),
+        BlockFormat("q5_k", T.Q5_K, 8, has_min=True, group=32),
+        BlockFormat("q6_k", T.Q6_K, 8, offset=32, group=16),
     )
 }
 BY_GGML = {f.ggml: f for f in FORMATS.values()}
@@ -124,12 +137,65 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
 
+def _bits(packed: np.ndarray, shifts: tuple[int, ...], mask: int) -> np.ndarray:
+    """Fields of `mask` at each shift of every byte: [..., n] -> [..., len(shifts), n]."""
+    return (packed[..., None, :] >> np.array(shifts, np.uint8)[:, None]) & np.uint8(mask)
+
+
+def _scales_6bit(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K's 12 bytes -> 8 six-bit scales and 8 six-bit minimums. Bytes 0-3 hold scales
+    0-3 (low 6 bits) and the top bits of scales 4-7; bytes 4-7 the same for the minimums; bytes
+    8-11 the low 4 bits of scale 4+i (low nibble) and minimum 4+i (high nibble)."""
+    d, m, rest = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = np.concatenate([d & 0x3F, (rest & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([m & 0x3F, (rest >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc, mn
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _unpack_k(b: np.ndarray, fmt: BlockFormat) -> Affine:
+    """K-quant super-blocks [rows, n, bytes] -> affine codes per sub-block, in the layouts of
+    ggml-common.h (block_q2_K ... block_q6_K). Each row's sub-blocks follow each other."""
+    rows, n = b.shape[:2]
+    if fmt.ggml in (T.Q4_K, T.Q5_K):  # d, dmin, 12 scale bytes, [32 high bits], 4-bit lows in 64-value halves
+        d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+        sc, mn = _scales_6bit(b[..., 4:16])
+        low = _bits(b[..., -128:].reshape(rows, n, 4, 32), (0, 4), 0x0F).reshape(rows, n, 8, 32)
+        if fmt.ggml == T.Q5_K:
+            low |= _bits(b[..., 16:48], tuple(range(8)), 1) << 4
+        return Affine(low, d[..., None] * sc, 0, -(dmin[..., None] * mn))
+    if fmt.ggml == T.Q6_K:  # 4-bit lows, 2-bit highs, 16 int8 scales, d
+        low = _bits(b[..., 0:128].reshape(rows, n, 2, 64), (0, 4), 0x0F).reshape(rows, n, 2, 2, 2, 32)
+        high = _bits(b[..., 128:192].reshape(rows, n, 2, 32), (0, 2, 4, 6), 0x03)
+        codes = (low.reshape(rows, n, 8, 32) | (high.reshape(rows, n, 8, 32) << 4)).reshape(rows, n, 16, 16)
+        return Affine(codes, _f16(b[..., 208:210])[..., None] * b[..., 192:208].view(np.int8), 32, None)
+    if fmt.ggml == T.Q3_K:  # 32 bytes of high bits, 2-bit lows, 12 bytes of 6-bit scales, d
+        low = _bits(b[..., 32:96].reshape(rows, n, 2, 32), (0, 2, 4, 6), 0x03).reshape(rows, n, 16, 16)
+        high = _bits(b[..., 0:32], tuple(range(8)), 1).reshape(rows, n, 16, 16)
+        s = b[..., 96:108]
+        lo = _bits(s[..., 0:8], (0, 4), 0x0F).reshape(rows, n, 16)
+        hi = _bits(s[..., 8:12], (0, 2, 4, 6), 0x03).reshape(rows, n, 16)
+        scale = (lo | (hi << 4)).astype(np.int8) - np.int8(32)
+        return Affine(low | (high << 2), _f16(b[..., 108:110])[..., None] * scale, 4, None)
+    # Q2_K: 16 bytes of 4-bit scale (low) and minimum (high), 2-bit codes, d, dmin
+    codes = _bits(b[..., 16:80].reshape(rows, n, 2, 32), (0, 2, 4, 6), 0x03).reshape(rows, n, 16, 16)
+    s = b[..., 0:16]
+    return Affine(codes, _f16(b[..., 80:82])[..., None] * (s & 0x0F), 0, -(_f16(b[..., 82:84])[..., None] * (s >> 4)))
+
+
 def unpack(raw: np.ndarray, fmt: BlockFormat) -> Affine:
     """Stored rows [rows, bytes per row] of a repackable format -> its affine codes."""
     if not fmt.nbits:
         raise ValueError(f"{fmt.name} is not repacked; dequantize it")
     rows = raw.shape[0]
     b = np.asarray(raw, dtype=np.uint8).reshape(rows, -1, fmt.block_bytes)
+    if fmt.group:
+        a = _unpack_k(b, fmt)
+        return Affine(a.codes.reshape(rows, -1, fmt.group), a.scale.astype(np.float32).reshape(rows, -1), a.offset,
+                      None if a.minimum is None else a.minimum.astype(np.float32).reshape(rows, -1))
     d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if fmt.has_min else None
     rest = b[..., 4:] if fmt.has_min else b[..., 2:]
@@ -195,6 +261,8 @@ def to_matmul_nbits(raw: np.ndarray, fmt: BlockFormat) -> NBits:
             scale = np.where(flat, minimum, scale).astype(np.float32)
             minimum = None
             zero = zero.reshape(-1)
+        elif a.offset != 8:  # MatMulNBits' default zero point is 8 (Q3_K's codes mean zero at 4)
+            codes = (codes + (8 - a.offset)).astype(np.uint8)
         b = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)  # MatMulNBits: 2i low, 2i+1 high
     return NBits(fmt.nbits, block, np.ascontiguousarray(b), np.ascontiguousarray(scale.reshape(-1)), zero,
                  None if minimum is None else np.ascontiguousarray(minimum))

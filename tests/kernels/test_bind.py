@@ -14,6 +14,8 @@ from edgediff.errors import PackageError
 from edgediff.kernels.bind import Weight, bind, parse_rows_ref, rows_ref, strip_weights
 from edgediff.kernels.gguf_blocks import FORMATS, dequantize, quantize
 
+from k_quants import K_QUANTS, k_blocks
+
 RNG = np.random.default_rng(0)
 WEIGHTS = {
     "lin.weight": RNG.standard_normal((64, 32)).astype(np.float32),  # Transpose -> MatMul
@@ -170,17 +172,13 @@ def test_missing_and_misshapen_tensors_are_named():
         bind(weightless, wrong.get, "model.gguf")
 
 
-@pytest.mark.parametrize("name", ["q4_k", "q6_k"])
-def test_k_quants_are_dequantized_at_load(name):
-    """K-quants (stable-diffusion.cpp files): gguf-py dequantizes them when the graph is bound."""
+@pytest.mark.parametrize("name", K_QUANTS)
+def test_k_quants_run_in_matmul_nbits(name):
+    """K-quants (stable-diffusion.cpp, ComfyUI-GGUF and llama.cpp files) are repacked per sub-block
+    (16 or 32 values a scale), not dequantized: the product is the dequantized weight's."""
     fmt = FORMATS[name]
-    rows, cols = 8, 256
-    raw = np.random.default_rng(3).integers(0, 256, (rows, fmt.block_bytes), dtype=np.uint8)
-    scale = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
-    if name == "q4_k":
-        raw[:, 0:2] = raw[:, 2:4] = scale  # d and dmin lead the block
-    else:
-        raw[:, -2:] = scale  # d ends it
+    rows, cols = 8, 512
+    raw = k_blocks(name, rows, cols // fmt.block)
     weight = Weight("w", fmt, (rows, cols), raw)
     nodes = [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "wt"], ["y"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [2, cols])],
@@ -188,21 +186,21 @@ def test_k_quants_are_dequantized_at_load(name):
                               initializer=[numpy_helper.from_array(np.zeros((rows, cols), np.float32), "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     bound = bind(strip_weights(model, {"w": "w"}), {"w": weight}.get, "k.gguf")
-    assert [b.kind for b in bound.bindings] == ["expanded"]
-    so = ort.SessionOptions()
-    so.add_external_initializers(list(bound.arrays), [ort.OrtValue.ortvalue_from_numpy(a) for a in bound.arrays.values()])
+    (binding,) = bound.bindings
+    assert binding.kind == "quantized" and binding.resident_bytes == sum(a.nbytes for a in bound.arrays.values())
+    (node,) = [n for n in bound.model.graph.node if n.op_type == "MatMulNBits"]
+    assert {a.name: a.i for a in node.attribute}["block_size"] == fmt.scale_block
     x = np.random.default_rng(4).standard_normal((2, cols)).astype(np.float32)
-    y = ort.InferenceSession(bound.model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    np.testing.assert_allclose(y, x @ dequantize(raw, fmt, (rows, cols)).T, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(_run_outputs(bound, {"x": x}), x @ dequantize(raw, fmt, (rows, cols)).T, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"])
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", *K_QUANTS])
 def test_weights_kept_in_blocks_are_gguf_pys_values_bit_for_bit(fmt):
     """A convolution-shaped weight held as its codes (4-bit ones packed as ggml packs them) and
     dequantized as its node runs: exactly the values gguf-py's dequantize gives."""
-    shape = (8, 32, 3, 3)
+    shape = (8, 256, 3, 3)
     w = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
-    raw = quantize(w.reshape(8, -1), FORMATS[fmt])
+    raw = k_blocks(fmt, 8, 9) if fmt in K_QUANTS else quantize(w.reshape(8, -1), FORMATS[fmt])
     stored = {"w": Weight("w", FORMATS[fmt], shape, raw)}
     graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
                               [helper.make_tensor_value_info("y", 1, None)], [numpy_helper.from_array(w, "w")])
@@ -211,13 +209,14 @@ def test_weights_kept_in_blocks_are_gguf_pys_values_bit_for_bit(fmt):
     (binding,) = bound.bindings
     held = {k: v.nbytes for k, v in bound.arrays.items()}
     assert binding.kind == "blocks" and binding.resident_bytes == sum(held.values())
-    if fmt.startswith("q4"):  # half a byte a weight, as stored
+    if fmt in ("q4_0", "q4_1"):  # half a byte a weight, as stored
         assert held["w.nibbles"] == w.size // 2
     got = _run_outputs(bound)
     np.testing.assert_array_equal(got, dequantize(raw, FORMATS[fmt], shape))
 
 
-def _run_outputs(bound) -> np.ndarray:
+def _run_outputs(bound, feeds=None) -> np.ndarray:
     so = ort.SessionOptions()
     so.add_external_initializers(list(bound.arrays), [ort.OrtValue.ortvalue_from_numpy(a) for a in bound.arrays.values()])
-    return ort.InferenceSession(bound.model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {})[0]
+    session = ort.InferenceSession(bound.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds or {})[0]

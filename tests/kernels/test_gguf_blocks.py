@@ -18,6 +18,8 @@ from edgediff.kernels.gguf_blocks import (
     unpack,
 )
 
+from k_quants import K_QUANTS, k_blocks
+
 BLOCK_TYPES = [n for n in WRITABLE if FORMATS[n].nbits]
 
 
@@ -57,6 +59,30 @@ def test_matmul_nbits_computes_the_dequantized_product(name):
         y = y + x.reshape(5, -1, nb.block).sum(-1) @ nb.minimum.T
     np.testing.assert_allclose(y, x @ ref.T, atol=1e-4, rtol=1e-5)
     assert nb.bits == fmt.nbits  # 4-bit codes stay 4-bit; 5- and 8-bit codes take 8
+
+
+@pytest.mark.parametrize("name", K_QUANTS)
+def test_k_quants_unpack_bit_exact_with_gguf_py_and_repack_into_matmul_nbits(name):
+    fmt = FORMATS[name]
+    raw = k_blocks(name)
+    ref = dequantize(raw, fmt, (48, 512))
+    assert np.array_equal(unpack(raw, fmt).dequantize(), ref)
+    nb = to_matmul_nbits(raw, fmt)
+    assert nb.block == fmt.scale_block and nb.bits == fmt.nbits
+    inputs = ["x", "b", "s"] + (["z"] if nb.zero_points is not None else [])
+    inits = [numpy_helper.from_array(nb.b, "b"), numpy_helper.from_array(nb.scales, "s")]
+    if nb.zero_points is not None:
+        inits.append(numpy_helper.from_array(nb.zero_points, "z"))
+    node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", K=512, N=48, bits=nb.bits,
+                            block_size=nb.block)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, [5, 512])],
+                              [helper.make_tensor_value_info("y", 1, None)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    x = np.random.default_rng(1).standard_normal((5, 512)).astype(np.float32)
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    if nb.minimum is not None:  # Q5_K: the per-block minimum term the graph adds
+        y = y + x.reshape(5, -1, nb.block).sum(-1) @ nb.minimum.T
+    np.testing.assert_allclose(y, x @ ref.T, atol=1e-4, rtol=1e-4)
 
 
 def test_only_whole_blocks_are_stored():
