@@ -31,7 +31,14 @@ class Package:
 
     @property
     def name(self) -> str:
-        return self.root.stem if self.gguf is not None else self.root.name
+        """What users call it: the .gguf file's or folder's name; for the cached package of a file
+        another tool wrote (convert.adopt), that file's, not the cache folder's hash."""
+        if self.gguf is not None:
+            return self.root.stem
+        adopted = self.manifest.source.get("files")
+        if isinstance(adopted, list) and adopted and isinstance(self.manifest.source.get("path"), str):
+            return Path(self.manifest.source["path"]).stem
+        return self.root.name
 
     def _entry(self, name: str):
         entry = self.manifest.components.get(name)

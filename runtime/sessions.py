@@ -158,8 +158,10 @@ class Component:
             self.ran_on = f"onnxruntime {_ort().__version__} {self._session.get_providers()[0]}"
             _check_fallback(self._session, self.options.device, self.name)
             if bound is not None:
-                # onnxruntime copied the arrays: free ours. Its Python wrapper would re-create the
-                # session from these options after a provider failure, when they are gone.
+                # the weights are mapped from files; arrays handed over in memory (a LoRA's
+                # changes, or a repack cache that could not be written) were copied: free ours. Its
+                # Python wrapper would re-create the session from these options after a provider
+                # failure, when they are gone.
                 self._session.disable_fallback()
                 del bound
                 _return_freed_memory()
@@ -215,7 +217,7 @@ class Component:
                 opts.add_session_config_entry(k, v)
             opts.log_severity_level = 3  # its warning that NCHWc graphs are CPU-specific: the key says so
         if bound is not None:
-            names = list(bound.arrays)  # onnxruntime copies them while creating the session
+            names = list(bound.arrays)  # in memory (kernels.bind.Sink): onnxruntime copies them
             opts.add_external_initializers(
                 names, [ort.OrtValue.ortvalue_from_numpy(bound.arrays[n]) for n in names])
             if bound.folder is not None:

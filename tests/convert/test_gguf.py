@@ -174,7 +174,9 @@ def test_stable_diffusion_cpp_style_file_gives_the_package_image(packages, tmp_p
         Pipeline(plain)
     direct = adopted_package(plain)
     want = _images(packages["q8_0"], seeds=(0,))[0]
-    assert psnr(_images(direct, seeds=(0,))[0], want) >= 60
+    got = _images(direct, seeds=(0,))[0]
+    assert psnr(got, want) >= 60
+    assert "Model: sdcpp," in got.info["parameters"]  # the file's name, not the cache folder's
     assert adopted_package(plain) == direct  # cached
     converted = convert(plain, tmp_path / "package.gguf")
     assert converted.components["unet"].precision == "q8_0"  # kept as stored, not requantized
