@@ -515,11 +515,11 @@ class Pipeline:
         by_runtime: dict[str, list[str]] = {}
         for name, comp in self._components.items():
             precision = self.manifest.components[name].precision
-            if comp.bindings:  # weights bound from a file: what most of them are stored as there
+            if comp.bindings:  # weights bound from a file: what they are stored as there, most first
                 stored: dict[str, int] = {}
                 for b in comp.bindings:
                     stored[b.stored] = stored.get(b.stored, 0) + b.weights
-                precision = max(stored, key=stored.get)
+                precision = "+".join(sorted(stored, key=stored.get, reverse=True))
             if bits := {FORMATS[b.stored].nbits for b in comp.bindings if b.kind == "quantized"}:
                 levels = self.options.accuracy_level
                 level = max(levels.get(n, 0) for n in bits) if isinstance(levels, dict) else levels
