@@ -116,8 +116,10 @@ class Memory:
     # tokens (Flux), 1.11 GB for two prompts of 256 (SD3.5)
     clip_activations: float = 0.3e9
     t5_activations: float = 1.15e9
-    vae_per_pixel: float = 4.4e3  # decode whole: 1.1 GB at 512x512 (4.29 KB a pixel), 4.4 GB at 1024x1024
-    vae_tiled_per_pixel: float = 1.0e3  # with tiles, per pixel of the whole image (1024 in 512 tiles: 2.2 GB)
+    vae_per_pixel: float = 4.4e3  # decode whole: 1.1 GB at 512x512 (4.3 KB a pixel), 4.4 GB at 1024x1024
+    # in tiles: a tile's activations as above, and per pixel of the whole image its output and
+    # blend weights (1024x1024 in 512-pixel tiles: 1.41 GiB in all, measured)
+    vae_tiled_per_pixel: float = 16.0
 
 
 @dataclass(frozen=True)

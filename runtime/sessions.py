@@ -236,6 +236,11 @@ class Component:
                 opts.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
             self.bindings = bound.bindings
             source = bound.model.SerializeToString()
+            # prepacking on every thread: the Flux transformer (6.9 GB of 4-bit blocks) opens in
+            # 12.7 s instead of 18.7 at level 0 and 15.3 instead of 26.7 at level 4, its peak 0.2 GB
+            # higher, because the dropping below releases each tensor's pages once read (without
+            # it, every tensor's stay mapped until the last is packed: twice the peak)
+            opts.add_session_config_entry("session.prepack.enable_parallel", "1")
         try:
             with pages.dropping(bound.files if bound is not None else ()):
                 session = ort.InferenceSession(source, sess_options=opts, providers=providers_for(self.options.device))
