@@ -88,3 +88,18 @@ def test_k_quants_unpack_bit_exact_with_gguf_py_and_repack_into_matmul_nbits(nam
 def test_only_whole_blocks_are_stored():
     assert can_store(FORMATS["q4_0"], (320, 640)) and not can_store(FORMATS["q4_0"], (320, 320, 3, 3))
     assert can_store(FORMATS["f16"], (320, 320, 3, 3))
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q8_0", "q4_1", "q5_1", "q4_k", "q6_k"])
+def test_large_weights_repack_in_row_chunks_to_the_same_arrays(name, monkeypatch):
+    from edgediff.kernels import gguf_blocks
+
+    fmt = FORMATS[name]
+    raw = k_blocks(name, rows=64, superblocks=2) if fmt.group else quantize(_weight(64, 512), fmt)
+    whole = gguf_blocks._to_matmul_nbits(raw, fmt)
+    monkeypatch.setattr(gguf_blocks, "PARALLEL_BYTES", 0)
+    monkeypatch.setattr(gguf_blocks.os, "cpu_count", lambda: 3)  # uneven chunks
+    chunked = to_matmul_nbits(raw, fmt)
+    for field in ("b", "scales", "zero_points", "minimum"):
+        a, b = getattr(whole, field), getattr(chunked, field)
+        assert (a is None and b is None) or np.array_equal(a, b), field
