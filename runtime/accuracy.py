@@ -12,7 +12,6 @@ more memory: onnxruntime prepacks the blocks with their scales and block sums (m
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from functools import cache
@@ -71,23 +70,12 @@ def auto_level() -> int:
     import onnxruntime
 
     from edgediff.runtime.graph_cache import cpu_features
-    from edgediff.runtime.paths import cache_root
+    from edgediff.runtime.paths import cache_root, measured_once
 
     key = {"onnxruntime": onnxruntime.__version__, "cpu": cpu_features()}
-    path = cache_root() / "probes" / "matmulnbits.json"
-    try:
-        kept = json.loads(path.read_text())
-        if kept["key"] == key:
-            return 4 if kept["level0_s"] >= FASTER * kept["level4_s"] else 0
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    level0, level4 = measure()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"key": key, "level0_s": level0, "level4_s": level4}))
-    except OSError:
-        pass  # measured again next time
-    return 4 if level0 >= FASTER * level4 else 0
+    kept = measured_once(cache_root() / "probes" / "matmulnbits.json", key,
+                         lambda: dict(zip(("level0_s", "level4_s"), measure(), strict=True)))
+    return 4 if kept["level0_s"] >= FASTER * kept["level4_s"] else 0
 
 
 def resolve(level: str | int) -> int | dict[int, int]:

@@ -14,12 +14,13 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+
+from edgediff.runtime import paths
+from edgediff.runtime.paths import remove
 
 FORMAT = 1
 MODEL = "model.onnx"
@@ -27,9 +28,7 @@ KEY = "key.json"
 
 
 def root() -> Path:
-    from edgediff.runtime.paths import cache_root
-
-    return cache_root() / "optimized"
+    return paths.cache_root() / "optimized"
 
 
 @cache
@@ -110,25 +109,9 @@ SAVE_CONFIG = {"session.optimized_model_external_initializers_file_name": MODEL 
                "session.optimized_model_external_initializers_min_size_in_bytes": "1024"}
 
 
-def remove(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
-
-
 def entries() -> list[tuple[Path, str, int]]:
     """(folder, the component file it was made from, bytes) for every entry."""
-    out = []
-    base = root()
-    if not base.is_dir():
-        return out
-    for folder in sorted(base.iterdir()):
-        if not folder.is_dir() or folder.name.startswith("."):
-            continue
-        try:
-            source = json.loads((folder / KEY).read_text())["source"]
-        except (OSError, ValueError, KeyError, TypeError):
-            source = ""
-        out.append((folder, source, sum(p.stat().st_size for p in folder.iterdir() if p.is_file())))
-    return out
+    return paths.entries(root(), lambda folder: json.loads((folder / KEY).read_text())["source"])
 
 
 def prune() -> int:
@@ -138,12 +121,7 @@ def prune() -> int:
         if not source or not Path(source).is_file():
             remove(folder)
             freed += size
-    base = root()
-    if base.is_dir():
-        for staged in base.glob(".*-*"):
-            with contextlib.suppress(OSError):
-                if time.time() - staged.stat().st_mtime > 3600:  # not one being written now
-                    remove(staged)
+    paths.remove_abandoned(root())
     return freed
 
 

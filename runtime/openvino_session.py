@@ -201,19 +201,8 @@ def auto_picks() -> bool:
     import onnxruntime
 
     from edgediff.runtime.graph_cache import cpu_features
+    from edgediff.runtime.paths import measured_once
 
     key = {"openvino": require().__version__, "onnxruntime": onnxruntime.__version__, "cpu": cpu_features()}
-    path = _probe_file()
-    try:
-        kept = json.loads(path.read_text())
-        if kept["key"] == key:
-            return prefer(capabilities(), kept["onnxruntime_s"], kept["openvino_s"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    ort_s, ov_s = measure()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"key": key, "onnxruntime_s": ort_s, "openvino_s": ov_s}))
-    except OSError:
-        pass  # measured again next time
-    return prefer(capabilities(), ort_s, ov_s)
+    kept = measured_once(_probe_file(), key, lambda: dict(zip(("onnxruntime_s", "openvino_s"), measure(), strict=True)))
+    return prefer(capabilities(), kept["onnxruntime_s"], kept["openvino_s"])

@@ -25,7 +25,6 @@ import os
 import queue
 import tempfile
 import threading
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +34,8 @@ from onnx import TensorProto, helper
 
 from edgediff.errors import SourceError
 from edgediff.kernels.bind import Arrays, Bound, Sink, bind, external
-from edgediff.runtime.paths import cache_root
+from edgediff.runtime import paths
+from edgediff.runtime.paths import cache_root, remove
 
 FORMAT = 1  # what the arrays are for the same inputs: raise it when kernels.bind makes others
 DATA, INDEX = "weights.bin", "index.json"
@@ -240,27 +240,9 @@ def bind_mapped(model, weights, graph: bytes, component: str, **how) -> Bound:
     return bind(model, weights.weight, where, **how)
 
 
-def remove(folder: Path) -> None:
-    import shutil
-
-    shutil.rmtree(folder, ignore_errors=True)
-
-
 def entries() -> list[tuple[Path, str, int]]:
     """(folder, the weight file it was made from, bytes) for every entry."""
-    out = []
-    base = root()
-    if not base.is_dir():
-        return out
-    for folder in sorted(base.iterdir()):
-        if not folder.is_dir() or folder.name.startswith("."):
-            continue
-        try:
-            source = json.loads((folder / INDEX).read_text())["key"]["source"]["path"]
-        except (OSError, ValueError, KeyError, TypeError):
-            source = ""
-        out.append((folder, source, sum(p.stat().st_size for p in folder.iterdir() if p.is_file())))
-    return out
+    return paths.entries(root(), lambda folder: json.loads((folder / INDEX).read_text())["key"]["source"]["path"])
 
 
 def prune() -> int:
@@ -275,12 +257,7 @@ def prune() -> int:
         if not current:
             remove(folder)
             freed += size
-    base = root()
-    if base.is_dir():
-        for staged in base.glob(".*-*"):
-            with contextlib.suppress(OSError):
-                if time.time() - staged.stat().st_mtime > 3600:  # not one being written now
-                    remove(staged)
+    paths.remove_abandoned(root())
     return freed
 
 
