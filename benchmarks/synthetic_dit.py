@@ -77,8 +77,8 @@ def planned(pipe, kind: str) -> list[tuple[str, tuple[int, ...], str]]:
     types them at `kind`."""
     from edgediff.convert import _ldm_names, _ldm_shape
     from edgediff.convert.gguf import _file_tensors, gguf_format, stored_format
-    from edgediff.convert.ldm import stored_transposed
     from edgediff.convert.precision import parse_precision
+    from edgediff.kernels.ldm_names import stored_transposed
 
     fam = pipe.family
     modules = {**{spec.component: ("model.", m) for spec, m, _ in pipe.text_encoders},

@@ -277,8 +277,8 @@ def _ldm_names(pipe) -> dict[str, Callable[[str], str]]:
     the original releases' for DiTs, as stable-diffusion.cpp names them), per component. A DiT
     weight cut from a fused tensor is named by its rows there (`kernels.bind.rows_ref`)."""
     from edgediff.convert.dit import DIT_TABLES
-    from edgediff.convert.ldm import clip_name, unet_name, vae_name
     from edgediff.kernels.bind import rows_ref
+    from edgediff.kernels.ldm_names import clip_name, unet_name, vae_name
 
     fam, config, vae = pipe.family, pipe.denoiser.config, pipe.vae.config
     if fam.denoiser == "unet":
@@ -340,7 +340,7 @@ def _folder_weights(source: Source, pipe) -> Callable[[str], object]:
 
 
 def _ldm_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    from edgediff.convert.ldm import ldm_shape
+    from edgediff.kernels.ldm_names import ldm_shape
 
     return ldm_shape(name, shape)
 

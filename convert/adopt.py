@@ -139,9 +139,9 @@ def adopted_package(main: Path, *, base: Path | None = None, vae: Path | None = 
     what `edgediff generate --model file.gguf` runs. Built once per set of files."""
     import onnx
 
-    from edgediff.convert.ldm import stored_transposed
     from edgediff.convert.package import atomic_folder
     from edgediff.kernels.bind import strip_weights
+    from edgediff.kernels.ldm_names import stored_transposed
     from edgediff.manifest import MANIFEST
     from edgediff.runtime.paths import cache_root
 

@@ -121,8 +121,8 @@ def write_gguf(package: Path, manifest: Manifest, output: Path, names: Mapping[s
     import onnx
     from gguf import GGUFWriter, LlamaFileType
 
-    from edgediff.convert.ldm import stored_transposed
     from edgediff.kernels.bind import check_shape, strip_weights
+    from edgediff.kernels.ldm_names import stored_transposed
 
     plan: list[_Planned] = []
     graphs: dict[str, bytes] = {}

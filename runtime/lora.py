@@ -331,7 +331,7 @@ def targets(component: str, names: Mapping[str, str], denoiser: bool) -> dict[st
             bare = module.removeprefix("text_model.")
             aliases |= {bare, "text_model." + bare}
         elif config is not None:
-            from edgediff.convert.ldm import unet_name
+            from edgediff.kernels.ldm_names import unet_name
 
             with contextlib.suppress(KeyError, IndexError):  # a weight LDM files do not have
                 aliases.add(_module(unet_name(module + ".weight", config)))

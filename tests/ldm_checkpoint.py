@@ -33,7 +33,7 @@ def write_flux_files(folder: Path, dst: Path) -> dict[str, Path]:
     from safetensors.torch import load_file, save_file
 
     from edgediff.convert.dit import flux_pieces, scatter
-    from edgediff.convert.ldm import ldm_shape, vae_name
+    from edgediff.kernels.ldm_names import ldm_shape, vae_name
 
     dst.mkdir(parents=True, exist_ok=True)
     config = json.loads((folder / "transformer" / "config.json").read_text())
@@ -62,8 +62,8 @@ def write_sd3_file(folder: Path, path: Path) -> Path:
     from safetensors.torch import load_file, save_file
 
     from edgediff.convert.dit import scatter, sd3_pieces
-    from edgediff.convert.ldm import ldm_shape, vae_name
     from edgediff.families import DENOISER
+    from edgediff.kernels.ldm_names import ldm_shape, vae_name
 
     config = json.loads((folder / "transformer" / "config.json").read_text())
     state = scatter(sd3_pieces(config, DENOISER),

@@ -21,6 +21,32 @@ def test_runtime_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def _imported(path: Path) -> set[str]:
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return found
+
+
+# the runtime serves a foreign GGUF file through convert.adopt until its graphs are built without
+# torch (issue 27); nothing else of the runtime may reach up into the converter
+_RUNTIME_USES_CONVERT = {"runtime/server.py": {"edgediff.convert.adopt"}}
+
+
+def test_layers_import_only_downwards():
+    """kernels imports neither runtime nor convert; runtime imports nothing from convert (DESIGN.md)."""
+    for layer, above in (("kernels", ("edgediff.runtime", "edgediff.convert")), ("runtime", ("edgediff.convert",))):
+        for path in sorted((ROOT / layer).rglob("*.py")):
+            rel = str(path.relative_to(ROOT))
+            up = {m for m in _imported(path) if m.startswith(above)}
+            assert up == _RUNTIME_USES_CONVERT.get(rel, set()), f"{rel} imports {sorted(up)}"
+
+
 def test_wheel_installs_and_imports_in_a_fresh_venv(tmp_path):
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",

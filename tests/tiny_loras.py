@@ -27,7 +27,7 @@ def write_lora(pipe, path: Path, fmt: str = "kohya", components=("unet", "text_e
     """A random LoRA for `pipe`'s modules: 'kohya' (diffusers module names), 'kohya-ldm' (the
     U-Net's LDM names, as kohya's SDXL files have them; `ldm_config` is the UNet config), 'peft'
     (diffusers' own files) or 'locon' (kohya with the resnet convolutions)."""
-    from edgediff.convert.ldm import unet_name
+    from edgediff.kernels.ldm_names import unet_name
 
     found = {c: modules(pipe, c, fmt == "locon" and c == "unet") for c in components}
     rename = None
