@@ -11,6 +11,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgediff import __version__
@@ -19,7 +20,9 @@ from edgediff.errors import SourceError, UsageError
 from edgediff.families import (
     DENOISER,
     FAMILIES,
+    Conditioning,
     Family,
+    TextEncoder,
     detect_family,
     get_family,
     scheduler_defaults,
@@ -345,45 +348,76 @@ def _ldm_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return ldm_shape(name, shape)
 
 
+@dataclass(frozen=True)
+class Architecture:
+    """What a package's manifest needs to know of the model besides its graphs, however they were
+    made: its text encoders (spec, layer count, tokenizer folder), scheduler, conditioning and
+    latent format."""
+
+    family: Family
+    encoders: list[tuple[TextEncoder, int, Path]]
+    scheduler_config: dict
+    conditioning: Conditioning
+    latent_channels: int
+    latent_scale: float
+    latent_shift: float
+    vae_downscale: int
+    resolution: int
+    info: dict = field(default_factory=dict)
+
+
+def _torch_architecture(pipe) -> Architecture:
+    fam, vae = pipe.family, pipe.vae.config
+    sample_size = getattr(pipe.denoiser.config, "sample_size", None)  # native size in latent pixels (Flux has none)
+    downscale = 2 ** (len(vae.block_out_channels) - 1)
+    return Architecture(
+        fam, [(spec, int(model.config.num_hidden_layers), tok) for spec, model, tok in pipe.text_encoders],
+        pipe.scheduler_config, pipe.conditioning, int(vae.latent_channels), float(vae.scaling_factor),
+        float(getattr(vae, "shift_factor", None) or fam.latent.shift), downscale,
+        int(sample_size) * downscale if isinstance(sample_size, int) else fam.defaults.resolution, pipe.info)
+
+
 def _export(pipe, src: Source, src_path: Path, layout: str, tmp: Path,
             progress: Callable[[str], None] | None, deep_cache: bool = False) -> Manifest:
     """The fp32 ONNX package of `pipe` in the folder `tmp`; returns its manifest."""
     from edgediff.convert.export import export_components
-    from edgediff.convert.load import BUNDLED_CLIP_TOKENIZER
 
-    fam = pipe.family
     started = time.perf_counter()
     written = export_components(pipe, tmp, progress=lambda name: progress and progress(f"exporting {name}"),
                                 deep_cache=deep_cache)
+    return write_manifest(tmp, _torch_architecture(pipe), written, {
+        "path": str(src_path), "kind": src.kind, "layout": layout, "seconds": round(time.perf_counter() - started, 1)})
+
+
+def write_manifest(tmp: Path, arch: Architecture, written: dict[str, list[Path]], source: dict) -> Manifest:
+    """The manifest, tokenizers, scheduler and model index of the package whose graphs are in `tmp`."""
+    from edgediff.convert.load import BUNDLED_CLIP_TOKENIZER
+
+    fam = arch.family
     encoders = []
-    for spec, model, tok_dir in pipe.text_encoders:
+    for spec, layers, tok_dir in arch.encoders:
         dst = tmp / spec.tokenizer
         dst.mkdir(exist_ok=True)
         for name in _TOKENIZER_FILES:
             if (tok_dir / name).is_file():
                 shutil.copy2(tok_dir / name, dst / name)
         encoders.append(TextEncoderEntry(
-            component=spec.component, tokenizer=spec.tokenizer,
-            layers=int(model.config.num_hidden_layers), norm_hidden=spec.norm_hidden,
+            component=spec.component, tokenizer=spec.tokenizer, layers=layers, norm_hidden=spec.norm_hidden,
             pad_token=spec.pad_token if tok_dir == BUNDLED_CLIP_TOKENIZER else _pad_token(tok_dir, spec.pad_token),
             max_length=spec.max_length,
             pooled=spec.pooled, hidden_layer=spec.hidden_layer, kind=spec.kind, context=spec.context,
         ))
     (tmp / "scheduler").mkdir()
-    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(pipe.scheduler_config, indent=2))
-    vae = pipe.vae.config
-    downscale = 2 ** (len(vae.block_out_channels) - 1)
-    sample_size = getattr(pipe.denoiser.config, "sample_size", None)  # native size in latent pixels (Flux has none)
-    resolution = int(sample_size) * downscale if isinstance(sample_size, int) else fam.defaults.resolution
-    prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
+    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(arch.scheduler_config, indent=2))
+    prediction_type = arch.scheduler_config.get("prediction_type", "epsilon")
     manifest = Manifest(
         family=fam.name,
         prediction="flow" if fam.prediction == "flow" else {"epsilon": "eps", "v_prediction": "v"}.get(
             prediction_type, prediction_type),
-        latent_channels=int(vae.latent_channels),
-        latent_scale=float(vae.scaling_factor),
-        latent_shift=float(getattr(vae, "shift_factor", None) or fam.latent.shift),
-        vae_downscale=downscale,
+        latent_channels=arch.latent_channels,
+        latent_scale=arch.latent_scale,
+        latent_shift=arch.latent_shift,
+        vae_downscale=arch.vae_downscale,
         components={k: _component_entry(v, tmp, "fp32") for k, v in written.items()},
         text_encoders=tuple(encoders),
         denoiser=fam.denoiser,
@@ -391,15 +425,14 @@ def _export(pipe, src: Source, src_path: Path, layout: str, tmp: Path,
         flow_normal_end=fam.flow_normal_end,
         strength_rounding=fam.strength_rounding,
         role=fam.role,
-        conditioning=pipe.conditioning,
+        conditioning=arch.conditioning,
         defaults={
             "sampler": fam.defaults.sampler, "schedule": fam.defaults.schedule,
             "steps": fam.defaults.steps, "guidance": fam.defaults.guidance,
-            "width": resolution, "height": resolution,
-            **scheduler_defaults(pipe.scheduler_config, pipe.conditioning),
+            "width": arch.resolution, "height": arch.resolution,
+            **scheduler_defaults(arch.scheduler_config, arch.conditioning),
         },
-        source={"path": str(src_path), "kind": src.kind, "layout": layout,
-                "seconds": round(time.perf_counter() - started, 1), **pipe.info},
+        source={**source, **arch.info},
         created_by=f"edgediff {__version__}",
     )
     index = {"_class_name": fam.onnx_pipeline, "_edgediff_version": __version__,

@@ -2,9 +2,8 @@
 denoiser-only files) and the files that supply their other components (`--base`, `--vae`,
 `--text-encoder`), made into packages without requantizing anything.
 
-The graphs come from the family's export recipe: the architecture is read from the tensor
-shapes, torch modules are built without weights (broadcast zeros) and traced, and their weight
-placeholders are named as the files name them. The files' own tensors are then bound as stored:
+The graphs are built from the tensor shapes (kernels.graphs), their weight placeholders named as
+the files name them: no torch, no forward pass. The files' own tensors are then bound as stored:
 copied into one GGUF package (`edgediff convert file.gguf --output pkg.gguf`), or referenced from
 a small cached package of graphs (`edgediff generate --model file.gguf`).
 """
@@ -16,6 +15,8 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import onnx
 
 from edgediff import __version__
 from edgediff.errors import SourceError, UsageError
@@ -38,7 +39,8 @@ class Part:
 class Adopted:
     family: Family
     parts: dict[str, Part]  # component -> where its weights are
-    pipe: object  # convert.load.TorchPipeline without weights (the architecture)
+    shapes: dict[str, tuple[int, ...]]  # every weight the files give, by the name the graphs use
+    prediction: str | None
     files: list[Path]
 
 
@@ -65,21 +67,24 @@ def adopt(main: Path, *, base: Path | None = None, vae: Path | None = None,
           text_encoders: Sequence[Path] = (), family: str = "auto",
           prediction: str | None = None) -> Adopted:
     """Assign every component of the model in `main` to the file its weights come from (explicit
-    `--vae`/`--text-encoder` first, then `main`, then `base`) and build its architecture."""
-    from edgediff.convert.load import weightless_architecture
-
+    `--vae`/`--text-encoder` first, then `main`, then `base`)."""
     first = _open(main)
     others = [(_open(vae, VAE), "vae")] if vae else []
+    wanted_prefix: dict[str, str] = {}
     shapes_main = {n: w.shape for n, w in first.tensors.items()} if isinstance(first, GGUFFile) else {
         n: first.header[n.removeprefix(first.prefix)].shape for n in first.names()}
     fam = get_family(family) if family != "auto" else detect_family(shapes_main, str(main))[0]
     for path, spec in zip(text_encoders, fam.text_encoders, strict=False):
-        others.append((_open(path, spec.ldm_prefix), spec.component))
+        file = _open(path, spec.ldm_prefix)
+        others.append((file, spec.component))
+        if spec.kind == "t5" and any(n.startswith("enc.blk.") for n in _names(file)):  # llama.cpp's names
+            wanted_prefix[spec.component] = ""
     if len(text_encoders) > len(fam.text_encoders):
         raise UsageError(f"{len(text_encoders)} --text-encoder files given; {fam.title} has "
                          f"{len(fam.text_encoders)} text encoder(s)")
     fallback = [_open(base)] if base else []
-    wanted = {fam.denoiser: DENOISER, "vae": VAE, **{te.component: te.ldm_prefix for te in fam.text_encoders}}
+    wanted = {fam.denoiser: DENOISER, "vae": VAE, **{te.component: te.ldm_prefix for te in fam.text_encoders},
+              **wanted_prefix}
     parts: dict[str, Part] = {}
     for component, prefix in wanted.items():
         explicit = [f for f, c in others if c == component]
@@ -101,27 +106,73 @@ def adopt(main: Path, *, base: Path | None = None, vae: Path | None = None,
                 w = part.file.weight(name)
                 if w is not None:
                     shapes[name] = w.shape
-    pipe = weightless_architecture(shapes, fam, prediction, where=str(main))
     files = [Path(main), *([Path(vae)] if vae else []), *map(Path, text_encoders), *([Path(base)] if base else [])]
     parts["vae_decoder"] = parts["vae_encoder"] = parts.pop("vae")
-    return Adopted(fam, parts, pipe, files)
+    return Adopted(fam, parts, shapes, prediction, files)
 
 
-def _graphs(adopted: Adopted, folder: Path, progress) -> tuple:
-    """Export the architecture into `folder` (graphs with weight placeholders) and return its
-    manifest and the LDM names of its weights."""
-    from edgediff.convert import _export, _ldm_names
-    from edgediff.convert.sources import Source
+def _architecture(adopted: Adopted, graphs: dict[str, onnx.ModelProto]):
+    """What the manifest says of the model, read from the shapes and the built graphs."""
+    from edgediff.convert import Architecture
+    from edgediff.convert.load import (
+        BUNDLED_CLIP_TOKENIZER,
+        BUNDLED_T5_TOKENIZER,
+        _prediction_type,
+        _resolve_spacing,
+    )
 
-    src = Source(adopted.files[0], "gguf", {})
-    manifest = _export(adopted.pipe, src, adopted.files[0], "ldm", folder, progress)
+    fam, shapes = adopted.family, adopted.shapes
+    inputs = {i.name: i for i in graphs[fam.denoiser].graph.input}
+    conditioning = fam.conditioning
+    if "timestep_cond" in inputs:  # an LCM-distilled UNet: guidance is an input of the model
+        width = inputs["timestep_cond"].type.tensor_type.shape.dim[1].dim_value
+        conditioning = dataclasses.replace(conditioning, guidance_embedding=int(width))
+    if "guidance" in inputs:  # Flux dev: the same, as a number
+        conditioning = dataclasses.replace(conditioning, guidance_input=True)
+    guided = "guidance" in inputs and fam.guided_scheduler_config
+    scheduler = dict(fam.guided_scheduler_config if guided else fam.scheduler_config)
+    if prediction := adopted.prediction:
+        scheduler["prediction_type"] = _prediction_type(prediction, "epsilon")
+    encoders = []
+    for spec in fam.text_encoders:
+        layers = graphs[spec.component].graph.output[0].type.tensor_type.shape.dim[0].dim_value
+        encoders.append((spec, int(layers), BUNDLED_T5_TOKENIZER if spec.kind == "t5" else BUNDLED_CLIP_TOKENIZER))
+    decoder = graphs["vae_decoder"].graph
+    latent = decoder.input[0].type.tensor_type.shape.dim[1].dim_value
+    prefix = adopted.parts["vae_decoder"].prefix
+    levels = 1 + max(int(n[len(prefix + "decoder.up."):].split(".")[0]) for n in shapes
+                     if n.startswith(prefix + "decoder.up."))
+    return Architecture(fam, encoders, _resolve_spacing(scheduler), conditioning, int(latent), fam.latent.scale,
+                        fam.latent.shift, 2 ** (levels - 1), fam.defaults.resolution)
+
+
+def _graphs(adopted: Adopted, folder: Path, progress, deep_cache: bool = False):
+    """Build every component's graph into `folder` (weights as placeholders under the files'
+    names) and write the package's manifest."""
+    import time
+
+    from edgediff.convert import write_manifest
+    from edgediff.kernels.graphs.models import model_graphs
+
+    started = time.perf_counter()
+    prefixes = {c: part.prefix for c, part in adopted.parts.items()}
+    graphs, written = {}, {}
+    for component, build in model_graphs(adopted.family, adopted.shapes, prefixes, str(adopted.files[0]), deep_cache):
+        if progress:
+            progress(f"building {component}")
+        graphs[component] = build()
+        path = folder / component / "model.onnx"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(graphs[component], str(path))
+        written[component] = [path]
     source = {"path": str(adopted.files[0]), "kind": "gguf", "layout": "ldm",
               "files": [str(p) for p in adopted.files],
-              "writer": getattr(adopted.parts[adopted.family.denoiser].file, "writer", "safetensors")}
-    return dataclasses.replace(manifest, source=source), _ldm_names(adopted.pipe)
+              "writer": getattr(adopted.parts[adopted.family.denoiser].file, "writer", "safetensors"),
+              "seconds": round(time.perf_counter() - started, 1)}
+    return write_manifest(folder, _architecture(adopted, graphs), written, source)
 
 
-GRAPHS = 2  # the cached graphs' format (2: placeholders keep their weights' state-dict names)
+GRAPHS = 3  # the cached graphs' format (3: built from the shapes, named as the files store them)
 
 
 def cache_key(paths: Sequence[Path], family: str, prediction: str | None) -> str:
@@ -137,11 +188,7 @@ def adopted_package(main: Path, *, base: Path | None = None, vae: Path | None = 
                     progress: Callable[[str], None] | None = None) -> Path:
     """A cached package whose weight-less graphs bind the given files' tensors as they are stored:
     what `edgediff generate --model file.gguf` runs. Built once per set of files."""
-    import onnx
-
     from edgediff.convert.package import atomic_folder
-    from edgediff.kernels.bind import strip_weights
-    from edgediff.kernels.ldm_names import stored_transposed
     from edgediff.manifest import MANIFEST
     from edgediff.runtime.paths import cache_root
 
@@ -156,20 +203,12 @@ def adopted_package(main: Path, *, base: Path | None = None, vae: Path | None = 
         progress(f"{main}: building its graphs once (the weights stay in the file), into {folder}")
     adopted = adopt(main, base=base, vae=vae, text_encoders=text_encoders, family=family, prediction=prediction)
     with atomic_folder(folder, overwrite=True) as tmp:
-        manifest, names = _graphs(adopted, tmp, progress)
+        manifest = _graphs(adopted, tmp, progress)
         components = {}
         for component, entry in manifest.components.items():
-            graph = tmp / entry.file
-            model = onnx.load(str(graph), load_external_data=False)
-            rename = {t.name: names[component](t.name) for t in model.graph.initializer
-                      if t.data_type == onnx.TensorProto.FLOAT and t.dims}
-            for data in entry.data_files:
-                (tmp / data).unlink()
-            turned = {k for k, v in rename.items() if stored_transposed(v)}
-            onnx.save(strip_weights(model, rename, turned), str(graph))
             part = adopted.parts[component]
             components[component] = dataclasses.replace(
-                entry, data_files=(), bytes=graph.stat().st_size, weights=str(Path(part.file.path).resolve()),
+                entry, weights=str(Path(part.file.path).resolve()),
                 weights_prefix=part.prefix if isinstance(part.file, SafetensorsFile) else "")
         manifest = dataclasses.replace(manifest, components=components)
         (tmp / MANIFEST).write_text(manifest.to_json())
@@ -199,7 +238,7 @@ def write_adopted_gguf(main: Path, output: Path, *, base: Path | None = None, va
         formats = {c: gguf_format(p) for c, p in precisions.items()}
     with atomic_file(output, overwrite) as target, tempfile.TemporaryDirectory(
             dir=Path(output).parent, prefix=f".{Path(output).name}.export-") as scratch:
-        manifest, names = _graphs(adopted, Path(scratch), progress)
+        manifest = _graphs(adopted, Path(scratch), progress)
 
         files = list({id(part.file): part.file for part in adopted.parts.values()}.values())
 
@@ -208,8 +247,13 @@ def write_adopted_gguf(main: Path, output: Path, *, base: Path | None = None, va
                 file.drop_pages()
             return adopted.parts[component].file.weight(name)
 
+        names = {c: _same for c in manifest.components}  # the graphs name the weights as the files do
         return write_gguf(Path(scratch), manifest, target, names, formats=formats, rules=rules, stored=stored,
                           progress=progress)
+
+
+def _same(name: str) -> str:
+    return name
 
 
 def runnable(model: Path, *, base=None, vae=None, text_encoders=(), progress=None) -> Path:

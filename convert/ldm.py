@@ -6,16 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgediff.kernels.ldm_names import clip_name, ldm_shape, unet_name, vae_name
-
-_OPEN_CLIP_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-                  "text_model.embeddings.position_embedding.weight": "positional_embedding",
-                  "text_model.final_layer_norm.weight": "ln_final.weight",
-                  "text_model.final_layer_norm.bias": "ln_final.bias",
-                  "text_projection.weight": "text_projection"}
-_OPEN_CLIP_LAYER = (("text_model.encoder.layers.", "transformer.resblocks."), (".self_attn.", ".attn."),
-                    (".layer_norm1.", ".ln_1."), (".layer_norm2.", ".ln_2."), (".mlp.fc1.", ".mlp.c_fc."),
-                    (".mlp.fc2.", ".mlp.c_proj."))
+from edgediff.kernels.ldm_names import (
+    _OPEN_CLIP_LAYER,
+    _OPEN_CLIP_TOP,
+    clip_name,
+    ldm_shape,
+    unet_name,
+    vae_name,
+)
 
 
 def open_clip_state(weights: dict, prefix: str) -> dict:

@@ -30,6 +30,7 @@ from edgediff.kernels.gguf_blocks import BlockFormat, dequantize, to_matmul_nbit
 
 PLACEHOLDER = "edgediff:bound"  # external-data location of an initializer bound at session time
 GRAPH_NAME = "edgediff:name"  # external-data key of a placeholder's state-dict name
+PARTS = "edgediff:parts"  # external-data key of the layers a fused placeholder holds (for LoRAs)
 _ROWS = re.compile(r"^(.+)\[(\d+):(\d+)\]$")
 CAST = ".as_graph_type"  # suffix of a weight cast from its stored float type
 _FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
@@ -174,6 +175,28 @@ def placeholder(name: str, data_type: int, dims, graph_name: str = "") -> Tensor
     if graph_name and graph_name != name:
         t.external_data.add(key=GRAPH_NAME, value=graph_name)
     return t
+
+
+def name_for_loras(t: TensorProto, alias: str = "", parts: Sequence[tuple[str, tuple[int, int] | None, tuple[int, int]]] = ()) -> None:
+    """Record what a LoRA calls a placeholder's weight: `alias`, the layer's state-dict name when
+    it differs from the file's; or the `parts` of a fused weight: (layer weight, its rows or None
+    for all, the rows of this weight it is)."""
+    if alias and alias != t.name:
+        t.external_data.add(key=GRAPH_NAME, value=alias)
+    if parts:
+        t.external_data.add(key=PARTS, value=";".join(
+            f"{name}{f'[{r[0]}:{r[1]}]' if r else ''}@{at[0]}:{at[1]}" for name, r, at in parts))
+
+
+def lora_parts(t: TensorProto) -> list[tuple[str, tuple[int, int] | None, tuple[int, int]]]:
+    """The inverse of `name_for_loras`' `parts`."""
+    value = next((e.value for e in t.external_data if e.key == PARTS), "")
+    out = []
+    for part in filter(None, value.split(";")):
+        ref, _, at = part.rpartition("@")
+        (name, start, end), = parse_rows_ref(ref)
+        out.append((name, None if end == -1 else (start, end), tuple(int(x) for x in at.split(":"))))
+    return out
 
 
 def graph_name(t: TensorProto) -> str:

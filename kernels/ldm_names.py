@@ -11,6 +11,16 @@ _RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_la
 _VAE_RESNET = (("conv_shortcut", "nin_shortcut"),)
 _VAE_ATTN = (("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out."))
 
+# transformers' CLIP text names -> OpenCLIP's (SD 2.x, SDXL's second encoder; q/k/v fused in `in_proj_*`)
+_OPEN_CLIP_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+                  "text_model.embeddings.position_embedding.weight": "positional_embedding",
+                  "text_model.final_layer_norm.weight": "ln_final.weight",
+                  "text_model.final_layer_norm.bias": "ln_final.bias",
+                  "text_projection.weight": "text_projection"}
+_OPEN_CLIP_LAYER = (("text_model.encoder.layers.", "transformer.resblocks."), (".self_attn.", ".attn."),
+                    (".layer_norm1.", ".ln_1."), (".layer_norm2.", ".ln_2."), (".mlp.fc1.", ".mlp.c_fc."),
+                    (".mlp.fc2.", ".mlp.c_proj."))
+
 
 def _unet_prefixes(config) -> list[tuple[str, str]]:
     """(diffusers prefix, LDM prefix) pairs, longest first."""
@@ -101,3 +111,69 @@ def ldm_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     if ".attn_1." in name and name.endswith("weight") and len(shape) == 2:
         return (*shape, 1, 1)
     return tuple(shape)
+
+
+def unet_layout(names) -> dict:
+    """The parts of a diffusers UNet config its LDM names depend on, read off LDM names: levels
+    from the downsamplers, layers per block from the output blocks, attention per up level."""
+    p = "model.diffusion_model."
+    inputs = {int(n[len(p):].split(".")[1]) for n in names if n.startswith(p + "input_blocks.")}
+    outputs = {int(n[len(p):].split(".")[1]) for n in names if n.startswith(p + "output_blocks.")}
+    downs = {i for i in inputs if f"{p}input_blocks.{i}.0.op.weight" in names}
+    levels = len(downs) + 1
+    n = len(outputs) // levels - 1
+    up = ["CrossAttnUpBlock2D" if any(k.startswith(f"{p}output_blocks.{i * (n + 1)}.1.transformer_blocks.")
+                                      for k in names) else "UpBlock2D" for i in range(levels)]
+    return {"layers_per_block": n, "block_out_channels": [0] * levels, "up_block_types": up}
+
+
+def unet_diffusers_names(names) -> dict[str, str]:
+    """LDM U-Net weight names -> diffusers' (the inverse of `unet_name`), for the names both have."""
+    names = set(names)
+    config = unet_layout(names)
+    forward = {}
+    for hf, sd in _unet_prefixes(config):
+        level = hf.split(".")[1] if hf.startswith("up_blocks.") and ".attentions." in hf else None
+        if level is None or config["up_block_types"][int(level)].startswith("CrossAttn"):  # else: its upsampler's
+            forward["model.diffusion_model." + sd] = hf
+    prefixes = sorted(forward.items(), key=lambda p: -len(p[0]))
+    out = {}
+    for name in names:
+        for sd, hf in prefixes:
+            if name.startswith(sd):
+                rest = name[len(sd):]
+                if ".resnets." in hf:
+                    for a, b in _RESNET:
+                        rest = rest.replace(b, a)
+                candidate = hf + rest
+                if unet_name(candidate, config) == name:
+                    out[name] = candidate
+                break
+    return out
+
+
+def clip_lora_names(shapes, prefix: str, layout: str) -> dict[str, object]:
+    """A text encoder's file names -> what LoRAs call them (transformers' names): a name, or for
+    OpenCLIP's fused `in_proj_weight` the (layer weight, None, rows) of q, k and v."""
+    out: dict[str, object] = {}
+    top = {v: k for k, v in _OPEN_CLIP_TOP.items() if k != "text_projection.weight"}  # stored transposed
+    for name, shape in shapes.items():
+        if not name.startswith(prefix) or name.endswith("text_projection"):
+            continue
+        rest = name[len(prefix):]
+        if layout != "open_clip":
+            out[name] = rest if rest.startswith(("text_model.", "text_projection")) else "text_model." + rest
+        elif rest in top:
+            out[name] = top[rest]
+        elif rest.endswith(".attn.in_proj_weight"):
+            layer = rest.removesuffix(".attn.in_proj_weight")
+            for a, b in _OPEN_CLIP_LAYER:
+                layer = layer.replace(b, a)
+            width = shape[1]
+            out[name] = [(f"{layer}.self_attn.{x}_proj.weight", None, (i * width, (i + 1) * width))
+                         for i, x in enumerate("qkv")]
+        elif rest.startswith("transformer.resblocks."):
+            for a, b in _OPEN_CLIP_LAYER:
+                rest = rest.replace(b, a)
+            out[name] = rest
+    return out

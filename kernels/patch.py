@@ -138,7 +138,8 @@ def changed_weight(w, d: np.ndarray):
     return replace(w, fmt=fmt, data=data, file=None, offset=0)
 
 
-Factors = Callable[[str], "tuple[np.ndarray, np.ndarray] | None"]  # name -> (up [out, r], down [r, in(, kh, kw)])
+# (name, the weight's output rows) -> (up [out, r], down [r, in(, kh, kw)])
+Factors = Callable[[str, "int | None"], "tuple[np.ndarray, np.ndarray] | None"]
 _WEIGHT_ONLY = {"Transpose", "DequantizeLinear", "Cast", "Reshape"}
 
 
@@ -164,10 +165,11 @@ def add_branches(model: onnx.ModelProto, weights: dict[str, str], factors: Facto
     for node in model.graph.node:
         for name in node.input:
             uses.setdefault(name, []).append(node)
+    rows = {t.name: int(t.dims[0]) for t in model.graph.initializer if t.dims}
     after: dict[int, list[onnx.NodeProto]] = {}
     new, done = [], set()
     for init, state in weights.items():
-        f = factors(state)
+        f = factors(state, rows.get(init))
         if f is None:
             continue
         up, down = f

@@ -24,6 +24,12 @@ SENSITIVE = (
     r"(^|\.)shared\.",  # T5's token embedding
     r"(^|\.)conv_in\.",
     r"(^|\.)conv_out\.",
+    # the same roles under the files' names (graphs built from them keep those names)
+    r"(^|\.)label_emb\.",  # LDM's add_embedding
+    r"(^|\.)(time|vector|guidance|txt|img)_in\.",  # BFL's embedders
+    r"(^|\.)token_embd\.",  # llama.cpp's T5 token embedding
+    r"diffusion_model\.input_blocks\.0\.0\.",  # LDM's conv_in
+    r"diffusion_model\.out\.2\.",  # LDM's conv_out
 )
 
 

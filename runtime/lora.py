@@ -304,15 +304,21 @@ def _flat(name: str) -> str:
     return name.replace(".", "_")
 
 
-Target = tuple[str, "tuple[int, int] | None"]  # a graph weight, and the rows of a fused tensor it is
+Rows = tuple[int, int]
+# a graph weight, the rows of the layer's change that go to it (the layer is a fused tensor the
+# graph holds split), and the rows of the weight they change (the graph holds the layer fused)
+Target = tuple[str, "Rows | None", "Rows | None"]
 
 
-def targets(component: str, names: Mapping[str, str], denoiser: bool) -> dict[str, list[Target]]:
+def targets(component: str, names: Mapping[str, str], denoiser: bool,
+            parts: Mapping[str, Sequence[tuple[str, Rows | None, Rows]]] | None = None) -> dict[str, list[Target]]:
     """Every name a LoRA may give a weight of this component's graph -> the graph weights it
     changes (`names`: graph name -> the name of the tensor it is stored as). Only `.weight`
     tensors are targets; each is known dotted and flattened, with and without `text_model.` (text
     encoders), under its LDM name (U-Nets: kohya's SDXL files) and under its stored name (a DiT's
-    fused q/k/v in a GGUF file: a LoRA of `img_attn.qkv` changes rows of to_q, to_k and to_v)."""
+    fused q/k/v in a GGUF file: a LoRA of `img_attn.qkv` changes rows of to_q, to_k and to_v), and
+    under the names of the layers a fused weight holds (`parts`: graph weight -> (layer weight,
+    rows of that layer, rows of the graph weight); a LoRA of `to_q` changes rows of `qkv`)."""
     from edgediff.kernels.bind import parse_rows_ref
 
     names = {n: ref for n, ref in names.items() if n.endswith(".weight")}
@@ -336,11 +342,14 @@ def targets(component: str, names: Mapping[str, str], denoiser: bool) -> dict[st
             with contextlib.suppress(KeyError, IndexError):  # a weight LDM files do not have
                 aliases.add(_module(unet_name(module + ".weight", config)))
         for a in aliases:
-            add(a, (name, None))
+            add(a, (name, None, None))
         pieces = parse_rows_ref(ref)
         if len(pieces) == 1 and ref != name:
             stored, start, end = pieces[0]
-            add(_module(stored), (name, None if end == -1 else (start, end)))
+            add(_module(stored), (name, None if end == -1 else (start, end), None))
+    for name, held in (parts or {}).items():
+        for layer, rows, at in held:
+            add(_module(layer), (name, rows, at))
     return out
 
 
@@ -364,12 +373,13 @@ def _unet_config(names: list[str]) -> dict | None:
 
 @dataclass
 class Change:
-    """One layer of one LoRA applied to one graph weight (to `rows` of the layer's change, when
-    the weight is part of a fused tensor)."""
+    """One layer of one LoRA applied to one graph weight (`rows` of the layer's change, when the
+    weight is part of a fused tensor; to rows `at` of the weight, when the weight is fused)."""
 
     layer: Layer
     strength: float
-    rows: tuple[int, int] | None = None
+    rows: Rows | None = None
+    at: Rows | None = None  # the rows of the weight it changes, when not all of them
 
 
 @dataclass
@@ -386,20 +396,29 @@ class Plan:
             return None
         total = np.zeros(tuple(shape), np.float32)
         for c in changes:
-            total += np.float32(c.strength) * c.layer.delta(shape, c.rows)
+            start, end = c.at or (0, shape[0])
+            total[start:end] += np.float32(c.strength) * c.layer.delta((end - start, *shape[1:]), c.rows)
         return total
 
-    def factors(self, component: str, name: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """The changes of a weight as one low-rank pair (up [out, R], down [R, ...]), strengths
-        and scales in up, ranks stacked; None when nothing changes it or a change is not low-rank
-        (LoHa, LoKr)."""
+    def factors(self, component: str, name: str, out: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+        """The changes of a weight of `out` rows as one low-rank pair (up [out, R], down [R, ...]),
+        strengths and scales in up, ranks stacked; None when nothing changes it or a change is not
+        low-rank (LoHa, LoKr)."""
         changes = self.changes.get(component, {}).get(name)
-        if not changes or any(c.layer.kind != "lora" for c in changes):
+        if not changes or any(c.layer.kind != "lora" for c in changes) or (
+                out is None and any(c.at for c in changes)):
             return None
         pairs = [c.layer.factors(c.rows) for c in changes]
         if len({down.shape[1:] for _, down in pairs}) > 1:
             return None
-        ups = [up * np.float32(c.strength * c.layer.scale()) for (up, _), c in zip(pairs, changes, strict=True)]
+        ups = []
+        for (up, _), c in zip(pairs, changes, strict=True):
+            up = up * np.float32(c.strength * c.layer.scale())
+            if c.at:  # the rows of a fused weight it changes; the others' rows of up are zero
+                placed = np.zeros((out, up.shape[1]), np.float32)
+                placed[c.at[0]:c.at[1]] = up
+                up = placed
+            ups.append(up)
         return np.concatenate(ups, axis=1), np.concatenate([down for _, down in pairs], axis=0)
 
     def for_component(self, component: str) -> tuple | None:
@@ -407,18 +426,19 @@ class Plan:
         if not self.changes.get(component):
             return None
         return (lambda name, shape: self.delta(component, name, shape),
-                lambda name: self.factors(component, name))
+                lambda name, out=None: self.factors(component, name, out))
 
     def hashes(self) -> str:
         """A1111's `Lora hashes` text: "name: hash, name: hash"."""
         return ", ".join(f"{lora.name}: {lora.short_hash()}" for lora in self.loras)
 
 
-def plan(loras: Sequence[Lora], weight_names: Mapping[str, Mapping[str, str]], denoiser: str, family: str) -> Plan:
+def plan(loras: Sequence[Lora], weight_names: Mapping[str, Mapping[str, str]], denoiser: str, family: str,
+         parts: Mapping[str, Mapping[str, Sequence]] | None = None) -> Plan:
     """Match each LoRA's layers to the package's weights (`weight_names`: component -> its graph's
     weight names -> their stored names). A LoRA for another family is refused with the reason; layers that match no
     weight are reported in one warning per file."""
-    index = {c: targets(c, names, c == denoiser) for c, names in weight_names.items()}
+    index = {c: targets(c, names, c == denoiser, (parts or {}).get(c)) for c, names in weight_names.items()}
     changes: dict[str, dict[str, list[Change]]] = {}
     for lora in loras:
         other = lora.family()
@@ -432,8 +452,8 @@ def plan(loras: Sequence[Lora], weight_names: Mapping[str, Mapping[str, str]], d
             if not found:
                 missed.append(layer.key)
                 continue
-            for name, rows in found:
-                changes.setdefault(component, {}).setdefault(name, []).append(Change(layer, lora.strength, rows))
+            for name, rows, at in found:
+                changes.setdefault(component, {}).setdefault(name, []).append(Change(layer, lora.strength, rows, at))
         if missed and len(missed) == len(lora.layers):
             raise UsageError(f"LoRA {lora.path}: none of its {len(missed)} layers matches a weight of this "
                              f"{family} model (first: {missed[0]}); it is for another model")

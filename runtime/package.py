@@ -78,6 +78,14 @@ class Package:
         model = self._graph(entry.file if self.gguf is not None else self.root / entry.file)[0]
         return {graph_name(t) if is_placeholder(t) else weight_name(t.name): t.name for t in model.graph.initializer}
 
+    def weight_parts(self, name: str) -> dict[str, list]:
+        """A component's fused weights: graph name -> the layers they hold (kernels.bind.lora_parts)."""
+        from edgediff.kernels.bind import graph_name, is_placeholder, lora_parts
+
+        entry = self._entry(name)
+        model = self._graph(entry.file if self.gguf is not None else self.root / entry.file)[0]
+        return {graph_name(t): parts for t in model.graph.initializer if is_placeholder(t) and (parts := lora_parts(t))}
+
     def residency(self, expand: bool = False) -> dict[str, list]:
         """Per bound component, how each weight would be held (kernels.bind.Binding), without
         opening a session (what runtime.memory counts before every image: worked out once)."""

@@ -143,7 +143,7 @@ class Pipeline:
         # from `lora_dir` for that image (the components open again when the set changes)
         self.lora_dir = Path(lora_dir) if lora_dir is not None else None
         self._loras = [LoraRequest.parse(x) for x in loras]
-        self._weight_names: dict[str, dict[str, str]] = {}
+        self._weight_names: dict[str, tuple[dict, dict]] = {}
         self.lora_plan: Plan | None = None
         self._lora_key: list = []  # (file, strength) of the LoRAs `lora_plan` applies
         self._use_loras(self._loras)
@@ -169,9 +169,10 @@ class Pipeline:
                    for lora in loras for layer in lora.layers.values()}
         for name in touched & set(m.components):
             if name not in self._weight_names:
-                self._weight_names[name] = self.package.weight_names(name)
-        self.lora_plan = plan(loras, {n: self._weight_names[n] for n in touched & set(m.components)},
-                              m.denoiser, m.family) if loras else None
+                self._weight_names[name] = self.package.weight_names(name), self.package.weight_parts(name)
+        wanted = touched & set(m.components)
+        self.lora_plan = plan(loras, {n: self._weight_names[n][0] for n in wanted}, m.denoiser, m.family,
+                              {n: self._weight_names[n][1] for n in wanted}) if loras else None
         self._lora_key = key
         for comp in self._components.values():
             comp.release()

@@ -283,3 +283,37 @@ def test_flux_lora_in_bfl_and_diffusers_names(tiny_source, tiny_package, tmp_pat
     assert psnr(ref, plain) < 40
     assert psnr(ref, image) >= FP32_PSNR
     assert psnr(image, from_bfl) >= FP32_PSNR
+    # BFL's own files run as they are (graphs built in BFL's names): both LoRAs change their rows
+    from edgediff.convert.adopt import adopted_package
+
+    from ldm_checkpoint import write_flux_files
+
+    files = write_flux_files(source, tmp_path / "files")
+    adopted = adopted_package(files["flux"], text_encoders=[files["clip_l"], files["t5xxl"]], vae=files["ae"])
+    for lora in ("diffusers", "bfl"):
+        got = Pipeline(adopted, device="cpu", loras=[tmp_path / f"{lora}.safetensors"]).generate(PROMPT, NEGATIVE, **ARGS)
+        assert psnr(image, got) >= FP32_PSNR, lora
+
+
+@pytest.mark.parametrize(("name", "fmt"), [("sd1", "kohya"), ("sd1", "peft"), ("sdxl", "kohya-ldm")])
+def test_lora_on_a_single_file_run_as_it_is(tiny_source, tiny_package, tmp_path, name, fmt):
+    """A single-file checkpoint's graphs are built in its own names (LDM; SDXL's second encoder
+    OpenCLIP's, q/k/v fused): a LoRA in diffusers', kohya's or LDM names changes the same
+    weights there as on the diffusers package, the fused ones by rows."""
+    import json
+
+    from edgediff.convert.adopt import adopted_package
+
+    from ldm_checkpoint import write_ldm_checkpoint
+
+    source = tiny_source(name)
+    config = json.loads((source / "unet" / "config.json").read_text())
+    components = ("unet", "text_encoder", "text_encoder_2") if name == "sdxl" else ("unet", "text_encoder")
+    lora = write_lora(diffusers_pipeline(source), tmp_path / "l.safetensors", fmt, ldm_config=config,
+                      components=components)
+    single = adopted_package(write_ldm_checkpoint(source, tmp_path / f"{name}.safetensors"))
+    ours = Pipeline(single, device="cpu", loras=[lora]).generate(PROMPT, NEGATIVE, **ARGS)
+    package = Pipeline(tiny_package(name), device="cpu", loras=[lora]).generate(PROMPT, NEGATIVE, **ARGS)
+    plain = Pipeline(single, device="cpu").generate(PROMPT, NEGATIVE, **ARGS)
+    assert psnr(package, plain) < 40
+    assert psnr(package, ours) >= FP32_PSNR

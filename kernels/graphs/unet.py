@@ -1,0 +1,351 @@
+"""The Stable Diffusion U-Net (SD 1.x, 2.x, SDXL base and refiner, LCM) as ONNX graphs, written
+from the weights' shapes under their LDM/SGM single-file names (`model.diffusion_model.*`).
+
+The graph walks the file's own layout, as LDM's `UNetModel.forward` does: every
+`input_blocks.N` is a sequence of layers (`.0` the first convolution, then resnets, spatial
+transformers and `op` downsamples), each block's output kept as a skip; `middle_block`; every
+`output_blocks.N` takes the last skip beside its input, then runs its resnet, transformer and
+`conv` upsample. Each layer's kind is read from its weights' names, the widths and depths from
+their shapes, so any level count, channel multipliers, layers per block and transformer depth
+per block (SDXL's 1/2/10) need no configuration. What the shapes cannot say is a parameter:
+the attention heads (SD 1.x: 8 per layer; SD 2.x and SDXL: 64-wide heads), the GroupNorm
+groups (32 in every LDM model), and SDXL's time ids (how many, how wide each is embedded).
+
+The contract is `convert.export`'s for the UNet (`UNET` plus `added_conditioning`): `sample`
+[batch, C, height, width], `timestep` [batch] (float), `encoder_hidden_states` [batch, sequence,
+context]; SDXL's `text_embeds` [batch, pooled] and `time_ids` [batch, ids]; LCM's `timestep_cond`
+[batch, width] -> `out_sample`. With `deep_cache` a second output, `deep_feature`, is what enters
+the last up block's last SHALLOW_LAYERS layers before their skips join, and `build_unet_shallow`
+is DeepCache's shallow branch that takes it back (`UNetGraph` / `ShallowUNetGraph`).
+
+Numerics follow diffusers' `UNet2DConditionModel` at its defaults: the sinusoidal timestep
+embedding as wide as the first convolution, cos first, no shift; resnet and output GroupNorms
+with eps 1e-5, the transformers' GroupNorm with eps 1e-6, LayerNorms 1e-5; GEGLU feed-forward;
+upsampling is nearest x2 cut to the size of the skip it joins, which is what diffusers does
+for latent sizes that are not multiples of 2**levels (and the same as x2 where they are).
+
+LCM's guidance projection has no LDM name (`ldm_names.unet_name` does not map it):
+diffusers' convert_diffusers_to_original_stable_diffusion.py keeps names it does not know, so
+it is `time_embedding.cond_proj.weight` under the prefix (`COND_PROJ`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import onnx
+
+from edgediff.errors import SourceError
+from edgediff.kernels.graphs.builder import (
+    Graph,
+    attention,
+    conv,
+    gelu,
+    group_norm,
+    layer_norm,
+    linear,
+    matmul,
+    silu,
+    timestep_embedding,
+)
+
+SHALLOW_LAYERS = 2  # as convert.export's: DeepCache's shallow branch reruns this many up layers
+COND_PROJ = "time_embedding.cond_proj.weight"  # LCM's, under the prefix (see above)
+GROUPS = 32
+NORM_EPS = 1e-5  # resnets' and the output's GroupNorm (diffusers' norm_eps)
+TRANSFORMER_NORM_EPS = 1e-6  # the spatial transformer's GroupNorm
+LAYER_NORM_EPS = 1e-5
+
+# a layer's kind, by the weight only it has
+_KINDS = (("resnet", "in_layers.2.weight"), ("transformer", "proj_in.weight"), ("down", "op.weight"),
+          ("up", "conv.weight"))
+
+
+@dataclass(frozen=True)
+class UNetLayout:
+    """What the shapes say: each block's layers as (kind, name prefix), the widths, the extras."""
+
+    input_blocks: tuple[tuple[tuple[str, str], ...], ...]
+    middle_block: tuple[tuple[str, str], ...]
+    output_blocks: tuple[tuple[tuple[str, str], ...], ...]
+    in_channels: int
+    out_channels: int
+    model_channels: int
+    levels: int
+    context: int
+    skip_widths: tuple[int, ...]  # each input block's output width, the skips in order
+    adm: int  # SDXL's label_emb input width (pooled text + embedded time ids), 0 when none
+    cond: int  # LCM's timestep_cond width, 0 when none
+
+
+def _indices(shapes: Mapping[str, Sequence[int]], stem: str) -> list[int]:
+    """The integers i for which some weight is named `stem{i}.…`."""
+    found = set()
+    for name in shapes:
+        if name.startswith(stem):
+            head = name[len(stem):].split(".", 1)[0]
+            if head.isdigit():
+                found.add(int(head))
+    return sorted(found)
+
+
+def _layers(g: Graph, block: str) -> tuple[tuple[str, str], ...]:
+    """The layers of `block` (a TimestepEmbedSequential, `…input_blocks.N`) by kind."""
+    layers = []
+    for k in _indices(g.shapes, block + "."):
+        name = f"{block}.{k}."
+        kind = next((kind for kind, marker in _KINDS if g.has(name + marker)), None)
+        if kind is None:
+            raise SourceError(f"{g.where}: '{name}*' is no U-Net layer this graph knows (it has none of "
+                              f"{', '.join(name + marker for _, marker in _KINDS)}); the file is incomplete "
+                              "or of another architecture")
+        layers.append((kind, name))
+    return tuple(layers)
+
+
+def unet_layout(g: Graph, prefix: str) -> UNetLayout:
+    p = prefix
+    conv_in = g.shape(p + "input_blocks.0.0.weight")
+    inputs = [(("conv_in", p + "input_blocks.0.0."),)]
+    inputs += [_layers(g, f"{p}input_blocks.{i}") for i in _indices(g.shapes, p + "input_blocks.")[1:]]
+    outputs = [_layers(g, f"{p}output_blocks.{i}") for i in _indices(g.shapes, p + "output_blocks.")]
+    middle = _layers(g, p + "middle_block")
+    if not middle:
+        g.shape(p + "middle_block.0.in_layers.2.weight")  # raises the SourceError naming it
+    if len(outputs) != len(inputs):
+        raise SourceError(f"{g.where}: {len(inputs)} input blocks but {len(outputs)} output blocks; the file is "
+                          "incomplete or of another architecture")
+    widths, width = [], conv_in[0]
+    for block in inputs:
+        for kind, name in block:
+            if kind == "resnet":
+                width = g.shape(name + "out_layers.3.weight")[0]
+        widths.append(width)
+    transformer = next((name for block in (*inputs, middle, *outputs) for kind, name in block
+                        if kind == "transformer"), p + "middle_block.1.")
+    context = g.shape(transformer + "transformer_blocks.0.attn2.to_k.weight")[1]
+    adm = g.shape(p + "label_emb.0.0.weight")[1] if g.has(p + "label_emb.0.0.weight") else 0
+    cond = g.shape(p + COND_PROJ)[1] if g.has(p + COND_PROJ) else 0
+    levels = 1 + sum(kind == "down" for block in inputs for kind, _ in block)
+    return UNetLayout(tuple(inputs), middle, tuple(outputs), conv_in[1], g.shape(p + "out.2.weight")[0],
+                      conv_in[0], levels, context, tuple(widths), adm, cond)
+
+
+class _Heads:
+    """Attention heads of a transformer from its width and level: a count for every layer (SD
+    1.x's 8), one per level, or the head width (SD 2.x and SDXL: 64)."""
+
+    def __init__(self, heads: int | Sequence[int] | None, head_dim: int | None, levels: int):
+        if (heads is None) == (head_dim is None):
+            raise ValueError("give the U-Net's attention heads either as `heads` (SD 1.x: 8) or as `head_dim` "
+                             "(SD 2.x, SDXL: 64)")
+        if heads is not None and not isinstance(heads, int) and len(heads) != levels:
+            raise ValueError(f"{len(heads)} head counts for a U-Net of {levels} levels")
+        self.heads, self.head_dim = heads, head_dim
+
+    def __call__(self, width: int, level: int, where: str) -> int:
+        if self.heads is not None:
+            heads = self.heads if isinstance(self.heads, int) else self.heads[level]
+        else:
+            heads = width // self.head_dim
+        if heads < 1 or width % heads:
+            raise SourceError(f"{where}: a transformer {width} wide cannot have "
+                              f"{f'{self.head_dim}-wide heads' if self.heads is None else f'{heads} heads'}")
+        return heads
+
+
+# -- layers ------------------------------------------------------------------------------------
+
+def _resnet(g: Graph, x: str, name: str, emb: str, groups: int) -> str:
+    """ResBlock: norm, SiLU, conv; plus the projected embedding; norm, SiLU, conv; plus the
+    input (through `skip_connection` where the width changes). `emb` is SiLU(embedding)."""
+    h = conv(g, silu(g, group_norm(g, x, name + "in_layers.0", groups, NORM_EPS)), name + "in_layers.2")
+    h = g.op("Add", h, g.op("Unsqueeze", linear(g, emb, name + "emb_layers.1"), g.const([2, 3])))
+    h = conv(g, silu(g, group_norm(g, h, name + "out_layers.0", groups, NORM_EPS)), name + "out_layers.3")
+    if g.has(name + "skip_connection.weight"):
+        x = conv(g, x, name + "skip_connection")
+    return g.op("Add", x, h)
+
+
+def _attention(g: Graph, x: str, context: str, name: str, heads: int) -> str:
+    q = linear(g, x, name + "to_q")
+    k, v = linear(g, context, name + "to_k"), linear(g, context, name + "to_v")
+    return linear(g, attention(g, q, k, v, heads), name + "to_out.0")
+
+
+def _geglu(g: Graph, x: str, name: str) -> str:
+    hidden, gate = g.chunk(linear(g, x, name + "net.0.proj"), 2, g.shape(name + "net.0.proj.weight")[0] // 2)
+    return linear(g, g.op("Mul", hidden, gelu(g, gate)), name + "net.2")
+
+
+def _transformer(g: Graph, x: str, name: str, context: str, heads: _Heads, level: int, groups: int) -> str:
+    """SpatialTransformer: GroupNorm, proj_in (a 1x1 conv in SD 1.x, a Linear on the tokens in SD
+    2.x/SDXL: as stored), the transformer blocks over the H*W tokens, proj_out, the residual."""
+    inner = g.shape(name + "proj_in.weight")[0]
+    count = heads(inner, level, f"{g.where}: {name[:-1]}")
+    h = group_norm(g, x, name + "norm", groups, TRANSFORMER_NORM_EPS)
+
+    def tokens(y: str, width: int) -> str:  # [B, C, H, W] -> [B, HW, C]
+        return g.op("Transpose", g.reshape(y, [0, width, -1]), perm=[0, 2, 1])
+
+    if len(g.shape(name + "proj_in.weight")) == 4:
+        h = conv(g, h, name + "proj_in")
+        image = g.op("Shape", h)
+        t = tokens(h, inner)
+    else:
+        t = linear(g, tokens(h, g.shape(name + "norm.weight")[0]), name + "proj_in")
+    blocks = _indices(g.shapes, name + "transformer_blocks.")
+    if not blocks:
+        g.shape(name + "transformer_blocks.0.attn1.to_q.weight")  # raises the SourceError naming it
+    for k in blocks:
+        b = f"{name}transformer_blocks.{k}."
+        n = layer_norm(g, t, b + "norm1", eps=LAYER_NORM_EPS)
+        t = g.op("Add", t, _attention(g, n, n, b + "attn1.", count))
+        t = g.op("Add", t, _attention(g, layer_norm(g, t, b + "norm2", eps=LAYER_NORM_EPS), context,
+                                      b + "attn2.", count))
+        t = g.op("Add", t, _geglu(g, layer_norm(g, t, b + "norm3", eps=LAYER_NORM_EPS), b + "ff."))
+    if len(g.shape(name + "proj_out.weight")) == 4:
+        out = conv(g, g.op("Reshape", g.op("Transpose", t, perm=[0, 2, 1]), image), name + "proj_out")
+    else:
+        out = g.op("Reshape", g.op("Transpose", linear(g, t, name + "proj_out"), perm=[0, 2, 1]), g.op("Shape", x))
+    return g.op("Add", x, out)
+
+
+def _upsample(g: Graph, x: str, name: str, like: str) -> str:
+    """Nearest x2, cut to the height and width of `like` (the skip it joins next), then the conv."""
+    x = g.op("Resize", x, "", g.const([1.0, 1.0, 2.0, 2.0], "float32"), mode="nearest",
+             coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+    x = g.op("Slice", x, g.const([0, 0]), g.op("Shape", like, start=2, end=4), g.const([2, 3]))
+    return conv(g, x, name + "conv")
+
+
+# -- the graph ---------------------------------------------------------------------------------
+
+class _UNet:
+    def __init__(self, shapes, heads, head_dim, groups, time_ids, time_id_dim, prefix, where):
+        self.g = Graph(shapes, where)
+        self.p, self.groups = prefix, groups
+        self.layout = unet_layout(self.g, prefix)
+        self.heads = _Heads(heads, head_dim, self.layout.levels)
+        self.time_ids, self.time_id_dim = time_ids, time_id_dim
+
+    def inputs(self) -> None:
+        g, lay = self.g, self.layout
+        self.sample = g.input("sample", ["batch", lay.in_channels, "height", "width"])
+        self.timestep = g.input("timestep", ["batch"])
+        self.context = g.input("encoder_hidden_states", ["batch", "sequence", lay.context])
+        self.extras = {}
+        if lay.adm:
+            pooled = lay.adm - self.time_ids * self.time_id_dim
+            if pooled < 1:
+                raise SourceError(f"{g.where}: label_emb takes {lay.adm} numbers, too few for {self.time_ids} time "
+                                  f"ids embedded {self.time_id_dim} wide and the pooled text")
+            self.extras["text_embeds"] = g.input("text_embeds", ["batch", pooled])
+            self.extras["time_ids"] = g.input("time_ids", ["batch", self.time_ids])
+        if lay.cond:
+            self.extras["timestep_cond"] = g.input("timestep_cond", ["batch", lay.cond])
+
+    def embedding(self) -> str:
+        """SiLU of the time embedding (plus SDXL's text-and-size embedding), as every resnet takes it."""
+        g, p = self.g, self.p
+        t = timestep_embedding(g, self.timestep, g.shape(p + "time_embed.0.weight")[1])
+        if "timestep_cond" in self.extras:
+            t = g.op("Add", t, matmul(g, self.extras["timestep_cond"], p + COND_PROJ))
+        emb = linear(g, silu(g, linear(g, t, p + "time_embed.0")), p + "time_embed.2")
+        if self.layout.adm:
+            ids = timestep_embedding(g, g.reshape(self.extras["time_ids"], [-1]), self.time_id_dim)
+            ids = g.reshape(ids, [-1, self.time_ids * self.time_id_dim])
+            added = g.op("Concat", self.extras["text_embeds"], ids, axis=-1)
+            emb = g.op("Add", emb, linear(g, silu(g, linear(g, added, p + "label_emb.0.0")), p + "label_emb.0.2"))
+        return silu(g, emb)
+
+    def block(self, x: str, layers, emb: str, level: int, like: str | None = None) -> tuple[str, int]:
+        """Run one block's layers; returns the output and the level it ends at."""
+        g = self.g
+        for kind, name in layers:
+            if kind == "conv_in":
+                x = conv(g, x, name[:-1])
+            elif kind == "resnet":
+                x = _resnet(g, x, name, emb, self.groups)
+            elif kind == "transformer":
+                x = _transformer(g, x, name, self.context, self.heads, level, self.groups)
+            elif kind == "down":
+                x, level = conv(g, x, name + "op", stride=2), level + 1
+            else:  # up
+                if like is None:
+                    raise SourceError(f"{g.where}: '{name}conv' upsamples in the last output block")
+                x, level = _upsample(g, x, name, like), level - 1
+        return x, level
+
+    def out(self, x: str) -> None:
+        g, p = self.g, self.p
+        x = conv(g, silu(g, group_norm(g, x, p + "out.0", self.groups, NORM_EPS)), p + "out.2")
+        g.output(x, "out_sample", ["batch", self.layout.out_channels, "height", "width"])
+
+    def feature_width(self) -> int:
+        """The deep feature's channels: the shallow branch's first resnet's input less its skip."""
+        lay = self.layout
+        kind, name = lay.output_blocks[-SHALLOW_LAYERS][0]
+        if kind != "resnet":
+            raise SourceError(f"{self.g.where}: '{name}*' is no resnet; DeepCache needs one there")
+        return self.g.shape(name + "in_layers.0.weight")[0] - lay.skip_widths[SHALLOW_LAYERS - 1]
+
+
+def build_unet(shapes: Mapping[str, Sequence[int]], *, heads: int | Sequence[int] | None = None,
+               head_dim: int | None = None, groups: int = GROUPS, time_ids: int = 6, time_id_dim: int = 256,
+               prefix: str = "model.diffusion_model.", deep_cache: bool = False,
+               where: str = "the model") -> onnx.ModelProto:
+    """The U-Net: sample, timestep, encoder_hidden_states (+ text_embeds, time_ids for SDXL,
+    timestep_cond for LCM) -> out_sample (+ deep_feature with `deep_cache`).
+
+    `heads`: attention heads per transformer (SD 1.x: 8), or one count per level (lowest
+    first), or else `head_dim` (SD 2.x, SDXL: 64). `groups`: every GroupNorm's (32 in LDM models).
+    `time_ids`, `time_id_dim`: SDXL's count of time ids (6 for base, 5 for the refiner) and each
+    one's embedding width (256); the pooled text is the rest of `label_emb`'s input."""
+    u = _UNet(shapes, heads, head_dim, groups, time_ids, time_id_dim, prefix, where)
+    g, lay = u.g, u.layout
+    u.inputs()
+    emb = u.embedding()
+    skips, x, level = [], u.sample, 0
+    for layers in lay.input_blocks:
+        x, level = u.block(x, layers, emb, level)
+        skips.append(x)
+    x, _ = u.block(x, lay.middle_block, emb, level)
+    for i, layers in enumerate(lay.output_blocks):
+        if deep_cache and i == len(lay.output_blocks) - SHALLOW_LAYERS:
+            feature = x
+            width = u.feature_width()
+        x = g.op("Concat", x, skips.pop(), axis=1)
+        x, level = u.block(x, layers, emb, level, skips[-1] if skips else None)
+    u.out(x)
+    if deep_cache:
+        g.output(feature, "deep_feature", ["batch", width, "height", "width"])
+    return g.model()
+
+
+def build_unet_shallow(shapes: Mapping[str, Sequence[int]], *, heads: int | Sequence[int] | None = None,
+                       head_dim: int | None = None, groups: int = GROUPS, time_ids: int = 6,
+                       time_id_dim: int = 256, prefix: str = "model.diffusion_model.",
+                       where: str = "the model") -> onnx.ModelProto:
+    """DeepCache's shallow branch: the same inputs plus `deep_feature` (from an earlier step's
+    `build_unet(..., deep_cache=True)`) -> out_sample. It runs the embedding, the first
+    SHALLOW_LAYERS input blocks (the skips it needs), the last SHALLOW_LAYERS output blocks from
+    the deep feature, and the output layers."""
+    u = _UNet(shapes, heads, head_dim, groups, time_ids, time_id_dim, prefix, where)
+    g, lay = u.g, u.layout
+    u.inputs()
+    feature = g.input("deep_feature", ["batch", u.feature_width(), "height", "width"])
+    emb = u.embedding()
+    skips, x, level = [], u.sample, 0
+    for layers in lay.input_blocks[:SHALLOW_LAYERS]:
+        x, level = u.block(x, layers, emb, level)
+        skips.append(x)
+    if level:
+        raise SourceError(f"{where}: the U-Net downsamples within its first {SHALLOW_LAYERS} input blocks")
+    x = feature
+    for layers in lay.output_blocks[-SHALLOW_LAYERS:]:
+        x = g.op("Concat", x, skips.pop(), axis=1)
+        x, level = u.block(x, layers, emb, level, skips[-1] if skips else None)
+    u.out(x)
+    return g.model()
