@@ -224,9 +224,9 @@ def _convert(args) -> int:
 
 
 def _runnable(model: str, say, **parts):
-    """A package to open: the model itself, or for a GGUF file (or a model given in parts) the
-    cached package that binds its weights."""
-    if not (str(model).lower().endswith(".gguf") or any(parts.values())):
+    """A package to open: the model itself, or for a GGUF or single .safetensors file (or a model
+    given in parts) the cached package that binds its weights."""
+    if not (str(model).lower().endswith((".gguf", ".safetensors")) or any(parts.values())):
         return model
     from edgediff.convert.adopt import runnable
 

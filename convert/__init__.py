@@ -6,6 +6,7 @@ Needs the `convert` extra (torch, diffusers, transformers, onnx) for exporting; 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -202,16 +203,40 @@ def convert(
     if deep_cache and fam.denoiser != "unet":
         raise UsageError(f"--deep-cache reuses a U-Net's deep features; {fam.title} has a transformer: "
                          "convert it without --deep-cache")
-    if fmt == "gguf" and fam.denoiser != "unet" and layout == "ldm" and not swap_vae:
-        # a DiT's files hold the very tensors of its GGUF file: requantized one at a time
-        from edgediff.convert import adopt
+    from edgediff.convert import adopt
 
+    files = layout == "ldm" and src.kind in ("safetensors", "gguf")
+    if fmt == "gguf" and files and not swap_vae:  # the files hold the very tensors of the GGUF file
         return adopt.write_adopted_gguf(src_path, output, family=family, prediction=prediction, precision=precision,
-                                        rules=parsed_rules, overwrite=overwrite, progress=progress, **parts)
-    from edgediff.convert.load import load_torch_pipeline, load_vae
-
+                                        rules=parsed_rules, overwrite=overwrite, progress=progress,
+                                        reshape=quantize_convolutions, **parts)
     if progress:
         progress(f"reading {src.kind} source ({fam.title}, {layout} layout)")
+    if files and fmt == "onnx":  # graphs built in the files' own names, each weight written from them as fp32
+        from edgediff.convert.build import vae_graphs
+
+        adopted = adopt.adopt(src_path, family=family, prediction=prediction, own_vae=not swap_vae, **parts)
+        given = vae_graphs(Path(vae), fam, fam.latent.scale, fam.latent.shift, fam.latent.channels,
+                           fam.latent.downscale) if swap_vae else None
+        if given:
+            adopted.info["vae"] = str(vae)
+        precisions = parse_precision(precision, components, fmt, full_precision_components(
+            fam, fam.vae_fp16 or bool(given and given.half_safe)))
+        if deep_cache:
+            precisions["unet_shallow"] = precisions["unet"]
+        with atomic_folder(output, overwrite) as tmp:
+            manifest = adopt._graphs(adopted, tmp, progress, deep_cache, weights=True, vae=given)
+            if any(p != "fp32" for p in precisions.values()):
+                manifest = _apply_precisions(tmp, manifest, precisions, parsed_rules, progress)
+                (tmp / MANIFEST).write_text(manifest.to_json())
+        return manifest
+    if src.kind == "diffusers" and not (swap_vae and fmt == "gguf"):
+        return _convert_folder(src, fam, layout, output, fmt, precision, parsed_rules, overwrite=overwrite,
+                               progress=progress, prediction=prediction, deep_cache=deep_cache,
+                               quantize_convolutions=quantize_convolutions, vae=Path(vae) if swap_vae else None)
+    # what still goes through torch: pickle checkpoints, and a VAE in diffusers' form written into a GGUF package
+    from edgediff.convert.load import load_torch_pipeline, load_vae
+
     # a diffusers folder to GGUF: graphs traced without weights, each tensor then read from the
     # folder's files, quantized and written in turn (a 12B Flux never in memory whole)
     streamed = fmt == "gguf" and src.kind == "diffusers" and not swap_vae
@@ -250,6 +275,61 @@ def convert(
         manifest = _export(pipe, src, src_path, layout, tmp, progress, deep_cache)
         if any(p != "fp32" for p in precisions.values()):
             manifest = _apply_precisions(tmp, manifest, precisions, parsed_rules, progress)
+            (tmp / MANIFEST).write_text(manifest.to_json())
+    return manifest
+
+
+def _convert_folder(src: Source, fam: Family, layout: str, output: Path, fmt: str, precision: str, rules, *,
+                    overwrite: bool, progress, prediction: str | None, deep_cache: bool,
+                    quantize_convolutions: bool, vae: Path | None = None) -> Manifest:
+    """A diffusers folder's package from graphs built from its configs and shapes (convert.build):
+    to ONNX with each weight written from the folder's files in turn, or to GGUF with each tensor
+    read, quantized and written in turn (a 12B Flux never in memory whole)."""
+    from edgediff.convert import build
+    from edgediff.convert.package import atomic_file, atomic_folder
+    from edgediff.convert.precision import parse_precision
+
+    configs = build.folder_configs(src.path, fam)
+    arch = build.folder_architecture(src.path, fam, configs, prediction)
+    vae_half = fam.vae_fp16 or configs["vae"].get("force_upcast", True) is False  # SDXL's fp16-fix VAE
+    given = None
+    if vae is not None:  # a VAE given apart (`--vae`) in the model's own's place
+        given = build.vae_graphs(vae, fam, arch.latent_scale, arch.latent_shift, arch.latent_channels,
+                                 arch.vae_downscale)
+        arch, vae_half = dataclasses.replace(arch, info={**arch.info, "vae": str(vae)}), fam.vae_fp16 or given.half_safe
+    precisions = parse_precision(precision, fam.components, fmt, full_precision_components(fam, vae_half))
+    if deep_cache:
+        precisions["unet_shallow"] = precisions["unet"]  # the same weights, at the same precision
+
+    def package(tmp: Path, weights: bool) -> Manifest:
+        started = time.perf_counter()
+        written = {}
+        for component, make in build.folder_graphs(fam, src.shapes, configs, str(src.path), deep_cache):
+            if progress:
+                progress(f"building {component}")
+            read = build.FolderWeights(src, component).__getitem__
+            if given is not None and component.startswith("vae_"):
+                make, read = (given.decoder if component == "vae_decoder" else given.encoder), given.read
+            written[component] = build.write_graph(make(), tmp / component / "model.onnx", read if weights else None)
+        return write_manifest(tmp, arch, written, {"path": str(src.path), "kind": src.kind, "layout": layout,
+                                                   "seconds": round(time.perf_counter() - started, 1)})
+
+    if fmt == "gguf":
+        import tempfile
+
+        from edgediff.convert.gguf import gguf_format, write_gguf
+
+        with atomic_file(output, overwrite) as target, tempfile.TemporaryDirectory(
+                dir=output.parent, prefix=f".{output.name}.export-") as scratch:
+            manifest = package(Path(scratch), weights=False)
+            return write_gguf(Path(scratch), manifest, target, build.ldm_names(fam, configs),
+                              formats={c: gguf_format(p) for c, p in precisions.items()}, rules=rules,
+                              shapes=_ldm_shape, reshape=quantize_convolutions, progress=progress,
+                              weights=lambda component: build.FolderWeights(src, component))
+    with atomic_folder(output, overwrite) as tmp:
+        manifest = package(tmp, weights=True)
+        if any(p != "fp32" for p in precisions.values()):
+            manifest = _apply_precisions(tmp, manifest, precisions, rules, progress)
             (tmp / MANIFEST).write_text(manifest.to_json())
     return manifest
 

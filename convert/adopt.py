@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,9 +39,10 @@ class Part:
 class Adopted:
     family: Family
     parts: dict[str, Part]  # component -> where its weights are
-    shapes: dict[str, tuple[int, ...]]  # every weight the files give, by the name the graphs use
+    shapes: Mapping[str, tuple[int, ...]]  # every weight the files give, by the name the builders use
     prediction: str | None
     files: list[Path]
+    info: dict = dataclasses.field(default_factory=dict)  # for the manifest: EMA weights used, keys dropped
 
 
 def _open(path: Path, prefix: str = ""):
@@ -65,15 +66,20 @@ def _names(file) -> list[str]:
 
 def adopt(main: Path, *, base: Path | None = None, vae: Path | None = None,
           text_encoders: Sequence[Path] = (), family: str = "auto",
-          prediction: str | None = None) -> Adopted:
+          prediction: str | None = None, own_vae: bool = True) -> Adopted:
     """Assign every component of the model in `main` to the file its weights come from (explicit
-    `--vae`/`--text-encoder` first, then `main`, then `base`)."""
+    `--vae`/`--text-encoder` first, then `main`, then `base`); without `own_vae`, the VAE is
+    given apart (convert.build.vae_graphs)."""
     first = _open(main)
     others = [(_open(vae, VAE), "vae")] if vae else []
     wanted_prefix: dict[str, str] = {}
     shapes_main = {n: w.shape for n, w in first.tensors.items()} if isinstance(first, GGUFFile) else {
         n: first.header[n.removeprefix(first.prefix)].shape for n in first.names()}
     fam = get_family(family) if family != "auto" else detect_family(shapes_main, str(main))[0]
+    if fam.denoiser != "unet" and any(n.startswith(DENOISER) for n in shapes_main):  # says what a DiT file lacks
+        from edgediff.kernels.dit_names import DIT_CONFIGS
+
+        DIT_CONFIGS[fam.denoiser_class](shapes_main, str(main))
     for path, spec in zip(text_encoders, fam.text_encoders, strict=False):
         file = _open(path, spec.ldm_prefix)
         others.append((file, spec.component))
@@ -83,8 +89,8 @@ def adopt(main: Path, *, base: Path | None = None, vae: Path | None = None,
         raise UsageError(f"{len(text_encoders)} --text-encoder files given; {fam.title} has "
                          f"{len(fam.text_encoders)} text encoder(s)")
     fallback = [_open(base)] if base else []
-    wanted = {fam.denoiser: DENOISER, "vae": VAE, **{te.component: te.ldm_prefix for te in fam.text_encoders},
-              **wanted_prefix}
+    wanted = {fam.denoiser: DENOISER, **({"vae": VAE} if own_vae else {}),
+              **{te.component: te.ldm_prefix for te in fam.text_encoders}, **wanted_prefix}
     parts: dict[str, Part] = {}
     for component, prefix in wanted.items():
         explicit = [f for f, c in others if c == component]
@@ -93,22 +99,47 @@ def adopt(main: Path, *, base: Path | None = None, vae: Path | None = None,
                 parts[component] = Part(file, prefix)
                 break
     missing = [c for c in wanted if c not in parts]
+    if missing and fam.denoiser != "unet" and not (others or fallback):  # a DiT's transformer alone
+        files = " ".join(f"--text-encoder {te.ldm_prefix.split('.')[1].upper()}.safetensors" for te in fam.text_encoders)
+        lacking = sorted(c for c in missing if c != "vae") + ["VAE"] * ("vae" in missing)
+        raise SourceError(f"{main}: no {', '.join(lacking)} weights (a transformer-only file, as {fam.title} is often "
+                          f"shipped); pass {files} (in this order) and --vae VAE.safetensors")
     if missing:
         what = "only the denoiser" if list(parts) == [fam.denoiser] else f"no {', '.join(missing)}"
         raise UsageError(
             f"{main}: the file holds {what} (a denoiser-only file, as ComfyUI-GGUF writes); "
             "pass --base MODEL (the .safetensors or .gguf checkpoint it was made from), or "
             "--vae FILE and --text-encoder FILE for the parts it lacks")
-    shapes = {}
+    shapes, info = {}, {}
     for part in parts.values():
         for name in _names(part.file):
             if name.startswith(part.prefix):
                 w = part.file.weight(name)
                 if w is not None:
                     shapes[name] = w.shape
+    if isinstance(first, SafetensorsFile):  # a training checkpoint: its EMA weights, and what is dropped
+        names = first.names()
+        shapes, info["ema"] = _with_ema(first, shapes, names)
+        info["dropped_keys"] = sum(not any(n.startswith(p.prefix) for p in parts.values()) for n in names)
     files = [Path(main), *([Path(vae)] if vae else []), *map(Path, text_encoders), *([Path(base)] if base else [])]
-    parts["vae_decoder"] = parts["vae_encoder"] = parts.pop("vae")
-    return Adopted(fam, parts, shapes, prediction, files)
+    if own_vae:
+        parts["vae_decoder"] = parts["vae_encoder"] = parts.pop("vae")
+    return Adopted(fam, parts, shapes, prediction, files, info)
+
+
+def _with_ema(file, shapes: dict, names: list[str]):
+    """The U-Net's weights as the EMA copies a training checkpoint keeps beside them
+    (`model_ema.<name without dots>`), when it has them: they give the better images."""
+    from edgediff.kernels.graphs.builder import View
+
+    ema = {"model_ema." + "".join(n.split(".")[1:]): n for n in shapes if n.startswith(DENOISER)}
+    found = {ema[n]: n for n in names if n in ema}
+    if not found:
+        return shapes, False
+    stored = dict(shapes)
+    for flat in found.values():
+        stored[flat] = file.weight(flat).shape
+    return View({n: [(found.get(n, n), 0, -1)] for n in shapes}, stored), True
 
 
 def _architecture(adopted: Adopted, graphs: dict[str, onnx.ModelProto]):
@@ -121,7 +152,7 @@ def _architecture(adopted: Adopted, graphs: dict[str, onnx.ModelProto]):
         _resolve_spacing,
     )
 
-    fam, shapes = adopted.family, adopted.shapes
+    fam = adopted.family
     inputs = {i.name: i for i in graphs[fam.denoiser].graph.input}
     conditioning = fam.conditioning
     if "timestep_cond" in inputs:  # an LCM-distilled UNet: guidance is an input of the model
@@ -137,38 +168,44 @@ def _architecture(adopted: Adopted, graphs: dict[str, onnx.ModelProto]):
     for spec in fam.text_encoders:
         layers = graphs[spec.component].graph.output[0].type.tensor_type.shape.dim[0].dim_value
         encoders.append((spec, int(layers), BUNDLED_T5_TOKENIZER if spec.kind == "t5" else BUNDLED_CLIP_TOKENIZER))
-    decoder = graphs["vae_decoder"].graph
-    latent = decoder.input[0].type.tensor_type.shape.dim[1].dim_value
-    prefix = adopted.parts["vae_decoder"].prefix
-    levels = 1 + max(int(n[len(prefix + "decoder.up."):].split(".")[0]) for n in shapes
-                     if n.startswith(prefix + "decoder.up."))
+    latent = graphs["vae_decoder"].graph.input[0].type.tensor_type.shape.dim[1].dim_value
     return Architecture(fam, encoders, _resolve_spacing(scheduler), conditioning, int(latent), fam.latent.scale,
-                        fam.latent.shift, 2 ** (levels - 1), fam.defaults.resolution)
+                        fam.latent.shift, fam.latent.downscale, fam.defaults.resolution)
 
 
-def _graphs(adopted: Adopted, folder: Path, progress, deep_cache: bool = False):
+def _graphs(adopted: Adopted, folder: Path, progress, deep_cache: bool = False, weights: bool = False,
+            vae=None):
     """Build every component's graph into `folder` (weights as placeholders under the files'
-    names) and write the package's manifest."""
+    names, or with `weights` written from the files as fp32) and write the package's manifest.
+    `vae` (convert.build.VaeGraphs): a VAE given apart, instead of the files' own."""
     import time
 
     from edgediff.convert import write_manifest
+    from edgediff.convert.build import _float, write_graph
     from edgediff.kernels.graphs.models import model_graphs
 
     started = time.perf_counter()
     prefixes = {c: part.prefix for c, part in adopted.parts.items()}
+    builds = model_graphs(adopted.family, adopted.shapes, prefixes, str(adopted.files[0]), deep_cache, vae is None)
+    if vae is not None:
+        builds = [*builds, ("vae_decoder", vae.decoder), ("vae_encoder", vae.encoder)]
     graphs, written = {}, {}
-    for component, build in model_graphs(adopted.family, adopted.shapes, prefixes, str(adopted.files[0]), deep_cache):
+    for component, build in builds:
         if progress:
             progress(f"building {component}")
         graphs[component] = build()
-        path = folder / component / "model.onnx"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        onnx.save(graphs[component], str(path))
-        written[component] = [path]
-    source = {"path": str(adopted.files[0]), "kind": "gguf", "layout": "ldm",
+        if vae is not None and component.startswith("vae_"):
+            read = vae.read
+        else:
+            part = adopted.parts["unet" if component == "unet_shallow" else component]
+            read = lambda n, f=part.file: _float(f, n)  # noqa: E731
+        written[component] = write_graph(graphs[component], folder / component / "model.onnx",
+                                         read if weights else None)
+    kind = "gguf" if adopted.files[0].suffix.lower() == ".gguf" else "safetensors"
+    source = {"path": str(adopted.files[0]), "kind": kind, "layout": "ldm",
               "files": [str(p) for p in adopted.files],
               "writer": getattr(adopted.parts[adopted.family.denoiser].file, "writer", "safetensors"),
-              "seconds": round(time.perf_counter() - started, 1)}
+              "seconds": round(time.perf_counter() - started, 1), **adopted.info}
     return write_manifest(folder, _architecture(adopted, graphs), written, source)
 
 
@@ -218,7 +255,7 @@ def adopted_package(main: Path, *, base: Path | None = None, vae: Path | None = 
 def write_adopted_gguf(main: Path, output: Path, *, base: Path | None = None, vae: Path | None = None,
                        text_encoders: Sequence[Path] = (), family: str = "auto", prediction: str | None = None,
                        precision: str | None = None, rules: Sequence = (), overwrite: bool = False,
-                       progress: Callable[[str], None] | None = None):
+                       progress: Callable[[str], None] | None = None, reshape: bool = False):
     """One GGUF package holding the files' tensors exactly as stored, or with `precision`
     requantized one tensor at a time (a 12B Flux never in memory whole), the graphs of the
     family's recipe, the manifest and the tokenizer."""
@@ -249,7 +286,7 @@ def write_adopted_gguf(main: Path, output: Path, *, base: Path | None = None, va
 
         names = {c: _same for c in manifest.components}  # the graphs name the weights as the files do
         return write_gguf(Path(scratch), manifest, target, names, formats=formats, rules=rules, stored=stored,
-                          progress=progress)
+                          progress=progress, reshape=reshape)
 
 
 def _same(name: str) -> str:
@@ -257,14 +294,15 @@ def _same(name: str) -> str:
 
 
 def runnable(model: Path, *, base=None, vae=None, text_encoders=(), progress=None) -> Path:
-    """What `edgediff generate --model` opens: an edgediff package as it is, any other GGUF
-    file (with the files that complete it) through a cached package of graphs."""
+    """What `edgediff generate --model` opens: an edgediff package as it is, any other GGUF or
+    single .safetensors file (with the files that complete it) through a cached package of graphs."""
     from edgediff.runtime.package import GGUF_MANIFEST
 
+    path = Path(model)
     if not (base or vae or text_encoders):
-        if Path(model).is_dir():
+        if path.is_dir() or path.suffix.lower() not in (".gguf", ".safetensors"):
             return model
-        if Path(model).is_file() and GGUFFile(model).string(GGUF_MANIFEST) is not None:
+        if path.suffix.lower() == ".gguf" and path.is_file() and GGUFFile(model).string(GGUF_MANIFEST) is not None:
             return model
     return adopted_package(Path(model), base=base and Path(base), vae=vae and Path(vae),
                            text_encoders=[Path(p) for p in text_encoders], progress=progress)

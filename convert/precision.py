@@ -36,10 +36,11 @@ INT8_DEFAULT = "int8-static"
 BLOCK = 32
 # Layers int8-static keeps float (after the user's rules), as NVIDIA's diffusers int8 recipe does:
 # the 1x1 shortcut convolutions on the residual path. On the full-size SD 1.5 U-Net they cost 8 dB
-# of the image quantized, 2% of the arithmetic float (benchmarks/int8.py, RESULTS.md). The recipe's
-# other float layers are float here anyway: time projections are Gemm nodes, attention's products
-# are inside MultiHeadAttention, and only Conv and MatMul are quantized.
-STATIC_FLOAT = (Rule(r"conv_shortcut", "fp32"),)
+# of the image quantized, 2% of the arithmetic float (benchmarks/int8.py, RESULTS.md). And, as the
+# recipe does, the resnets' time projections (`time_emb_proj`, LDM's `emb_layers`: one row of
+# activations each, nothing to gain). Attention's products are inside MultiHeadAttention, and
+# only Conv and MatMul are quantized.
+STATIC_FLOAT = (Rule(r"conv_shortcut", "fp32"), Rule(r"time_emb_proj|emb_layers", "fp32"))
 # Components that a single precision name applies to; the VAE stays fp32 under int8/int4
 # (its convolutions have no fast low-bit kernel on the CPU provider).
 LOW_BIT_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")

@@ -200,3 +200,7 @@ def sd3_config(shapes: Mapping[str, tuple[int, ...]], where: str) -> dict:
         )
     except KeyError as exc:
         raise SourceError(f"{where}: not an SD3 transformer in Stability's names (no {exc})") from None
+
+
+# the denoiser class -> its config read from a single file's shapes
+DIT_CONFIGS = {"FluxTransformer2DModel": flux_config, "SD3Transformer2DModel": sd3_config}

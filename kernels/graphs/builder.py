@@ -28,9 +28,36 @@ OPSET = 18
 MS = "com.microsoft"
 
 
+Piece = tuple[str, int, int]  # a stored tensor and the rows of it (end -1: all of it)
+
+
+class View(Mapping):
+    """A file's weights under the names a builder uses (its canonical layout: LDM/SGM, BFL,
+    transformers'), each one or more row ranges of the tensors the file stores under its own
+    names: diffusers' separate q, k and v where the builder has one fused weight. Builders read
+    shapes from it as from a plain mapping; their graphs name the stored tensors."""
+
+    def __init__(self, pieces: Mapping[str, Sequence[Piece]], shapes: Mapping[str, Sequence[int]]):
+        self.pieces, self.stored_shapes = dict(pieces), shapes
+
+    def __getitem__(self, name: str) -> tuple[int, ...]:
+        parts = self.pieces[name]
+        first = tuple(self.stored_shapes[parts[0][0]])
+        if len(parts) == 1 and parts[0][2] == -1:
+            return first
+        rows = sum((self.stored_shapes[n][0] if end == -1 else end - start) for n, start, end in parts)
+        return (rows, *first[1:])
+
+    def __iter__(self):
+        return iter(self.pieces)
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+
 class Graph:
     """One component's graph under construction. `shapes` are the weights the file holds (its
-    names -> torch-order shapes); `where` names the file in errors."""
+    names -> torch-order shapes, or a `View` of them); `where` names the file in errors."""
 
     def __init__(self, shapes: Mapping[str, Sequence[int]], where: str):
         self.shapes, self.where = shapes, where
@@ -38,6 +65,7 @@ class Graph:
         self.initializers: dict[str, TensorProto] = {}
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
+        self.types: list[onnx.ValueInfoProto] = []  # contrib ops' outputs, which ONNX's inference cannot type
         self._count = 0
         self._constants: dict[tuple, str] = {}
 
@@ -53,7 +81,7 @@ class Graph:
 
     def model(self) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, "edgediff", self.inputs, self.outputs,
-                                  list(self.initializers.values()))
+                                  list(self.initializers.values()), value_info=self.types)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
                                   producer_name="edgediff")
         model.ir_version = 8
@@ -71,11 +99,34 @@ class Graph:
             raise SourceError(f"{self.where}: no tensor '{name}', which this model's graph needs; "
                               "the file is incomplete or of another architecture") from None
 
+    def fits(self, *pairs: tuple[str, int]) -> None:
+        """The weights' sizes along the given axes agree (a layer's input is its producer's
+        output): a pruned or damaged file is refused here, not when onnxruntime first runs it."""
+        sizes = [(name, axis, self.shape(name)[axis]) for name, axis in pairs]
+        for name, axis, size in sizes[1:]:
+            if size != sizes[0][2]:
+                raise SourceError(f"{self.where}: the weights do not fit one architecture: '{name}' is {size} along "
+                                  f"axis {axis} where '{sizes[0][0]}' is {sizes[0][2]} (a size mismatch); the file "
+                                  "is damaged, pruned in an unusual way, or a variant edgediff does not know")
+
+    def stored(self, name: str) -> list[Piece]:
+        """Where weight `name` lies in the file: one whole tensor, or rows of several."""
+        self.shape(name)
+        return list(self.shapes.pieces[name]) if isinstance(self.shapes, View) else [(name, 0, -1)]
+
     def weight(self, name: str) -> str:
-        """A float weight of the file, bound when the session opens."""
-        if name not in self.initializers:
-            self.initializers[name] = placeholder(name, TensorProto.FLOAT, self.shape(name))
-        return name
+        """A float weight of the file, bound when the session opens (one whole stored tensor)."""
+        (stored, _, end), *more = self.stored(name)
+        if more or end != -1:
+            raise ValueError(f"{name} is several stored tensors; only a linear layer (`matmul`) takes it")
+        return self.weight_named(stored)
+
+    def weight_named(self, stored: str) -> str:
+        """A stored tensor by its own name (a piece of a weight `stored` gave)."""
+        shapes = self.shapes.stored_shapes if isinstance(self.shapes, View) else self.shapes
+        if stored not in self.initializers:
+            self.initializers[stored] = placeholder(stored, TensorProto.FLOAT, tuple(int(d) for d in shapes[stored]))
+        return stored
 
     def const(self, value, dtype=np.int64) -> str:
         array = np.asarray(value, dtype=dtype)
@@ -96,6 +147,8 @@ class Graph:
         names = [f"{op_type}.{self._count}" + (f".{i}" if outputs > 1 else "") for i in range(outputs)]
         self.nodes.append(helper.make_node(op_type, list(inputs), names, name=names[0], domain=domain or None,
                                            **attrs))
+        if domain == MS:  # typed, so that onnxruntime's quantizers quantize what follows them
+            self.types += [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names]
         return names if outputs > 1 else names[0]
 
     def reshape(self, x: str, dims: Sequence[int] | str) -> str:
@@ -120,9 +173,22 @@ class Graph:
 # -- layers ------------------------------------------------------------------------------------
 
 def matmul(g: Graph, x: str, weight: str, bias: str | None = None) -> str:
-    """x @ W.T (+ b) for the file's weight [out, in] and bias [out], however the file names them."""
-    y = g.op("MatMul", x, g.op("Transpose", g.weight(weight), perm=[1, 0]))
-    return g.op("Add", y, g.weight(bias)) if bias else y
+    """x @ W.T (+ b) for the file's weight [out, in] and bias [out], however the file names them.
+    A weight the file stores as several tensors (or rows of them) is one MatMul per stored
+    tensor, whose outputs are cut and joined: each stays a Linear the quantizers and `bind` know."""
+    pieces = g.stored(weight)
+    if len(pieces) == 1 and pieces[0][2] == -1:
+        y = g.op("MatMul", x, g.op("Transpose", g.weight(weight), perm=[1, 0]))
+        return g.op("Add", y, g.weight(bias)) if bias else y
+    biases = dict(zip(dict.fromkeys(p[0] for p in pieces), dict.fromkeys(p[0] for p in g.stored(bias)),
+                      strict=True)) if bias else {}
+    outputs = {}
+    for name in dict.fromkeys(p[0] for p in pieces):
+        y = g.op("MatMul", x, g.op("Transpose", g.weight_named(name), perm=[1, 0]))
+        outputs[name] = g.op("Add", y, g.weight_named(biases[name])) if bias else y
+    parts = [outputs[n] if end == -1 else g.op("Slice", outputs[n], g.const([start]), g.const([end]), g.const([-1]))
+             for n, start, end in pieces]
+    return g.op("Concat", *parts, axis=-1)
 
 
 def linear(g: Graph, x: str, name: str) -> str:
@@ -132,7 +198,7 @@ def linear(g: Graph, x: str, name: str) -> str:
 
 def conv(g: Graph, x: str, name: str, stride: int = 1, padding: int | None = None) -> str:
     w = g.weight(name + ".weight")
-    k = g.shape(w)[2:]
+    k = g.shape(name + ".weight")[2:]
     pads = [padding if padding is not None else s // 2 for s in k] * 2
     inputs = [x, w] + ([g.weight(name + ".bias")] if g.has(name + ".bias") else [])
     return g.op("Conv", *inputs, kernel_shape=list(k), strides=[stride] * len(k), pads=pads)
@@ -144,7 +210,7 @@ def layer_norm(g: Graph, x: str, name: str | None = None, width: int | None = No
         scale, bias = g.const(np.ones(width), np.float32), g.const(np.zeros(width), np.float32)
     else:
         scale = g.weight(name + ".weight")
-        bias = g.weight(name + ".bias") if g.has(name + ".bias") else g.const(np.zeros(g.shape(scale)[0]), np.float32)
+        bias = g.weight(name + ".bias") if g.has(name + ".bias") else g.const(np.zeros(g.shape(name + ".weight")[0]), np.float32)
     return g.op("LayerNormalization", x, scale, bias, axis=-1, epsilon=eps)
 
 

@@ -24,9 +24,10 @@ def text_encoder_graph(spec: TextEncoder, shapes: Shapes, prefix: str, where: st
                       norm_hidden=spec.norm_hidden, projection=spec.kind == "clip_projection", where=where)
 
 
-def denoiser_graphs(family: Family, shapes: Shapes, prefix: str, where: str,
-                    deep_cache: bool = False) -> Iterator[tuple[str, Callable[[], onnx.ModelProto]]]:
-    """(component, build) of the denoiser, and of DeepCache's shallow U-Net when asked."""
+def denoiser_graphs(family: Family, shapes: Shapes, prefix: str, where: str, deep_cache: bool = False,
+                    **unet) -> Iterator[tuple[str, Callable[[], onnx.ModelProto]]]:
+    """(component, build) of the denoiser, and of DeepCache's shallow U-Net when asked. `unet`:
+    what a config says of a U-Net that its shapes do not (heads, groups, time-id width)."""
     if family.denoiser_class == "FluxTransformer2DModel":
         from edgediff.kernels.graphs.flux import build_flux
 
@@ -40,7 +41,9 @@ def denoiser_graphs(family: Family, shapes: Shapes, prefix: str, where: str,
 
         ids = family.conditioning.time_id_count
         how = dict(heads=family.unet_heads, head_dim=None if family.unet_heads else 64, prefix=prefix, where=where,
-                   time_ids=ids, time_id_dim=_time_id_width(family, shapes, prefix, ids))
+                   time_ids=ids)
+        how.update(unet)
+        how.setdefault("time_id_dim", _time_id_width(family, shapes, prefix, ids))
         yield "unet", lambda: build_unet(shapes, deep_cache=deep_cache, **how)
         if deep_cache:
             yield "unet_shallow", lambda: build_unet_shallow(shapes, **how)
@@ -59,7 +62,7 @@ def _time_id_width(family: Family, shapes: Shapes, prefix: str, ids: int) -> int
 
 
 def model_graphs(family: Family, shapes: Shapes, prefixes: Mapping[str, str], where: str,
-                 deep_cache: bool = False) -> Iterator[tuple[str, Callable[[], onnx.ModelProto]]]:
+                 deep_cache: bool = False, vae: bool = True) -> Iterator[tuple[str, Callable[[], onnx.ModelProto]]]:
     """(component, build) for every component, in the order a package lists them, each weight
     also known by the name LoRAs give it. `prefixes`: component -> where its weights' names
     start (the LDM/SGM single-file prefixes by default)."""
@@ -68,18 +71,23 @@ def model_graphs(family: Family, shapes: Shapes, prefixes: Mapping[str, str], wh
     for spec in family.text_encoders:
         prefix = prefixes.get(spec.component, spec.ldm_prefix)
         yield spec.component, lambda s=spec, p=prefix: _named(
-            text_encoder_graph(s, shapes, p, where), _text_lora_names(s, shapes, p))
+            text_encoder_graph(s, shapes, p, where), _text_lora_names(s, shapes, p), shapes)
     prefix = prefixes.get(family.denoiser, DENOISER)
     for component, build in denoiser_graphs(family, shapes, prefix, where, deep_cache):
-        yield component, lambda b=build: _named(b(), _denoiser_lora_names(family, shapes, prefix, where))
-    vae = prefixes.get("vae_decoder", VAE)
-    yield "vae_decoder", lambda: build_vae_decoder(shapes, vae, where)
-    yield "vae_encoder", lambda: build_vae_encoder(shapes, prefixes.get("vae_encoder", vae), where)
+        yield component, lambda b=build: _named(b(), _denoiser_lora_names(family, shapes, prefix, where), shapes)
+    if vae:
+        prefix = prefixes.get("vae_decoder", VAE)
+        yield "vae_decoder", lambda: build_vae_decoder(shapes, prefix, where)
+        yield "vae_encoder", lambda: build_vae_encoder(shapes, prefix, where)
 
 
-def _named(model: onnx.ModelProto, names: Mapping[str, object]) -> onnx.ModelProto:
+def _named(model: onnx.ModelProto, names: Mapping[str, object], shapes: Shapes) -> onnx.ModelProto:
     """Each placeholder given the name LoRAs call its weight (a name, or the parts of a fused one)."""
     from edgediff.kernels.bind import is_placeholder, name_for_loras
+    from edgediff.kernels.graphs.builder import View
+
+    if isinstance(shapes, View):  # the builders' names -> the stored tensors' (a checkpoint's EMA copies)
+        names = {shapes.pieces[n][0][0] if len(shapes.pieces.get(n, ())) == 1 else n: v for n, v in names.items()}
 
     for t in model.graph.initializer:
         known = names.get(t.name)

@@ -160,6 +160,9 @@ class _Heads:
 def _resnet(g: Graph, x: str, name: str, emb: str, groups: int) -> str:
     """ResBlock: norm, SiLU, conv; plus the projected embedding; norm, SiLU, conv; plus the
     input (through `skip_connection` where the width changes). `emb` is SiLU(embedding)."""
+    g.fits((name + "in_layers.0.weight", 0), (name + "in_layers.2.weight", 1))
+    g.fits((name + "in_layers.2.weight", 0), (name + "emb_layers.1.weight", 0), (name + "out_layers.0.weight", 0),
+           (name + "out_layers.3.weight", 1))
     h = conv(g, silu(g, group_norm(g, x, name + "in_layers.0", groups, NORM_EPS)), name + "in_layers.2")
     h = g.op("Add", h, g.op("Unsqueeze", linear(g, emb, name + "emb_layers.1"), g.const([2, 3])))
     h = conv(g, silu(g, group_norm(g, h, name + "out_layers.0", groups, NORM_EPS)), name + "out_layers.3")

@@ -8,7 +8,7 @@ encoder graph is the encoder then `quant_conv` (where the file has one): image -
 itself. These are the contracts `convert.export`'s `VaeDecoderGraph` and `VaeEncoderGraph` export.
 
 The configuration comes from the shapes: the levels and blocks per level from the names, the
-widths from the convolutions; every GroupNorm has 32 groups and eps 1e-6 as in every such VAE.
+widths from the convolutions; every GroupNorm has eps 1e-6 and, unless a config says otherwise, 32 groups, as in every such VAE.
 LDM's `up.{i}` runs the opposite way to diffusers' `up_blocks`: `up.{levels - 1}` is applied first.
 """
 
@@ -44,19 +44,21 @@ def _count(g: Graph, stem: str, first: str) -> int:
     return found[-1] + 1
 
 
-def _resnet(g: Graph, x: str, name: str) -> str:
-    h = conv(g, silu(g, group_norm(g, x, name + ".norm1", GROUPS, EPS)), name + ".conv1")
-    h = conv(g, silu(g, group_norm(g, h, name + ".norm2", GROUPS, EPS)), name + ".conv2")
+def _resnet(g: Graph, x: str, name: str, groups: int) -> str:
+    g.fits((name + ".norm1.weight", 0), (name + ".conv1.weight", 1))
+    g.fits((name + ".conv1.weight", 0), (name + ".norm2.weight", 0), (name + ".conv2.weight", 1))
+    h = conv(g, silu(g, group_norm(g, x, name + ".norm1", groups, EPS)), name + ".conv1")
+    h = conv(g, silu(g, group_norm(g, h, name + ".norm2", groups, EPS)), name + ".conv2")
     if g.has(name + ".nin_shortcut.weight"):
         x = conv(g, x, name + ".nin_shortcut")
     return g.op("Add", x, h)
 
 
-def _attention(g: Graph, x: str, name: str) -> str:
+def _attention(g: Graph, x: str, name: str, groups: int) -> str:
     """Single-head self-attention over the H*W positions, with the residual. q, k, v and proj_out
     are 1x1 convolutions [C, C, 1, 1] in LDM files, Linear [C, C] in some: each runs as stored."""
     shape = g.op("Shape", x)
-    h = group_norm(g, x, name + ".norm", GROUPS, EPS)
+    h = group_norm(g, x, name + ".norm", groups, EPS)
     width = g.shape(name + ".q.weight")[0]
 
     def tokens(y: str) -> str:  # [B, C, H, W] -> [B, HW, C]
@@ -78,14 +80,14 @@ def _attention(g: Graph, x: str, name: str) -> str:
     return g.op("Add", x, out)
 
 
-def _mid(g: Graph, x: str, name: str) -> str:
-    x = _resnet(g, x, name + ".block_1")
-    x = _attention(g, x, name + ".attn_1")
-    return _resnet(g, x, name + ".block_2")
+def _mid(g: Graph, x: str, name: str, groups: int) -> str:
+    x = _resnet(g, x, name + ".block_1", groups)
+    x = _attention(g, x, name + ".attn_1", groups)
+    return _resnet(g, x, name + ".block_2", groups)
 
 
-def _out(g: Graph, x: str, name: str) -> str:
-    return conv(g, silu(g, group_norm(g, x, name + ".norm_out", GROUPS, EPS)), name + ".conv_out")
+def _out(g: Graph, x: str, name: str, groups: int) -> str:
+    return conv(g, silu(g, group_norm(g, x, name + ".norm_out", groups, EPS)), name + ".conv_out")
 
 
 def _upsample(g: Graph, x: str, name: str) -> str:
@@ -104,7 +106,7 @@ def _downsample(g: Graph, x: str, name: str) -> str:
 
 
 def build_vae_decoder(shapes: Mapping[str, Sequence[int]], prefix: str = "first_stage_model.",
-                      where: str = "the model") -> onnx.ModelProto:
+                      where: str = "the model", groups: int = GROUPS) -> onnx.ModelProto:
     """latent_sample [batch, latent, height, width] -> sample [batch, 3, 8 height, 8 width]."""
     g = Graph(shapes, where)
     p = prefix + "decoder."
@@ -117,19 +119,19 @@ def build_vae_decoder(shapes: Mapping[str, Sequence[int]], prefix: str = "first_
     x = g.input("latent_sample", ["batch", latent, "height", "width"])
     if has_post:
         x = conv(g, x, post)
-    x = _mid(g, conv(g, x, p + "conv_in"), p + "mid")
+    x = _mid(g, conv(g, x, p + "conv_in"), p + "mid", groups)
     for i in reversed(range(levels)):
         for j in range(blocks):
-            x = _resnet(g, x, f"{p}up.{i}.block.{j}")
+            x = _resnet(g, x, f"{p}up.{i}.block.{j}", groups)
         if i != 0:
             x = _upsample(g, x, f"{p}up.{i}.upsample")
-    x = _out(g, x, p[:-1])
+    x = _out(g, x, p[:-1], groups)
     g.output(x, "sample", ["batch", g.shape(p + "conv_out.weight")[0], "height", "width"])
     return g.model()
 
 
 def build_vae_encoder(shapes: Mapping[str, Sequence[int]], prefix: str = "first_stage_model.",
-                      where: str = "the model") -> onnx.ModelProto:
+                      where: str = "the model", groups: int = GROUPS) -> onnx.ModelProto:
     """sample [batch, 3, height, width] -> latent_parameters [batch, 2 latent, height / 8, width / 8]
     (mean, then log-variance)."""
     g = Graph(shapes, where)
@@ -143,10 +145,10 @@ def build_vae_encoder(shapes: Mapping[str, Sequence[int]], prefix: str = "first_
     x = conv(g, x, p + "conv_in")
     for i in range(levels):
         for j in range(blocks):
-            x = _resnet(g, x, f"{p}down.{i}.block.{j}")
+            x = _resnet(g, x, f"{p}down.{i}.block.{j}", groups)
         if i != levels - 1:
             x = _downsample(g, x, f"{p}down.{i}.downsample")
-    x = _out(g, _mid(g, x, p + "mid"), p[:-1])
+    x = _out(g, _mid(g, x, p + "mid", groups), p[:-1], groups)
     if has_quant:
         x = conv(g, x, quant)
     moments = g.shape(quant + ".weight" if has_quant else p + "conv_out.weight")[0]

@@ -117,14 +117,14 @@ def test_single_file_checkpoint_gives_the_same_image(tiny_source, tiny_package, 
 
 
 def test_failed_conversion_leaves_nothing(tiny_source, tmp_path, monkeypatch):
-    import edgediff.convert.export as export
+    import edgediff.convert.build as build
 
-    def broken(pipe, out_dir, progress=None, **_):
-        (out_dir / "unet").mkdir()
-        (out_dir / "unet" / "model.onnx").write_bytes(b"half")
+    def broken(model, path, read):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
         raise SourceError("simulated failure half way")
 
-    monkeypatch.setattr(export, "export_components", broken)
+    monkeypatch.setattr(build, "write_graph", broken)
     with pytest.raises(SourceError, match="simulated"):
         convert(tiny_source("sd1"), tmp_path / "pkg")
     assert list(tmp_path.iterdir()) == []
@@ -167,9 +167,9 @@ def test_large_graphs_keep_weights_beside_them(tiny_source, tiny_package, tmp_pa
     import os
     import stat
 
-    import edgediff.convert.export as export
+    import edgediff.convert.build as build
 
-    monkeypatch.setattr(export, "EXTERNAL_DATA_LIMIT", 0)
+    monkeypatch.setattr(build, "EXTERNAL_DATA_LIMIT", 0)
     out = tmp_path / "external"
     manifest = convert(tiny_source("sd1"), out)
     unet = manifest.components["unet"]
@@ -207,10 +207,12 @@ def test_sdxl_single_file_gives_the_same_image(tiny_source, tiny_package, tmp_pa
     assert psnr(a, b) >= 45.0
 
 
-def test_sd2_single_file_text_encoder_is_refused_clearly(tiny_source, tmp_path):
-    """SD 2.x single files keep OpenCLIP's text encoder, which this version reads for SDXL only."""
+def test_sd2_single_file_heads_the_shapes_cannot_say(tiny_source, tmp_path):
+    """SD 2.x single files (OpenCLIP's text encoder, fused q/k/v) are built in their own names; a
+    U-Net's heads are not in its shapes, and SD 2.x's are 64 wide: the tiny model's 16-wide heads
+    are refused clearly, before any output."""
     ckpt = write_ldm_checkpoint(tiny_source("sd2-v"), tmp_path / "sd2.safetensors")
-    with pytest.raises(SourceError, match="SD 2.x's OpenCLIP text encoder.*convert the diffusers folder"):
+    with pytest.raises(SourceError, match="input_blocks.1.1: a transformer 32 wide cannot have 64-wide heads"):
         convert(ckpt, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -375,7 +377,7 @@ def test_files_that_do_not_fit_are_refused_before_any_output(tiny_source, tmp_pa
             t[norm + k] = t[norm + k][:-3]
 
     for edit, message in ((inpainting, "takes 9 input channels .* an inpainting model"),
-                          (pruned, "UNet weights do not fit the architecture .*size mismatch")):
+                          (pruned, "weights do not fit one architecture.*in_layers.*size mismatch")):
         path = _edited_checkpoint(tiny_source, tmp_path, edit)
         with pytest.raises(SourceError, match=message):
             convert(path, tmp_path / "out")

@@ -417,19 +417,19 @@ def test_dit_gguf_in_the_original_names(tiny_source, tiny_package, tmp_path, nam
 
 def test_folders_stream_into_gguf(tiny_source, tmp_path, monkeypatch):
     """A diffusers folder becomes a GGUF file without an fp32 package in between: graphs are
-    traced without weights and each tensor is read from the folder as it is written."""
-    import edgediff.convert.export as export
+    built without weights and each tensor is read from the folder as it is written."""
+    import edgediff.convert.build as build
 
-    traced = []
-    stock = export.export_graph
+    built = []
+    stock = build.write_graph
 
-    def graph_only(*args, weights=True, **kwargs):
-        traced.append(weights)
-        return stock(*args, weights=weights, **kwargs)
+    def graph_only(model, path, read):
+        built.append(read is not None)
+        return stock(model, path, read)
 
-    monkeypatch.setattr(export, "export_graph", graph_only)
+    monkeypatch.setattr(build, "write_graph", graph_only)
     convert(tiny_source("sdxl"), tmp_path / "xl.gguf", precision="q8_0")
-    assert traced and not any(traced)
+    assert built and not any(built)
 
 
 @pytest.mark.parametrize("name", ["flux-dev", "sd35"])
