@@ -91,13 +91,24 @@ def adopt(main: Path, *, base: Path | None = None, vae: Path | None = None,
     fallback = [_open(base)] if base else []
     wanted = {fam.denoiser: DENOISER, **({"vae": VAE} if own_vae else {}),
               **{te.component: te.ldm_prefix for te in fam.text_encoders}, **wanted_prefix}
+    # stable-diffusion.cpp names a text encoder as its GGUF files do (SDXL's `cond_stage_model.1.*`,
+    # transformers' names), where single files keep the original layout (`conditioner.embedders.1.*`)
+    alternatives = {te.component: te.gguf_prefix for te in fam.text_encoders
+                    if te.gguf_prefix != te.ldm_prefix and te.component not in wanted_prefix}
     parts: dict[str, Part] = {}
     for component, prefix in wanted.items():
         explicit = [f for f, c in others if c == component]
         for file in [*explicit, first, *fallback]:
-            if any(n.startswith(prefix) for n in _names(file)):
-                parts[component] = Part(file, prefix)
+            names = _names(file)
+            found = next((p for p in (prefix, alternatives.get(component))
+                          if p is not None and any(n.startswith(p) for n in names)), None)
+            if found is not None:
+                parts[component] = Part(file, found)
                 break
+    specs = [dataclasses.replace(te, ldm_prefix=parts[te.component].prefix, ldm_layout="hf")
+             if te.component in parts and parts[te.component].prefix == alternatives.get(te.component) else te
+             for te in fam.text_encoders]
+    fam = dataclasses.replace(fam, text_encoders=tuple(specs))
     missing = [c for c in wanted if c not in parts]
     if missing and fam.denoiser != "unet" and not (others or fallback):  # a DiT's transformer alone
         files = " ".join(f"--text-encoder {te.ldm_prefix.split('.')[1].upper()}.safetensors" for te in fam.text_encoders)
@@ -203,7 +214,7 @@ def _graphs(adopted: Adopted, folder: Path, progress, deep_cache: bool = False, 
                                          read if weights else None)
     kind = "gguf" if adopted.files[0].suffix.lower() == ".gguf" else "safetensors"
     source = {"path": str(adopted.files[0]), "kind": kind, "layout": "ldm",
-              "files": [str(p) for p in adopted.files],
+              "files": [str(Path(p).resolve()) for p in adopted.files],  # as the components' weights name them
               "writer": getattr(adopted.parts[adopted.family.denoiser].file, "writer", "safetensors"),
               "seconds": round(time.perf_counter() - started, 1), **adopted.info}
     return write_manifest(folder, _architecture(adopted, graphs), written, source)

@@ -56,7 +56,9 @@ def _time_id_width(family: Family, shapes: Shapes, prefix: str, ids: int) -> int
     pooled = next((s for s in family.text_encoders if s.pooled), None)
     if adm is None or pooled is None or not ids:
         return 256
-    projection = shapes.get(pooled.ldm_prefix + "text_projection")  # OpenCLIP's [width, projection]
+    # OpenCLIP's [width, projection], also under stable-diffusion.cpp's transformers-like names
+    projection = shapes.get(pooled.ldm_prefix + "text_projection") or shapes.get(
+        pooled.ldm_prefix + "text_model.text_projection")
     width = projection[1] if projection else shapes.get(pooled.ldm_prefix + "text_projection.weight", (1280,))[0]
     return (adm[1] - width) // ids
 

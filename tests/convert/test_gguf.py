@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -178,6 +179,8 @@ def test_stable_diffusion_cpp_style_file_gives_the_package_image(packages, tmp_p
     assert psnr(got, want) >= 60
     assert "Model: sdcpp," in got.info["parameters"]  # the file's name, not the cache folder's
     assert adopted_package(plain) == direct  # cached
+    monkeypatch.chdir(tmp_path)  # a file named relative to where the user stands
+    assert psnr(_images(adopted_package(Path("sdcpp.gguf")), seeds=(0,))[0], want) >= 60
     converted = convert(plain, tmp_path / "package.gguf")
     assert converted.components["unet"].precision == "q8_0"  # kept as stored, not requantized
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(tmp_path / "package.gguf").tensors}
@@ -496,3 +499,54 @@ def test_comfyui_gguf_flux_converts(tiny_source, tiny_package, tmp_path):
     direct = Pipeline(adopted_package(path, **others), device="cpu")
     assert {b.kind for b in direct.package.residency()["transformer"] if b.stored == "q8_0"} == {"quantized"}
     assert psnr(ref, direct.generate("a red cube", **args)) >= FLOORS["q8_0"]
+
+
+def test_sdxl_gguf_in_stable_diffusion_cpps_names_runs(tiny_source, tiny_package, tmp_path, monkeypatch):
+    """An SDXL GGUF as stable-diffusion.cpp names it (`cond_stage_model.transformer.*` and
+    `cond_stage_model.1.transformer.*` in transformers' names, no metadata) runs as it is and
+    draws the folder's image."""
+    monkeypatch.setenv("EDGEDIFF_CACHE", str(tmp_path / "cache"))
+    ours = tmp_path / "xl.gguf"
+    convert(tiny_source("sdxl"), ours, precision="f32")
+    plain = _rewrite(ours, tmp_path / "sdxl-sdcpp.gguf", keep_keys=False)
+    names = {t.name for t in gguf.GGUFReader(plain).tensors}
+    assert any(n.startswith("cond_stage_model.1.transformer.text_model.") for n in names)
+    args = dict(steps=3, width=64, height=64, seed=5)
+    want = Pipeline(tiny_package("sdxl"), device="cpu").generate("a red cube", "blurry", **args)
+    got = Pipeline(adopted_package(plain), device="cpu").generate("a red cube", "blurry", **args)
+    assert psnr(got, want) >= 60
+
+
+@pytest.mark.parametrize("kind", ["F32", "Q8_0"])
+def test_llama_cpp_t5_gguf_as_the_text_encoder(tiny_source, tiny_package, tmp_path, monkeypatch, kind):
+    """A T5 encoder as llama.cpp writes it (`enc.blk.N.attn_q.weight`, `token_embd.weight`; here
+    written with gguf-py from the tiny model's T5) given with --text-encoder draws what the T5 in
+    transformers' names draws."""
+    from safetensors.numpy import load_file
+
+    from edgediff.kernels.graphs.t5 import llama_cpp_names
+
+    from ldm_checkpoint import write_flux_files
+
+    monkeypatch.setenv("EDGEDIFF_CACHE", str(tmp_path / "cache"))
+    files = write_flux_files(tiny_source("flux-schnell"), tmp_path / "files")
+    rename = llama_cpp_names()
+    t5 = tmp_path / f"t5-encoder-{kind}.gguf"
+    writer = gguf.GGUFWriter(str(t5), "t5encoder")
+    for name, array in load_file(str(files["t5xxl"])).items():
+        name = rename(name.removeprefix("text_encoders.t5xxl.transformer."))
+        array = array.astype(np.float32)
+        if kind == "Q8_0" and array.ndim == 2 and array.shape[1] % 32 == 0 and "token_embd" not in name:
+            writer.add_tensor(name, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert "enc.blk.0.attn_q.weight" in {t.name for t in gguf.GGUFReader(t5).tensors}
+    args = dict(steps=2, width=48, height=64, seed=7)
+    images = [Pipeline(adopted_package(files["flux"], text_encoders=[files["clip_l"], encoder], vae=files["ae"]),
+                       device="cpu").generate("a red cube", **args) for encoder in (files["t5xxl"], t5)]
+    assert psnr(*images) == float("inf") if kind == "F32" else psnr(*images) >= FLOORS["q8_0"]
