@@ -223,8 +223,18 @@ def _graphs(adopted: Adopted, folder: Path, progress, deep_cache: bool = False, 
 GRAPHS = 3  # the cached graphs' format (3: built from the shapes, named as the files store them)
 
 
+def _builders() -> bytes:
+    """The graph builders' own source: a cached package's graphs are rebuilt when they change."""
+    import edgediff.kernels.graphs as graphs
+    from edgediff.kernels import dit_names, ldm_names
+
+    files = sorted(Path(graphs.__file__).parent.glob("*.py")) + [Path(dit_names.__file__), Path(ldm_names.__file__)]
+    return b"".join(f.read_bytes() for f in files)
+
+
 def cache_key(paths: Sequence[Path], family: str, prediction: str | None) -> str:
     digest = hashlib.sha256(f"{__version__} {GRAPHS} {family} {prediction}".encode())
+    digest.update(hashlib.sha256(_builders()).digest())
     for p in paths:
         st = Path(p).stat()
         digest.update(f"{Path(p).resolve()} {st.st_size} {st.st_mtime_ns}".encode())
