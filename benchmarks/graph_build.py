@@ -14,18 +14,18 @@ import time
 def _folder(name: str):
     """(family, the folder's tensor shapes by `component.name`, the components' configs)."""
     import diffusers
+    import torch
     import transformers
 
     from edgediff.benchmarks.synthetic import ARCHITECTURES
     from edgediff.benchmarks.synthetic_dit import DIT_ARCHITECTURES
-    from edgediff.convert.load import _empty_parameters
     from edgediff.families import get_family
 
     arch = {**ARCHITECTURES, **DIT_ARCHITECTURES}[name]
     family = get_family(arch.get("family", "sd1"))
     texts = arch["text"] if isinstance(arch["text"], tuple) else (arch["text"], *([arch["text_2"]] if "text_2" in arch else []))
     configs, shapes = {}, {}
-    with _empty_parameters():
+    with torch.device("meta"):
         modules = {"vae": diffusers.AutoencoderKL(**arch["vae"])}
         denoiser = arch.get("transformer", arch.get("unet"))
         modules[family.denoiser] = getattr(diffusers, family.denoiser_class)(**denoiser)

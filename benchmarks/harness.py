@@ -118,7 +118,7 @@ def prepare(scenario: Scenario, progress: Progress, reconvert: bool = False) -> 
 
 def _synthetic_dit(scenario: Scenario, arch: str, progress: Progress) -> dict[str, Path]:
     """Full-size DiTs are drawn straight as the GGUF files edgediff writes (a 12B Flux would be
-    48 GB at fp32), and their graphs built once, so runs time loading, not tracing."""
+    48 GB at fp32), and their graphs built once, so runs time loading, not graph building."""
     from edgediff.benchmarks.synthetic_dit import write
     from edgediff.convert.adopt import adopted_package
 

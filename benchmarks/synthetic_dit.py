@@ -44,21 +44,20 @@ _CODE_STD = {"q4_0": 4.61, "q8_0": 73.9}  # std of uniformly drawn codes
 
 
 def architecture(name: str, tiny: dict | None = None):
-    """The TorchPipeline of architecture `name` on the meta device (`tiny` overrides its configs)."""
+    """The modules of architecture `name` on torch's meta device (`tiny` overrides its configs):
+    family, text_encoders [(spec, module, tokenizer)], denoiser, vae."""
+    import types
+
     import diffusers
+    import torch
     import transformers
 
-    from edgediff.convert.load import (
-        BUNDLED_CLIP_TOKENIZER,
-        BUNDLED_T5_TOKENIZER,
-        TorchPipeline,
-        _empty_parameters,
-    )
+    from edgediff.convert.load import BUNDLED_CLIP_TOKENIZER, BUNDLED_T5_TOKENIZER
     from edgediff.families import get_family
 
     arch = {**DIT_ARCHITECTURES[name], **(tiny or {})}
     family = get_family(arch["family"])
-    with _empty_parameters():
+    with torch.device("meta"):
         denoiser = getattr(diffusers, family.denoiser_class)(**arch["transformer"])
         vae = diffusers.AutoencoderKL(**arch["vae"])
         encoders = []
@@ -69,13 +68,14 @@ def architecture(name: str, tiny: dict | None = None):
                 model = getattr(transformers, "CLIPTextModelWithProjection" if spec.kind == "clip_projection"
                                 else "CLIPTextModel")(transformers.CLIPTextConfig(**config))
             encoders.append((spec, model, BUNDLED_T5_TOKENIZER if spec.kind == "t5" else BUNDLED_CLIP_TOKENIZER))
-    return TorchPipeline(family, encoders, denoiser, vae, dict(family.scheduler_config))
+    return types.SimpleNamespace(family=family, text_encoders=encoders, denoiser=denoiser, vae=vae)
 
 
 def planned(pipe, kind: str) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, shape, ggml type) of every tensor of the file, as edgediff's GGUF writer names and
     types them at `kind`."""
-    from edgediff.convert import _ldm_names, _ldm_shape
+    from edgediff.convert import _ldm_shape
+    from edgediff.convert.build import ldm_names
     from edgediff.convert.gguf import _file_tensors, gguf_format, stored_format
     from edgediff.convert.precision import parse_precision
     from edgediff.kernels.ldm_names import stored_transposed
@@ -84,7 +84,7 @@ def planned(pipe, kind: str) -> list[tuple[str, tuple[int, ...], str]]:
     modules = {**{spec.component: ("model.", m) for spec, m, _ in pipe.text_encoders},
                fam.denoiser: ("transformer.", pipe.denoiser), "vae_decoder": ("vae.", pipe.vae)}
     precisions = parse_precision(kind, list(modules), "gguf")
-    names = _ldm_names(pipe)
+    names = ldm_names(fam, {fam.denoiser: dict(pipe.denoiser.config), "vae": dict(pipe.vae.config)})
     out = []
     for component, (prefix, module) in modules.items():
         by_name: dict[str, tuple] = {}

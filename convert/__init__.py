@@ -19,7 +19,6 @@ from edgediff import __version__
 from edgediff.convert.sources import Source, open_source
 from edgediff.errors import SourceError, UsageError
 from edgediff.families import (
-    DENOISER,
     FAMILIES,
     Conditioning,
     Family,
@@ -155,7 +154,7 @@ def convert(
     weights in the block type too, in ComfyUI-GGUF's reshaped layout, which stable-diffusion.cpp
     cannot read. `deep_cache` also writes the U-Net's shallow branch, for DeepCache-style reuse of
     its deep features across steps (`generate --cache-interval N`)."""
-    from edgediff.convert.package import atomic_file, atomic_folder, check_output
+    from edgediff.convert.package import atomic_folder, check_output
     from edgediff.convert.precision import parse_precision
     from edgediff.kernels.policy import Rule
 
@@ -204,20 +203,21 @@ def convert(
         raise UsageError(f"--deep-cache reuses a U-Net's deep features; {fam.title} has a transformer: "
                          "convert it without --deep-cache")
     from edgediff.convert import adopt
+    from edgediff.convert.build import vae_graphs
 
-    files = layout == "ldm" and src.kind in ("safetensors", "gguf")
-    if fmt == "gguf" and files and not swap_vae:  # the files hold the very tensors of the GGUF file
+    files = layout == "ldm" and src.kind in ("safetensors", "gguf", "checkpoint")
+    given = vae_graphs(Path(vae), fam, fam.latent.scale, fam.latent.shift, fam.latent.channels,
+                       fam.latent.downscale) if swap_vae and files else None
+    if fmt == "gguf" and files:  # the files hold the very tensors of the GGUF file
         return adopt.write_adopted_gguf(src_path, output, family=family, prediction=prediction, precision=precision,
                                         rules=parsed_rules, overwrite=overwrite, progress=progress,
-                                        reshape=quantize_convolutions, **parts)
+                                        reshape=quantize_convolutions, allow_pickle=allow_pickle, given_vae=given,
+                                        **parts)
     if progress:
         progress(f"reading {src.kind} source ({fam.title}, {layout} layout)")
-    if files and fmt == "onnx":  # graphs built in the files' own names, each weight written from them as fp32
-        from edgediff.convert.build import vae_graphs
-
-        adopted = adopt.adopt(src_path, family=family, prediction=prediction, own_vae=not swap_vae, **parts)
-        given = vae_graphs(Path(vae), fam, fam.latent.scale, fam.latent.shift, fam.latent.channels,
-                           fam.latent.downscale) if swap_vae else None
+    if files:  # graphs built in the files' own names, each weight written from them as fp32
+        adopted = adopt.adopt(src_path, family=family, prediction=prediction, own_vae=not swap_vae,
+                              allow_pickle=allow_pickle, **parts)
         if given:
             adopted.info["vae"] = str(vae)
         precisions = parse_precision(precision, components, fmt, full_precision_components(
@@ -230,53 +230,12 @@ def convert(
                 manifest = _apply_precisions(tmp, manifest, precisions, parsed_rules, progress)
                 (tmp / MANIFEST).write_text(manifest.to_json())
         return manifest
-    if src.kind == "diffusers" and not (swap_vae and fmt == "gguf"):
+    if src.kind == "diffusers":
         return _convert_folder(src, fam, layout, output, fmt, precision, parsed_rules, overwrite=overwrite,
                                progress=progress, prediction=prediction, deep_cache=deep_cache,
                                quantize_convolutions=quantize_convolutions, vae=Path(vae) if swap_vae else None)
-    # what still goes through torch: pickle checkpoints, and a VAE in diffusers' form written into a GGUF package
-    from edgediff.convert.load import load_torch_pipeline, load_vae
-
-    # a diffusers folder to GGUF: graphs traced without weights, each tensor then read from the
-    # folder's files, quantized and written in turn (a 12B Flux never in memory whole)
-    streamed = fmt == "gguf" and src.kind == "diffusers" and not swap_vae
-    if src.kind == "gguf" or any(parts.values()):
-        pipe = adopt.dequantized(src_path, family=family, prediction=prediction, **parts)
-    else:
-        try:
-            pipe = load_torch_pipeline(src, fam, prediction, weightless=streamed)
-        except (RuntimeError, ValueError) as exc:  # torch's size mismatches, GroupNorm's group counts
-            detail = str(exc).strip().splitlines()
-            raise SourceError(f"{src_path}: its tensors do not fit the standard {fam.title} architecture "
-                              f"({' '.join(detail[:2])[:300]}); the file is damaged, pruned in an unusual way, "
-                              "or a variant edgediff does not know") from exc
-    if swap_vae:
-        pipe.loaders.pop("vae", None)
-        pipe.vae = load_vae(Path(vae), fam, pipe.vae)
-        pipe.info["vae"] = str(vae)
-    # a VAE whose config says it needs no upcast (SDXL's fp16-fix VAE) is safe in 16 bits
-    vae_half = fam.vae_fp16 or getattr(pipe.vae.config, "force_upcast", True) is False
-    precisions = parse_precision(precision, components, fmt, full_precision_components(fam, vae_half))
-    if deep_cache:
-        precisions["unet_shallow"] = precisions["unet"]  # the same weights, at the same precision
-    if fmt == "gguf":
-        import tempfile
-
-        from edgediff.convert.gguf import gguf_format, write_gguf
-
-        with atomic_file(output, overwrite) as target, tempfile.TemporaryDirectory(
-                dir=output.parent, prefix=f".{output.name}.export-") as scratch:
-            manifest = _export(pipe, src, src_path, layout, Path(scratch), progress)
-            return write_gguf(Path(scratch), manifest, target, _ldm_names(pipe),
-                              formats={c: gguf_format(p) for c, p in precisions.items()}, rules=parsed_rules,
-                              shapes=_ldm_shape, reshape=quantize_convolutions, progress=progress,
-                              weights=_folder_weights(src, pipe) if streamed else None)
-    with atomic_folder(output, overwrite) as tmp:
-        manifest = _export(pipe, src, src_path, layout, tmp, progress, deep_cache)
-        if any(p != "fp32" for p in precisions.values()):
-            manifest = _apply_precisions(tmp, manifest, precisions, parsed_rules, progress)
-            (tmp / MANIFEST).write_text(manifest.to_json())
-    return manifest
+    raise SourceError(f"{src_path}: a {src.kind} file in {layout} names; edgediff converts diffusers folders and "
+                      "single files in the original layouts (LDM/SGM, BFL, Stability's)")
 
 
 def _convert_folder(src: Source, fam: Family, layout: str, output: Path, fmt: str, precision: str, rules, *,
@@ -322,10 +281,13 @@ def _convert_folder(src: Source, fam: Family, layout: str, output: Path, fmt: st
         with atomic_file(output, overwrite) as target, tempfile.TemporaryDirectory(
                 dir=output.parent, prefix=f".{output.name}.export-") as scratch:
             manifest = package(Path(scratch), weights=False)
-            return write_gguf(Path(scratch), manifest, target, build.ldm_names(fam, configs),
+            names = build.ldm_names(fam, configs)
+            if given is not None:
+                names["vae_decoder"] = names["vae_encoder"] = given.gguf_name
+            return write_gguf(Path(scratch), manifest, target, names,
                               formats={c: gguf_format(p) for c, p in precisions.items()}, rules=rules,
                               shapes=_ldm_shape, reshape=quantize_convolutions, progress=progress,
-                              weights=lambda component: build.FolderWeights(src, component))
+                              weights=lambda c: given if given and c.startswith("vae_") else build.FolderWeights(src, c))
     with atomic_folder(output, overwrite) as tmp:
         manifest = package(tmp, weights=True)
         if any(p != "fp32" for p in precisions.values()):
@@ -355,73 +317,6 @@ def full_precision_components(fam: Family, vae_half: bool) -> set[str]:
     return keep | (set() if vae_half else {"vae_decoder", "vae_encoder"})
 
 
-def _ldm_names(pipe) -> dict[str, Callable[[str], str]]:
-    """Graph initializer name -> the tensor's name in single files (LDM/SGM layout for U-Nets,
-    the original releases' for DiTs, as stable-diffusion.cpp names them), per component. A DiT
-    weight cut from a fused tensor is named by its rows there (`kernels.bind.rows_ref`)."""
-    from edgediff.convert.dit import DIT_TABLES
-    from edgediff.kernels.bind import rows_ref
-    from edgediff.kernels.ldm_names import clip_name, unet_name, vae_name
-
-    fam, config, vae = pipe.family, pipe.denoiser.config, pipe.vae.config
-    if fam.denoiser == "unet":
-        names = {"unet": lambda n: unet_name(n.removeprefix("unet."), config)}
-    else:
-        pieces = DIT_TABLES[fam.denoiser_class][1](config, DENOISER)
-        names = {fam.denoiser: lambda n: rows_ref(pieces[n.removeprefix("transformer.")])}
-    names["vae_decoder"] = names["vae_encoder"] = lambda n: vae_name(n.removeprefix("vae."), vae)
-    for spec, _, _ in pipe.text_encoders:
-        if spec.kind == "t5":  # transformers' names; `shared` is the embedding tied to encoder.embed_tokens
-            names[spec.component] = lambda n, p=spec.gguf_prefix: p + n.removeprefix("model.").replace(
-                "encoder.embed_tokens.", "shared.")
-        else:
-            names[spec.component] = lambda n, p=spec.gguf_prefix, o=spec.ldm_layout == "open_clip": clip_name(
-                n.removeprefix("model."), p, o)
-    return names
-
-
-def _folder_weights(source: Source, pipe) -> Callable[[str], object]:
-    """component -> its graph weights as fp32, each read from the diffusers folder's files when
-    asked for (graph names are the folder's, text encoders' under `model.`)."""
-    import numpy as np
-
-    from edgediff.kernels.gguf_blocks import dequantize
-    from edgediff.runtime.safetensors_file import SafetensorsFile
-
-    files: dict[Path, SafetensorsFile] = {}
-    components = {spec.component for spec, _, _ in pipe.text_encoders}
-
-    def read(key: str):
-        info = source.tensors.get(key)
-        if info is None:
-            return None
-        file = files.setdefault(info.file, SafetensorsFile(info.file))
-        w = file.weight(info.name)
-        if w is None:
-            return None
-        array = np.array(dequantize(w.data, w.fmt, w.shape), dtype=np.float32)
-        file.drop_pages()  # mapped pages read count as ours: one tensor resident at a time
-        return array
-
-    class Tensors:
-        def __init__(self, component: str):
-            self.component = component
-
-        def __getitem__(self, graph_name: str):
-            keys = [graph_name]
-            if self.component in components:  # transformers' names, with or without `text_model.`;
-                rest = graph_name.removeprefix("model.")  # T5's embedding saved as `shared`
-                keys = [f"{self.component}.{k}" for k in dict.fromkeys((
-                    rest, "text_model." + rest, rest.removeprefix("text_model."),
-                    rest.replace("encoder.embed_tokens.", "shared.")))]
-            for key in keys:
-                if (array := read(key)) is not None:
-                    return array
-            raise SourceError(f"{source.path}: no float tensor '{keys[0]}' for the {self.component} graph")
-
-    return Tensors
-
-
 def _ldm_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     from edgediff.kernels.ldm_names import ldm_shape
 
@@ -444,29 +339,6 @@ class Architecture:
     vae_downscale: int
     resolution: int
     info: dict = field(default_factory=dict)
-
-
-def _torch_architecture(pipe) -> Architecture:
-    fam, vae = pipe.family, pipe.vae.config
-    sample_size = getattr(pipe.denoiser.config, "sample_size", None)  # native size in latent pixels (Flux has none)
-    downscale = 2 ** (len(vae.block_out_channels) - 1)
-    return Architecture(
-        fam, [(spec, int(model.config.num_hidden_layers), tok) for spec, model, tok in pipe.text_encoders],
-        pipe.scheduler_config, pipe.conditioning, int(vae.latent_channels), float(vae.scaling_factor),
-        float(getattr(vae, "shift_factor", None) or fam.latent.shift), downscale,
-        int(sample_size) * downscale if isinstance(sample_size, int) else fam.defaults.resolution, pipe.info)
-
-
-def _export(pipe, src: Source, src_path: Path, layout: str, tmp: Path,
-            progress: Callable[[str], None] | None, deep_cache: bool = False) -> Manifest:
-    """The fp32 ONNX package of `pipe` in the folder `tmp`; returns its manifest."""
-    from edgediff.convert.export import export_components
-
-    started = time.perf_counter()
-    written = export_components(pipe, tmp, progress=lambda name: progress and progress(f"exporting {name}"),
-                                deep_cache=deep_cache)
-    return write_manifest(tmp, _torch_architecture(pipe), written, {
-        "path": str(src_path), "kind": src.kind, "layout": layout, "seconds": round(time.perf_counter() - started, 1)})
 
 
 def write_manifest(tmp: Path, arch: Architecture, written: dict[str, list[Path]], source: dict) -> Manifest:

@@ -45,13 +45,18 @@ class Adopted:
     info: dict = dataclasses.field(default_factory=dict)  # for the manifest: EMA weights used, keys dropped
 
 
-def _open(path: Path, prefix: str = ""):
+def _open(path: Path, prefix: str = "", allow_pickle: bool = False):
+    from edgediff.convert.sources import PICKLE_SUFFIXES, CheckpointFile, _refuse_pickle
+
     path = Path(path)
     if not path.is_file():
         raise SourceError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix == ".gguf":
         return GGUFFile(path)
+    if suffix in PICKLE_SUFFIXES:
+        _refuse_pickle(path, allow_pickle)
+        return CheckpointFile(path)
     if suffix == ".safetensors":
         file = SafetensorsFile(path, prefix)
         if not prefix and bare_denoiser(file.header):  # a denoiser-only file (BFL's Flux release)
@@ -66,11 +71,11 @@ def _names(file) -> list[str]:
 
 def adopt(main: Path, *, base: Path | None = None, vae: Path | None = None,
           text_encoders: Sequence[Path] = (), family: str = "auto",
-          prediction: str | None = None, own_vae: bool = True) -> Adopted:
+          prediction: str | None = None, own_vae: bool = True, allow_pickle: bool = False) -> Adopted:
     """Assign every component of the model in `main` to the file its weights come from (explicit
     `--vae`/`--text-encoder` first, then `main`, then `base`); without `own_vae`, the VAE is
     given apart (convert.build.vae_graphs)."""
-    first = _open(main)
+    first = _open(main, allow_pickle=allow_pickle)
     others = [(_open(vae, VAE), "vae")] if vae else []
     wanted_prefix: dict[str, str] = {}
     shapes_main = {n: w.shape for n, w in first.tensors.items()} if isinstance(first, GGUFFile) else {
@@ -128,7 +133,7 @@ def adopt(main: Path, *, base: Path | None = None, vae: Path | None = None,
                 w = part.file.weight(name)
                 if w is not None:
                     shapes[name] = w.shape
-    if isinstance(first, SafetensorsFile):  # a training checkpoint: its EMA weights, and what is dropped
+    if not isinstance(first, GGUFFile):  # a training checkpoint: its EMA weights, and what is dropped
         names = first.names()
         shapes, info["ema"] = _with_ema(first, shapes, names)
         info["dropped_keys"] = sum(not any(n.startswith(p.prefix) for p in parts.values()) for n in names)
@@ -212,7 +217,7 @@ def _graphs(adopted: Adopted, folder: Path, progress, deep_cache: bool = False, 
             read = lambda n, f=part.file: _float(f, n)  # noqa: E731
         written[component] = write_graph(graphs[component], folder / component / "model.onnx",
                                          read if weights else None)
-    kind = "gguf" if adopted.files[0].suffix.lower() == ".gguf" else "safetensors"
+    kind = {".gguf": "gguf", ".safetensors": "safetensors"}.get(adopted.files[0].suffix.lower(), "checkpoint")
     source = {"path": str(adopted.files[0]), "kind": kind, "layout": "ldm",
               "files": [str(Path(p).resolve()) for p in adopted.files],  # as the components' weights name them
               "writer": getattr(adopted.parts[adopted.family.denoiser].file, "writer", "safetensors"),
@@ -276,7 +281,8 @@ def adopted_package(main: Path, *, base: Path | None = None, vae: Path | None = 
 def write_adopted_gguf(main: Path, output: Path, *, base: Path | None = None, vae: Path | None = None,
                        text_encoders: Sequence[Path] = (), family: str = "auto", prediction: str | None = None,
                        precision: str | None = None, rules: Sequence = (), overwrite: bool = False,
-                       progress: Callable[[str], None] | None = None, reshape: bool = False):
+                       progress: Callable[[str], None] | None = None, reshape: bool = False,
+                       allow_pickle: bool = False, given_vae=None):
     """One GGUF package holding the files' tensors exactly as stored, or with `precision`
     requantized one tensor at a time (a 12B Flux never in memory whole), the graphs of the
     family's recipe, the manifest and the tokenizer."""
@@ -287,7 +293,8 @@ def write_adopted_gguf(main: Path, output: Path, *, base: Path | None = None, va
     from edgediff.convert.package import atomic_file
     from edgediff.convert.precision import parse_precision
 
-    adopted = adopt(main, base=base, vae=vae, text_encoders=text_encoders, family=family, prediction=prediction)
+    adopted = adopt(main, base=base, vae=vae, text_encoders=text_encoders, family=family, prediction=prediction,
+                    allow_pickle=allow_pickle, own_vae=given_vae is None)
     formats = None
     if precision is not None:
         fam = adopted.family
@@ -296,16 +303,26 @@ def write_adopted_gguf(main: Path, output: Path, *, base: Path | None = None, va
         formats = {c: gguf_format(p) for c, p in precisions.items()}
     with atomic_file(output, overwrite) as target, tempfile.TemporaryDirectory(
             dir=Path(output).parent, prefix=f".{Path(output).name}.export-") as scratch:
-        manifest = _graphs(adopted, Path(scratch), progress)
-
+        manifest = _graphs(adopted, Path(scratch), progress, vae=given_vae)
         files = list({id(part.file): part.file for part in adopted.parts.values()}.values())
+        names = {c: _same for c in manifest.components}  # the graphs name the weights as the files do
+        graph_names: dict[str, str] = {}  # a VAE given apart: its GGUF names -> its own
+        if given_vae is not None:
+            files.append(given_vae.file)
+
+            def vae_name(name: str) -> str:
+                graph_names[given_vae.gguf_name(name)] = name
+                return given_vae.gguf_name(name)
+
+            names["vae_decoder"] = names["vae_encoder"] = vae_name
 
         def stored(component: str, name: str):
             for file in files:  # the tensor read before is written by now: its mapped pages can go
                 file.drop_pages()
+            if given_vae is not None and component.startswith("vae_"):
+                return given_vae.file.weight(graph_names[name])
             return adopted.parts[component].file.weight(name)
 
-        names = {c: _same for c in manifest.components}  # the graphs name the weights as the files do
         return write_gguf(Path(scratch), manifest, target, names, formats=formats, rules=rules, stored=stored,
                           progress=progress, reshape=reshape)
 
@@ -327,22 +344,3 @@ def runnable(model: Path, *, base=None, vae=None, text_encoders=(), progress=Non
             return model
     return adopted_package(Path(model), base=base and Path(base), vae=vae and Path(vae),
                            text_encoders=[Path(p) for p in text_encoders], progress=progress)
-
-
-def dequantized(main: Path, **kwargs):
-    """The model as torch modules holding its weights dequantized to fp32 (to convert a GGUF
-    file to ONNX or to other GGUF types)."""
-    import numpy as np
-    import torch
-
-    from edgediff.convert.load import file_architecture
-    from edgediff.kernels.gguf_blocks import dequantize
-
-    adopted = adopt(main, **kwargs)
-    state = {}
-    for part in {id(p): p for p in adopted.parts.values()}.values():
-        for name in _names(part.file):
-            if name.startswith(part.prefix) and (w := part.file.weight(name)) is not None:
-                state[name] = torch.from_numpy(np.array(dequantize(w.data, w.fmt, w.shape)))
-    return file_architecture({k: tuple(v.shape) for k, v in state.items()}, adopted.family,
-                            kwargs.get("prediction"), state, str(main))

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgediff.errors import SourceError
+from edgediff.errors import SourceError, UsageError
 from edgediff.families import DENOISER, Family, TextEncoder
 from edgediff.kernels.graphs.builder import View
 
@@ -256,8 +256,22 @@ class VaeGraphs:
 
     decoder: Callable[[], onnx.ModelProto]
     encoder: Callable[[], onnx.ModelProto]
-    read: Callable[[str], np.ndarray]
+    file: object  # the weights' file (runtime.safetensors_file.SafetensorsFile)
     half_safe: bool
+    ldm_name: Callable[[str], str] | None  # graph name -> its name in a GGUF package; None: it has none
+    where: str = ""
+
+    def read(self, name: str) -> np.ndarray:
+        return _float(self.file, name)
+
+    def __getitem__(self, name: str) -> np.ndarray:  # what write_gguf reads a component's weights through
+        return self.read(name)
+
+    def gguf_name(self, name: str) -> str:
+        if self.ldm_name is None:
+            raise UsageError(f"{self.where}: a tiny autoencoder goes into ONNX packages only (stable-diffusion.cpp "
+                             "takes TAESD as a file of its own, --taesd); convert to --format onnx or without --vae")
+        return self.ldm_name(name)
 
 
 def vae_graphs(path: Path, family: Family, scale: float, shift: float, latent: int, downscale: int) -> VaeGraphs:
@@ -298,20 +312,21 @@ def vae_graphs(path: Path, family: Family, scale: float, shift: float, latent: i
                                   "TAESDXL for SDXL, TAESD3 for SD3, TAEF1 for Flux)")
             how = dict(scale=scale, shift=shift, where=where)
             return VaeGraphs(lambda: build_tiny_vae_decoder(shapes, "vae.", **how),
-                             lambda: build_tiny_vae_encoder(shapes, "vae.", **how), lambda n: _float(file, n), False)
+                             lambda: build_tiny_vae_encoder(shapes, "vae.", **how), file, False, None, where)
         levels = 1 + max(int(k.split(".")[2]) for k in header if k.startswith("decoder.up_blocks."))
         blocks = 1 + max(int(k.split(".")[4]) for k in header if k.startswith("encoder.down_blocks.0.resnets."))
         config = {"layers_per_block": blocks, "block_out_channels": [0] * levels, **config}
         view = vae_view(shapes, config)
         half = config.get("force_upcast", True) is False  # SDXL's fp16-fix VAE says it is safe
+        ldm = {pieces[0][0]: name for name, pieces in view.pieces.items()}.__getitem__
     else:  # LDM's names, with or without `first_stage_model.`
         file = SafetensorsFile(weights, VAE)
-        view, half = {n: tuple(file.header[n.removeprefix(VAE)].shape) for n in file.names()}, False
+        view, half, ldm = {n: tuple(file.header[n.removeprefix(VAE)].shape) for n in file.names()}, False, str
         if VAE + "decoder.conv_in.weight" not in view:
             raise SourceError(f"{where}: no VAE weights in this file (neither diffusers' nor LDM's names)")
     groups = int(config.get("norm_num_groups") or 32)
     return VaeGraphs(lambda: build_vae_decoder(view, VAE, where, groups), lambda: build_vae_encoder(view, VAE, where, groups),
-                     lambda n: _float(file, n), half)
+                     file, half, ldm, where)
 
 
 def _float(file, name: str) -> np.ndarray:

@@ -217,7 +217,7 @@ def save_model(model, path: Path, base: Path | None = None) -> list[Path]:
     some are still external: those are copied from their file under `base`, a block at a time)."""
     import onnx
 
-    from edgediff.convert.export import EXTERNAL_DATA_LIMIT
+    from edgediff.convert.build import EXTERNAL_DATA_LIMIT
 
     inits = model.graph.initializer
     data = path.parent / (path.name + "_data")

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgediff.errors import SourceError, UnsafeFileError
+from edgediff.errors import SourceError, UnsafeFileError, require
 from edgediff.families import DENOISER, bare_denoiser
 from edgediff.runtime.safetensors_file import (
     SAFETENSORS_DTYPES,
@@ -111,7 +111,7 @@ def _indexed_files(index: Path) -> list[Path]:
 
 
 def _open_checkpoint(path: Path) -> Source:
-    import torch
+    torch = require("torch", "convert", "Reading a pickle checkpoint")
 
     try:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -126,6 +126,38 @@ def _open_checkpoint(path: Path) -> Source:
         if hasattr(v, "shape")
     }
     return Source(path, "checkpoint", tensors)
+
+
+class CheckpointFile:
+    """A pickle checkpoint's state dict (`torch.load(weights_only=True)`, only behind the explicit
+    flag) as a weight file, like runtime's safetensors and GGUF readers: names, shapes, fp32 arrays."""
+
+    prefix = ""
+
+    def __init__(self, path: Path):
+        import types
+
+        torch = require("torch", "convert", "Reading a pickle checkpoint")
+        self.path = Path(path)
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = data.get("state_dict", data) if isinstance(data, dict) else {}
+        self.state = {k: v for k, v in state.items() if hasattr(v, "shape")}
+        self.header = {k: types.SimpleNamespace(shape=tuple(v.shape)) for k, v in self.state.items()}
+
+    def names(self) -> list[str]:
+        return list(self.header)
+
+    def weight(self, name: str):
+        from edgediff.kernels.bind import Weight
+        from edgediff.kernels.gguf_blocks import FORMATS
+
+        t = self.state.get(name)
+        if t is None or not t.is_floating_point():
+            return None
+        return Weight(name, FORMATS["f32"], tuple(t.shape), t.float().numpy())
+
+    def drop_pages(self) -> None:
+        pass
 
 
 def _open_gguf(path: Path) -> Source:

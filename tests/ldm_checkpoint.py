@@ -32,7 +32,7 @@ def write_flux_files(folder: Path, dst: Path) -> dict[str, Path]:
 
     from safetensors.torch import load_file, save_file
 
-    from edgediff.convert.dit import flux_pieces, scatter
+    from edgediff.kernels.dit_names import flux_pieces
     from edgediff.kernels.ldm_names import ldm_shape, vae_name
 
     dst.mkdir(parents=True, exist_ok=True)
@@ -61,8 +61,8 @@ def write_sd3_file(folder: Path, path: Path) -> Path:
 
     from safetensors.torch import load_file, save_file
 
-    from edgediff.convert.dit import scatter, sd3_pieces
     from edgediff.families import DENOISER
+    from edgediff.kernels.dit_names import sd3_pieces
     from edgediff.kernels.ldm_names import ldm_shape, vae_name
 
     config = json.loads((folder / "transformer" / "config.json").read_text())
@@ -79,3 +79,29 @@ def write_sd3_file(folder: Path, path: Path) -> Path:
         state[name] = v.reshape(ldm_shape(name, tuple(v.shape))).contiguous()
     save_file(state, path)
     return path
+
+
+def gather(pieces, read) -> dict:
+    """diffusers' state dict from file tensors: `read(name)` gives a torch tensor."""
+    import torch
+
+    out = {}
+    for dst, parts in pieces.items():
+        tensors = [read(name) for name, _, _ in parts]
+        out[dst] = torch.cat([t if end == -1 else t[start:end] for t, (_, start, end) in zip(tensors, parts, strict=True)])
+    return out
+
+
+def scatter(pieces, state) -> dict:
+    """The file's tensors from diffusers' state dict (the inverse of `gather`)."""
+    import torch
+
+    parts: dict[str, list[tuple[int, object]]] = {}
+    for dst, sources in pieces.items():
+        offset = 0
+        for name, start, end in sources:
+            size = state[dst].shape[0] if end == -1 else end - start
+            parts.setdefault(name, []).append((0 if end == -1 else start, state[dst][offset:offset + size]))
+            offset += size
+    return {name: torch.cat([t for _, t in sorted(chunks, key=lambda c: c[0])]).contiguous()
+            for name, chunks in parts.items()}

@@ -127,3 +127,165 @@ def stored_types(package, component="unet") -> dict[str, str]:
                 types[state_name(name)] = onnx.TensorProto.DataType.Name(inits[name].data_type)
     assert types, f"no weights found in {component}"
     return types
+
+
+SHALLOW_LAYERS = 2  # DeepCache's shallow branch (kernels.graphs.unet)
+
+
+def torch_wrappers():
+    """The torch modules edgediff's graphs are held to: diffusers/transformers models under the
+    graphs' contracts (text encoders' stacked layers, the U-Net's added conditioning and DeepCache
+    branches, the DiTs' packing). (TextEncoderGraph, (UNetGraph, ShallowUNetGraph), DiTs by class,
+    VaeDecoderGraph, VaeEncoderGraph)."""
+    import torch
+
+
+    class TextEncoderGraph(torch.nn.Module):
+        """All hidden layers stacked (so clip-skip is chosen at run time) plus the pooled output."""
+
+        def __init__(self, model, norm_hidden: bool):
+            super().__init__()
+            self.model, self.norm_hidden = model, norm_hidden
+
+        def forward(self, input_ids):
+            if self.model.config.model_type == "t5":  # its last layer, normed, is all it gives
+                return self.model(input_ids=input_ids).last_hidden_state[None]
+            out = self.model(input_ids=input_ids, output_hidden_states=True)
+            layers = out.hidden_states[1:]
+            if self.norm_hidden:
+                norm = getattr(self.model, "text_model", self.model).final_layer_norm
+                layers = [norm(h) for h in layers]
+            pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+            return torch.stack(layers, 0), pooled
+
+    class UNetGraph(torch.nn.Module):
+        """The UNet with its added conditioning (SDXL's `text_embeds`, `time_ids`, LCM's
+        `timestep_cond`) as named inputs; with `feature`, also the deep features the shallow
+        branch reuses (what enters the last up block's last SHALLOW_LAYERS layers, before their
+        skip connections join)."""
+
+        def __init__(self, unet, extras: tuple[str, ...], feature: bool = False):
+            super().__init__()
+            self.unet, self.extras, self.feature = unet, extras, feature
+
+        def forward(self, sample, timestep, encoder_hidden_states, *extras):
+            added = dict(zip(self.extras, extras, strict=True))
+            kwargs = {"timestep_cond": added.pop("timestep_cond")} if "timestep_cond" in added else {}
+            run = lambda: self.unet(sample, timestep, encoder_hidden_states, return_dict=False,  # noqa: E731
+                                    **({"added_cond_kwargs": added} if added else {}), **kwargs)[0]
+            if not self.feature:
+                return run()
+            seen = []
+            skip = self.unet.config.block_out_channels[0]  # conv_in's and the first down layers' width
+            layer = self.unet.up_blocks[-1].resnets[-SHALLOW_LAYERS]
+            hook = layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0][:, :args[0].shape[1] - skip]))
+            try:
+                out = run()
+            finally:
+                hook.remove()
+            return out, seen[0]
+
+    class ShallowUNetGraph(torch.nn.Module):
+        """DeepCache's shallow branch (Ma et al. 2023): the time embedding, conv_in, the first
+        SHALLOW_LAYERS - 1 down layers (whose outputs are the skips it needs), then the last
+        SHALLOW_LAYERS up layers fed `deep_feature` from an earlier step's full run, and conv_out."""
+
+        def __init__(self, unet, extras: tuple[str, ...]):
+            super().__init__()
+            self.unet, self.extras = unet, extras
+
+        def forward(self, sample, timestep, encoder_hidden_states, *rest):
+            *extras, feature = rest
+            u, added = self.unet, dict(zip(self.extras, extras, strict=True))
+            emb = u.time_embedding(u.get_time_embed(sample=sample, timestep=timestep), added.pop("timestep_cond", None))
+            aug = u.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added)
+            emb = emb + aug if aug is not None else emb
+            if u.time_embed_act is not None:
+                emb = u.time_embed_act(emb)
+
+            def layer(block, j, h):
+                h = block.resnets[j](h, emb)
+                if getattr(block, "attentions", None):
+                    h = block.attentions[j](h, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+                return h
+
+            skips = [u.conv_in(sample)]
+            for j in range(SHALLOW_LAYERS - 1):
+                skips.append(layer(u.down_blocks[0], j, skips[-1]))
+            h, up = feature, u.up_blocks[-1]
+            for j in range(len(up.resnets) - SHALLOW_LAYERS, len(up.resnets)):
+                h = layer(up, j, torch.cat([h, skips.pop()], 1))
+            if u.conv_norm_out is not None:
+                h = u.conv_act(u.conv_norm_out(h))
+            return u.conv_out(h)
+
+    class TransformerGraph(torch.nn.Module):
+        """A DiT under the UNet's contract: `sample`, `timestep` (0..1000), the text context, and
+        the pooled text as `text_embeds` (SD3's `pooled_projections`)."""
+
+        def __init__(self, transformer):
+            super().__init__()
+            self.transformer = transformer
+
+        def forward(self, sample, timestep, encoder_hidden_states, text_embeds):
+            return self.transformer(hidden_states=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                                    pooled_projections=text_embeds, return_dict=False)[0]
+
+    class FluxGraph(torch.nn.Module):
+        """Flux under the same contract, with unpacked latents in and out: the 2x2 patches are
+        packed and the position ids made here, from the latent's size (as FluxPipeline packs
+        them); its timestep (and dev's guidance) are taken /1000 and x1 as FluxPipeline gives them."""
+
+        def __init__(self, transformer):
+            super().__init__()
+            self.transformer = transformer
+
+        def forward(self, sample, timestep, encoder_hidden_states, text_embeds, *guidance):
+            b, c, h, w = sample.shape
+            packed = sample.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * 4)
+            rows = torch.arange(h // 2, dtype=sample.dtype)[:, None].expand(h // 2, w // 2)
+            cols = torch.arange(w // 2, dtype=sample.dtype)[None, :].expand(h // 2, w // 2)
+            img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3)
+            txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, dtype=sample.dtype)
+            out = self.transformer(hidden_states=packed, encoder_hidden_states=encoder_hidden_states,
+                                   pooled_projections=text_embeds, timestep=timestep / 1000, img_ids=img_ids,
+                                   txt_ids=txt_ids, guidance=guidance[0] if guidance else None, return_dict=False)[0]
+            return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+    class VaeDecoderGraph(torch.nn.Module):
+        def __init__(self, vae):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, latent_sample):
+            return self.vae.decode(latent_sample, return_dict=False)[0]
+
+    class VaeEncoderGraph(torch.nn.Module):
+        """Mean and log-variance (the `moments`), so the runtime samples the latent itself."""
+
+        def __init__(self, vae):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, sample):
+            moments = self.vae.encoder(sample)
+            if self.vae.quant_conv is not None:
+                moments = self.vae.quant_conv(moments)
+            return moments
+
+    return TextEncoderGraph, (UNetGraph, ShallowUNetGraph), {"SD3Transformer2DModel": TransformerGraph, "FluxTransformer2DModel": FluxGraph}, \
+        VaeDecoderGraph, VaeEncoderGraph
+
+
+def added_conditioning(config, conditioning) -> dict[str, int]:
+    """The UNet's inputs besides sample, timestep and text, with their widths: SDXL's pooled text
+    and `time_ids` (each id embedded in `addition_time_embed_dim` channels), LCM's guidance
+    embedding `timestep_cond`."""
+    extras = {}
+    if config.addition_embed_type == "text_time":
+        ids = conditioning.time_id_count
+        extras.update(text_embeds=config.projection_class_embeddings_input_dim - ids * config.addition_time_embed_dim,
+                      time_ids=ids)
+    if config.time_cond_proj_dim:
+        extras["timestep_cond"] = config.time_cond_proj_dim
+    return extras

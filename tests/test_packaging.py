@@ -54,7 +54,7 @@ def test_wheel_installs_and_imports_in_a_fresh_venv(tmp_path):
     (wheel,) = dist.glob("edgediff-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for expected in ("edgediff/__init__.py", "edgediff/cli.py", "edgediff/runtime/pipeline.py",
-                     "edgediff/convert/export.py", "edgediff/kernels/__init__.py",
+                     "edgediff/convert/build.py", "edgediff/kernels/graphs/flux.py",
                      "edgediff/convert/data/clip_tokenizer/vocab.json",
                      "edgediff/convert/builtin/tiny-sd1/unet/config.json"):
         assert expected in names, expected

@@ -3,8 +3,8 @@
 Two layouts of the same network: transformers' names (`text_model.embeddings.*`,
 `text_model.encoder.layers.N.self_attn.{q,k,v}_proj`, ...; some files leave out `text_model.`)
 and OpenCLIP's (`transformer.resblocks.N.attn.in_proj_weight` with q, k and v fused,
-`text_projection` stored [width, embed]). The graph keeps the traced exporter's contract
-(convert.export's TextEncoderGraph): `input_ids` [batch, sequence] in, `hidden_states`
+`text_projection` stored [width, embed]). The graph keeps the runtime's text-encoder contract:
+`input_ids` [batch, sequence] in, `hidden_states`
 [layers, batch, sequence, width] (every layer's output, not the embeddings; through the final
 layer norm when the family says so) and `pooled_output` [batch, width] out: the final-normed
 state at each sequence's first end-of-text token, projected (`text_embeds`) when the model has

@@ -10,7 +10,7 @@ its first convolution, and otherwise the nearest x2 `nn.Upsample` that stands be
 blocks and its bias-less convolution (what `DecoderTiny.__init__` builds); `EncoderTiny` has none.
 Its convolutions other than the first and last are the bias-less stride-2 downsamples.
 
-The graphs keep edgediff's VAE contract as `convert.load.tiny_vae`'s traced `TinyVae` does, so the
+The graphs keep edgediff's VAE contract (the full VAE's latents in, its moments out), so the
 package and the runtime need nothing new: the decoder takes the FULL VAE's latent and computes
 `decoder((z - shift) * scale)` (TAESD works on the denoiser's scaled and shifted latents), with
 `DecoderTiny.forward`'s tanh(x / 3) * 3 clamp and its [0, 1] -> [-1, 1] output; the encoder maps

@@ -11,12 +11,13 @@ per block (SDXL's 1/2/10) need no configuration. What the shapes cannot say is a
 the attention heads (SD 1.x: 8 per layer; SD 2.x and SDXL: 64-wide heads), the GroupNorm
 groups (32 in every LDM model), and SDXL's time ids (how many, how wide each is embedded).
 
-The contract is `convert.export`'s for the UNet (`UNET` plus `added_conditioning`): `sample`
+The contract is the runtime's for the UNet: `sample`
 [batch, C, height, width], `timestep` [batch] (float), `encoder_hidden_states` [batch, sequence,
 context]; SDXL's `text_embeds` [batch, pooled] and `time_ids` [batch, ids]; LCM's `timestep_cond`
 [batch, width] -> `out_sample`. With `deep_cache` a second output, `deep_feature`, is what enters
 the last up block's last SHALLOW_LAYERS layers before their skips join, and `build_unet_shallow`
-is DeepCache's shallow branch that takes it back (`UNetGraph` / `ShallowUNetGraph`).
+is DeepCache's shallow branch that takes it back (tests/reference.py's `UNetGraph` and
+`ShallowUNetGraph` are the torch modules they are held to).
 
 Numerics follow diffusers' `UNet2DConditionModel` at its defaults: the sinusoidal timestep
 embedding as wide as the first convolution, cos first, no shift; resnet and output GroupNorms
@@ -50,7 +51,7 @@ from edgediff.kernels.graphs.builder import (
     timestep_embedding,
 )
 
-SHALLOW_LAYERS = 2  # as convert.export's: DeepCache's shallow branch reruns this many up layers
+SHALLOW_LAYERS = 2  # DeepCache's shallow branch reruns this many up layers (its paper's finest setting)
 COND_PROJ = "time_embedding.cond_proj.weight"  # LCM's, under the prefix (see above)
 GROUPS = 32
 NORM_EPS = 1e-5  # resnets' and the output's GroupNorm (diffusers' norm_eps)

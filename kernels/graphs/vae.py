@@ -5,7 +5,7 @@ The decoder graph is `post_quant_conv` (where the file has one) then the decoder
 [batch, latent, h, w] -> image [batch, 3, 8h, 8w], unscaled (the runtime scales the latent). The
 encoder graph is the encoder then `quant_conv` (where the file has one): image -> the moments
 (mean and log-variance side by side, 2 * latent channels), so the runtime samples the latent
-itself. These are the contracts `convert.export`'s `VaeDecoderGraph` and `VaeEncoderGraph` export.
+itself. These are the VAE contracts the runtime reads (runtime.vae).
 
 The configuration comes from the shapes: the levels and blocks per level from the names, the
 widths from the convolutions; every GroupNorm has eps 1e-6 and, unless a config says otherwise, 32 groups, as in every such VAE.

@@ -266,6 +266,25 @@ def test_vae_swap(tiny_source, tmp_path, main, form, vae_precision):
     assert error < (1e-2 if vae_precision == "fp16" else 1e-5)
 
 
+@pytest.mark.parametrize(("main", "form"), [("folder", "diffusers-file"), ("single-file", "folder"),
+                                            ("single-file", "ldm-file")])
+def test_vae_swap_into_gguf(tiny_source, tmp_path, main, form):
+    """A VAE given apart goes into a GGUF package under LDM's names (what stable-diffusion.cpp
+    reads) and draws what the ONNX package with it draws."""
+    vaes = _other_sdxl_vae(tmp_path)
+    source = tiny_source("sdxl")
+    if main == "single-file":
+        source = write_ldm_checkpoint(source, tmp_path / "xl.safetensors")
+    convert(source, tmp_path / "pkg", vae=vaes[form])
+    convert(source, tmp_path / "pkg.gguf", precision="f32", vae=vaes[form])
+    import gguf
+
+    assert "first_stage_model.decoder.conv_in.weight" in {t.name for t in gguf.GGUFReader(tmp_path / "pkg.gguf").tensors}
+    args = dict(steps=3, seed=2, width=64, height=64)
+    images = [Pipeline(p, device="cpu").generate("a blue square", **args) for p in (tmp_path / "pkg", tmp_path / "pkg.gguf")]
+    assert psnr(*images) >= 60
+
+
 def test_vae_swap_errors(tiny_source, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="must be a diffusers VAE"):
@@ -389,3 +408,22 @@ def test_a_forced_family_must_fit_the_file(tiny_source, tmp_path):
     with pytest.raises(SourceError, match="--family sd1 does not fit this file: its tensors are sdxl's"):
         convert(path, tmp_path / "out", family="sd1")
     assert not (tmp_path / "out").exists()
+
+
+def test_pickle_checkpoint_with_the_flag_converts_like_its_safetensors(tiny_source, tmp_path):
+    """A `.ckpt` (read with torch.load(weights_only=True), only with the flag) is built as its
+    safetensors twin is: the same graphs and weights, the same image; to GGUF too."""
+    import torch
+    from safetensors.torch import load_file
+
+    single = write_ldm_checkpoint(tiny_source("sd1"), tmp_path / "sd1.safetensors")
+    ckpt = tmp_path / "sd1.ckpt"
+    torch.save({"state_dict": load_file(str(single))}, ckpt)
+    with pytest.raises(SourceError, match="pickle-based.*--allow-pickle"):
+        convert(ckpt, tmp_path / "refused")
+    args = dict(steps=3, seed=4, width=64, height=64)
+    want = Pipeline(convert(single, tmp_path / "a") and tmp_path / "a", device="cpu").generate("a blue square", **args)
+    for out in (tmp_path / "b", tmp_path / "b.gguf"):
+        manifest = convert(ckpt, out, allow_pickle=True, **({"precision": "f32"} if out.suffix else {}))
+        assert manifest.source["kind"] == "checkpoint"
+        assert psnr(Pipeline(out, device="cpu").generate("a blue square", **args), want) == float("inf")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from edgediff.convert.dit import flux_config, flux_pieces, gather, scatter
 from edgediff.families import DENOISER
+from edgediff.kernels.dit_names import flux_config, flux_pieces
+
+from ldm_checkpoint import gather, scatter
 
 
 def test_flux_table_reads_as_diffusers_does():
@@ -53,7 +55,7 @@ def test_sd3_table_reads_as_diffusers_does(tiny_source):
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
     from safetensors.torch import load_file
 
-    from edgediff.convert.dit import sd3_config, sd3_pieces
+    from edgediff.kernels.dit_names import sd3_config, sd3_pieces
 
     for name in ("sd3", "sd35"):
         folder = tiny_source(name) / "transformer"

@@ -439,9 +439,6 @@ def test_folders_stream_into_gguf(tiny_source, tmp_path, monkeypatch):
 def test_dit_files_stream_into_the_folders_gguf(tiny_source, tmp_path, monkeypatch, name):
     """A DiT's single files convert to GGUF tensor by tensor (never a whole model in memory) and
     give the very file its diffusers folder gives."""
-    import edgediff.convert.adopt as adopt
-    import edgediff.convert.load as load
-
     from ldm_checkpoint import write_flux_files, write_sd3_file
 
     if name.startswith("flux"):
@@ -451,11 +448,15 @@ def test_dit_files_stream_into_the_folders_gguf(tiny_source, tmp_path, monkeypat
         main, others = write_sd3_file(tiny_source(name), tmp_path / "sd3.safetensors"), {}
     convert(tiny_source(name), tmp_path / "folder.gguf", precision="q4_0")
 
-    def whole(*args, **kwargs):
-        raise AssertionError("the whole model was loaded")
+    import edgediff.convert.build as build
 
-    monkeypatch.setattr(adopt, "dequantized", whole)
-    monkeypatch.setattr(load, "load_torch_pipeline", whole)
+    stock = build.write_graph
+
+    def graph_only(model, path, read):  # no fp32 package on the way
+        assert read is None, "weights were written as fp32"
+        return stock(model, path, read)
+
+    monkeypatch.setattr(build, "write_graph", graph_only)
     convert(main, tmp_path / "files.gguf", precision="q4_0", **others)
 
     def tensors(path):

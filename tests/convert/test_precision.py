@@ -258,9 +258,9 @@ def test_weight_passes_over_external_data_give_the_same_package(tiny_source, qua
                                                                 precision):
     """Over a graph whose weights are in a data file (every full-size UNet), the weight-only
     passes read one weight at a time and copy the kept ones across: the same image as in memory."""
-    import edgediff.convert.export as export
+    import edgediff.convert.build as build
 
-    monkeypatch.setattr(export, "EXTERNAL_DATA_LIMIT", 0)
+    monkeypatch.setattr(build, "EXTERNAL_DATA_LIMIT", 0)
     import onnx
 
     manifest = convert(tiny_source("sd1"), tmp_path / "ext", precision=precision)

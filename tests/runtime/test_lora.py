@@ -250,7 +250,7 @@ def test_flux_lora_in_bfl_and_diffusers_names(tiny_source, tiny_package, tmp_pat
     from safetensors.numpy import save_file
 
     from edgediff.convert import convert
-    from edgediff.convert.dit import flux_pieces
+    from edgediff.kernels.dit_names import flux_pieces
 
     source = tiny_source("flux-dev")
     pipe = diffusers_pipeline(source)

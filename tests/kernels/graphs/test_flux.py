@@ -9,14 +9,16 @@ from edgediff.families import DENOISER
 from edgediff.kernels.graphs.flux import build_flux
 
 from built import run
+from reference import torch_wrappers
 from tiny_models import CONFIGS
 
 
 def _reference(name: str, seed: int = 0):
     import diffusers
 
-    from edgediff.convert.dit import flux_pieces, scatter
-    from edgediff.convert.export import _wrappers
+    from edgediff.kernels.dit_names import flux_pieces
+
+    from ldm_checkpoint import scatter
 
     config = dict(CONFIGS[name]["transformer"])
     torch.manual_seed(seed)
@@ -25,7 +27,7 @@ def _reference(name: str, seed: int = 0):
         for p in model.parameters():  # larger than init's, so every path shows in the output
             p.add_(torch.randn_like(p) * 0.05)
     weights = {k: v.numpy() for k, v in scatter(flux_pieces(config, DENOISER), model.state_dict()).items()}
-    return model, _wrappers()[2]["FluxTransformer2DModel"](model), weights, config
+    return model, torch_wrappers()[2]["FluxTransformer2DModel"](model), weights, config
 
 
 @pytest.mark.parametrize("name", ["flux-schnell", "flux-dev"])

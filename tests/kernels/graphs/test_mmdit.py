@@ -10,6 +10,7 @@ from edgediff.families import DENOISER
 from edgediff.kernels.graphs.mmdit import build_mmdit
 
 from built import run
+from reference import torch_wrappers
 from tiny_models import CONFIGS
 
 _CONFIGS = {
@@ -22,8 +23,9 @@ _CONFIGS = {
 def _reference(name: str, seed: int = 0):
     import diffusers
 
-    from edgediff.convert.dit import scatter, sd3_pieces
-    from edgediff.convert.export import _wrappers
+    from edgediff.kernels.dit_names import sd3_pieces
+
+    from ldm_checkpoint import scatter
 
     config = dict(_CONFIGS[name])
     torch.manual_seed(seed)
@@ -34,7 +36,7 @@ def _reference(name: str, seed: int = 0):
     state = model.state_dict()
     assert "pos_embed.pos_embed" in state
     weights = {k: v.numpy() for k, v in scatter(sd3_pieces(config, DENOISER), state).items()}
-    return _wrappers()[2]["SD3Transformer2DModel"](model), weights, config
+    return torch_wrappers()[2]["SD3Transformer2DModel"](model), weights, config
 
 
 @pytest.mark.parametrize("name", list(_CONFIGS))

@@ -1,4 +1,4 @@
-"""The built U-Net graphs against diffusers' UNet2DConditionModel through convert.export's
+"""The built U-Net graphs against diffusers' UNet2DConditionModel through the reference
 wrappers (UNetGraph, ShallowUNetGraph): tiny seeded models of SD 1.x, 2.x, SDXL base and
 refiner, other widths and heads, and LCM, in LDM names, at two latent sizes, one odd."""
 
@@ -13,6 +13,7 @@ from edgediff.kernels.graphs.unet import COND_PROJ, SHALLOW_LAYERS, build_unet, 
 from edgediff.kernels.ldm_names import ldm_shape, unet_name
 
 from built import run
+from reference import added_conditioning, torch_wrappers
 from tiny_models import CONFIGS
 
 torch = pytest.importorskip("torch")
@@ -29,7 +30,6 @@ def _reference(name: str, seed: int = 0):
     """(diffusers UNet, its weights under LDM names, the build keywords, the extra inputs' widths)."""
     from diffusers import UNet2DConditionModel
 
-    from edgediff.convert.export import added_conditioning
 
     cfg = CONFIGS[name]
     context = sum(cfg[key]["hidden_size"] for key in ("text", "text_2") if key in cfg)
@@ -82,10 +82,10 @@ def _close(got, want, what):
 
 @pytest.mark.parametrize("name", ["sd1", "sd1-deep", "sd2-v", "sdxl", "sdxl-wide", "sdxl-refiner", "sd1-lcm"])
 def test_unet_matches_diffusers(name):
-    from edgediff.convert import export
+    import reference
 
-    assert SHALLOW_LAYERS == export.SHALLOW_LAYERS
-    UNetGraph, ShallowUNetGraph = export._wrappers()[1]
+    assert SHALLOW_LAYERS == reference.SHALLOW_LAYERS
+    UNetGraph, ShallowUNetGraph = torch_wrappers()[1]
     unet, weights, kwargs, extras = _reference(name)
     shapes = _shapes(weights)
     full = build_unet(shapes, deep_cache=True, **kwargs)
