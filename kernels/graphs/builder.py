@@ -170,6 +170,17 @@ class Graph:
         return self.split(x, [width] * count, axis)
 
 
+def indices(shapes: Mapping[str, Sequence[int]], stem: str) -> list[int]:
+    """The integers i for which some weight is named `stem{i}.…` (a file's blocks, layers, levels)."""
+    found = set()
+    for name in shapes:
+        if name.startswith(stem):
+            head = name[len(stem):].split(".", 1)[0]
+            if head.isdigit():
+                found.add(int(head))
+    return sorted(found)
+
+
 # -- layers ------------------------------------------------------------------------------------
 
 def matmul(g: Graph, x: str, weight: str, bias: str | None = None) -> str:

@@ -44,6 +44,7 @@ from edgediff.kernels.graphs.builder import (
     conv,
     gelu,
     group_norm,
+    indices,
     layer_norm,
     linear,
     matmul,
@@ -80,21 +81,10 @@ class UNetLayout:
     cond: int  # LCM's timestep_cond width, 0 when none
 
 
-def _indices(shapes: Mapping[str, Sequence[int]], stem: str) -> list[int]:
-    """The integers i for which some weight is named `stem{i}.…`."""
-    found = set()
-    for name in shapes:
-        if name.startswith(stem):
-            head = name[len(stem):].split(".", 1)[0]
-            if head.isdigit():
-                found.add(int(head))
-    return sorted(found)
-
-
 def _layers(g: Graph, block: str) -> tuple[tuple[str, str], ...]:
     """The layers of `block` (a TimestepEmbedSequential, `…input_blocks.N`) by kind."""
     layers = []
-    for k in _indices(g.shapes, block + "."):
+    for k in indices(g.shapes, block + "."):
         name = f"{block}.{k}."
         kind = next((kind for kind, marker in _KINDS if g.has(name + marker)), None)
         if kind is None:
@@ -109,8 +99,8 @@ def unet_layout(g: Graph, prefix: str) -> UNetLayout:
     p = prefix
     conv_in = g.shape(p + "input_blocks.0.0.weight")
     inputs = [(("conv_in", p + "input_blocks.0.0."),)]
-    inputs += [_layers(g, f"{p}input_blocks.{i}") for i in _indices(g.shapes, p + "input_blocks.")[1:]]
-    outputs = [_layers(g, f"{p}output_blocks.{i}") for i in _indices(g.shapes, p + "output_blocks.")]
+    inputs += [_layers(g, f"{p}input_blocks.{i}") for i in indices(g.shapes, p + "input_blocks.")[1:]]
+    outputs = [_layers(g, f"{p}output_blocks.{i}") for i in indices(g.shapes, p + "output_blocks.")]
     middle = _layers(g, p + "middle_block")
     if not middle:
         g.shape(p + "middle_block.0.in_layers.2.weight")  # raises the SourceError naming it
@@ -199,7 +189,7 @@ def _transformer(g: Graph, x: str, name: str, context: str, heads: _Heads, level
         t = tokens(h, inner)
     else:
         t = linear(g, tokens(h, g.shape(name + "norm.weight")[0]), name + "proj_in")
-    blocks = _indices(g.shapes, name + "transformer_blocks.")
+    blocks = indices(g.shapes, name + "transformer_blocks.")
     if not blocks:
         g.shape(name + "transformer_blocks.0.attn1.to_q.weight")  # raises the SourceError naming it
     for k in blocks:

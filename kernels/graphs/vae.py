@@ -18,27 +18,24 @@ from collections.abc import Mapping, Sequence
 
 import onnx
 
-from edgediff.kernels.graphs.builder import Graph, attention, conv, group_norm, linear, silu
+from edgediff.kernels.graphs.builder import (
+    Graph,
+    attention,
+    conv,
+    group_norm,
+    indices,
+    linear,
+    silu,
+)
 
 GROUPS = 32
 EPS = 1e-6
 
 
-def _indices(shapes: Mapping[str, Sequence[int]], stem: str) -> list[int]:
-    """The integers i for which some weight is named `stem{i}.…`."""
-    found = set()
-    for name in shapes:
-        if name.startswith(stem):
-            head = name[len(stem):].split(".", 1)[0]
-            if head.isdigit():
-                found.add(int(head))
-    return sorted(found)
-
-
 def _count(g: Graph, stem: str, first: str) -> int:
     """How many `stem{i}` the file holds (0 to max); none raises naming `first`, the weight looked
     for first."""
-    found = _indices(g.shapes, stem)
+    found = indices(g.shapes, stem)
     if not found:
         g.shape(first)  # raises the SourceError that names it
     return found[-1] + 1
