@@ -7,28 +7,25 @@ Needs the `convert` extra (torch, diffusers, transformers, onnx) for exporting; 
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgediff import __version__
+from edgediff.convert.package import _component_entry, write_manifest
 from edgediff.convert.sources import Source, open_source
 from edgediff.errors import SourceError, UsageError
 from edgediff.families import (
     FAMILIES,
-    Conditioning,
     Family,
-    TextEncoder,
     detect_family,
     get_family,
-    scheduler_defaults,
 )
-from edgediff.manifest import MANIFEST, ComponentEntry, Manifest, TextEncoderEntry
+from edgediff.manifest import MANIFEST, Manifest
 from edgediff.runtime.paths import cache_root
+
+__all__ = ["convert", "default_package", "open_source", "resolve_family", "Source"]
 
 CALIBRATION_PROMPTS = (  # varied subjects, styles and lengths, for int8 activation ranges
     "a photograph of a lighthouse on a rocky coast at sunset, dramatic clouds",
@@ -44,10 +41,7 @@ ALL_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "t
                   "vae_encoder")
 FORMATS = ("onnx", "gguf")
 BUILTIN = Path(__file__).parent / "builtin"
-_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json",
-                    "tokenizer_config.json")
 
-__all__ = ["convert", "default_package", "open_source", "resolve_family", "Source"]
 
 
 def resolve_source(spec: str | Path) -> Path:
@@ -97,31 +91,6 @@ def _check_inputs(source: Source, fam: Family) -> None:
             raise SourceError(f"{source.path}: its U-Net takes {shape[1]} input channels ({name}), not the "
                               f"{fam.latent.channels} latent channels of {fam.title}: {kind} edgediff does not run "
                               "yet (it runs text-to-image and image-to-image models)")
-
-
-def _pad_token(tokenizer: Path, default: str) -> str:
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        path = tokenizer / name
-        if path.is_file():
-            value = json.loads(path.read_text(encoding="utf-8")).get("pad_token")
-            if isinstance(value, dict):
-                value = value.get("content")
-            if value:
-                return value
-    return default
-
-
-def _component_entry(files: list[Path], root: Path, precision: str) -> ComponentEntry:
-    from edgediff.convert.package import sha256_file
-
-    graph = files[0]
-    return ComponentEntry(
-        file=graph.relative_to(root).as_posix(),
-        precision=precision,
-        bytes=sum(f.stat().st_size for f in files),
-        sha256=sha256_file(graph),
-        data_files=tuple(f.relative_to(root).as_posix() for f in files[1:]),
-    )
 
 
 def convert(
@@ -321,77 +290,6 @@ def _ldm_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     from edgediff.kernels.ldm_names import ldm_shape
 
     return ldm_shape(name, shape)
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """What a package's manifest needs to know of the model besides its graphs, however they were
-    made: its text encoders (spec, layer count, tokenizer folder), scheduler, conditioning and
-    latent format."""
-
-    family: Family
-    encoders: list[tuple[TextEncoder, int, Path]]
-    scheduler_config: dict
-    conditioning: Conditioning
-    latent_channels: int
-    latent_scale: float
-    latent_shift: float
-    vae_downscale: int
-    resolution: int
-    info: dict = field(default_factory=dict)
-
-
-def write_manifest(tmp: Path, arch: Architecture, written: dict[str, list[Path]], source: dict) -> Manifest:
-    """The manifest, tokenizers, scheduler and model index of the package whose graphs are in `tmp`."""
-    from edgediff.convert.load import BUNDLED_CLIP_TOKENIZER
-
-    fam = arch.family
-    encoders = []
-    for spec, layers, tok_dir in arch.encoders:
-        dst = tmp / spec.tokenizer
-        dst.mkdir(exist_ok=True)
-        for name in _TOKENIZER_FILES:
-            if (tok_dir / name).is_file():
-                shutil.copy2(tok_dir / name, dst / name)
-        encoders.append(TextEncoderEntry(
-            component=spec.component, tokenizer=spec.tokenizer, layers=layers, norm_hidden=spec.norm_hidden,
-            pad_token=spec.pad_token if tok_dir == BUNDLED_CLIP_TOKENIZER else _pad_token(tok_dir, spec.pad_token),
-            max_length=spec.max_length,
-            pooled=spec.pooled, hidden_layer=spec.hidden_layer, kind=spec.kind, context=spec.context,
-        ))
-    (tmp / "scheduler").mkdir()
-    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(arch.scheduler_config, indent=2))
-    prediction_type = arch.scheduler_config.get("prediction_type", "epsilon")
-    manifest = Manifest(
-        family=fam.name,
-        prediction="flow" if fam.prediction == "flow" else {"epsilon": "eps", "v_prediction": "v"}.get(
-            prediction_type, prediction_type),
-        latent_channels=arch.latent_channels,
-        latent_scale=arch.latent_scale,
-        latent_shift=arch.latent_shift,
-        vae_downscale=arch.vae_downscale,
-        components={k: _component_entry(v, tmp, "fp32") for k, v in written.items()},
-        text_encoders=tuple(encoders),
-        denoiser=fam.denoiser,
-        size_multiple=fam.size_multiple,
-        flow_normal_end=fam.flow_normal_end,
-        strength_rounding=fam.strength_rounding,
-        role=fam.role,
-        conditioning=arch.conditioning,
-        defaults={
-            "sampler": fam.defaults.sampler, "schedule": fam.defaults.schedule,
-            "steps": fam.defaults.steps, "guidance": fam.defaults.guidance,
-            "width": arch.resolution, "height": arch.resolution,
-            **scheduler_defaults(arch.scheduler_config, arch.conditioning),
-        },
-        source={**source, **arch.info},
-        created_by=f"edgediff {__version__}",
-    )
-    index = {"_class_name": fam.onnx_pipeline, "_edgediff_version": __version__,
-             **{name: ["onnx", entry.file] for name, entry in manifest.components.items()}}
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-    (tmp / MANIFEST).write_text(manifest.to_json())
-    return manifest
 
 
 def _apply_precisions(root: Path, manifest: Manifest, precisions: dict[str, str], rules,

@@ -160,13 +160,13 @@ def _with_ema(file, shapes: dict, names: list[str]):
 
 def _architecture(adopted: Adopted, graphs: dict[str, onnx.ModelProto]):
     """What the manifest says of the model, read from the shapes and the built graphs."""
-    from edgediff.convert import Architecture
     from edgediff.convert.load import (
         BUNDLED_CLIP_TOKENIZER,
         BUNDLED_T5_TOKENIZER,
         _prediction_type,
         _resolve_spacing,
     )
+    from edgediff.convert.package import Architecture
 
     fam = adopted.family
     inputs = {i.name: i for i in graphs[fam.denoiser].graph.input}
@@ -196,8 +196,8 @@ def _graphs(adopted: Adopted, folder: Path, progress, deep_cache: bool = False, 
     `vae` (convert.build.VaeGraphs): a VAE given apart, instead of the files' own."""
     import time
 
-    from edgediff.convert import write_manifest
     from edgediff.convert.build import _float, write_graph
+    from edgediff.convert.package import write_manifest
     from edgediff.kernels.graphs.models import model_graphs
 
     started = time.perf_counter()

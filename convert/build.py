@@ -161,8 +161,8 @@ def write_graph(model: onnx.ModelProto, path: Path, read: Callable[[str], np.nda
 
 def folder_architecture(folder: Path, family: Family, configs: Mapping[str, Mapping], prediction: str | None):
     """What the manifest says of a diffusers folder's model, from its configs."""
-    from edgediff.convert import Architecture
     from edgediff.convert.load import _prediction_type, _resolve_spacing
+    from edgediff.convert.package import Architecture
 
     scheduler = dict(family.scheduler_config)
     if (folder / "scheduler" / "scheduler_config.json").is_file():
