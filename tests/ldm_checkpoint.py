@@ -1,12 +1,12 @@
-"""A training-style single-file checkpoint for the tests: convert.ldm's renaming, plus EMA
-copies and the training-only keys a converter must drop."""
+"""A training-style single-file checkpoint for the tests: benchmarks.single_file's renaming, plus
+EMA copies and the training-only keys a converter must drop."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from edgediff.convert.ldm import to_ldm_state_dict
-from edgediff.convert.ldm import write_ldm_checkpoint as _write
+from edgediff.benchmarks.single_file import to_ldm_state_dict
+from edgediff.benchmarks.single_file import write_ldm_checkpoint as _write
 
 
 def write_ldm_checkpoint(folder: Path, path: Path, ema_noise: float | None = None, family: str | None = None) -> Path:

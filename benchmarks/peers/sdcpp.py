@@ -15,7 +15,7 @@ def prepare(config: dict) -> Path:
     checkpoint written once from the diffusers folder."""
     if config.get("gguf"):
         return Path(config["gguf"])
-    from edgediff.convert.ldm import write_ldm_checkpoint
+    from edgediff.benchmarks.single_file import write_ldm_checkpoint
 
     path = Path(config["work_dir"]) / "ldm-fp32.safetensors"
     if not path.is_file():

@@ -223,7 +223,7 @@ def _other_sdxl_vae(tmp_path):
     file, and in LDM's names in one bare file."""
     from safetensors.torch import save_file
 
-    from edgediff.convert.ldm import to_ldm_state_dict
+    from edgediff.benchmarks.single_file import to_ldm_state_dict
 
     other = build_tiny(tmp_path / "other", "sdxl", seed=1)
     config = json.loads((other / "vae" / "config.json").read_text())

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
+from edgediff.benchmarks.single_file import to_ldm_state_dict
 from edgediff.convert import convert
 from edgediff.convert.adopt import adopted_package
-from edgediff.convert.ldm import to_ldm_state_dict
 from edgediff.errors import EdgediffError, PackageError, SourceError, UsageError
 from edgediff.kernels.gguf_blocks import FORMATS, WRITABLE
 from edgediff.runtime import Pipeline

@@ -73,7 +73,7 @@ def _hf_state(model, prefix: str, text_model: bool = True) -> dict:
 
 
 def _open_clip_state(model, prefix: str) -> dict:
-    from edgediff.convert.ldm import open_clip_state
+    from edgediff.benchmarks.single_file import open_clip_state
 
     return {k: v.numpy() for k, v in open_clip_state(model.state_dict(), prefix).items()}
 

@@ -1,6 +1,7 @@
 """A diffusers folder as a single-file checkpoint in the original LDM layout (SDXL's in SGM's,
-`conditioner.embedders.N.*`), through kernels.ldm_names' table; the inverse of the single-file
-reader (a test round-trips it)."""
+`conditioner.embedders.N.*`), through kernels.ldm_names' table: the files the peers read
+(stable-diffusion.cpp) and the tests' single-file fixtures are written with it. Uses torch (the
+`convert` extra): it is a tool beside the product, not part of it."""
 
 from __future__ import annotations
 
