@@ -167,6 +167,22 @@ def _rewrite(src, dst, *, keep_keys=True, only=None, rename=None, reshape=False,
     return dst
 
 
+def _write_q8_0(path, arch: str, tensors: dict, keep=lambda name: False) -> None:
+    """A GGUF file as llama.cpp-family tools write one: matrices whose rows hold whole blocks in
+    Q8_0 (unless `keep(name)`), the rest as they are."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    for name, array in tensors.items():
+        if array.ndim == 2 and array.shape[1] % 32 == 0 and not keep(name):
+            writer.add_tensor(name, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def test_stable_diffusion_cpp_style_file_gives_the_package_image(packages, tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEDIFF_CACHE", str(tmp_path / "cache"))
     plain = _rewrite(packages["q8_0"], tmp_path / "sdcpp.gguf", keep_keys=False)
@@ -478,18 +494,7 @@ def test_comfyui_gguf_flux_converts(tiny_source, tiny_package, tmp_path):
 
     files = write_flux_files(tiny_source("flux-dev"), tmp_path / "files")
     path = tmp_path / "flux1-dev-Q8_0.gguf"
-    writer = gguf.GGUFWriter(str(path), "flux")
-    for name, tensor in load_file(files["flux"]).items():
-        array = tensor.numpy()
-        if array.ndim == 2 and array.shape[1] % 32 == 0:
-            writer.add_tensor(name, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
-                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _write_q8_0(path, "flux", {name: tensor.numpy() for name, tensor in load_file(files["flux"]).items()})
     others = dict(text_encoders=[files["clip_l"], files["t5xxl"]], vae=files["ae"])
     manifest = convert(path, tmp_path / "pkg", **others)
     assert manifest.family == "flux" and manifest.conditioning.guidance_input
@@ -533,19 +538,9 @@ def test_llama_cpp_t5_gguf_as_the_text_encoder(tiny_source, tiny_package, tmp_pa
     files = write_flux_files(tiny_source("flux-schnell"), tmp_path / "files")
     rename = llama_cpp_names()
     t5 = tmp_path / f"t5-encoder-{kind}.gguf"
-    writer = gguf.GGUFWriter(str(t5), "t5encoder")
-    for name, array in load_file(str(files["t5xxl"])).items():
-        name = rename(name.removeprefix("text_encoders.t5xxl.transformer."))
-        array = array.astype(np.float32)
-        if kind == "Q8_0" and array.ndim == 2 and array.shape[1] % 32 == 0 and "token_embd" not in name:
-            writer.add_tensor(name, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
-                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    tensors = {rename(name.removeprefix("text_encoders.t5xxl.transformer.")): array.astype(np.float32)
+               for name, array in load_file(str(files["t5xxl"])).items()}
+    _write_q8_0(t5, "t5encoder", tensors, keep=lambda name: kind == "F32" or "token_embd" in name)
     assert "enc.blk.0.attn_q.weight" in {t.name for t in gguf.GGUFReader(t5).tensors}
     args = dict(steps=2, width=48, height=64, seed=7)
     images = [Pipeline(adopted_package(files["flux"], text_encoders=[files["clip_l"], encoder], vae=files["ae"]),
