@@ -492,10 +492,10 @@ def _serve(args) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
     limits = Limits(max_body=int(args.max_body_mb * 1024 * 1024), max_side=args.max_side, max_steps=args.max_steps,
                     max_images=args.max_images, queue=args.queue)
-    print(f"edgediff: serving {args.models} on http://{host}:{args.port}/ (A1111 API under /sdapi/v1)",
-          file=sys.stderr, flush=True)
+    from edgediff.convert.adopt import runnable
+
     serve(Path(args.models), args.model, host, args.port, auth, limits, args.low_memory, args.device, args.threads,
-          Path(args.lora_dir) if args.lora_dir else None)
+          Path(args.lora_dir) if args.lora_dir else None, runnable)
     return 0
 
 

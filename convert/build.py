@@ -101,7 +101,7 @@ def text_spec(spec: TextEncoder, config: Mapping) -> TextEncoder:
 def folder_graphs(family: Family, shapes: Mapping[str, tuple], configs: Mapping[str, Mapping], where: str,
                   deep_cache: bool = False):
     """(component, build) for every component of a diffusers folder, as models.model_graphs."""
-    from edgediff.kernels.graphs.models import denoiser_graphs, text_encoder_graph
+    from edgediff.kernels.graphs.models import denoiser_graphs, lora_named, text_encoder_graph
     from edgediff.kernels.graphs.vae import build_vae_decoder, build_vae_encoder
 
     for spec in family.text_encoders:
@@ -116,9 +116,12 @@ def folder_graphs(family: Family, shapes: Mapping[str, tuple], configs: Mapping[
         heads = config.get("num_attention_heads") or config["attention_head_dim"]
         how = dict(heads=heads if isinstance(heads, int) else list(heads), head_dim=None,
                    groups=int(config.get("norm_num_groups") or 32), time_id_dim=int(config.get("addition_time_embed_dim") or 256))
-        yield from denoiser_graphs(family, unet_view(shapes, config), DENOISER, where, deep_cache, **how)
+        view, builds = unet_view(shapes, config), {"deep_cache": deep_cache, **how}
     else:
-        yield from denoiser_graphs(family, dit_view(shapes, family, config), DENOISER, where)
+        view, builds = dit_view(shapes, family, config), {}
+    for component, build in denoiser_graphs(family, view, DENOISER, where, **builds):
+        # diffusers' names are the graph's; a LoRA in the original release's finds their rows
+        yield component, lambda b=build: lora_named(b(), {}, view)
     vae, groups = vae_view(shapes, configs["vae"]), int(configs["vae"].get("norm_num_groups") or 32)
     yield "vae_decoder", lambda: build_vae_decoder(vae, VAE, where, groups)
     yield "vae_encoder", lambda: build_vae_encoder(vae, VAE, where, groups)
@@ -129,13 +132,14 @@ def write_graph(model: onnx.ModelProto, path: Path, read: Callable[[str], np.nda
     one at a time, beside the graph in `model.onnx_data` when the weights pass protobuf's limit)."""
     from onnx import numpy_helper
 
-    from edgediff.kernels.bind import is_placeholder
+    from edgediff.kernels.bind import is_placeholder, keep_lora_names
     from edgediff.kernels.graph import external_tensor
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if read is None:
         onnx.save_model(model, str(path))
         return [path]
+    keep_lora_names(model)
     weights = [t for t in model.graph.initializer if is_placeholder(t)]
     size = sum(4 * int(np.prod(t.dims, dtype=np.int64)) for t in weights)
     external = size > EXTERNAL_DATA_LIMIT

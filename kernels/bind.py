@@ -14,6 +14,7 @@ once and stays a mapping of a file.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -31,6 +32,7 @@ from edgediff.kernels.gguf_blocks import BlockFormat, dequantize, to_matmul_nbit
 PLACEHOLDER = "edgediff:bound"  # external-data location of an initializer bound at session time
 GRAPH_NAME = "edgediff:name"  # external-data key of a placeholder's state-dict name
 PARTS = "edgediff:parts"  # external-data key of the layers a fused placeholder holds (for LoRAs)
+LORA_NAMES = "edgediff:lora_names"  # a filled graph's metadata: what its placeholders' keys said
 _ROWS = re.compile(r"^(.+)\[(\d+):(\d+)\]$")
 CAST = ".as_graph_type"  # suffix of a weight cast from its stored float type
 _FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
@@ -177,32 +179,66 @@ def placeholder(name: str, data_type: int, dims, graph_name: str = "") -> Tensor
     return t
 
 
-def name_for_loras(t: TensorProto, alias: str = "", parts: Sequence[tuple[str, tuple[int, int] | None, tuple[int, int]]] = ()) -> None:
+Parts = Sequence[tuple[str, "tuple[int, int] | None", "tuple[int, int] | None"]]
+
+
+def name_for_loras(t: TensorProto, alias: str = "", parts: Parts = ()) -> None:
     """Record what a LoRA calls a placeholder's weight: `alias`, the layer's state-dict name when
-    it differs from the file's; or the `parts` of a fused weight: (layer weight, its rows or None
-    for all, the rows of this weight it is)."""
+    it differs from the file's; and the `parts` it holds of other layers: (layer weight, its rows
+    or None for all, the rows of this weight it is or None for all)."""
     if alias and alias != t.name:
         t.external_data.add(key=GRAPH_NAME, value=alias)
     if parts:
         t.external_data.add(key=PARTS, value=";".join(
-            f"{name}{f'[{r[0]}:{r[1]}]' if r else ''}@{at[0]}:{at[1]}" for name, r, at in parts))
+            f"{name}{f'[{r[0]}:{r[1]}]' if r else ''}@{f'{at[0]}:{at[1]}' if at else ''}" for name, r, at in parts))
 
 
-def lora_parts(t: TensorProto) -> list[tuple[str, tuple[int, int] | None, tuple[int, int]]]:
-    """The inverse of `name_for_loras`' `parts`."""
-    value = next((e.value for e in t.external_data if e.key == PARTS), "")
+def _parts(value: str) -> list[tuple[str, tuple[int, int] | None, tuple[int, int] | None]]:
     out = []
     for part in filter(None, value.split(";")):
         ref, _, at = part.rpartition("@")
         (name, start, end), = parse_rows_ref(ref)
-        out.append((name, None if end == -1 else (start, end), tuple(int(x) for x in at.split(":"))))
+        out.append((name, None if end == -1 else (start, end), tuple(int(x) for x in at.split(":")) if at else None))
     return out
+
+
+def lora_parts(t: TensorProto) -> list[tuple[str, tuple[int, int] | None, tuple[int, int] | None]]:
+    """The inverse of `name_for_loras`' `parts`."""
+    return _parts(next((e.value for e in t.external_data if e.key == PARTS), ""))
 
 
 def graph_name(t: TensorProto) -> str:
     """The state-dict name of a placeholder's weight (packages written before it was kept: the
     file tensor's name)."""
     return next((e.value for e in t.external_data if e.key == GRAPH_NAME), t.name)
+
+
+def keep_lora_names(model: onnx.ModelProto) -> None:
+    """Copy what LoRAs call each placeholder's weight into the graph's metadata, where it outlives
+    the placeholders being filled with their data (ONNX packages)."""
+    kept = {t.name: keys for t in model.graph.initializer if is_placeholder(t)
+            and (keys := {e.key: e.value for e in t.external_data if e.key in (GRAPH_NAME, PARTS)})}
+    if kept:
+        model.metadata_props.add(key=LORA_NAMES, value=json.dumps(kept))
+
+
+def lora_names(model: onnx.ModelProto) -> tuple[dict[str, str], dict[str, list]]:
+    """A graph's weights as LoRAs name them: (state-dict name -> initializer, state-dict name ->
+    the layers it holds parts of), from its placeholders or, once they are filled, its metadata."""
+    from edgediff.kernels.graph import weight_name
+
+    kept = json.loads(next((p.value for p in model.metadata_props if p.key == LORA_NAMES), "{}"))
+    names, parts = {}, {}
+    for t in model.graph.initializer:
+        if is_placeholder(t):
+            name, held = graph_name(t), lora_parts(t)
+        else:
+            keys = kept.get(weight_name(t.name), {})
+            name, held = keys.get(GRAPH_NAME, weight_name(t.name)), _parts(keys.get(PARTS, ""))
+        names[name] = t.name
+        if held:
+            parts[name] = held
+    return names, parts
 
 
 def is_placeholder(t: TensorProto) -> bool:

@@ -71,20 +71,18 @@ class Package:
     def weight_names(self, name: str) -> dict[str, str]:
         """A component's weights: state-dict name (what a LoRA names it) -> the name it is stored
         under (a file tensor, or rows of one, for bound graphs)."""
-        from edgediff.kernels.bind import graph_name, is_placeholder
-        from edgediff.kernels.graph import weight_name
-
-        entry = self._entry(name)
-        model = self._graph(entry.file if self.gguf is not None else self.root / entry.file)[0]
-        return {graph_name(t) if is_placeholder(t) else weight_name(t.name): t.name for t in model.graph.initializer}
+        return self._lora_names(name)[0]
 
     def weight_parts(self, name: str) -> dict[str, list]:
-        """A component's fused weights: graph name -> the layers they hold (kernels.bind.lora_parts)."""
-        from edgediff.kernels.bind import graph_name, is_placeholder, lora_parts
+        """A component's weights that hold parts of other layers: state-dict name -> those layers
+        (a fused q/k/v; diffusers' to_q as rows of BFL's qkv): kernels.bind.lora_names."""
+        return self._lora_names(name)[1]
+
+    def _lora_names(self, name: str) -> tuple[dict[str, str], dict[str, list]]:
+        from edgediff.kernels.bind import lora_names
 
         entry = self._entry(name)
-        model = self._graph(entry.file if self.gguf is not None else self.root / entry.file)[0]
-        return {graph_name(t): parts for t in model.graph.initializer if is_placeholder(t) and (parts := lora_parts(t))}
+        return lora_names(self._graph(entry.file if self.gguf is not None else self.root / entry.file)[0])
 
     def residency(self, expand: bool = False) -> dict[str, list]:
         """Per bound component, how each weight would be held (kernels.bind.Binding), without
@@ -166,12 +164,18 @@ def _changed(path: Path, delta, factors=None):
     import onnx
     from onnx import TensorProto, numpy_helper
 
-    from edgediff.kernels.bind import Bound
+    from edgediff.kernels.bind import Bound, lora_names
+    from edgediff.kernels.graph import weight_name
     from edgediff.kernels.patch import add_branches, changed_weights, quantized_weights
 
     model = onnx.load(str(path), load_external_data=False)
+    # the plan names weights as LoRAs do; a graph in a file's own names knows them by those (BFL's)
+    known = {weight_name(stored): name for name, stored in lora_names(model)[0].items()}
     if factors is not None:
-        delta = _except(delta, add_branches(model, quantized_weights(model), factors))
+        quantized = {init: known.get(name, name) for init, name in quantized_weights(model).items()}
+        delta = _except(delta, add_branches(model, quantized, factors))
+    planned = delta
+    delta = lambda name, shape: planned(known.get(name, name), shape)  # noqa: E731
     external = {t.name for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL}
     arrays, inline = {}, {}
     for name, value in changed_weights(model, path.parent, delta).items():

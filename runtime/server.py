@@ -16,8 +16,10 @@ import io
 import json
 import math
 import random
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -214,7 +216,7 @@ class Models:
                 self.paths[path.name] = path
         if not self.paths:
             raise UsageError(f"--models {folder}: no edgediff packages or .gguf files in it; make one with "
-                             "`edgediff convert SOURCE --output {folder}/NAME`")
+                             f"`edgediff convert SOURCE --output {folder}/NAME`")
 
     def find(self, name: str) -> str:
         """A client's model name -> ours: exact, or A1111's 'title [hash]' form."""
@@ -241,8 +243,9 @@ class Service:
 
     def __init__(self, models: Models, model: str | None = None, limits: Limits | None = None,
                  low_memory: bool = False, device: str = "auto", threads: int | None = None,
-                 lora_dir: Path | None = None):
+                 lora_dir: Path | None = None, runnable: Callable[[Path], Path] | None = None):
         self.models, self.limits = models, limits or Limits()
+        self.runnable = runnable  # a file another tool wrote -> the package that runs it (convert.adopt's)
         self.low_memory, self.device, self.threads, self.lora_dir = low_memory, device, threads, lora_dir
         self.name: str | None = None
         self.pipe = None
@@ -266,10 +269,8 @@ class Service:
                     comp.release()
             self.pipe = None
             path = self.models.paths[name]
-            if path.is_file():  # a GGUF file another tool wrote runs through its cached graphs
-                from edgediff.convert.adopt import runnable
-
-                path = runnable(path)
+            if path.is_file() and self.runnable is not None:  # a GGUF another tool wrote: its cached graphs
+                path = self.runnable(path)
             self.pipe = Pipeline(path, device=self.device, threads=self.threads, low_memory=self.low_memory,
                                  lora_dir=self.lora_dir)
             self.name = name
@@ -542,8 +543,19 @@ class Running:
 
 def serve(models: Path, model: str | None = None, host: str = "127.0.0.1", port: int = 7860,
           auth: tuple[str, str] | None = None, limits: Limits | None = None, low_memory: bool = False,
-          device: str = "auto", threads: int | None = None, lora_dir: Path | None = None) -> None:
-    """Load the model and serve until interrupted."""
+          device: str = "auto", threads: int | None = None, lora_dir: Path | None = None,
+          runnable: Callable[[Path], Path] | None = None) -> None:
+    """Load the model and serve until interrupted; `runnable` opens files other tools wrote."""
     uvicorn = require("uvicorn", "serve", "edgediff serve")
-    service = Service(Models(models), model, limits, low_memory, device, threads, lora_dir)
+    if not 0 < port < 65536:
+        raise UsageError(f"--port {port}: a port is 1-65535")
+    found = Models(models)
+    if model is not None:
+        try:
+            found.find(model)
+        except ApiError as exc:
+            raise UsageError(f"--model {model}: {exc.detail}") from None
+    service = Service(found, model, limits, low_memory, device, threads, lora_dir, runnable)
+    print(f"edgediff: serving {models} on http://{host}:{port}/ (A1111 API under /sdapi/v1)", file=sys.stderr,
+          flush=True)
     uvicorn.run(app(service, auth), host=host, port=port, log_level="info")

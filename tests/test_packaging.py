@@ -33,18 +33,13 @@ def _imported(path: Path) -> set[str]:
     return found
 
 
-# the runtime serves a foreign GGUF file through convert.adopt until its graphs are built without
-# torch (issue 27); nothing else of the runtime may reach up into the converter
-_RUNTIME_USES_CONVERT = {"runtime/server.py": {"edgediff.convert.adopt"}}
-
-
 def test_layers_import_only_downwards():
     """kernels imports neither runtime nor convert; runtime imports nothing from convert (DESIGN.md)."""
     for layer, above in (("kernels", ("edgediff.runtime", "edgediff.convert")), ("runtime", ("edgediff.convert",))):
         for path in sorted((ROOT / layer).rglob("*.py")):
             rel = str(path.relative_to(ROOT))
             up = {m for m in _imported(path) if m.startswith(above)}
-            assert up == _RUNTIME_USES_CONVERT.get(rel, set()), f"{rel} imports {sorted(up)}"
+            assert not up, f"{rel} imports {sorted(up)}"
 
 
 def test_wheel_installs_and_imports_in_a_fresh_venv(tmp_path):

@@ -72,29 +72,39 @@ def model_graphs(family: Family, shapes: Shapes, prefixes: Mapping[str, str], wh
 
     for spec in family.text_encoders:
         prefix = prefixes.get(spec.component, spec.ldm_prefix)
-        yield spec.component, lambda s=spec, p=prefix: _named(
+        yield spec.component, lambda s=spec, p=prefix: lora_named(
             text_encoder_graph(s, shapes, p, where), _text_lora_names(s, shapes, p), shapes)
     prefix = prefixes.get(family.denoiser, DENOISER)
     for component, build in denoiser_graphs(family, shapes, prefix, where, deep_cache):
-        yield component, lambda b=build: _named(b(), _denoiser_lora_names(family, shapes, prefix, where), shapes)
+        yield component, lambda b=build: lora_named(b(), _denoiser_lora_names(family, shapes, prefix, where), shapes)
     if vae:
         prefix = prefixes.get("vae_decoder", VAE)
         yield "vae_decoder", lambda: build_vae_decoder(shapes, prefix, where)
         yield "vae_encoder", lambda: build_vae_encoder(shapes, prefix, where)
 
 
-def _named(model: onnx.ModelProto, names: Mapping[str, object], shapes: Shapes) -> onnx.ModelProto:
-    """Each placeholder given the name LoRAs call its weight (a name, or the parts of a fused one)."""
+def lora_named(model: onnx.ModelProto, names: Mapping[str, object], shapes: Shapes) -> onnx.ModelProto:
+    """Each placeholder given the name LoRAs call its weight (a name, or the parts of a fused one);
+    under a `View`, also the rows of the builder's layers each stored tensor is (a LoRA in BFL's
+    names finds diffusers' to_q as rows of `img_attn.qkv`)."""
     from edgediff.kernels.bind import is_placeholder, name_for_loras
     from edgediff.kernels.graphs.builder import View
 
+    held: dict[str, list] = {}
     if isinstance(shapes, View):  # the builders' names -> the stored tensors' (a checkpoint's EMA copies)
         names = {shapes.pieces[n][0][0] if len(shapes.pieces.get(n, ())) == 1 else n: v for n, v in names.items()}
-
+        for name, pieces in shapes.pieces.items():
+            whole, offset = len(pieces) == 1 and pieces[0][2] == -1, 0
+            for stored, start, end in pieces:
+                size = (shapes.stored_shapes[stored][0] if end == -1 else end - start)
+                held.setdefault(stored, []).append(
+                    (name, None if whole else (offset, offset + size), None if end == -1 else (start, end)))
+                offset += size
     for t in model.graph.initializer:
         known = names.get(t.name)
-        if known and is_placeholder(t):
-            name_for_loras(t, known) if isinstance(known, str) else name_for_loras(t, parts=known)
+        if is_placeholder(t) and (known or t.name in held):
+            alias, parts = (known, ()) if isinstance(known, str) else ("", known or ())
+            name_for_loras(t, alias, [*parts, *(p for p in held.get(t.name, ()) if p[0] != t.name)])
     return model
 
 

@@ -285,16 +285,23 @@ def test_flux_lora_in_bfl_and_diffusers_names(tiny_source, tiny_package, tmp_pat
     assert psnr(ref, plain) < 40
     assert psnr(ref, image) >= FP32_PSNR
     assert psnr(image, from_bfl) >= FP32_PSNR
-    # BFL's own files run as they are (graphs built in BFL's names): both LoRAs change their rows
+    # the ONNX package (diffusers' names) takes the BFL-named LoRA too: its rows of qkv reach to_q, to_k, to_v
+    onnx_bfl = Pipeline(tiny_package("flux-dev"), device="cpu", loras=[tmp_path / "bfl.safetensors"])
+    assert psnr(image, onnx_bfl.generate(PROMPT, NEGATIVE, **ARGS)) >= FP32_PSNR
+    # BFL's own files, run as they are (graphs built in BFL's names) or converted to an ONNX
+    # package (the names kept in the graph's metadata): both LoRAs change their rows
     from edgediff.convert.adopt import adopted_package
 
     from ldm_checkpoint import write_flux_files
 
     files = write_flux_files(source, tmp_path / "files")
-    adopted = adopted_package(files["flux"], text_encoders=[files["clip_l"], files["t5xxl"]], vae=files["ae"])
-    for lora in ("diffusers", "bfl"):
-        got = Pipeline(adopted, device="cpu", loras=[tmp_path / f"{lora}.safetensors"]).generate(PROMPT, NEGATIVE, **ARGS)
-        assert psnr(image, got) >= FP32_PSNR, lora
+    parts = dict(text_encoders=[files["clip_l"], files["t5xxl"]], vae=files["ae"])
+    adopted = adopted_package(files["flux"], **parts)
+    convert(files["flux"], tmp_path / "bfl-onnx", precision="fp32", **parts)
+    for package in (adopted, tmp_path / "bfl-onnx"):
+        for lora in ("diffusers", "bfl"):
+            got = Pipeline(package, device="cpu", loras=[tmp_path / f"{lora}.safetensors"]).generate(PROMPT, NEGATIVE, **ARGS)
+            assert psnr(image, got) >= FP32_PSNR, (package, lora)
 
 
 @pytest.mark.parametrize(("name", "fmt"), [("sd1", "kohya"), ("sd1", "peft"), ("sdxl", "kohya-ldm")])

@@ -209,6 +209,30 @@ def test_serve_refuses_other_addresses_without_a_password(tmp_path, capsys):
     assert "--api-auth" in capsys.readouterr().err
     assert main(["serve", "--models", str(tmp_path / "none")]) == 2
     assert "no such folder" in capsys.readouterr().err
+    assert main(["serve", "--models", str(tmp_path)]) == 2
+    assert f"--output {tmp_path}/NAME" in capsys.readouterr().err  # the folder's name, not '{folder}'
+
+
+def test_serve_mistakes_are_messages(served, capsys):
+    from edgediff.cli import main
+
+    folder = served[2].models.folder
+    assert main(["serve", "--models", str(folder), "--model", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--model nope: model 'nope' is not served here (served: alpha, beta, gamma.gguf)" in err
+    assert "Traceback" not in err and "serving" not in err
+    assert main(["serve", "--models", str(folder), "--port", "99999"]) == 2
+    assert "--port 99999: a port is 1-65535" in capsys.readouterr().err
+
+
+def test_files_other_tools_wrote_are_opened_by_the_hook_the_cli_hands_in(served):
+    """runtime imports nothing from convert: `edgediff serve` passes convert.adopt.runnable in."""
+    folder, opened = served[2].models.folder, []
+    service = Service(Models(folder), "gamma.gguf", LIMITS, device="cpu",
+                      runnable=lambda path: opened.append(path.name) or path)
+    assert opened == ["gamma.gguf"] and service.pipe.manifest.family == "sd1"
+    service.switch("alpha")  # a package folder needs no hook
+    assert opened == ["gamma.gguf"]
 
 
 def browser(width: int = 1100, height: int = 760):
