@@ -142,7 +142,7 @@ def _synthetic_dit(scenario: Scenario, arch: str, progress: Progress) -> dict[st
 # options after the precision: at conversion (':name') and when running ('@name'), each for one format
 CONVERT_OPTIONS = {"convs": "gguf", "deepcache": "onnx", "taesd": "onnx"}
 RUN_OPTIONS = {"expanded": "gguf", "int8": "gguf", "cache": "onnx", "tile": "onnx",  # N: --cache-interval/--vae-tile
-               "openvino": "onnx"}
+               "openvino": "onnx", "bf16": "onnx"}
 
 
 def parse_configuration(name: str) -> tuple[str, str, set[str]]:
@@ -151,7 +151,8 @@ def parse_configuration(name: str) -> tuple[str, str, set[str]]:
     ':deepcache' (the U-Net's shallow branch), ':taesd' (a tiny autoencoder, random weights, in
     the VAE's place); run options: '@expanded' (--weights expanded), '@int8' (--accuracy-level 4),
     '@cacheN' (--cache-interval N, with :deepcache), '@tileN' (--vae-tile N), '@openvino' (--device
-    openvino, beside the scenario's device); run options combine ('@cache3@openvino')."""
+    openvino, beside the scenario's device), '@bf16' (--precision bf16: OpenVINO's bf16); run options
+    combine ('@cache3@openvino')."""
     base, *run = name.split("@")
     base, *convert_options = base.split(":")
     fmt = "gguf" if base.startswith("gguf-") else "onnx"
@@ -159,7 +160,7 @@ def parse_configuration(name: str) -> tuple[str, str, set[str]]:
                      + [r for r in run if _kind(r) not in RUN_OPTIONS])
     if unknown:
         raise UsageError(f"precision '{name}': unknown options {unknown} (known: :convs, :deepcache, :taesd, "
-                         "@expanded, @int8, @cacheN, @tileN, @openvino)")
+                         "@expanded, @int8, @cacheN, @tileN, @openvino, @bf16)")
     options = set(convert_options) | set(run)
     wrong = sorted(o for o in options if {**CONVERT_OPTIONS, **RUN_OPTIONS}[_kind(o)] != fmt)
     if wrong:
@@ -246,7 +247,8 @@ def configurations(scenario: Scenario, packages: dict[str, Path], source: Path |
                                               "accuracy_level": 4 if "int8" in options else 0,
                                               "cache_interval": _number(options, "cache", 1),
                                               "vae_tile": _number(options, "tile", 0),
-                                              **({"device": "openvino"} if "openvino" in options else {})}, None))
+                                              **({"device": "openvino"} if "openvino" in options else {}),
+                                              **({"run_precision": "bf16"} if "bf16" in options else {})}, None))
     for name in scenario.peers:
         peer = PEERS[name]
         python = peer_python(name, scenario)

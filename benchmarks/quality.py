@@ -35,7 +35,7 @@ def sweep(packages: dict[str, Path], reference: str, prompts, seeds, size: int, 
     out.mkdir(parents=True, exist_ok=True)
     rows, ref_images = [], {}
     for precision in [reference, *(p for p in packages if p != reference)]:
-        pipe = Pipeline(packages[precision], device=device_of(precision), low_memory=False)
+        pipe = Pipeline(packages[precision], **device_of(precision), low_memory=False)
         for p, prompt in enumerate(prompts):
             for seed in seeds:
                 progress(f"{precision}: prompt {p} seed {seed}")
@@ -58,18 +58,21 @@ def evaluation_prompts(n: int = 50, seed: int = 2024) -> list[tuple[str, int, sh
     return [(truth.caption, 1000 + i, truth) for i, (_, truth) in enumerate(shapes.sample(rng) for _ in range(n))]
 
 
-def device_of(precision: str) -> str:
-    """onnxruntime's CPU provider, or OpenVINO for a '@openvino' configuration."""
+def device_of(precision: str) -> dict[str, str]:
+    """onnxruntime's CPU provider, or OpenVINO for a '@openvino' configuration (in bf16 for '@bf16')."""
     from edgediff.benchmarks.harness import parse_configuration
 
-    return "openvino" if "openvino" in parse_configuration(precision)[2] else "cpu"
+    options = parse_configuration(precision)[2]
+    if "bf16" in options:
+        return {"device": "openvino", "precision": "bf16"}
+    return {"device": "openvino" if "openvino" in options else "cpu"}
 
 
-def draw_score(package: Path, n: int = 50, device: str = "cpu", **kwargs) -> float:
+def draw_score(package: Path, n: int = 50, device: str = "cpu", precision: str = "auto", **kwargs) -> float:
     """Share of generated images that show the prompted shape and colours (package defaults)."""
     from edgediff.runtime import Pipeline
 
-    pipe = Pipeline(package, device=device, low_memory=False)
+    pipe = Pipeline(package, device=device, precision=precision, low_memory=False)
     hits = [shapes.check(pipe.generate(caption, seed=seed, **kwargs)).matches(truth)
             for caption, seed, truth in evaluation_prompts(n)]
     return sum(hits) / len(hits)
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         from edgediff.benchmarks.harness import _number, parse_configuration
 
         steps = {"steps": args.steps} if args.steps else {}
-        scores = {precision: draw_score(package, device=device_of(precision),
+        scores = {precision: draw_score(package, **device_of(precision),
                                         cache_interval=_number(parse_configuration(precision)[2], "cache", 1), **steps)
                   for precision, package in packages.items()}
         ref = scores[scenario.reference]

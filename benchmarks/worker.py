@@ -25,7 +25,8 @@ def run_edgediff(config: dict) -> dict:
     # a GGUF file edgediff did not write runs through its cached graphs
     pipe = Pipeline(runnable(config["package"]), device=config["device"], threads=config.get("threads"),
                     weights=config.get("weights", "compact"), accuracy_level=config.get("accuracy_level", 0),
-                    graph_cache=config.get("graph_cache", True), vae_tile=config.get("vae_tile", 0))
+                    graph_cache=config.get("graph_cache", True), vae_tile=config.get("vae_tile", 0),
+                    precision=config.get("run_precision", "auto"))
     args = dict(guidance=config["guidance"], sampler=config["sampler"], schedule=config["schedule"],
                 seed=config["seed"], width=config["size"], height=config["size"],
                 cache_interval=config.get("cache_interval", 1))
@@ -39,7 +40,7 @@ def run_edgediff(config: dict) -> dict:
 
     return {"load_cold_s": cold, "load_warm_s": t.load, "text_encode_s": t.text_encode,
             "steps_s": list(t.steps), "vae_decode_s": t.vae_decode, "total_s": t.compute,
-            "image": config["image"], "cold_load_cached": cached, "provider": runtime_name(config["device"])}
+            "image": config["image"], "cold_load_cached": cached, "provider": runtime_name(config["device"], config.get("run_precision", "auto"))}
 
 
 def peak_rss_mb() -> float:

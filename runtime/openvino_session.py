@@ -1,11 +1,12 @@
 """OpenVINO as a second CPU runtime behind the component interface (`--device openvino`,
 `pip install 'edgediff[openvino]'`).
 
-It earns its place on CPUs whose OpenVINO plugin reports BF16 (AVX-512 BF16, AMX): there it
-runs the same ONNX graphs in bf16, which onnxruntime's CPU provider cannot. On CPUs without
-BF16 it measured no faster than onnxruntime at fp32 (benchmarks/RESULTS.md, "OpenVINO"), so
-`auto` never considers it there; where BF16 is present, `auto` takes it only when a one-time
-measurement here says it is faster (cached per CPU and versions).
+The precision a package holds is what runs: OpenVINO runs an fp32 graph at f32 unless bf16 is
+asked for by name (`--precision bf16`), which it computes on CPUs whose plugin reports BF16
+(AVX-512 BF16, AMX) and which onnxruntime's CPU provider cannot. bf16 is a lower precision (the
+held-out parity falls from 60-95 dB to 40-46 dB), so it is never chosen for the user. `auto`
+takes OpenVINO at f32 only where a one-time measurement here says it is faster at f32 (cached per
+CPU and versions; on the CPUs measured so far it was not: benchmarks/RESULTS.md, "OpenVINO").
 
 `Session` reads like an onnxruntime InferenceSession to `sessions.Component`: inputs and
 outputs keep the ONNX graph's names and types, and `run` returns arrays."""
@@ -22,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgediff.errors import EdgediffError, MissingDependencyError
+from edgediff.errors import EdgediffError, MissingDependencyError, UsageError
 from edgediff.errors import require as _require
 
-FASTER = 1.25  # auto takes OpenVINO when the probe runs this much faster than onnxruntime
+FASTER = 1.25  # auto takes OpenVINO when the probe runs this much faster than onnxruntime, both at f32
 # "0" keeps `auto` on onnxruntime: fp32 images that are the same on every CPU (the tests set it)
 AUTO_ENV = "EDGEDIFF_AUTO_OPENVINO"
 _ONNX_TYPES = {1: "tensor(float)", 10: "tensor(float16)", 7: "tensor(int64)", 6: "tensor(int32)"}
@@ -49,9 +50,19 @@ def capabilities() -> tuple[str, ...]:
     return tuple(require().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
-def precision(caps: tuple[str, ...]) -> str:
-    """bf16 where the CPU computes it natively (the reason to use OpenVINO), else fp32."""
-    return "bf16" if "BF16" in caps else "f32"
+def hint(precision: str) -> str:
+    """OpenVINO's INFERENCE_PRECISION_HINT for a run precision ('auto': the graph's own, f32)."""
+    return "bf16" if precision == "bf16" else "f32"
+
+
+def require_bf16() -> None:
+    """bf16 runs only where the CPU computes it: elsewhere OpenVINO would emulate it, slower than
+    f32 and less exact."""
+    require()
+    if "BF16" not in capabilities():
+        raise UsageError(f"--precision bf16: this CPU has no native bf16 (OpenVINO reports {', '.join(capabilities())}); "
+                         "emulated it would be slower than fp32 and less exact: leave --precision out to run "
+                         "at the package's precision")
 
 
 @dataclass(frozen=True)
@@ -65,7 +76,8 @@ class Arg:
 class Session:
     """One ONNX graph compiled by OpenVINO for the CPU."""
 
-    def __init__(self, path: Path, threads: int | None = None, cache_dir: Path | None = None):
+    def __init__(self, path: Path, threads: int | None = None, cache_dir: Path | None = None,
+                 precision: str = "auto"):
         import onnx
 
         ov = require()
@@ -76,7 +88,7 @@ class Session:
         self._outputs = [Arg(v.name, _ONNX_TYPES.get(v.type.tensor_type.elem_type, "tensor(float)"))
                          for v in graph.output]
         core = ov.Core()
-        config = {"INFERENCE_PRECISION_HINT": precision(capabilities()), "PERFORMANCE_HINT": "LATENCY"}
+        config = {"INFERENCE_PRECISION_HINT": hint(precision), "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         if cache_dir is not None:  # OpenVINO keeps the compiled model: a second open skips compiling
@@ -102,7 +114,7 @@ class Session:
         return self._outputs
 
     def get_providers(self) -> list[str]:
-        return [f"OpenVINO CPU {self.precision}"]
+        return [f"openvino {require().__version__} CPU {self.precision}"]
 
     def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         self._request.infer({self._in_ports[k]: v for k, v in feeds.items()})
@@ -133,8 +145,7 @@ def _best_of(run, repeats: int = 3) -> float:
 
 
 def measure(threads: int | None = None) -> tuple[float, float]:
-    """Seconds for the probe convolution on onnxruntime's CPU provider and on OpenVINO (at the
-    precision it would use here)."""
+    """Seconds for the probe convolution on onnxruntime's CPU provider and on OpenVINO, both at f32."""
     import tempfile
 
     import onnx
@@ -155,9 +166,9 @@ def measure(threads: int | None = None) -> tuple[float, float]:
     return ort_s, ov_s
 
 
-def prefer(caps: tuple[str, ...], ort_s: float | None, ov_s: float | None) -> bool:
-    """auto's rule: OpenVINO only with native BF16 and only when measured FASTER-times faster."""
-    return "BF16" in caps and ort_s is not None and ov_s is not None and ort_s >= FASTER * ov_s
+def prefer(ort_s: float | None, ov_s: float | None) -> bool:
+    """auto's rule: OpenVINO only when measured FASTER-times faster at the same precision."""
+    return ort_s is not None and ov_s is not None and ort_s >= FASTER * ov_s
 
 
 def cache_dir() -> Path:
@@ -167,14 +178,14 @@ def cache_dir() -> Path:
     return cache_root() / "openvino"
 
 
-def compiled_cache(path: Path) -> Path:
+def compiled_cache(path: Path, precision: str = "auto") -> Path:
     """OpenVINO's CACHE_DIR for one component file. OpenVINO finds a compiled model by the file's
     path, not its contents (measured: a rewritten file ran the old compiled model), so each file
     gets its own folder, emptied whenever the key of runtime.graph_cache (the files' sizes and
     times, the CPU's features) or OpenVINO's version or precision changes."""
     from edgediff.runtime import graph_cache
 
-    key = graph_cache.key(path, [f"openvino {require().__version__} {precision(capabilities())}"])
+    key = graph_cache.key(path, [f"openvino {require().__version__} {hint(precision)}"])
     folder = cache_dir() / hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:20]
     stamp = folder / graph_cache.KEY
     try:
@@ -194,15 +205,16 @@ def _probe_file() -> Path:
 
 @cache
 def auto_picks() -> bool:
-    """Whether `auto` runs on OpenVINO on this machine: installed, BF16, and measured faster.
-    The measurement (a few seconds, once) is kept per CPU and runtime versions."""
-    if os.environ.get(AUTO_ENV) == "0" or not installed() or "BF16" not in capabilities():
+    """Whether `auto` runs fp32 graphs on OpenVINO on this machine: installed, and measured faster
+    at f32. The measurement (a few seconds, once) is kept per CPU and runtime versions."""
+    if os.environ.get(AUTO_ENV) == "0" or not installed():
         return False
     import onnxruntime
 
     from edgediff.runtime.graph_cache import cpu_features
     from edgediff.runtime.paths import measured_once
 
-    key = {"openvino": require().__version__, "onnxruntime": onnxruntime.__version__, "cpu": cpu_features()}
+    key = {"openvino": require().__version__, "onnxruntime": onnxruntime.__version__, "cpu": cpu_features(),
+           "precision": "f32"}
     kept = measured_once(_probe_file(), key, lambda: dict(zip(("onnxruntime_s", "openvino_s"), measure(), strict=True)))
-    return prefer(capabilities(), kept["onnxruntime_s"], kept["openvino_s"])
+    return prefer(kept["onnxruntime_s"], kept["openvino_s"])

@@ -36,6 +36,7 @@ from edgediff.runtime.sessions import (
     Component,
     SessionOptions,
     providers_for,
+    runtime_name,
     uses_openvino,
 )
 
@@ -83,8 +84,10 @@ class _StepClock:
     when `interrupt()` says so (the image so far is decoded, as A1111 does)."""
 
     def __init__(self, timings: Timings, progress: Progress | None, total: int,
-                 interrupt: Callable[[], bool] | None = None):
+                 interrupt: Callable[[], bool] | None = None,
+                 on_step: Callable[[int, np.ndarray], None] | None = None):
         self.timings, self.progress, self.total, self.interrupt = timings, progress, total, interrupt
+        self.on_step = on_step
         if progress:
             progress(0, total)
 
@@ -97,6 +100,8 @@ class _StepClock:
         self.last = now
         if self.progress:
             self.progress(len(self.timings.steps), self.total)
+        if self.on_step is not None:
+            self.on_step(len(self.timings.steps), denoised)
         if self.interrupt is not None and self.interrupt():
             raise Interrupted(denoised)
 
@@ -108,11 +113,13 @@ class Pipeline:
                  low_memory: bool = True, split_guidance: bool = False, weights: str = "compact",
                  accuracy_level: int | str = "auto", loras: Sequence[str | Path | LoraRequest] = (),
                  lora_dir: str | Path | None = None, lora_mode: str = "branch", graph_cache: bool = True,
-                 vae_tile: int = 0, memory_budget: float | None = None):
+                 vae_tile: int = 0, memory_budget: float | None = None, precision: str = "auto"):
         if threads is not None and threads < 1:
             raise UsageError(f"--threads must be at least 1 (got {threads})")
         providers_for(device)  # validates the name, warns once about a CUDA fallback
-        uses_openvino(device)  # fails now if OpenVINO is asked for and missing; auto measures it once
+        # fails now if OpenVINO is asked for and missing, or bf16 where the CPU has none; auto
+        # measures OpenVINO once
+        uses_openvino(device, precision)
         self.package: Package = open_package(model)
         if weights not in WEIGHTS:
             raise UsageError(f"unknown --weights '{weights}'; choose one of: {', '.join(WEIGHTS)}")
@@ -121,7 +128,7 @@ class Pipeline:
         if lora_mode not in LORA_MODES:
             raise UsageError(f"unknown --lora-mode '{lora_mode}'; choose one of: {', '.join(LORA_MODES)}")
         self.options = SessionOptions(device=device, threads=threads, weights=weights, accuracy_level=accuracy_level,
-                                      lora_mode=lora_mode, graph_cache=graph_cache)
+                                      lora_mode=lora_mode, graph_cache=graph_cache, precision=precision)
         self.low_memory = low_memory
         step = 4 * self.manifest.vae_downscale  # tiles overlap by a quarter, in whole latent pixels
         if vae_tile < 0 or vae_tile % step:
@@ -318,6 +325,7 @@ class Pipeline:
         progress: Progress | None = None,
         interrupt: Callable[[], bool] | None = None,
         cache_interval: int = 1,
+        on_step: Callable[[int, np.ndarray], None] | None = None,
     ) -> Image.Image:
         """One image. Its `.info["parameters"]` holds the A1111 parameter text; stage times are
         in `self.timings`.
@@ -332,7 +340,8 @@ class Pipeline:
 
         `cache_interval` N > 1 runs the whole U-Net every N evaluations and its shallow branch on
         the deep features kept in between (runtime.feature_cache; packages converted with
-        --deep-cache)."""
+        --deep-cache). `on_step(step, denoised)` sees each step's prediction of the final latent
+        (live previews)."""
         m = self.manifest
         d = m.defaults
         text_prompt, tagged = prompt_loras(prompt, self.lora_dir)
@@ -418,13 +427,14 @@ class Pipeline:
             self._done(encoder)
         x = noisy_start(latent_space(self.manifest.prediction), float(sigmas[0]), rng.randn(shape), latent)
 
-        clock = _StepClock(self.timings, progress, len(sigmas) - 1, interrupt)
+        clock = _StepClock(self.timings, progress, len(sigmas) - 1, interrupt, on_step)
+        interrupted = False
         try:
             for (pipe, part), (cond, uncond) in zip(stages, conds, strict=True):
                 x = pipe._sample(x, part, cond, uncond, guidance, sampler, rng, clock, cache_interval,
                                  plan.split_guidance)
         except Interrupted as stop:  # what the sampler has so far
-            x = stop.denoised
+            x, interrupted = stop.denoised, True
             for pipe, _ in stages:
                 pipe._done(pipe.component(pipe.manifest.denoiser))
         finisher = stages[-1][0]
@@ -441,7 +451,9 @@ class Pipeline:
 
         picture = img.to_pil(pixels)[0]
         fields = {
-            "Steps": steps,
+            # an interrupted image says the steps that ran (of an img2img's, as A1111 counts them)
+            "Steps": steps - len(sigmas) + 1 + len(self.timings.steps) if interrupted else steps,
+            "Interrupted": f"after {len(self.timings.steps)} of {len(sigmas) - 1} steps" if interrupted else None,
             "Sampler": A1111_NAMES[sampler],
             "Schedule type": A1111_SCHEDULES.get(schedule),
             "CFG scale": guidance,
@@ -455,6 +467,7 @@ class Pipeline:
             "Refiner switch at": refiner_start if refiner is not None else None,
             "Lora hashes": f'"{self.lora_plan.hashes()}"' if self.lora_plan else None,
             "Version": f"edgediff {__version__}",
+            "Device": self.device,
         }
         picture.info["parameters"] = img.a1111_parameters(prompt, negative_prompt, fields)
         picture.info["seed"] = seed  # for callers: never parse it back out of the text
@@ -510,22 +523,43 @@ class Pipeline:
                      "--keep-loaded each is released after use)")
         return note
 
+    @property
+    def device(self) -> str:
+        """The device, runtime and precision that ran the last image's denoiser (or will run it,
+        before the first image): 'cpu onnxruntime 1.23.2 fp32', 'cpu openvino 2026.4.1 bf16'. The
+        other components' are in `ran()`."""
+        name = self.manifest.denoiser
+        comp = self._components.get(name)
+        runtime = comp.ran_on if comp is not None and comp.ran_on else runtime_name(self.options.device,
+                                                                                     self.options.precision)
+        if runtime.startswith("openvino "):  # 'openvino 2026.4.1 CPU bf16': it says its precision
+            return f"cpu {runtime.replace(' CPU ', ' ')}"
+        where = "cuda" if "CUDA" in runtime else "cpu"
+        runtime = runtime.removesuffix(" CPUExecutionProvider").removesuffix(" CUDAExecutionProvider")
+        return f"{where} {runtime} {self._precision(name, comp, detail=False)}"
+
+    def _precision(self, name: str, comp: Component | None, detail: bool = True) -> str:
+        """A component's precision as it ran: the package's, or for weights bound from a file what
+        they are stored as there, most first (and whether MatMulNBits took int8 activations)."""
+        precision = self.manifest.components[name].precision
+        if comp is None or not comp.bindings:
+            return precision
+        stored: dict[str, int] = {}
+        for b in comp.bindings:
+            stored[b.stored] = stored.get(b.stored, 0) + b.weights
+        precision = "+".join(sorted(stored, key=stored.get, reverse=True))
+        if bits := {FORMATS[b.stored].nbits for b in comp.bindings if b.kind == "quantized"}:
+            levels = self.options.accuracy_level
+            level = max(levels.get(n, 0) for n in bits) if isinstance(levels, dict) else levels
+            precision += (f" in MatMulNBits ({'int8' if level == 4 else 'fp32'} activations, accuracy level {level})"
+                          if detail else f" ({'int8' if level == 4 else 'fp32'} activations)")
+        return precision
+
     def ran(self) -> str:
-        """What computed the last image: the runtime and, per component, its precision (and for
-        GGUF blocks in MatMulNBits, whether activations were int8)."""
+        """What computed the last image: the runtime and, per component, its precision."""
         by_runtime: dict[str, list[str]] = {}
         for name, comp in self._components.items():
-            precision = self.manifest.components[name].precision
-            if comp.bindings:  # weights bound from a file: what they are stored as there, most first
-                stored: dict[str, int] = {}
-                for b in comp.bindings:
-                    stored[b.stored] = stored.get(b.stored, 0) + b.weights
-                precision = "+".join(sorted(stored, key=stored.get, reverse=True))
-            if bits := {FORMATS[b.stored].nbits for b in comp.bindings if b.kind == "quantized"}:
-                levels = self.options.accuracy_level
-                level = max(levels.get(n, 0) for n in bits) if isinstance(levels, dict) else levels
-                precision += f" in MatMulNBits ({'int8' if level == 4 else 'fp32'} activations, accuracy level {level})"
-            by_runtime.setdefault(comp.ran_on, []).append(f"{name} {precision}")
+            by_runtime.setdefault(comp.ran_on, []).append(f"{name} {self._precision(name, comp)}")
         return "; ".join(f"{where}: {', '.join(parts)}" for where, parts in by_runtime.items())
 
     def _check_refiner(self, refiner: Pipeline) -> None:

@@ -47,24 +47,38 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def uses_openvino(device: str) -> bool:
-    """Whether components run on OpenVINO: asked for by name (it must be installed), or chosen by
-    `auto` where there is no GPU and OpenVINO measured faster here (runtime.openvino_session)."""
+# what a run computes in: 'auto' the precision the package holds (what every run does unless
+# told), 'bf16' OpenVINO's on CPUs that compute it natively (asked for by name, never chosen)
+RUN_PRECISIONS = ("auto", "bf16")
+
+
+def uses_openvino(device: str, precision: str = "auto") -> bool:
+    """Whether components run on OpenVINO: asked for by name (it must be installed), for bf16
+    (the CPU must compute it), or chosen by `auto` where there is no GPU and OpenVINO measured
+    faster here at f32 (runtime.openvino_session)."""
     from edgediff.runtime import openvino_session
 
+    if precision not in RUN_PRECISIONS:
+        raise UsageError(f"unknown --precision '{precision}' to run at; choose one of: {', '.join(RUN_PRECISIONS)} "
+                         "(auto: the package's own; convert it for another)")
+    if precision == "bf16":
+        if device not in ("auto", "openvino"):
+            raise UsageError(f"--precision bf16 runs on OpenVINO on the CPU, not with --device {device}: "
+                             "use --device auto or openvino")
+        openvino_session.require_bf16()
+        return True
     if device == "openvino":
         openvino_session.require()  # raises the install hint
         return True
     return device == "auto" and providers_for("auto")[0] == "CPUExecutionProvider" and openvino_session.auto_picks()
 
 
-def runtime_name(device: str) -> str:
+def runtime_name(device: str, precision: str = "auto") -> str:
     """What runs the components, for reports: 'openvino 2026.4.1 CPU bf16', 'onnxruntime 1.32.0 CPUExecutionProvider'."""
-    if uses_openvino(device):
+    if uses_openvino(device, precision):
         from edgediff.runtime import openvino_session
 
-        caps = openvino_session.capabilities()
-        return f"openvino {openvino_session.require().__version__} CPU {openvino_session.precision(caps)}"
+        return f"openvino {openvino_session.require().__version__} CPU {openvino_session.hint(precision)}"
     return f"onnxruntime {_ort().__version__} {providers_for(device)[0]}"
 
 
@@ -89,6 +103,7 @@ class SessionOptions:
     # keep onnxruntime's optimized graph of a package's component files between runs
     # (runtime.graph_cache; the CPU provider only): a second open skips the optimizer
     graph_cache: bool = True
+    precision: str = "auto"  # RUN_PRECISIONS
 
 
 _FELL_BACK: set[str] = set()
@@ -139,7 +154,7 @@ class Component:
         if self._session is None:
             start = time.perf_counter()
             self.cached, self.runtime = False, "onnxruntime"
-            if uses_openvino(self.options.device):
+            if uses_openvino(self.options.device, self.options.precision):
                 self._session = self._open_openvino()
             if self._session is not None:
                 self.load_seconds += time.perf_counter() - start
@@ -176,14 +191,15 @@ class Component:
             reason = "its weights are bound at load from a GGUF file, which only onnxruntime takes"
         else:
             try:
-                cache = openvino_session.compiled_cache(self.path) if self.options.graph_cache else None
-                session = openvino_session.Session(self.path, self.options.threads, cache)
+                precision = self.options.precision
+                cache = openvino_session.compiled_cache(self.path, precision) if self.options.graph_cache else None
+                session = openvino_session.Session(self.path, self.options.threads, cache, precision)
                 self.runtime = "openvino"
                 return session
             except Exception as exc:  # OpenVINO raises its own exception types
                 last = str(exc).strip().splitlines()
                 reason = f"OpenVINO could not compile it ({last[-1] if last else type(exc).__name__})"
-        if self.options.device == "openvino":  # asked for by name (auto's choice falls back quietly)
+        if self.options.device == "openvino" or self.options.precision == "bf16":  # asked for (auto's falls back quietly)
             warnings.warn(f"the {self.name} component runs on onnxruntime's CPU provider, not OpenVINO: {reason}",
                           RuntimeWarning, stacklevel=4)
         return None

@@ -1,5 +1,6 @@
-"""OpenVINO behind the component interface: the same images as onnxruntime's CPU provider, and
-`auto`'s rule (installed, BF16, measured faster) held to."""
+"""OpenVINO behind the component interface: the same images as onnxruntime's CPU provider, the
+precision contract (a package's precision is what runs; bf16 only when asked for, and only on
+CPUs that compute it), and `auto`'s rule (installed, measured faster at f32) held to."""
 
 from __future__ import annotations
 
@@ -9,16 +10,18 @@ import warnings
 import numpy as np
 import pytest
 
-from edgediff.errors import MissingDependencyError, RuntimeFailure
+from edgediff.errors import MissingDependencyError, RuntimeFailure, UsageError
 from edgediff.runtime import Pipeline, openvino_session, sessions
 
 pytest.importorskip("openvino")  # in the test extra; skipped only where it has no wheel
 ARGS = dict(steps=3, width=64, height=64, seed=4)
-FLOORS = {"f32": 60.0, "bf16": 40.0}  # dB from onnxruntime's fp32 image, by OpenVINO's precision here
+FLOORS = {"f32": 60.0, "bf16": 40.0}  # dB from onnxruntime's fp32 image, by OpenVINO's precision
+HAS_BF16 = "BF16" in openvino_session.capabilities()
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl", "flux-schnell"])
 def test_images_match_the_cpu_provider(tiny_package, family):
+    """An fp32 package runs at f32 on OpenVINO too, on every CPU (BF16 ones included)."""
     from reference import psnr
 
     cpu = Pipeline(tiny_package(family), device="cpu").generate("a cat", "dog", **ARGS)
@@ -27,9 +30,32 @@ def test_images_match_the_cpu_provider(tiny_package, family):
         warnings.simplefilter("error")  # no component may fall back to onnxruntime
         image = pipe.generate("a cat", "dog", **ARGS)
     assert {c.runtime for c in pipe._components.values()} == {"openvino"}
-    # measured at fp32 (AVX2 Zen 2): 89 dB for sd1 and sdxl, identical pixels for flux-schnell;
-    # in bf16 (AVX-512 BF16 Zen 4): 44.1, 45.0 and 49.6 dB
-    assert psnr(cpu, image) > FLOORS[openvino_session.precision(openvino_session.capabilities())]
+    assert pipe.device.startswith("cpu openvino ") and pipe.device.endswith(" f32")
+    # measured at f32 (AVX2 Zen 2): 89 dB for sd1 and sdxl, identical pixels for flux-schnell
+    assert psnr(cpu, image) > FLOORS["f32"]
+    assert f"Device: {pipe.device}" in image.info["parameters"]
+
+
+@pytest.mark.skipif(not HAS_BF16, reason="bf16 runs only on CPUs with native BF16")
+def test_bf16_when_asked_for(tiny_package):
+    from reference import psnr
+
+    cpu = Pipeline(tiny_package("sd1"), device="cpu").generate("a cat", "dog", **ARGS)
+    pipe = Pipeline(tiny_package("sd1"), precision="bf16")
+    image = pipe.generate("a cat", "dog", **ARGS)
+    assert pipe.device.endswith(" bf16") and "Device: cpu openvino " in image.info["parameters"]
+    # measured in bf16 (AVX-512 BF16 Zen 4): 44.1 dB for sd1 (45.0 sdxl, 49.6 flux-schnell)
+    assert FLOORS["bf16"] < psnr(cpu, image) < FLOORS["f32"]  # a lower precision, as asked
+
+
+def test_bf16_is_refused_without_it(tiny_package, monkeypatch):
+    monkeypatch.setattr(openvino_session, "capabilities", lambda: ("FP32", "INT8"))
+    with pytest.raises(UsageError, match="this CPU has no native bf16 .*leave --precision out"):
+        Pipeline(tiny_package("sd1"), precision="bf16")
+    with pytest.raises(UsageError, match="bf16 runs on OpenVINO on the CPU, not with --device cpu"):
+        Pipeline(tiny_package("sd1"), device="cpu", precision="bf16")
+    with pytest.raises(UsageError, match="unknown --precision 'fp8'"):
+        Pipeline(tiny_package("sd1"), precision="fp8")
 
 
 def test_compiled_models_are_kept_in_the_cache(tiny_package):
@@ -65,12 +91,11 @@ def test_the_probe_times_both_runtimes():
     assert ort_s > 0 and ov_s > 0
 
 
-def test_auto_takes_openvino_only_with_bf16_and_measured_faster():
+def test_auto_takes_openvino_only_when_measured_faster():
     prefer = openvino_session.prefer
-    assert not prefer(("FP32", "INT8"), 10.0, 1.0)  # fp32 only: measured no faster, never tried
-    assert prefer(("FP32", "BF16"), 1.3, 1.0)
-    assert not prefer(("FP32", "BF16"), 1.2, 1.0)  # below FASTER: not worth a second runtime
-    assert not prefer(("FP32", "BF16"), None, 1.0)
+    assert prefer(1.3, 1.0)
+    assert not prefer(1.2, 1.0)  # below FASTER: not worth a second runtime
+    assert not prefer(None, 1.0)
 
 
 @pytest.fixture
@@ -86,9 +111,19 @@ def probe(monkeypatch):
     openvino_session.auto_picks.cache_clear()
 
 
-def test_auto_never_measures_without_bf16(probe):
+def test_auto_on_openvino_runs_the_package_precision(probe, tiny_package):
+    """On a BF16 CPU where OpenVINO measures faster, `auto` takes it at f32 for an fp32 package:
+    the image is onnxruntime's (bf16 measured 45 dB from it; f32 89 dB)."""
+    from reference import psnr
+
     state, calls = probe
-    assert not sessions.uses_openvino("auto") and calls == []  # this AVX2 CPU's case
+    state["caps"] = ("FP32", "INT8", "BF16")
+    openvino_session._probe_file().unlink(missing_ok=True)
+    cpu = Pipeline(tiny_package("sd1"), device="cpu").generate("a cat", "dog", **ARGS)
+    pipe = Pipeline(tiny_package("sd1"))
+    image = pipe.generate("a cat", "dog", **ARGS)
+    assert {c.runtime for c in pipe._components.values()} == {"openvino"} and pipe.device.endswith(" f32")
+    assert psnr(cpu, image) > FLOORS["f32"]
 
 
 def test_auto_can_be_kept_on_onnxruntime(probe, monkeypatch):
@@ -102,7 +137,6 @@ def test_auto_measures_once_per_cpu_and_versions(probe, monkeypatch):
     from edgediff.runtime import graph_cache
 
     state, calls = probe
-    state["caps"] = ("FP32", "INT8", "BF16")
     openvino_session._probe_file().unlink(missing_ok=True)
     assert sessions.uses_openvino("auto") and len(calls) == 1
     openvino_session.auto_picks.cache_clear()
