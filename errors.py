@@ -2,6 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
+# whether the user speaks through the command line (options are '--init-image') or Python ('init_image')
+_COMMAND_LINE = contextvars.ContextVar("edgediff_command_line", default=False)
+
+
+def arg(name: str) -> str:
+    """An option as the user spells it: '--init-image' on the command line, 'init_image' in Python."""
+    return "--" + name.replace("_", "-") if _COMMAND_LINE.get() else name
+
+
+@contextlib.contextmanager
+def command_line():
+    """Inside, messages name options as flags (the CLI runs each command in it)."""
+    token = _COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.reset(token)
+
 
 class EdgediffError(Exception):
     """Base of every error edgediff raises on purpose. The CLI prints it without a traceback."""

@@ -25,7 +25,7 @@ from edgediff.families import (
 from edgediff.manifest import MANIFEST, Manifest
 from edgediff.runtime.paths import cache_root
 
-__all__ = ["convert", "default_package", "open_source", "resolve_family", "Source"]
+__all__ = ["convert", "builtin_package", "open_source", "resolve_family", "Source"]
 
 CALIBRATION_PROMPTS = (  # varied subjects, styles and lengths, for int8 activation ranges
     "a photograph of a lighthouse on a rocky coast at sunset, dramatic clouds",
@@ -334,7 +334,7 @@ def calibration_feeds(root: Path, manifest: Manifest, progress) -> dict[str, lis
 
     size = min(int(manifest.defaults["width"]), 256)
     # the package is still being written: nothing to keep in the optimized-graph cache
-    pipe = Pipeline(root, device="cpu", low_memory=False, graph_cache=False)
+    pipe = Pipeline(root, device="cpu", keep_loaded=True, graph_cache=False)
     reuse = "unet_shallow" in manifest.components  # its shallow branch sees every other step
     feeds: dict[str, list[dict]] = {}
     for name in manifest.components:
@@ -349,19 +349,20 @@ def calibration_feeds(root: Path, manifest: Manifest, progress) -> dict[str, lis
     return feeds
 
 
-def default_package(progress: Callable[[str], None] | None = None) -> Path:
-    """The embedded default model as a package, converted once into the user's cache (keyed by
-    the shipped files' contents, so a new model or edgediff version converts again)."""
+def builtin_package(name: str = DEFAULT_MODEL, progress: Callable[[str], None] | None = None) -> Path:
+    """A model shipped inside edgediff (the embedded default by default) as a package, converted
+    once into the user's cache (keyed by the shipped files' contents, so a new model or edgediff
+    version converts again)."""
     import hashlib
 
-    source = BUILTIN / DEFAULT_MODEL
+    source = resolve_source(f"builtin:{name}")
     digest = hashlib.sha256(__version__.encode())
     for path in sorted(source.rglob("*")):
         if path.is_file():
             digest.update(path.relative_to(source).as_posix().encode() + path.read_bytes())
-    package = cache_root() / f"{DEFAULT_MODEL}-{digest.hexdigest()[:12]}"
+    package = cache_root() / f"{name}-{digest.hexdigest()[:12]}"
     if not (package / MANIFEST).is_file():
         if progress:
-            progress(f"converting the embedded default model once, into {package}")
+            progress(f"converting the builtin model {name} once, into {package}")
         convert(source, package, overwrite=True, progress=progress)
     return package

@@ -331,16 +331,21 @@ def _same(name: str) -> str:
     return name
 
 
-def runnable(model: Path, *, base=None, vae=None, text_encoders=(), progress=None) -> Path:
-    """What `edgediff generate --model` opens: an edgediff package as it is, any other GGUF or
+def runnable(model: str | Path | None = None, *, base=None, vae=None, text_encoders=(), progress=None) -> Path:
+    """What `edgediff generate --model` opens: the embedded default model (None) or another
+    `builtin:NAME`, converted once into the cache; an edgediff package as it is; any other GGUF or
     single .safetensors file (with the files that complete it) through a cached package of graphs."""
+    from edgediff.convert import DEFAULT_MODEL, builtin_package
     from edgediff.runtime.package import GGUF_MANIFEST
 
+    if model is None or str(model).startswith("builtin:"):
+        name = DEFAULT_MODEL if model is None else str(model).split(":", 1)[1]
+        return builtin_package(name, progress)
     path = Path(model)
     if not (base or vae or text_encoders):
         if path.is_dir() or path.suffix.lower() not in (".gguf", ".safetensors"):
-            return model
-        if path.suffix.lower() == ".gguf" and path.is_file() and GGUFFile(model).string(GGUF_MANIFEST) is not None:
-            return model
-    return adopted_package(Path(model), base=base and Path(base), vae=vae and Path(vae),
+            return path
+        if path.suffix.lower() == ".gguf" and path.is_file() and GGUFFile(path).string(GGUF_MANIFEST) is not None:
+            return path
+    return adopted_package(path, base=base and Path(base), vae=vae and Path(vae),
                            text_encoders=[Path(p) for p in text_encoders], progress=progress)

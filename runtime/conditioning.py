@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgediff.errors import UsageError
+from edgediff.errors import UsageError, arg
 from edgediff.families import Conditioning
 
 Cond = dict[str, np.ndarray]
@@ -32,7 +32,7 @@ class SizeConditioning:
                 raise UsageError(f"--{name.replace('_', '-')} must be two positive integers, height and "
                                  f"width (got {value})")
         if not _integers(self.crop, minimum=0):
-            raise UsageError(f"--crop must be two integers >= 0, top and left (got {self.crop})")
+            raise UsageError(f"{arg('crop')} must be two integers >= 0, top and left (got {self.crop})")
 
 
 def _integers(pair, minimum: int) -> bool:

@@ -21,7 +21,7 @@ import contextlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from edgediff.errors import UsageError
+from edgediff.errors import UsageError, arg
 from edgediff.families import get_family
 
 GB = 2 ** 30  # as `free -g`, task managers and a laptop's "16 GB" count it
@@ -134,5 +134,5 @@ def plan(package, *, width: int, height: int, guided: bool, level: int | dict[in
     parts = ", ".join(f"{k} {v / GB:.1f}" for k, v in least.stages.items())
     raise UsageError(
         f"{package.name} at {width}x{height} needs an estimated {least.need / GB:.1f} GB even in its "
-        f"lowest-memory plan (GB per stage: {parts}), above --memory-budget {budget / GB:g} GB: "
+        f"lowest-memory plan (GB per stage: {parts}), above {arg('memory_budget')} {budget / GB:g} GB: "
         "choose a smaller size, a smaller quantization (q4_0), or a larger budget")

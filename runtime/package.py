@@ -206,7 +206,9 @@ def open_weights(path: Path, prefix: str = ""):
 def open_package(path: str | Path) -> Package:
     root = Path(path)
     if not root.exists():
-        raise PackageError(f"{root}: no such package folder or .gguf file; create one with `edgediff convert`")
+        hint = ("edgediff.Pipeline (`from edgediff import Pipeline`) opens builtin models, converting them once"
+                if str(path).startswith("builtin:") else "create one with `edgediff convert`")
+        raise PackageError(f"{path}: no such package folder or .gguf file; {hint}")
     if root.is_file() and root.suffix.lower() == ".gguf":
         return _open_gguf(root)
     manifest = Manifest.read(root)
@@ -233,7 +235,7 @@ def _open_gguf(path: Path) -> Package:
         raise PackageError(
             f"{path}: a GGUF file without edgediff's metadata (written by {gguf.writer}); run it with "
             f"`edgediff generate --model {path}` (which builds its graphs once; from Python: "
-            "edgediff.convert.adopt.runnable), or make a package of it: "
+            "edgediff.Pipeline(path)), or make a package of it: "
             f"edgediff convert {path} --output model.gguf"
         )
     manifest = Manifest.parse(text, f"{path} ({GGUF_MANIFEST})")

@@ -1,6 +1,6 @@
 """Prompt to picture: text encoding, the sampler loop on onnxruntime, VAE decode.
 
-Each component is opened when needed and released after use (unless `low_memory=False`), so the
+Each component is opened when needed and released after use (unless `keep_loaded=True`), so the
 text encoder and VAE are not resident while the denoiser runs.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from edgediff import __version__
-from edgediff.errors import PackageError, UsageError
+from edgediff.errors import PackageError, UsageError, arg
 from edgediff.kernels.gguf_blocks import FORMATS
 from edgediff.runtime import accuracy, feature_cache, memory, text, vae
 from edgediff.runtime import image as img
@@ -110,34 +110,34 @@ class Pipeline:
     """A converted package ready to generate images: `Pipeline(path).generate(prompt)`."""
 
     def __init__(self, model: str | Path, device: str = "auto", threads: int | None = None,
-                 low_memory: bool = True, split_guidance: bool = False, weights: str = "compact",
+                 keep_loaded: bool = False, split_guidance: bool = False, weights: str = "compact",
                  accuracy_level: int | str = "auto", loras: Sequence[str | Path | LoraRequest] = (),
                  lora_dir: str | Path | None = None, lora_mode: str = "branch", graph_cache: bool = True,
                  vae_tile: int = 0, memory_budget: float | None = None, precision: str = "auto"):
         if threads is not None and threads < 1:
-            raise UsageError(f"--threads must be at least 1 (got {threads})")
+            raise UsageError(f"{arg('threads')} must be at least 1 (got {threads})")
         providers_for(device)  # validates the name, warns once about a CUDA fallback
         # fails now if OpenVINO is asked for and missing, or bf16 where the CPU has none; auto
         # measures OpenVINO once
         uses_openvino(device, precision)
         self.package: Package = open_package(model)
         if weights not in WEIGHTS:
-            raise UsageError(f"unknown --weights '{weights}'; choose one of: {', '.join(WEIGHTS)}")
+            raise UsageError(f"unknown {arg('weights')} '{weights}'; choose one of: {', '.join(WEIGHTS)}")
         accuracy_level = accuracy.resolve(accuracy_level)
         self._asked_level = accuracy_level  # a memory plan may run an image at a lower level
         if lora_mode not in LORA_MODES:
-            raise UsageError(f"unknown --lora-mode '{lora_mode}'; choose one of: {', '.join(LORA_MODES)}")
+            raise UsageError(f"unknown {arg('lora_mode')} '{lora_mode}'; choose one of: {', '.join(LORA_MODES)}")
         self.options = SessionOptions(device=device, threads=threads, weights=weights, accuracy_level=accuracy_level,
                                       lora_mode=lora_mode, graph_cache=graph_cache, precision=precision)
-        self.low_memory = low_memory
+        self.keep_loaded = keep_loaded
         step = 4 * self.manifest.vae_downscale  # tiles overlap by a quarter, in whole latent pixels
         if vae_tile < 0 or vae_tile % step:
-            raise UsageError(f"--vae-tile {vae_tile}: give a multiple of {step} pixels (512 is a good start; "
+            raise UsageError(f"{arg('vae_tile')} {vae_tile}: give a multiple of {step} pixels (512 is a good start; "
                              "0 decodes whole)")
         self.vae_tile = vae_tile  # VAE in tiles of this many pixels (bounded memory for large images)
         self.split_guidance = split_guidance  # guidance as two batch-1 runs: half the activations
         if memory_budget is not None and not memory_budget > 0:
-            raise UsageError(f"--memory-budget must be a positive number of GB (got {memory_budget})")
+            raise UsageError(f"{arg('memory_budget')} must be a positive number of GB (got {memory_budget})")
         # GB a run may need (runtime.memory): the plan gives up speed to fit, or refuses before loading
         self.memory_budget = memory_budget
         self.plan: memory.Plan | None = None  # the last image's
@@ -194,7 +194,7 @@ class Pipeline:
         return comp
 
     def _done(self, comp: Component) -> None:
-        if self.low_memory:
+        if not self.keep_loaded:
             comp.release()
 
     def _tokenizer(self, folder: str):
@@ -291,22 +291,22 @@ class Pipeline:
         `refiner_start` of the schedule: the steps at timesteps >= (1 - start) * T, as
         diffusers' `denoising_end` counts them."""
         if not 0 < refiner_start < 1:
-            raise UsageError(f"--refiner-start must be in (0, 1) (got {refiner_start})")
+            raise UsageError(f"{arg('refiner_start')} must be in (0, 1) (got {refiner_start})")
         train = len(self.schedule.sigmas)
         cutoff = round(train - refiner_start * train)
         base = sum(1 for s in sigmas[:-1] if self.schedule.sigma_to_t(float(s)) >= cutoff)
         if not 0 < base < len(sigmas) - 1:
             who = "the base" if base == 0 else "the refiner"
             raise UsageError(
-                f"--refiner-start {refiner_start} with {len(sigmas) - 1} steps leaves {who} no step; "
-                f"{'raise' if base == 0 else 'lower'} --refiner-start or raise --steps"
+                f"{arg('refiner_start')} {refiner_start} with {len(sigmas) - 1} steps leaves {who} no step; "
+                f"{'raise' if base == 0 else 'lower'} {arg('refiner_start')} or raise {arg('steps')}"
             )
         return base
 
     def generate(
         self,
-        prompt: str,
-        negative_prompt: str = "",
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] = "",
         *,
         steps: int | None = None,
         guidance: float | None = None,
@@ -326,9 +326,10 @@ class Pipeline:
         interrupt: Callable[[], bool] | None = None,
         cache_interval: int = 1,
         on_step: Callable[[int, np.ndarray], None] | None = None,
-    ) -> Image.Image:
-        """One image. Its `.info["parameters"]` holds the A1111 parameter text; stage times are
-        in `self.timings`.
+    ) -> Image.Image | list[Image.Image]:
+        """One image; for a list of prompts, a list of images (seeds counting up from `seed`, as
+        A1111's batches; a list of negative prompts pairs with them). Its `.info["parameters"]`
+        holds the A1111 parameter text; stage times are in `self.timings`.
 
         With a `refiner` (an SDXL refiner's Pipeline), this model runs the schedule up to
         `refiner_start` and the refiner the rest, on the same latent, seed and noise stream, as
@@ -342,6 +343,11 @@ class Pipeline:
         the deep features kept in between (runtime.feature_cache; packages converted with
         --deep-cache). `on_step(step, denoised)` sees each step's prediction of the final latent
         (live previews)."""
+        if not isinstance(prompt, str):
+            options = {k: v for k, v in locals().items() if k not in ("self", "prompt", "negative_prompt", "seed")}
+            return self._each(list(prompt), negative_prompt, seed, options)
+        if not isinstance(negative_prompt, str):
+            raise UsageError("negative_prompt: a list of negative prompts goes with a list of prompts")
         m = self.manifest
         d = m.defaults
         text_prompt, tagged = prompt_loras(prompt, self.lora_dir)
@@ -359,7 +365,7 @@ class Pipeline:
         if init is None and m.role == "refiner":
             raise UsageError(
                 f"{self.package.name} is a refiner ({m.family}): it finishes an image, it does not start one; "
-                "give it --init-image, or use it as --refiner after a base model"
+                f"give it {arg('init_image')}, or use it as {arg('refiner')} after a base model"
             )
         if width is None and height is None and init is not None:
             width, height = (s // m.size_multiple * m.size_multiple for s in init.size)
@@ -373,31 +379,31 @@ class Pipeline:
         tokens = (height // m.vae_downscale // patch) * (width // m.vae_downscale // patch)
         sigmas = get_sigmas(schedule, self.schedule.at_size(tokens), steps)
         if clip_skip < 1:
-            raise UsageError(f"--clip-skip must be at least 1 (got {clip_skip})")
+            raise UsageError(f"{arg('clip_skip')} must be at least 1 (got {clip_skip})")
         if cache_interval < 1:
-            raise UsageError(f"--cache-interval must be at least 1 (got {cache_interval}; 1 runs the whole U-Net "
+            raise UsageError(f"{arg('cache_interval')} must be at least 1 (got {cache_interval}; 1 runs the whole U-Net "
                              "every step)")
         for pipe in (self, refiner) if refiner is not None else (self,):
             if cache_interval > 1 and "unet_shallow" not in pipe.manifest.components:
-                raise UsageError(f"--cache-interval {cache_interval}: {pipe.package.name} has no shallow U-Net "
-                                 "branch; convert it with --deep-cache (SD 1.x/2.x/SDXL, ONNX packages)")
+                raise UsageError(f"{arg('cache_interval')} {cache_interval}: {pipe.package.name} has no shallow U-Net "
+                                 f"branch; convert it with {arg('deep_cache')} (SD 1.x/2.x/SDXL, ONNX packages)")
         if reason := feature_cache.advice(steps, cache_interval):
             warnings.warn(reason, stacklevel=2)
         if not math.isfinite(guidance) or guidance < 0:
-            raise UsageError(f"--guidance must be a finite number >= 0 (got {guidance})")
+            raise UsageError(f"{arg('guidance')} must be a finite number >= 0 (got {guidance})")
         spec = m.conditioning
         if guidance > 1 and not spec.cfg and not spec.guidance_embedded:
-            warnings.warn(f"{m.family} is distilled to run without guidance: --guidance {guidance} is ignored",
+            warnings.warn(f"{m.family} is distilled to run without guidance: {arg('guidance')} {guidance} is ignored",
                           stacklevel=2)
         if init is not None:
             if not 0 < strength <= 1:
-                raise UsageError(f"--strength must be in (0, 1] (got {strength})")
+                raise UsageError(f"{arg('strength')} must be in (0, 1] (got {strength})")
             start = (int(max(steps - steps * strength, 0)) if m.strength_rounding == "skip"
                      else steps - min(int(steps * strength), steps))
             if start >= steps:
                 raise UsageError(
-                    f"--strength {strength} with {steps} steps leaves no step to run; "
-                    "raise --strength or --steps"
+                    f"{arg('strength')} {strength} with {steps} steps leaves no step to run; "
+                    f"raise {arg('strength')} or {arg('steps')}"
                 )
             sigmas = sigmas[start:]
         stages = [(self, sigmas)]
@@ -473,11 +479,21 @@ class Pipeline:
         picture.info["seed"] = seed  # for callers: never parse it back out of the text
         return picture
 
+    def _each(self, prompts: list[str], negatives: str | Sequence[str], seed: int | None,
+               options: dict) -> list[Image.Image]:
+        negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
+        if len(negatives) != len(prompts) or not prompts or not all(isinstance(p, str) for p in prompts + negatives):
+            raise UsageError(f"prompt: a list of prompts (got {len(prompts)}) pairs with one negative prompt or "
+                             f"a list of as many (got {len(negatives)}), all text")
+        first = random.randrange(2**32) if seed is None else int(seed)
+        return [self.generate(p, n, seed=(first + i) % 2**32, **options)
+                for i, (p, n) in enumerate(zip(prompts, negatives, strict=True))]
+
     def _plan(self, width: int, height: int, guided: bool, img2img: bool) -> memory.Plan:
         """How this image runs within memory (runtime.memory), decided before anything loads. With
         a budget the plan fits it or the run is refused; without one, the machine's available
         memory is the budget the plan tries to fit, and a warning says when it cannot."""
-        asked = dict(width=width, height=height, guided=guided, img2img=img2img, keep_loaded=not self.low_memory,
+        asked = dict(width=width, height=height, guided=guided, img2img=img2img, keep_loaded=self.keep_loaded,
                      expand=self.options.weights == "expanded",
                      level=self._asked_level, vae_tile=self.vae_tile, split_guidance=self.split_guidance)
         if self.memory_budget is not None:
@@ -496,7 +512,7 @@ class Pipeline:
             (f"the VAE in {plan.vae_tile}-pixel tiles", plan.vae_tile, self.vae_tile),
             ("guidance as two half batches", plan.split_guidance, self.split_guidance)) if now != was]
         if changes:
-            budget = (f"--memory-budget {self.memory_budget:g} GB" if self.memory_budget is not None
+            budget = (f"{arg('memory_budget')} {self.memory_budget:g} GB" if self.memory_budget is not None
                       else "the memory available")
             warnings.warn(f"to fit {budget}, this image runs with {', '.join(changes)} (estimated "
                           f"{plan.describe()})", RuntimeWarning, stacklevel=3)
@@ -516,11 +532,11 @@ class Pipeline:
         if plan is None:
             return "no image made yet"
         note = f"estimated {plan.describe()}"
-        if not self.low_memory:
+        if self.keep_loaded:
             released = memory.stages(self.package, keep_loaded=False, **self._plan_args)
             extra = (plan.need - max(released.values())) / memory.GB
             note += (f"; keeping every component loaded adds an estimated {extra:.1f} GB to it (without "
-                     "--keep-loaded each is released after use)")
+                     f"{arg('keep_loaded')} each is released after use)")
         return note
 
     @property
@@ -569,7 +585,7 @@ class Pipeline:
             theirs.latent_channels, theirs.latent_scale, theirs.latent_shift, theirs.vae_downscale)
         if not same:
             raise UsageError(
-                f"--refiner {refiner.package.name} ({theirs.family}: {theirs.latent_channels} latent channels, "
+                f"{arg('refiner')} {refiner.package.name} ({theirs.family}: {theirs.latent_channels} latent channels, "
                 f"scale {theirs.latent_scale}) cannot continue {self.package.name} ({mine.family}: "
                 f"{mine.latent_channels} channels, scale {mine.latent_scale}): their latent spaces differ; "
                 "pair a base with a refiner of its own family"

@@ -64,7 +64,7 @@ def tiny_package(tmp_path_factory, tiny_source):
 @pytest.fixture(scope="session")
 def default_package(tmp_path_factory):
     """The embedded default model, converted into a private cache."""
-    from edgediff.convert import default_package as convert_default
+    from edgediff.convert import builtin_package as convert_default
 
     os.environ["EDGEDIFF_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     return convert_default()

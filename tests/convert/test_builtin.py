@@ -8,7 +8,7 @@ import pytest
 
 from edgediff.benchmarks.quality import draw_score
 from edgediff.convert import BUILTIN, DEFAULT_MODEL
-from edgediff.convert import default_package as convert_default
+from edgediff.convert import builtin_package as convert_default
 from edgediff.manifest import Manifest
 
 # The bars. Measured 2026-11-22 (50 images, AMD EPYC AVX2): fp32 94%, fp16 94%,

@@ -39,7 +39,7 @@ def packages(tiny_source, tmp_path_factory):
 
 
 def _images(model, seeds=(0, 1, 2), **kw):
-    pipe = Pipeline(model, device="cpu", low_memory=False, **kw)
+    pipe = Pipeline(model, device="cpu", keep_loaded=True, **kw)
     return [pipe.generate(PROMPT, "blurry", steps=8, seed=s, width=64, height=64) for s in seeds]
 
 
@@ -104,7 +104,7 @@ def test_expanded_weights_match_compact(packages):
 
 
 def test_bound_components_say_how_weights_are_held(packages):
-    pipe = Pipeline(packages["q4_0"], device="cpu", low_memory=False)
+    pipe = Pipeline(packages["q4_0"], device="cpu", keep_loaded=True)
     pipe.generate(PROMPT, steps=1, seed=0, width=64, height=64)
     bindings = pipe.component("unet").bindings
     kinds = {(b.stored, b.kind) for b in bindings}
@@ -126,7 +126,7 @@ def test_quantized_convolutions_run_from_their_blocks(tiny_package, tmp_path):
     assert next(t for t in reader.tensors if t.name == conv).tensor_type.name == "Q4_0"
     orig = reader.fields["comfy.gguf.orig_shape." + conv]
     assert [int(orig.parts[i][0]) for i in orig.data] == [32, 32, 3, 3]
-    pipe = Pipeline(path, device="cpu", low_memory=False)
+    pipe = Pipeline(path, device="cpu", keep_loaded=True)
     compact = pipe.generate(PROMPT, "blurry", steps=8, seed=0, width=64, height=64)
     assert ("q4_0", "blocks") in {(b.stored, b.kind) for b in pipe.component("unet").bindings}
     expanded = _images(path, seeds=(0,), weights="expanded")[0]

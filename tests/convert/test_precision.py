@@ -86,7 +86,7 @@ def _measured_storage(package, component="unet") -> tuple[int, int, int]:
 
 
 def _images(package):
-    pipe = Pipeline(package, device="cpu", low_memory=False)
+    pipe = Pipeline(package, device="cpu", keep_loaded=True)
     return [pipe.generate("a red circle on a blue background", "blurry", steps=8, seed=s,
                           width=64, height=64) for s in range(4)]
 

@@ -33,7 +33,7 @@ def test_components_are_released_after_use(tiny_package, monkeypatch):
     runs = []  # the U-Net evaluations, counted where onnxruntime is called
     stock = Component.run
     monkeypatch.setattr(Component, "run", lambda self, feeds: runs.append(self.name) or stock(self, feeds))
-    kept = Pipeline(tiny_package("sd1"), device="cpu", low_memory=False)
+    kept = Pipeline(tiny_package("sd1"), device="cpu", keep_loaded=True)
     kept.generate("a cat", steps=2, width=64, height=64, seed=0, sampler="euler")  # one evaluation a step
     assert all(c._session is not None for c in kept._components.values())
     assert kept.timings.load > 0 and len(kept.timings.steps) == runs.count("unet") == 2

@@ -1,0 +1,26 @@
+"""edgediff from Python: `edgediff.Pipeline(model)` opens whatever `edgediff generate --model` does.
+
+`edgediff.runtime.Pipeline` opens packages only (the runtime imports nothing from the converter);
+this one first makes a package of anything else, as the CLI does, and caches it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from edgediff.runtime.pipeline import Pipeline as PackagePipeline
+
+
+class Pipeline(PackagePipeline):
+    """A Pipeline on a package folder or .gguf, `builtin:NAME` (None: the embedded default model),
+    or a GGUF or single .safetensors file another tool wrote (its graphs built once and cached);
+    `base`, `vae` and `text_encoders` complete a file that lacks them (a denoiser-only GGUF).
+    Every other option is runtime.Pipeline's."""
+
+    def __init__(self, model: str | Path | None = None, *, base: str | Path | None = None,
+                 vae: str | Path | None = None, text_encoders: Sequence[str | Path] = (),
+                 progress: Callable[[str], None] | None = None, **options):
+        from edgediff.convert.adopt import runnable
+
+        super().__init__(runnable(model, base=base, vae=vae, text_encoders=text_encoders, progress=progress),
+                         **options)
