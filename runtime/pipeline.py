@@ -542,7 +542,7 @@ class Pipeline:
     @property
     def device(self) -> str:
         """The device, runtime and precision that ran the last image's denoiser (or will run it,
-        before the first image): 'cpu onnxruntime 1.23.2 fp32', 'cpu openvino 2026.4.1 bf16'. The
+        before the first image): 'cpu onnxruntime 1.32.0 fp32', 'cpu openvino 2026.4.1 bf16'. The
         other components' are in `ran()`."""
         name = self.manifest.denoiser
         comp = self._components.get(name)

@@ -199,9 +199,11 @@ class Component:
             except Exception as exc:  # OpenVINO raises its own exception types
                 last = str(exc).strip().splitlines()
                 reason = f"OpenVINO could not compile it ({last[-1] if last else type(exc).__name__})"
-        if self.options.device == "openvino" or self.options.precision == "bf16":  # asked for (auto's falls back quietly)
-            warnings.warn(f"the {self.name} component runs on onnxruntime's CPU provider, not OpenVINO: {reason}",
-                          RuntimeWarning, stacklevel=4)
+        asked = self.options.device == "openvino" or self.options.precision == "bf16"  # auto's falls back quietly
+        if asked and reason not in _FELL_BACK:  # once per reason, not once per component
+            _FELL_BACK.add(reason)
+            warnings.warn(f"the {self.name} component (and any other for the same reason) runs on onnxruntime's "
+                          f"CPU provider, not OpenVINO: {reason}", RuntimeWarning, stacklevel=4)
         return None
 
     def _cache_entry(self):
