@@ -35,6 +35,24 @@ SCHEDULERS = {"automatic": None, "uniform": "normal", "normal": "normal", "karra
               "exponential": "exponential", "sgm_uniform": "sgm_uniform", "simple": "simple", "beta": "beta"}
 _COMBINED = ("karras", "exponential")  # A1111's old "DPM++ 2M Karras" sampler names
 
+# A1111 request fields edgediff does not implement -> the values that leave them unused (A1111's
+# defaults and what webuiapi sends; None and empty values never count). A field that only matters
+# with another (hr_* with enable_hr, mask_blur and inpainting_fill with mask, script_args with
+# script_name, s_tmin/s_tmax with s_churn) is not listed: A1111 ignores it too.
+UNIMPLEMENTED = {
+    "enable_hr": (False,), "restore_faces": (False,), "tiling": (False,), "styles": (),
+    "subseed_strength": (0,), "seed_resize_from_h": (-1, 0), "seed_resize_from_w": (-1, 0),
+    "s_churn": (0,), "s_noise": (1,), "script_name": (), "refiner_checkpoint": (),
+    "disable_extra_networks": (False,), "infotext": (), "comments": (), "firstpass_image": (),
+}
+IMG2IMG_UNIMPLEMENTED = {"mask": (), "latent_mask": (), "resize_mode": (0,), "initial_noise_multiplier": (1,)}
+# the eta each sampler runs with (A1111's `eta` sets it; samplers without fresh noise have none)
+SAMPLER_ETA = {"ddim": 0.0, "euler_a": 1.0, "dpmpp_2m_sde": 1.0}
+# A1111 options edgediff honours (POST /options and override_settings), with their checks;
+# `samples_format` is honoured at "png" only (any option set to the value GET /options reports is no change)
+OPTIONS = {"sd_model_checkpoint": (str, None, None), "CLIP_stop_at_last_layers": (int, 1, 12),
+           "show_progress_every_n_steps": (int, -1, 1000)}
+
 
 @dataclass
 class Limits:
@@ -127,6 +145,57 @@ def _field(body: dict, name: str, kind, default, low=None, high=None):
     return value
 
 
+def _unset(value, unused: tuple = ()) -> bool:
+    return value is None or value in ("", [], {}) or value in unused
+
+
+def _scripts_in_use(scripts: object) -> list[str]:
+    """The always-on scripts (ControlNet, ADetailer, ...) a request enables: those with arguments,
+    unless the first is False (A1111's "enabled" box) or every unit says `"enabled": false`."""
+    if _unset(scripts):
+        return []
+    if not isinstance(scripts, dict):
+        return ["alwayson_scripts"]
+    used = []
+    for name, spec in scripts.items():
+        args = spec.get("args") if isinstance(spec, dict) else spec
+        if _unset(args) or isinstance(args, list) and args[0] in (False, None):
+            continue
+        if isinstance(args, list) and all(isinstance(a, dict) and a.get("enabled") is False for a in args):
+            continue
+        used.append(f"alwayson_scripts.{name}")
+    return used
+
+
+def unimplemented(body: dict, img2img: bool) -> list[str]:
+    """The A1111 fields `body` sets that edgediff does not implement, in the body's order."""
+    table = {**UNIMPLEMENTED, **(IMG2IMG_UNIMPLEMENTED if img2img else {})}
+    return [name for name, value in body.items() if name in table and not _unset(value, table[name])] + (
+        _scripts_in_use(body.get("alwayson_scripts")))
+
+
+def option_changes(body: dict, current: dict, where: str = "") -> tuple[dict, list[str]]:
+    """The options edgediff honours in `body`, checked, and the names of those it does not (an
+    option set to the value GET /options reports, or to None, is no change)."""
+    honoured, others = {}, []
+    for key, value in body.items():
+        if key in OPTIONS and value is not None:
+            kind, low, high = OPTIONS[key]
+            honoured[key] = _field(body, key, kind, None, low, high)
+        elif value is not None and current.get(key) != value:
+            others.append(where + key)
+    return honoured, others
+
+
+def refuse_or_ignore(names: list[str], lenient: bool) -> list[str]:
+    """A 422 naming what edgediff does not implement, or (lenient) the names to list as ignored."""
+    if names and not lenient:
+        them = "it" if len(names) == 1 else "them"
+        raise ApiError(422, f"edgediff does not implement {', '.join(names)}; leave {them} unset, or start the "
+                            f"server with --lenient to have {them} ignored (and listed in info's 'ignored')")
+    return names
+
+
 @dataclass
 class Request:
     """A txt2img/img2img request, A1111's fields with A1111's defaults, checked."""
@@ -143,13 +212,19 @@ class Request:
     batch_size: int = 1
     n_iter: int = 1
     denoising_strength: float = 0.75
-    clip_skip: int = 1
+    clip_skip: int | None = None  # None: the server's CLIP_stop_at_last_layers
+    eta: float | None = None
     init_images: list = field(default_factory=list)
     model: str | None = None  # override_settings.sd_model_checkpoint
-    notes: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)  # the other honoured override_settings
+    restore: bool = True  # override_settings_restore_afterwards
+    ignored: list[str] = field(default_factory=list)  # set fields not implemented (--lenient)
 
     @classmethod
-    def parse(cls, body: object, limits: Limits, img2img: bool) -> Request:
+    def parse(cls, body: object, limits: Limits, img2img: bool, options: dict | None = None,
+              lenient: bool = False) -> Request:
+        """`options`: the server's options now (an override equal to one is no change); `lenient`:
+        list fields edgediff does not implement in `ignored` instead of answering 422."""
         if not isinstance(body, dict):
             raise ApiError(422, "the request body must be a JSON object")
         r = cls(
@@ -168,13 +243,14 @@ class Request:
             raise ApiError(422, f"batch_size x n_iter is {r.batch_size * r.n_iter}; at most {limits.max_images} images a request")
         r.sampler, r.schedule = sampler_choice(_field(body, "sampler_name", str, None) or _field(body, "sampler_index", str, None),
                                                _field(body, "scheduler", str, None))
-        overrides = _field(body, "override_settings", dict, {})
-        if overrides.get("sd_model_checkpoint") is not None:
-            r.model = _field(overrides, "sd_model_checkpoint", str, None)
-        if overrides.get("CLIP_stop_at_last_layers") is not None:
-            r.clip_skip = _field(overrides, "CLIP_stop_at_last_layers", int, 1, 1, 12)
-        if body.get("subseed", -1) not in (-1, None) and body.get("subseed_strength", 0) not in (0, 0.0, None):
-            r.notes.append("subseed and subseed_strength are ignored: edgediff has no variation seeds")
+        r.eta = _field(body, "eta", float, None)
+        overrides, others = option_changes(_field(body, "override_settings", dict, {}), options or {},
+                                           "override_settings.")
+        r.model = overrides.pop("sd_model_checkpoint", None)
+        r.clip_skip = overrides.pop("CLIP_stop_at_last_layers", None)
+        r.settings = overrides
+        r.restore = _field(body, "override_settings_restore_afterwards", bool, True)
+        r.ignored = refuse_or_ignore(unimplemented(body, img2img) + others, lenient)
         if img2img:
             images = _field(body, "init_images", list, [])
             if not images:
@@ -243,10 +319,14 @@ class Service:
 
     def __init__(self, models: Models, model: str | None = None, limits: Limits | None = None,
                  low_memory: bool = False, device: str = "auto", threads: int | None = None,
-                 lora_dir: Path | None = None, runnable: Callable[[Path], Path] | None = None):
+                 lora_dir: Path | None = None, runnable: Callable[[Path], Path] | None = None,
+                 lenient: bool = False, preview_every: int = 10):
         self.models, self.limits = models, limits or Limits()
         self.runnable = runnable  # a file another tool wrote -> the package that runs it (convert.adopt's)
         self.low_memory, self.device, self.threads, self.lora_dir = low_memory, device, threads, lora_dir
+        self.lenient = lenient  # fields edgediff does not implement: ignored and listed, not a 422
+        # the honoured A1111 options besides the model (POST /options, override_settings)
+        self.settings = {"CLIP_stop_at_last_layers": 1, "show_progress_every_n_steps": preview_every}
         self.name: str | None = None
         self.pipe = None
         self.model_lock = threading.Lock()  # one job (or model switch) on the model at a time
@@ -258,22 +338,36 @@ class Service:
 
     def switch(self, name: str) -> None:
         """Load `name` (waiting for the running job), unloading the previous model."""
-        from edgediff.runtime import Pipeline
-
         name = self.models.find(name)
         with self.model_lock:
-            if name == self.name:
-                return
-            if self.pipe is not None:
-                for comp in self.pipe._components.values():
-                    comp.release()
-            self.pipe = None
-            path = self.models.paths[name]
-            if path.is_file() and self.runnable is not None:  # a GGUF another tool wrote: its cached graphs
-                path = self.runnable(path)
-            self.pipe = Pipeline(path, device=self.device, threads=self.threads, low_memory=self.low_memory,
-                                 lora_dir=self.lora_dir)
-            self.name = name
+            self._switch(name)
+
+    def _switch(self, name: str) -> None:
+        from edgediff.runtime import Pipeline
+
+        if name == self.name:
+            return
+        if self.pipe is not None:
+            for comp in self.pipe._components.values():
+                comp.release()
+        self.pipe = None
+        path = self.models.paths[name]
+        if path.is_file() and self.runnable is not None:  # a GGUF another tool wrote: its cached graphs
+            path = self.runnable(path)
+        self.pipe = Pipeline(path, device=self.device, threads=self.threads, keep_loaded=not self.low_memory,
+                             lora_dir=self.lora_dir)
+        self.name = name
+
+    def set_options(self, body: dict) -> list[str]:
+        """POST /options: apply the options edgediff honours (all or none); the others are a 422
+        or, lenient, returned as ignored."""
+        honoured, others = option_changes(body, self.options())
+        ignored = refuse_or_ignore(others, self.lenient)
+        name = honoured.pop("sd_model_checkpoint", None)
+        if name is not None:
+            self.switch(name)
+        self.settings.update(honoured)
+        return ignored
 
     def admit(self) -> None:
         with self.admit_lock:
@@ -287,11 +381,22 @@ class Service:
             self.admitted -= 1
 
     def generate(self, r: Request) -> dict:
-        """Run a request (the caller has admitted it): images, parameters and A1111's info."""
-        if r.model is not None:
-            self.switch(r.model)
+        """Run a request (the caller has admitted it): images, parameters and A1111's info. Its
+        override_settings hold for this job and are restored after it unless it says not to."""
+        wanted = self.models.find(r.model) if r.model is not None else None
         with self.model_lock:
-            return self._generate(r)
+            name, settings = self.name, dict(self.settings)
+            try:
+                if wanted is not None:
+                    self._switch(wanted)
+                self.settings.update(r.settings)
+                if r.clip_skip is not None:
+                    self.settings["CLIP_stop_at_last_layers"] = r.clip_skip
+                return self._generate(r)
+            finally:
+                if r.restore:
+                    self.settings = settings
+                    self._switch(name)
 
     def _generate(self, r: Request) -> dict:
         pipe = self.pipe
@@ -299,6 +404,11 @@ class Service:
         for side in ("width", "height"):
             if getattr(r, side) % m.size_multiple:
                 raise ApiError(422, f"'{side}' must be a multiple of {m.size_multiple} for {m.family} (got {getattr(r, side)})")
+        sampler = r.sampler or str(m.defaults["sampler"])
+        if not _unset(r.eta) and sampler in SAMPLER_ETA and r.eta != SAMPLER_ETA[sampler]:
+            r.ignored += refuse_or_ignore([f"eta ({A1111_NAMES[sampler]} runs at eta {SAMPLER_ETA[sampler]:g})"],
+                                          self.lenient)
+        clip_skip = self.settings["CLIP_stop_at_last_layers"]
         seed = random.randrange(2**32) if r.seed == -1 else r.seed
         count = r.batch_size * r.n_iter
         self.interrupt_flag.clear()
@@ -318,7 +428,7 @@ class Service:
                     r.prompt, r.negative_prompt, steps=r.steps, guidance=r.cfg_scale, sampler=r.sampler,
                     schedule=r.schedule, seed=(seed + i) % 2**32, width=r.width, height=r.height,
                     init_image=r.init_images[0] if r.init_images else None, strength=r.denoising_strength,
-                    clip_skip=r.clip_skip, progress=progress, interrupt=self.interrupt_flag.is_set)
+                    clip_skip=clip_skip, progress=progress, interrupt=self.interrupt_flag.is_set)
             except EdgediffError as exc:
                 raise ApiError(422 if isinstance(exc, UsageError) else 500, str(exc), type(exc).__name__) from None
             images.append(image)
@@ -331,14 +441,14 @@ class Service:
             "all_negative_prompts": [r.negative_prompt] * len(images), "seed": seed, "all_seeds": seeds,
             "subseed": -1, "all_subseeds": [-1] * len(images), "subseed_strength": 0,
             "width": r.width, "height": r.height,
-            "sampler_name": A1111_NAMES.get(r.sampler or str(m.defaults["sampler"])),
+            "sampler_name": A1111_NAMES.get(sampler),
             "cfg_scale": r.cfg_scale, "steps": r.steps, "batch_size": r.batch_size, "restore_faces": False,
             "face_restoration_model": None, "sd_model_name": self.name, "sd_model_hash": self.models.short_hash(self.name),
-            "denoising_strength": r.denoising_strength if r.init_images else None, "clip_skip": r.clip_skip,
+            "denoising_strength": r.denoising_strength if r.init_images else None, "clip_skip": clip_skip,
             "extra_generation_params": {"Schedule type": A1111_SCHEDULES.get(r.schedule or "")} if r.schedule else {},
             "index_of_first_image": 0, "infotexts": infotexts, "styles": [], "job_timestamp": self.job.timestamp,
             "is_using_inpainting_conditioning": False, "version": f"edgediff {__version__}",
-            "interrupted": self.job.interrupted, "notes": r.notes,
+            "interrupted": self.job.interrupted, "ignored": r.ignored,
         }
         self.job = Job(timestamp=self.job.timestamp, interrupted=self.job.interrupted)  # idle
         return {"images": [encode_png(im) for im in images], "info": info}
@@ -356,8 +466,7 @@ class Service:
 
     def options(self) -> dict:
         return {"sd_model_checkpoint": f"{self.name} [{self.models.short_hash(self.name)}]",
-                "sd_checkpoint_hash": self.models.short_hash(self.name), "CLIP_stop_at_last_layers": 1,
-                "samples_format": "png"}
+                "sd_checkpoint_hash": self.models.short_hash(self.name), "samples_format": "png", **self.settings}
 
 
 def app(service: Service, auth: tuple[str, str] | None = None):
@@ -388,7 +497,7 @@ def app(service: Service, auth: tuple[str, str] | None = None):
     def generation(img2img: bool):
         async def endpoint(request):
             body = await body_of(request)
-            parsed = Request.parse(body, limits, img2img)
+            parsed = Request.parse(body, limits, img2img, service.options(), service.lenient)
             service.admit()
             try:
                 result = await run_in_threadpool(service.generate, parsed)
@@ -413,14 +522,12 @@ def app(service: Service, auth: tuple[str, str] | None = None):
             body = await body_of(request)
             if not isinstance(body, dict):
                 raise ApiError(422, "the request body must be a JSON object")
-            if body.get("sd_model_checkpoint") is not None:
-                name = _field(body, "sd_model_checkpoint", str, None)
-                service.admit()
-                try:
-                    await run_in_threadpool(service.switch, name)
-                finally:
-                    service.release()
-            return JSONResponse(None)
+            service.admit()  # a model switch waits for the running job
+            try:
+                ignored = await run_in_threadpool(service.set_options, body)
+            finally:
+                service.release()
+            return JSONResponse({"ignored": ignored} if ignored else None)
         return JSONResponse(service.options())
 
     async def progress(_request):
@@ -544,8 +651,10 @@ class Running:
 def serve(models: Path, model: str | None = None, host: str = "127.0.0.1", port: int = 7860,
           auth: tuple[str, str] | None = None, limits: Limits | None = None, low_memory: bool = False,
           device: str = "auto", threads: int | None = None, lora_dir: Path | None = None,
-          runnable: Callable[[Path], Path] | None = None) -> None:
-    """Load the model and serve until interrupted; `runnable` opens files other tools wrote."""
+          runnable: Callable[[Path], Path] | None = None, lenient: bool = False) -> None:
+    """Load the model and serve until interrupted; `runnable` opens files other tools wrote;
+    `lenient` ignores (and lists in `info`) request fields edgediff does not implement instead of
+    answering 422."""
     uvicorn = require("uvicorn", "serve", "edgediff serve")
     if not 0 < port < 65536:
         raise UsageError(f"--port {port}: a port is 1-65535")
@@ -555,7 +664,7 @@ def serve(models: Path, model: str | None = None, host: str = "127.0.0.1", port:
             found.find(model)
         except ApiError as exc:
             raise UsageError(f"--model {model}: {exc.detail}") from None
-    service = Service(found, model, limits, low_memory, device, threads, lora_dir, runnable)
+    service = Service(found, model, limits, low_memory, device, threads, lora_dir, runnable, lenient)
     print(f"edgediff: serving {models} on http://{host}:{port}/ (A1111 API under /sdapi/v1)", file=sys.stderr,
           flush=True)
     uvicorn.run(app(service, auth), host=host, port=port, log_level="info")

@@ -188,6 +188,88 @@ def test_bad_requests_are_4xx_json(served, path, body, status, detail):
     assert "Traceback" not in r.text and service.name == "alpha"
 
 
+SMALL = {"prompt": PROMPT, "width": 64, "height": 64, "steps": 2, "seed": 1}
+CONTROLNET_UNIT = {"enabled": True, "module": "canny", "model": "control_canny", "weight": 1.0}
+
+
+@pytest.mark.parametrize(("path", "body", "named"), [
+    ("txt2img", {"restore_faces": True}, "restore_faces"),
+    ("txt2img", {"styles": ["cinematic"], "tiling": True}, "styles, tiling"),
+    ("txt2img", {"enable_hr": True, "hr_scale": 2}, "enable_hr"),
+    ("txt2img", {"subseed": 5, "subseed_strength": 0.3}, "subseed_strength"),
+    ("txt2img", {"script_name": "x/y/z plot", "script_args": [1]}, "script_name"),
+    ("txt2img", {"alwayson_scripts": {"ControlNet": {"args": [CONTROLNET_UNIT]}}}, "alwayson_scripts.ControlNet"),
+    ("txt2img", {"override_settings": {"samples_format": "jpg"}}, "override_settings.samples_format"),
+    ("txt2img", {"sampler_name": "DDIM", "eta": 1.0}, "eta (DDIM runs at eta 0)"),
+    ("txt2img", {"sampler_name": "Euler a", "eta": 0.5}, "eta (Euler a runs at eta 1)"),
+    ("img2img", {"mask": _b64(_png()), "inpainting_fill": 1}, "mask"),
+    ("img2img", {"resize_mode": 1}, "resize_mode"),
+])
+def test_fields_edgediff_does_not_implement_are_422_naming_them(served, path, body, named):
+    url, _, service = served
+    if path == "img2img":
+        body = {"init_images": [_b64(_png())], **body}
+    r = requests.post(f"{url}/sdapi/v1/{path}", json={**SMALL, **body})
+    assert r.status_code == 422
+    assert f"edgediff does not implement {named};" in r.json()["detail"] and "--lenient" in r.json()["detail"]
+    assert service.name == "alpha"
+
+
+def test_default_and_disabled_fields_are_not_set(served):
+    """What webuiapi and front ends send on every request (defaults, empty lists, scripts switched
+    off) runs; the always-on scripts that are off do not count."""
+    url, _, _ = served
+    quiet = {"restore_faces": False, "styles": [], "enable_hr": False, "hr_scale": 2, "subseed": -1,
+             "subseed_strength": 0, "seed_resize_from_h": -1, "seed_resize_from_w": 0, "eta": None, "s_churn": 0,
+             "s_noise": 1, "script_name": None, "script_args": [], "tiling": None, "override_settings": {
+                 "samples_format": "png"}, "alwayson_scripts": {"ControlNet": {"args": []}, "ADetailer": {"args": [False]},
+                                                                "Other": {"args": [{**CONTROLNET_UNIT, "enabled": False}]}}}
+    r = requests.post(f"{url}/sdapi/v1/txt2img", json={**SMALL, **quiet})
+    assert r.status_code == 200, r.text
+    r = requests.post(f"{url}/sdapi/v1/img2img", json={**SMALL, **quiet, "init_images": [_b64(_png())], "mask": None,
+                                                       "mask_blur": 4, "inpainting_fill": 0, "resize_mode": 0})
+    assert r.status_code == 200, r.text
+
+
+def test_lenient_answers_200_and_lists_what_it_ignored(served):
+    import json
+
+    import webuiapi
+
+    url, port, service = served
+    service.lenient = True
+    try:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler", steps=2)
+        result = api.txt2img(prompt=PROMPT, seed=3, width=64, height=64, restore_faces=True, styles=["x"],
+                             override_settings={"samples_format": "jpg"})
+        assert result.info["ignored"] == ["styles", "restore_faces", "override_settings.samples_format"]
+        r = requests.post(f"{url}/sdapi/v1/options", json={"samples_format": "jpg"})
+        assert r.status_code == 200 and r.json() == {"ignored": ["samples_format"]}
+    finally:
+        service.lenient = False
+    r = requests.post(f"{url}/sdapi/v1/txt2img", json=SMALL)
+    assert json.loads(r.json()["info"])["ignored"] == []
+
+
+def test_options_edgediff_does_not_honour_are_422(served):
+    url, port, service = served
+    r = requests.post(f"{url}/sdapi/v1/options", json={"samples_format": "jpg", "CLIP_stop_at_last_layers": 2})
+    assert r.status_code == 422 and "edgediff does not implement samples_format;" in r.json()["detail"]
+    assert service.settings["CLIP_stop_at_last_layers"] == 1  # all or nothing
+    options = requests.get(f"{url}/sdapi/v1/options").json()
+    r = requests.post(f"{url}/sdapi/v1/options", json=options)  # what GET says, posted back, changes nothing
+    assert r.status_code == 200 and r.json() is None
+    r = requests.post(f"{url}/sdapi/v1/options", json={"samples_format": "png", "CLIP_stop_at_last_layers": 2})
+    try:
+        assert r.status_code == 200 and requests.get(f"{url}/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2
+        import json
+
+        info = json.loads(requests.post(f"{url}/sdapi/v1/txt2img", json=SMALL).json()["info"])
+        assert info["clip_skip"] == 2 and "Clip skip: 2" in info["infotexts"][0]
+    finally:
+        requests.post(f"{url}/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1})
+
+
 def test_password(tiny_package, tmp_path):
     folder = tmp_path / "models"
     folder.mkdir()
