@@ -271,6 +271,7 @@ class Job:
     image: int = 0  # images of this request done
     images: int = 0
     interrupted: bool = False
+    skipped: bool = False  # the image running now was skipped (POST /skip)
     timestamp: str = ""
 
     def fraction(self) -> float:
@@ -286,13 +287,15 @@ class Models:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise UsageError(f"--models {folder}: no such folder")
-        self.paths: dict[str, Path] = {}
-        for path in sorted(self.folder.iterdir()):
-            if (path / "edgediff.json").is_file() or path.suffix.lower() == ".gguf" and path.is_file():
-                self.paths[path.name] = path
+        self.paths: dict[str, Path] = self.scan()
         if not self.paths:
             raise UsageError(f"--models {folder}: no edgediff packages or .gguf files in it; make one with "
                              f"`edgediff convert SOURCE --output {folder}/NAME`")
+
+    def scan(self) -> dict[str, Path]:
+        """The packages and .gguf files in the folder now, by name."""
+        return {path.name: path for path in sorted(self.folder.iterdir())
+                if (path / "edgediff.json").is_file() or path.suffix.lower() == ".gguf" and path.is_file()}
 
     def find(self, name: str) -> str:
         """A client's model name -> ours: exact, or A1111's 'title [hash]' form."""
@@ -306,7 +309,10 @@ class Models:
     def short_hash(self, name: str) -> str:
         path = self.paths[name]
         target = path / "edgediff.json" if path.is_dir() else path
-        st = target.stat()
+        try:
+            st = target.stat()
+        except OSError:  # removed while loaded (it stays served until another is chosen)
+            return hashlib.sha256(name.encode()).hexdigest()[:10]
         return hashlib.sha256(f"{name} {st.st_size} {st.st_mtime_ns}".encode()).hexdigest()[:10]
 
     def listing(self) -> list[dict]:
@@ -333,7 +339,8 @@ class Service:
         self.admit_lock = threading.Lock()
         self.admitted = 0
         self.job = Job()
-        self.interrupt_flag = threading.Event()
+        self.interrupt_flag = threading.Event()  # stop the job (the image running now is decoded as it is)
+        self.skip_flag = threading.Event()  # stop the image running now; the job goes on with the next
         self.switch(model or next(iter(models.paths)))
 
     def switch(self, name: str) -> None:
@@ -412,6 +419,7 @@ class Service:
         seed = random.randrange(2**32) if r.seed == -1 else r.seed
         count = r.batch_size * r.n_iter
         self.interrupt_flag.clear()
+        self.skip_flag.clear()
         self.job = Job(started=time.time(), steps=r.steps, images=count,
                        timestamp=datetime.now().strftime("%Y%m%d%H%M%S"))
 
@@ -422,13 +430,14 @@ class Service:
         for i in range(count):
             if self.interrupt_flag.is_set():
                 break
-            self.job.image, self.job.step = i, 0
+            self.job.image, self.job.step, self.job.skipped = i, 0, False
+            self.skip_flag.clear()
             try:
                 image = pipe.generate(
                     r.prompt, r.negative_prompt, steps=r.steps, guidance=r.cfg_scale, sampler=r.sampler,
                     schedule=r.schedule, seed=(seed + i) % 2**32, width=r.width, height=r.height,
                     init_image=r.init_images[0] if r.init_images else None, strength=r.denoising_strength,
-                    clip_skip=clip_skip, progress=progress, interrupt=self.interrupt_flag.is_set)
+                    clip_skip=clip_skip, progress=progress, interrupt=self.stopping)
             except EdgediffError as exc:
                 raise ApiError(422 if isinstance(exc, UsageError) else 500, str(exc), type(exc).__name__) from None
             images.append(image)
@@ -453,13 +462,65 @@ class Service:
         self.job = Job(timestamp=self.job.timestamp, interrupted=self.job.interrupted)  # idle
         return {"images": [encode_png(im) for im in images], "info": info}
 
+    def stopping(self) -> bool:
+        """Asked after every step: stop this image (interrupt or skip)."""
+        self.job.skipped = self.job.skipped or self.skip_flag.is_set()
+        return self.interrupt_flag.is_set() or self.job.skipped
+
+    def refresh(self) -> None:
+        """POST /refresh-checkpoints: the models folder read again (the loaded model stays served)."""
+        paths = self.models.scan()
+        if self.name is not None and self.name not in paths:
+            paths[self.name] = self.models.paths[self.name]
+        self.models.paths = paths
+
+    def loras(self) -> list[dict]:
+        """A1111's /loras: every .safetensors under the LoRA folder (what `<lora:NAME>` finds),
+        with its header's metadata."""
+        from edgediff.runtime.safetensors_file import read_safetensors_header
+
+        if self.lora_dir is None or not Path(self.lora_dir).is_dir():
+            return []
+        found = []
+        for path in sorted(Path(self.lora_dir).rglob("*.safetensors")):
+            try:
+                metadata = read_safetensors_header(path)[1]
+            except (EdgediffError, OSError):
+                metadata = {}  # listed all the same: using it gives the reader's message
+            found.append({"name": path.stem, "alias": metadata.get("ss_output_name", path.stem), "path": str(path),
+                          "metadata": metadata})
+        return found
+
+    def memory(self) -> dict:
+        """A1111's /memory: this process's resident memory, what the system can still give, and the
+        total; no GPU figures (onnxruntime does not report them)."""
+        import os
+
+        from edgediff.runtime import memory
+
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            used = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            free = memory.available()
+            ram = {"free": float(free if free is not None else total - used), "used": float(used), "total": float(total)}
+        except (OSError, ValueError, IndexError) as exc:
+            ram = {"error": f"{exc}"}
+        return {"ram": ram, "cuda": {"error": "unavailable: edgediff does not measure GPU memory"}}
+
+    def flags(self) -> dict:
+        """A1111's /cmd-flags: how this server was started."""
+        return {"api": True, "nowebui": False, "ckpt_dir": str(self.models.folder),
+                "lora_dir": str(self.lora_dir) if self.lora_dir else None, "device": self.device,
+                "threads": self.threads, "low_memory": self.low_memory, "lenient": self.lenient,
+                **{k: getattr(self.limits, k) for k in ("max_body", "max_side", "max_steps", "max_images", "queue")}}
+
     def progress(self) -> dict:
         job = self.job
         fraction = job.fraction() if job.started else 0.0
         elapsed = time.time() - job.started if job.started else 0.0
         eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
         return {"progress": fraction, "eta_relative": eta,
-                "state": {"skipped": False, "interrupted": job.interrupted, "job": "", "job_count": self.admitted,
+                "state": {"skipped": job.skipped, "interrupted": job.interrupted, "job": "", "job_count": self.admitted,
                           "job_timestamp": job.timestamp or "0", "job_no": job.image,
                           "sampling_step": job.step, "sampling_steps": job.steps},
                 "current_image": None, "textinfo": None}
@@ -537,6 +598,20 @@ def app(service: Service, auth: tuple[str, str] | None = None):
         service.interrupt_flag.set()
         return JSONResponse(None)
 
+    async def skip(_request):
+        service.skip_flag.set()
+        return JSONResponse(None)
+
+    def answer(what: Callable[[], object]):
+        async def endpoint(_request):
+            return JSONResponse(await run_in_threadpool(what))
+        return endpoint
+
+    # what edgediff has none of, in A1111's shapes
+    nothing = {"prompt-styles": [], "sd-vae": [], "face-restorers": [], "hypernetworks": [], "realesrgan-models": [],
+               "latent-upscale-modes": [], "embeddings": {"loaded": {}, "skipped": {}},
+               "upscalers": [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]}
+
     async def png_info(request):
         body = await body_of(request)
         if not isinstance(body, dict) or "image" not in body:
@@ -578,6 +653,13 @@ def app(service: Service, auth: tuple[str, str] | None = None):
         Route("/sdapi/v1/interrupt", interrupt, methods=["POST"]),
         Route("/sdapi/v1/png-info", png_info, methods=["POST"]),
         Route("/sdapi/v1/scripts", scripts),
+        Route("/sdapi/v1/skip", skip, methods=["POST"]),
+        Route("/sdapi/v1/loras", answer(service.loras)),
+        Route("/sdapi/v1/refresh-loras", answer(lambda: None), methods=["POST"]),  # /loras reads the folder each time
+        Route("/sdapi/v1/refresh-checkpoints", answer(service.refresh), methods=["POST"]),
+        Route("/sdapi/v1/memory", answer(service.memory)),
+        Route("/sdapi/v1/cmd-flags", answer(service.flags)),
+        *(Route(f"/sdapi/v1/{name}", answer(lambda value=value: value)) for name, value in nothing.items()),
     ]
     middleware = [Middleware(_BasicAuth, credentials=auth)] if auth else []
     return Starlette(routes=routes, middleware=middleware,

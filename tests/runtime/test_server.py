@@ -270,6 +270,77 @@ def test_options_edgediff_does_not_honour_are_422(served):
         requests.post(f"{url}/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1})
 
 
+def test_listings_in_a1111_shapes_as_webuiapi_reads_them(served, tmp_path):
+    """What clients call at start-up answers in A1111's shape: empty where edgediff has nothing of
+    the kind, the LoRA folder's files, the models folder read again, real memory figures."""
+    import webuiapi
+    from safetensors.numpy import save_file
+
+    _, port, service = served
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=port)
+    assert api.get_loras() == []  # no --lora-dir
+    (tmp_path / "styles").mkdir()
+    save_file({"lora_unet_x.lora_down.weight": np.zeros((1, 4), np.float32)}, tmp_path / "styles" / "ink.safetensors",
+              metadata={"ss_output_name": "ink-v2", "ss_network_dim": "1"})
+    (tmp_path / "broken.safetensors").write_bytes(b"\x01")
+    service.lora_dir = tmp_path
+    try:
+        loras = api.get_loras()
+        assert [(x["name"], x["alias"]) for x in loras] == [("broken", "broken"), ("ink", "ink-v2")]
+        assert loras[1]["metadata"]["ss_network_dim"] == "1" and loras[1]["path"].endswith("ink.safetensors")
+        assert api.session.post(f"{api.baseurl}/refresh-loras").status_code == 200
+    finally:
+        service.lora_dir = None
+    assert api.get_embeddings() == {"loaded": {}, "skipped": {}}
+    assert [u["name"] for u in api.get_upscalers()] == ["None"]
+    for empty in (api.get_prompt_styles(), api.get_sd_vae(), api.get_face_restorers(), api.get_hypernetworks(),
+                  api.get_realesrgan_models(), api.get_latent_upscale_modes()):
+        assert empty == []
+    memory = api.get_memory()
+    assert 0 < memory["ram"]["used"] < memory["ram"]["total"] and 0 < memory["ram"]["free"] <= memory["ram"]["total"]
+    assert "error" in memory["cuda"]
+    flags = api.get_cmd_flags()
+    assert flags["ckpt_dir"] == str(service.models.folder) and flags["lenient"] is False
+
+    folder = service.models.folder
+    (folder / "delta").symlink_to(service.models.paths["alpha"].resolve())
+    try:
+        assert "delta" not in [m["model_name"] for m in api.get_sd_models()]
+        api.refresh_checkpoints()
+        assert [m["model_name"] for m in api.get_sd_models()] == ["alpha", "beta", "delta", "gamma.gguf"]
+    finally:
+        (folder / "delta").unlink()
+        api.refresh_checkpoints()
+    assert [m["model_name"] for m in api.get_sd_models()] == ["alpha", "beta", "gamma.gguf"]
+
+
+def test_skip_stops_the_image_running_now_and_the_job_goes_on(served):
+    """As A1111's skip: the image being sampled stops (decoded as it is, its parameters saying the
+    steps that ran); the next image of the batch runs whole."""
+    import json
+
+    url, _, _ = served
+    answer = {}
+
+    def job():
+        answer["r"] = requests.post(f"{url}/sdapi/v1/txt2img", json={**SMALL, "steps": 60, "n_iter": 2})
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    for _ in range(1000):
+        state = requests.get(f"{url}/sdapi/v1/progress").json()["state"]
+        if state["sampling_step"] >= 2 and state["job_no"] == 0:
+            break
+        time.sleep(0.01)
+    assert requests.post(f"{url}/sdapi/v1/skip").status_code == 200
+    thread.join(120)
+    info = json.loads(answer["r"].json()["info"])
+    skipped, whole = sorted(info["infotexts"], key=lambda text: "Interrupted" not in text)  # the first, unless slow
+    assert "Interrupted: after " in skipped and "Steps: 60," not in skipped
+    assert "Steps: 60," in whole and "Interrupted" not in whole
+    assert len(answer["r"].json()["images"]) == 2 and not info["interrupted"]
+
+
 def test_password(tiny_package, tmp_path):
     folder = tmp_path / "models"
     folder.mkdir()
