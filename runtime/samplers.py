@@ -10,7 +10,9 @@ any alpha (DPM-Solver's lambda = log(alpha / sigma)); a plain function is varian
 
 from __future__ import annotations
 
+import difflib
 import math
+import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -232,7 +234,41 @@ A1111_NAMES = {
 }
 
 
+def _key(name: str) -> str:
+    """A spelling with case, spaces, '_', '-' and a k_ prefix dropped, '++' as 'pp': 'DPM++ 2M',
+    'dpm++2m' and 'k_dpmpp_2m' are one key."""
+    key = name.strip().lower()
+    return re.sub(r"[\s_-]", "", key.removeprefix("k_").replace("++", "pp"))
+
+
+SPELLINGS = {_key(k): k for k in SAMPLERS} | {_key(v): k for k, v in A1111_NAMES.items()}
+
+
+def sampler_list() -> str:
+    return ", ".join(f"{k} ({A1111_NAMES[k]})" for k in SAMPLERS)
+
+
+def resolve_sampler(name: str) -> tuple[str, str | None]:
+    """edgediff's or A1111's spelling of a sampler -> (edgediff's sampler, the schedule the name
+    carries or None): 'euler_a', 'Euler a', 'dpm++2m', 'DPM++ 2M Karras' -> ('dpmpp_2m', 'karras')."""
+    from edgediff.runtime.schedules import SCHEDULES
+
+    key = _key(name)
+    if key in SPELLINGS:
+        return SPELLINGS[key], None
+    for schedule in SCHEDULES:  # A1111's older names end in the schedule: "DPM++ 2M Karras"
+        tail = _key(schedule)
+        if key.endswith(tail) and key[:-len(tail)] in SPELLINGS:
+            return SPELLINGS[key[:-len(tail)]], schedule
+    near = list(dict.fromkeys(SPELLINGS[k] for k in difflib.get_close_matches(key, SPELLINGS, n=3, cutoff=0.6)))
+    hint = f"did you mean {' or '.join(near)}? " if near else ""
+    raise UsageError(f"unknown sampler '{name}'; {hint}choose one of: {sampler_list()} "
+                     "(A1111's names also work, with a schedule: 'DPM++ 2M Karras')")
+
+
 def get_sampler(name: str) -> Callable:
     if name not in SAMPLERS:
-        raise UsageError(f"unknown sampler '{name}'; choose one of: {', '.join(SAMPLERS)}")
+        resolved, schedule = resolve_sampler(name)  # raises for a name nobody uses
+        also = f" with schedule '{schedule}'" if schedule else ""
+        raise UsageError(f"unknown sampler '{name}': edgediff calls it '{resolved}'{also}")
     return SAMPLERS[name]

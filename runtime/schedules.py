@@ -9,7 +9,9 @@ or a `FlowSchedule`; the schedules below take either.
 
 from __future__ import annotations
 
+import difflib
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
@@ -277,9 +279,28 @@ SCHEDULES: dict[str, Callable[[Schedule, int], np.ndarray]] = {
 }
 
 
+# A1111's scheduler names that are not edgediff's spelled another way (None: the model's own)
+A1111_ALIASES: dict[str, str | None] = {"uniform": "normal", "automatic": None}
+
+
+def resolve_schedule(name: str) -> str | None:
+    """edgediff's or A1111's spelling of a schedule -> edgediff's ('SGM Uniform' -> 'sgm_uniform',
+    'Uniform' -> 'normal'), or None for A1111's 'Automatic' (the model's default)."""
+    key = re.sub(r"[\s-]+", "_", name.strip().lower())
+    if key in SCHEDULES:
+        return key
+    if key in A1111_ALIASES:
+        return A1111_ALIASES[key]
+    near = difflib.get_close_matches(key, [*SCHEDULES, *A1111_ALIASES], n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(near)}? " if near else ""
+    raise UsageError(f"unknown schedule '{name}'; {hint}choose one of: {', '.join(SCHEDULES)} "
+                     "(A1111's names also work: 'Karras', 'SGM Uniform')")
+
+
 def get_sigmas(name: str, ds: Schedule, steps: int) -> np.ndarray:
     if name not in SCHEDULES:
-        raise UsageError(f"unknown schedule '{name}'; choose one of: {', '.join(SCHEDULES)}")
+        resolve_schedule(name)  # raises, with what was meant
+        raise UsageError(f"unknown schedule '{name}': edgediff calls it '{resolve_schedule(name)}'")
     if steps < 1:
         raise UsageError(f"steps must be at least 1 (got {steps})")
     if isinstance(ds, DiscreteSchedule) and steps > len(ds.sigmas):

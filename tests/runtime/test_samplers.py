@@ -156,3 +156,41 @@ def test_flow_samplers_match_diffusers_schedulers(name, scheduler, steps):
     if name == "heun":  # diffusers lists each inner sigma twice (predictor and corrector)
         sigmas = np.append(sigmas[::2], 0.0)
     np.testing.assert_allclose(SAMPLERS[name](model, start.copy(), sigmas, None), x.numpy(), atol=2e-5)
+
+
+@pytest.mark.parametrize(("name", "resolved"), [
+    ("euler_a", ("euler_a", None)), ("Euler a", ("euler_a", None)), ("k_euler_a", ("euler_a", None)),
+    ("dpm++2m", ("dpmpp_2m", None)), ("DPM++ 2M", ("dpmpp_2m", None)), ("dpmpp-2m", ("dpmpp_2m", None)),
+    ("DPM++ 2M Karras", ("dpmpp_2m", "karras")), ("DPM++ 2M SDE Exponential", ("dpmpp_2m_sde", "exponential")),
+    ("UniPC", ("unipc", None)), ("lcm", ("lcm", None)),
+])
+def test_sampler_names_in_edgediff_and_a1111_spellings(name, resolved):
+    from edgediff.runtime.samplers import resolve_sampler
+
+    assert resolve_sampler(name) == resolved
+
+
+@pytest.mark.parametrize(("name", "resolved"), [
+    ("karras", "karras"), ("Karras", "karras"), ("SGM Uniform", "sgm_uniform"), ("sgm-uniform", "sgm_uniform"),
+    ("Uniform", "normal"), ("Automatic", None),
+])
+def test_schedule_names_in_edgediff_and_a1111_spellings(name, resolved):
+    from edgediff.runtime.schedules import resolve_schedule
+
+    assert resolve_schedule(name) == resolved
+
+
+def test_a_miss_says_what_was_meant():
+    from edgediff.runtime.samplers import resolve_sampler
+    from edgediff.runtime.schedules import resolve_schedule
+
+    with pytest.raises(UsageError, match=r"unknown sampler 'dpmpp2'; did you mean dpmpp_2m or dpmpp_2m_sde\?"):
+        resolve_sampler("dpmpp2")
+    with pytest.raises(UsageError, match=r"unknown sampler 'fastest'; choose one of: euler \(Euler\)"):
+        resolve_sampler("fastest")
+    with pytest.raises(UsageError, match=r"unknown schedule 'karas'; did you mean karras\?"):
+        resolve_schedule("karas")
+    with pytest.raises(UsageError, match=r"unknown sampler 'Euler a': edgediff calls it 'euler_a'"):
+        get_sampler("Euler a")  # the samplers' own table takes edgediff's names only
+    with pytest.raises(UsageError, match=r"edgediff calls it 'dpmpp_2m' with schedule 'karras'"):
+        get_sampler("DPM++ 2M Karras")
