@@ -1,12 +1,14 @@
-"""Pixels in and out: decoded arrays to PIL, init images to arrays, PNG with A1111 parameters."""
+"""Pixels in and out: decoded arrays to PIL, init images to arrays, PNG, JPEG or WebP files with
+A1111 parameters."""
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import ExifTags, Image, PngImagePlugin, UnidentifiedImageError
 
 from edgediff.errors import UsageError
 
@@ -47,16 +49,59 @@ def a1111_parameters(prompt: str, negative_prompt: str, fields: dict[str, object
     return "\n".join(lines)
 
 
-def save_png(image: Image.Image, path: str | Path, parameters: str) -> Path:
-    """Write atomically (a scratch name, then rename), with the parameters in a tEXt chunk."""
+# the file types images are written as, by the name's extension
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+QUALITY = 80  # JPEG and WebP quality: A1111's default (jpeg_quality)
+_UNICODE = b"UNICODE\0"  # EXIF UserComment's character-code prefix, then UTF-16 (piexif's, as A1111 writes it)
+
+
+def image_format(path: str | Path) -> str:
+    """The format a file name asks for: PNG, JPEG or WEBP, from its extension."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise UsageError(f"{path}: cannot tell the image type from '{suffix or 'no extension'}'; "
+                         f"end the name in {', '.join(FORMATS)}")
+    return FORMATS[suffix]
+
+
+def encode(image: Image.Image, fmt: str, parameters: str) -> bytes:
+    """The file's bytes in `fmt` (PNG, JPEG or WEBP), with the parameters where A1111 puts them: a
+    PNG `parameters` text chunk, else the EXIF UserComment (UTF-16 big-endian behind the 'UNICODE'
+    prefix, as piexif's helper encodes it for A1111)."""
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", parameters)
+        options: dict = {"pnginfo": info}
+    else:
+        exif = Image.Exif()
+        exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = _UNICODE + parameters.encode("utf-16-be")
+        options = {"exif": exif, "quality": QUALITY}
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def save_image(image: Image.Image, path: str | Path, parameters: str) -> Path:
+    """Write the type the name's extension asks for, atomically (a scratch name, then rename)."""
     path = Path(path)
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
+    data = encode(image, image_format(path), parameters)
     scratch = path.parent / f".{path.name}.partial-{os.getpid()}"
     try:
-        image.save(scratch, format="PNG", pnginfo=info)
+        scratch.write_bytes(data)
         scratch.replace(path)
     except BaseException:
         scratch.unlink(missing_ok=True)
         raise
     return path
+
+
+def read_parameters(image: Image.Image) -> str | None:
+    """The parameters text A1111 would read back from an image: PNG text, or EXIF UserComment."""
+    if "parameters" in image.info:
+        return image.info["parameters"]
+    comment = image.getexif().get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.UserComment)
+    if not isinstance(comment, bytes):
+        return None
+    if comment.startswith(_UNICODE):
+        return comment[len(_UNICODE):].decode("utf-16-be", errors="replace")
+    return comment[8:].decode("ascii", errors="replace")  # 'ASCII\0\0\0' or an undefined code
