@@ -145,7 +145,7 @@ def run(reader: str, seconds: int, workdir: Path, rss_limit_mb: int = 2048, time
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="edgediff bench fuzz", description=__doc__.splitlines()[0])
     p.add_argument("reader", choices=(*READERS, "all"))
     p.add_argument("--seconds", type=int, default=60)
     p.add_argument("--out", default=".", help="folder for the corpus and any crash-* finding")

@@ -43,7 +43,10 @@ def _folder(name: str):
     return family, shapes, configs
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    argparse.ArgumentParser(prog="edgediff bench graph_build", description=__doc__.split("\n\n")[0]).parse_args(argv)
     from edgediff.convert.build import folder_graphs
     from edgediff.kernels.graphs.models import model_graphs
 
@@ -71,6 +74,7 @@ def main() -> None:
     print("\n| model | layout | all graphs built | nodes |\n| --- | --- | --- | --- |")
     for name, layout, total, nodes in rows:
         print(f"| {name} | {layout} | {total:.2f} s | {nodes} |")
+    return 0
 
 
 if __name__ == "__main__":

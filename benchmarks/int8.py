@@ -187,7 +187,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="edgediff bench int8", description=__doc__.split("\n\n")[0])
     parser.add_argument("package", type=Path, nargs="?", help="an fp32 package")
     parser.add_argument("--work", type=Path, default=Path("bench-results/int8"))
     parser.add_argument("--size", type=int, default=256)

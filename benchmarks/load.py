@@ -51,7 +51,7 @@ def measure(package: Path, threads: int) -> list[tuple[str, dict]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="edgediff bench load", description=__doc__.split("\n\n")[0])
     ap.add_argument("package")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -14,7 +14,7 @@ import numpy as np
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="edgediff bench longrun", description=__doc__.splitlines()[0])
     p.add_argument("package")
     p.add_argument("--images", type=int, default=200)
     p.add_argument("--warmup", type=int, default=10)

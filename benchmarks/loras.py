@@ -95,7 +95,7 @@ def _run(config: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="edgediff bench loras", description=__doc__.splitlines()[0])
     p.add_argument("fp32")
     p.add_argument("int4")
     p.add_argument("--size", type=int, default=512)

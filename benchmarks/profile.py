@@ -60,7 +60,7 @@ def profile(package: Path, component: str, size: int, threads: int | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="edgediff bench profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("package", type=Path)
     parser.add_argument("--component", default="unet")
     parser.add_argument("--size", type=int, default=512)

@@ -89,7 +89,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="edgediff bench quality", description=__doc__.split("\n\n")[0])
     parser.add_argument("scenario")
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--steps", type=int, help="denoising steps (default 2; with --draw, the package's)")

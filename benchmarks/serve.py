@@ -23,7 +23,7 @@ def _rss_mb() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="edgediff bench serve", description=__doc__.splitlines()[0])
     p.add_argument("package")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--steps", type=int, default=4)

@@ -120,5 +120,16 @@ def build(name: str, dst: Path, seed: int = 0) -> Path:
     return dst
 
 
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="edgediff bench synthetic", description=__doc__.split("\n\n")[0])
+    parser.add_argument("architecture", choices=ARCHITECTURES)
+    parser.add_argument("output", type=Path, help="the diffusers folder to write")
+    args = parser.parse_args(argv)
+    print(build(args.architecture, args.output))
+    return 0
+
+
 if __name__ == "__main__":
-    print(build(sys.argv[1], Path(sys.argv[2])))
+    sys.exit(main())

@@ -146,5 +146,17 @@ def write(name: str, path: Path, kind: str = "q4_0", seed: int = 0, tiny: dict |
     return path
 
 
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="edgediff bench synthetic_dit", description=__doc__.split("\n\n")[0])
+    parser.add_argument("architecture", choices=DIT_ARCHITECTURES)
+    parser.add_argument("output", type=Path, help="the .gguf file to write")
+    parser.add_argument("type", nargs="?", default="q4_0", choices=_CODE_STD, help="block type (default q4_0)")
+    args = parser.parse_args(argv)
+    print(write(args.architecture, args.output, args.type))
+    return 0
+
+
 if __name__ == "__main__":
-    print(write(sys.argv[1], Path(sys.argv[2]), *sys.argv[3:4]))
+    sys.exit(main())

@@ -146,14 +146,14 @@ def train_denoiser(latents, ids, empty, r: Recipe):
     return ema_unet.eval(), ema_text.eval(), running, time.perf_counter() - started
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     import torch
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="edgediff bench train_tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     for name, value in asdict(Recipe()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     r = Recipe(**{k: getattr(args, k) for k in asdict(Recipe())})
     torch.manual_seed(r.seed)
     torch.set_num_threads(r.threads)
@@ -183,6 +183,7 @@ def main() -> None:
         shutil.rmtree(out)
     scratch.rename(out)
     print(f"wrote {out}: {json.dumps(recipe)}")
+    return 0
 
 
 if __name__ == "__main__":

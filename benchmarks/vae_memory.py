@@ -36,7 +36,7 @@ def child(package: str, size: int, tile: int, threads: int | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="edgediff bench vae_memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("package")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--tiles", type=int, nargs="+", default=[0, 512])
