@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import warnings
@@ -31,21 +32,21 @@ def _human(n: float) -> str:
 
 
 class ProgressBar:
-    """A one-line progress display on stderr, redrawn in place when stderr is a terminal."""
+    """A one-line progress display on stderr, redrawn in place when stderr is a terminal. Its
+    s/step is the mean of the steps' own times (`step_times()`: the pipeline's clock), so loading
+    the denoiser before the first step does not count."""
 
-    def __init__(self, label: str, stream=sys.stderr):
-        self.label, self.stream, self.started = label, stream, time.perf_counter()
+    def __init__(self, label: str, step_times, stream=sys.stderr):
+        self.label, self.step_times, self.stream = label, step_times, stream
         self.tty = stream.isatty()
 
     def __call__(self, done: int, total: int) -> None:
-        if done == 0:
-            self.started = time.perf_counter()
         if not self.tty and done not in (total,) and done % max(1, total // 10):
             return
         width = 24
         filled = int(width * done / max(total, 1))
-        elapsed = time.perf_counter() - self.started
-        rate = f"{elapsed / done:.2f} s/step" if done else ""
+        times = self.step_times()
+        rate = f"{sum(times) / len(times):.2f} s/step" if times else ""
         line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {rate}"
         end = "\r" if self.tty and done < total else "\n"
         self.stream.write(line + end)
@@ -70,6 +71,75 @@ def _parts_arguments(p: argparse.ArgumentParser) -> None:
 
 def _parts(args) -> dict:
     return {"base": args.base, "vae": args.vae, "text_encoders": args.text_encoder}
+
+
+def _generate_epilog() -> str:
+    """The samplers, schedules and each family's defaults, for `generate --help`."""
+    import textwrap
+
+    from edgediff.families import FAMILIES
+    from edgediff.runtime.samplers import sampler_list
+    from edgediff.runtime.schedules import SCHEDULES
+
+    lines = textwrap.wrap(f"samplers: {sampler_list()}. A1111's names ending in a schedule ('DPM++ 2M Karras') "
+                          "set both.", 100)
+    lines += textwrap.wrap(f"schedules: {', '.join(SCHEDULES)} (or A1111's: Karras, SGM Uniform, Uniform = normal, "
+                           "Automatic = the model's).", 100)
+    lines += ["", "defaults by model family (a package's scheduler may change them: Flux dev 28 steps, guidance 3.5):"]
+    for name, fam in FAMILIES.items():
+        d = fam.defaults
+        lines.append(f"  {name:13s} {d.steps:2d} steps, {d.sampler} {d.schedule}, guidance {d.guidance:g}, "
+                     f"{d.resolution}x{d.resolution}")
+    return "\n".join(lines)
+
+
+# `edgediff bench TOOL ...` runs edgediff.benchmarks.TOOL's main (from any folder: the console
+# script's path does not start with the current folder, whose kernels/ would shadow a package)
+BENCH_TOOLS = {
+    "quality": "PSNR/SSIM of each precision vs the reference, or --draw: the embedded model's draw score",
+    "profile": "onnxruntime's profiler on one component: time per operator",
+    "int8": "int8-static's choices and per-block cost vs fp32; --kernels: GEMM rates on this CPU",
+    "attention": "MultiHeadAttention's CPU paths vs bare GEMMs",
+    "vae_memory": "VAE decode whole vs tiled: time and peak memory",
+    "loras": "LoRA load time and quality per mode",
+    "serve": "what a served request costs over generate",
+    "longrun": "resident memory over many images",
+    "load": "session creation with and without the optimized-graph cache",
+    "fuzz": "fuzz the file readers (pip install atheris)",
+    "graph_build": "how long building each full-size component's graph takes",
+    "synthetic": "write a full-size diffusers folder with random weights (sd15, sdxl)",
+    "synthetic_dit": "write a full-size DiT (flux-schnell, sd35-medium) with random weights as one GGUF file",
+    "train_tiny": "train the embedded tiny model",
+}
+
+
+def _scenarios() -> list[tuple[str, str, str]]:
+    """(name, model, its opening comment's first sentence) of each scenario in benchmarks/scenarios/."""
+    import tomllib
+
+    from edgediff.benchmarks.scenario import SCENARIOS
+
+    rows = []
+    for path in sorted(SCENARIOS.glob("*.toml")):
+        text = path.read_text(encoding="utf-8")
+        try:
+            model = str(tomllib.loads(text).get("model", "?"))
+        except tomllib.TOMLDecodeError:
+            model = "(not valid TOML)"
+        lines = text.splitlines()
+        header = " ".join(line.lstrip("# ") for line in lines[:next((i for i, x in enumerate(lines)
+                                                                       if not x.startswith("#")), len(lines))])
+        first = re.split(r"\.(?:\s|$)", header, maxsplit=1)[0]
+        rows.append((path.stem, model, first if len(first) <= 100 else first[:97] + "..."))
+    return rows
+
+
+def _bench_epilog() -> str:
+    lines = ["scenarios (benchmarks/scenarios/; `edgediff bench --list` says what each runs):"]
+    lines += [f"  {name}" for name, _, _ in _scenarios()]
+    lines += ["", "tools (`edgediff bench TOOL --help` for each one's arguments):"]
+    lines += [f"  {name:14s} {what}" for name, what in BENCH_TOOLS.items()]
+    return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,18 +172,32 @@ def _parser() -> argparse.ArgumentParser:
                         "deep features across steps (DeepCache; SD 1.x/2.x/SDXL, ONNX packages)")
     _parts_arguments(c)
 
-    g = sub.add_parser("generate", help="generate an image with a converted package")
+    g = sub.add_parser("generate", help="generate images with a converted package",
+                       description="Generate images. Options left out take the model's own defaults (below).",
+                       epilog=_generate_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("--model", "-m",
-                   help="package folder (from `edgediff convert`); default: the embedded tiny model")
-    g.add_argument("--prompt", "-p", required=True)
-    g.add_argument("--negative-prompt", "-n", default="")
-    g.add_argument("--steps", type=int)
-    g.add_argument("--guidance", "--cfg", type=float)
-    g.add_argument("--sampler")
-    g.add_argument("--schedule")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--width", type=int)
-    g.add_argument("--height", type=int)
+                   help="package folder (from `edgediff convert`), .gguf or .safetensors file; default: the "
+                        "embedded tiny model")
+    prompts = g.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", "-p", help="what to draw")
+    prompts.add_argument("--prompt-file", metavar="FILE",
+                         help="one prompt a line, or JSON lines with fields of their own: prompt, negative_prompt, "
+                              "seed, steps, width, height, guidance (or cfg_scale), sampler, schedule")
+    g.add_argument("--negative-prompt", "-n", default="", help="what to keep out (default: nothing)")
+    g.add_argument("--batch-count", type=int, default=1, metavar="N",
+                   help="images per prompt, seeds counting up from --seed as A1111's batch count (default 1); "
+                        "several images are numbered: OUT-00000.png, OUT-00001.png, ...")
+    g.add_argument("--steps", type=int, help="denoising steps (default: the model's, e.g. 20 for SD 1.x)")
+    g.add_argument("--guidance", "--cfg", type=float,
+                   help="classifier-free guidance scale, A1111's CFG scale (default: the model's, e.g. 7.5)")
+    g.add_argument("--sampler", help="edgediff's or A1111's name, e.g. dpmpp_2m or 'DPM++ 2M Karras' (which also "
+                                     "sets the schedule); default: the model's. Listed below")
+    g.add_argument("--schedule", help="sigma schedule, e.g. karras (default: the model's). Listed below")
+    g.add_argument("--seed", type=int, help="starting-noise seed (default: random; the file's parameters keep it)")
+    g.add_argument("--width", type=int, help="pixels, a multiple of 8 (16 for SD3/Flux); default: the model's size")
+    g.add_argument("--height", type=int, help="pixels (default: the model's size)")
+    g.add_argument("--force", action="store_true",
+                   help="run even when the memory estimate says the size does not fit this machine")
     g.add_argument("--init-image", help="start from this image (img2img)")
     g.add_argument("--strength", type=float, default=0.75, help="img2img: how much to change (0, 1]")
     g.add_argument("--clip-skip", type=int, default=1, help="1 = last layer, 2 = the one before (A1111)")
@@ -129,7 +213,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--aesthetic-score", type=float, help="SDXL refiner: score for the prompt (default 6.0)")
     g.add_argument("--negative-aesthetic-score", type=float,
                    help="SDXL refiner: score for the negative prompt (default 2.5)")
-    g.add_argument("--output", "-o", help="PNG to write (default: edgediff-SEED.png)")
+    g.add_argument("--output", "-o", help="image to write: .png, .jpg/.jpeg or .webp, parameters inside as "
+                                          "A1111 writes them (default: edgediff-SEED.png)")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="apply a LoRA file (kohya/A1111, LyCORIS or diffusers/PEFT .safetensors) at load, "
                         "strength 1 unless given; repeat to stack several")
@@ -165,8 +250,11 @@ def _parser() -> argparse.ArgumentParser:
                         "activations (faster with VNNI, more memory); auto (default) takes 4 where it measured "
                         "faster on this CPU")
 
-    b = sub.add_parser("bench", help="run a benchmark scenario (TOML): stage times, memory, quality, peers")
+    b = sub.add_parser("bench", help="run a benchmark scenario (TOML), or a benchmark tool: edgediff bench TOOL ...",
+                       usage="edgediff bench [-h] [--list] [SCENARIO] [options] | edgediff bench TOOL [tool arguments]",
+                       epilog=_bench_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("scenario", nargs="?", help="scenario file, or the name of one in benchmarks/scenarios/")
+    b.add_argument("--list", action="store_true", help="list the scenarios (model, what each measures) and the tools")
     b.add_argument("--output", "-o", help="results folder (default: bench-results/NAME-TIME)")
     b.add_argument("--reconvert", action="store_true",
                    help="convert the model again instead of using the packages cached by an earlier run")
@@ -174,9 +262,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="create the environment of a peer whose packages clash with edgediff's")
 
     i = sub.add_parser("inspect", help="describe a package, checkpoint, diffusers folder or GGUF file")
-    i.add_argument("path")
+    i.add_argument("path", help="package folder, .gguf, .safetensors (checkpoint or LoRA), diffusers folder, or "
+                                "builtin:NAME")
     i.add_argument("--json", action="store_true", help="machine-readable output")
-    i.add_argument("--allow-pickle", action="store_true")
+    i.add_argument("--allow-pickle", action="store_true",
+                   help="read pickle checkpoints (.ckpt/.pt/.bin) with torch.load(weights_only=True)")
 
     k = sub.add_parser("cache", help="list or remove what is kept between runs: optimized graphs (onnxruntime), "
                                      "repacked GGUF weights, compiled models (OpenVINO)")
@@ -187,19 +277,19 @@ def _parser() -> argparse.ArgumentParser:
                                      "(pip install 'edgediff[serve]')")
     v.add_argument("--models", required=True, help="folder of packages and .gguf files to serve")
     v.add_argument("--model", help="the one to load first (default: the first by name)")
-    v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=7860)
+    v.add_argument("--host", default="127.0.0.1", help="address to answer on (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=int, default=7860, help="TCP port (default 7860, as A1111's)")
     v.add_argument("--listen", action="store_true", help="answer on every address (0.0.0.0); needs --api-auth")
     v.add_argument("--api-auth", metavar="USER:PASSWORD", help="HTTP basic authentication, as A1111's")
     v.add_argument("--insecure", action="store_true", help="allow --listen without --api-auth")
     v.add_argument("--low-memory", action="store_true", help="release each component after use")
     v.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
-    v.add_argument("--threads", type=int)
+    v.add_argument("--threads", type=int, help="CPU threads for onnxruntime")
     v.add_argument("--max-side", type=int, default=2048, help="largest width or height a request may ask")
-    v.add_argument("--max-steps", type=int, default=150)
+    v.add_argument("--max-steps", type=int, default=150, help="most steps a request may ask (default 150)")
     v.add_argument("--max-images", type=int, default=16, help="most images a request may ask (batch x n_iter)")
     v.add_argument("--queue", type=int, default=4, help="jobs waiting or running; more get 503")
-    v.add_argument("--max-body-mb", type=float, default=32.0)
+    v.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in MB (default 32)")
     v.add_argument("--lora-dir", help="folder of LoRA files for <lora:NAME:STRENGTH> tags in prompts")
     return p
 
@@ -233,19 +323,146 @@ def _runnable(model: str, say, **parts):
     return runnable(Path(model), progress=say, **parts)
 
 
+# --prompt-file's JSON fields -> generate's; A1111's API names too
+_JOB_FIELDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed", "steps": "steps",
+               "width": "width", "height": "height", "guidance": "guidance", "cfg_scale": "guidance",
+               "sampler": "sampler", "sampler_name": "sampler", "schedule": "schedule", "scheduler": "schedule"}
+_JOB_TYPES = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "width": int, "height": int,
+              "guidance": float, "sampler": str, "schedule": str}
+
+
+def _names(sampler: str | None, schedule: str | None, default_schedule: str | None = None):
+    """edgediff's or A1111's sampler and schedule names -> edgediff's (the schedule given wins over
+    one a sampler name carries, which wins over `default_schedule`)."""
+    from edgediff.runtime.samplers import resolve_sampler
+    from edgediff.runtime.schedules import resolve_schedule
+
+    sampler, carried = resolve_sampler(sampler) if sampler else (None, None)
+    return sampler, resolve_schedule(schedule) if schedule else carried or default_schedule
+
+
+def _jobs(args) -> list[dict]:
+    """What to generate: one dict of `Pipeline.generate` arguments per prompt, from the options,
+    or per line of --prompt-file over them."""
+    sampler, schedule = _names(args.sampler, args.schedule)
+    base = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
+                width=args.width, height=args.height, guidance=args.guidance, sampler=sampler, schedule=schedule)
+    if args.prompt is not None:
+        if re.fullmatch(r"@\S+", args.prompt):  # curl's @file is not ours: one way to read a file, said so
+            raise UsageError(f"--prompt {args.prompt}: to read prompts from a file, give --prompt-file "
+                             f"{args.prompt[1:]} (a prompt that is one '@word' is taken for that mistake; add words "
+                             "to mean the text)")
+        return [base]
+    path = Path(args.prompt_file)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UsageError(f"--prompt-file {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--prompt-file {path}: cannot be read as UTF-8 text ({exc})") from None
+    jobs = []
+    for number, line in enumerate(lines, 1):
+        where = f"--prompt-file {path} line {number}"
+        if not line.strip():
+            continue
+        if not line.lstrip().startswith("{"):
+            jobs.append({**base, "prompt": line.strip()})
+            continue
+        try:
+            fields = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{where}: not valid JSON ({exc}); write one prompt a line, or one JSON object") from None
+        job = dict(base)
+        for key, value in fields.items():
+            if key not in _JOB_FIELDS:
+                raise UsageError(f"{where}: unknown field '{key}' (known: {', '.join(_JOB_FIELDS)})")
+            kind = _JOB_TYPES[_JOB_FIELDS[key]]
+            if value is None or isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
+                raise UsageError(f"{where}: '{key}' must be {kind.__name__ if kind is not str else 'text'} (got {value!r})")
+            job[_JOB_FIELDS[key]] = value
+        if "prompt" not in fields:
+            raise UsageError(f"{where}: no 'prompt' field")
+        try:
+            job["sampler"], job["schedule"] = _names(fields.get("sampler") or fields.get("sampler_name") or sampler,
+                                                     fields.get("schedule") or fields.get("scheduler"), schedule)
+        except UsageError as exc:
+            raise UsageError(f"{where}: {exc}") from None
+        jobs.append(job)
+    if not jobs:
+        raise UsageError(f"--prompt-file {path}: no prompts in it (one a line, or JSON lines with a 'prompt')")
+    return jobs
+
+
+def _check_memory(pipe, args, job: dict) -> None:
+    """Refuse, before anything loads, an image whose lowest-memory plan (runtime.memory's estimate:
+    int8 activations off, the VAE in 256-pixel tiles, guidance in halves) cannot fit the memory
+    this machine has available. --force runs it anyway; with --memory-budget the pipeline decides."""
+    from edgediff.runtime import memory
+    from edgediff.runtime.image import open_image
+
+    free = memory.available()
+    if args.force or args.memory_budget is not None or free is None:
+        return
+    m = pipe.manifest
+    width, height = job["width"], job["height"]
+    if width is None and height is None and args.init_image:
+        width, height = (s // m.size_multiple * m.size_multiple for s in open_image(args.init_image).size)
+    width, height = width or int(m.defaults["width"]), height or int(m.defaults["height"])
+    if width <= 0 or height <= 0:
+        return  # generate says what is wrong with the size
+    guidance = float(m.defaults["guidance"] if job["guidance"] is None else job["guidance"])
+    level = pipe.options.accuracy_level
+    tile = 256 if width * height > 256 * 256 and (not args.vae_tile or args.vae_tile > 256) else args.vae_tile
+    stages = memory.stages(pipe.package, width=width, height=height, img2img=bool(args.init_image),
+                           guided=guidance > 1 and m.conditioning.cfg and not m.conditioning.guidance_embedded,
+                           level=dict.fromkeys(level, 0) if isinstance(level, dict) else 0, vae_tile=tile,
+                           split_guidance=True, keep_loaded=args.keep_loaded, expand=args.weights == "expanded")
+    over = [stage for stage, need in stages.items() if need > free]
+    if not over:
+        return
+    need = max(stages.values())
+    parts = ", ".join(f"{stage} {b / memory.GB:.1f}" for stage, b in stages.items())
+    raise UsageError(f"{pipe.package.name} at {width}x{height} needs an estimated {need / memory.GB:.1f} GB in its "
+                     f"lowest-memory plan (GB per stage: {parts}); this machine has {free / memory.GB:.1f} GB "
+                     f"available, too little for {' and '.join(over)}. Choose a smaller size, or give --force to try "
+                     "anyway")
+
+
+def _outputs(args, seeds: list[int]) -> list[Path]:
+    """The file of each image: --output (numbered OUT-00000.png ... when there are several), or
+    edgediff-SEED.png (00000-SEED numbered, as A1111's)."""
+    if args.output:
+        out = Path(args.output)
+        if len(seeds) == 1:
+            return [out]
+        return [out.with_name(f"{out.stem}-{n:05d}{out.suffix}") for n in range(len(seeds))]
+    if len(seeds) == 1:
+        return [Path(f"edgediff-{seeds[0]}.png")]
+    return [Path(f"edgediff-{n:05d}-{seed}.png") for n, seed in enumerate(seeds)]
+
+
 def _generate(args) -> int:
+    import random
+
     from edgediff.runtime import Pipeline
     from edgediff.runtime.conditioning import SizeConditioning
-    from edgediff.runtime.image import save_png
+    from edgediff.runtime.image import image_format, save_image
 
     if args.output:
         out = Path(args.output)
         if not out.parent.is_dir():
             raise UsageError(f"--output {out}: the folder {out.parent} does not exist; create it first")
         if out.is_dir():
-            raise UsageError(f"--output {out}: is a folder; name the PNG file to write")
-    model = args.model
+            raise UsageError(f"--output {out}: is a folder; name the image file to write")
+        try:
+            image_format(out)
+        except UsageError as exc:
+            raise UsageError(f"--output {exc}") from None
+    if args.batch_count < 1:
+        raise UsageError(f"--batch-count must be at least 1 (got {args.batch_count})")
+    jobs = _jobs(args)
     say = lambda msg: print(f"[convert] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    model = args.model
     if model is None:
         from edgediff.convert import default_package
 
@@ -261,16 +478,23 @@ def _generate(args) -> int:
         original_size=args.original_size and tuple(args.original_size), crop=tuple(args.crop),
         target_size=args.target_size and tuple(args.target_size), aesthetic_score=args.aesthetic_score,
         negative_aesthetic_score=args.negative_aesthetic_score)
-    image = pipe.generate(
-        args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
-        sampler=args.sampler, schedule=args.schedule, seed=args.seed, width=args.width,
-        height=args.height, init_image=args.init_image, strength=args.strength,
-        clip_skip=args.clip_skip, size_conditioning=size, refiner=refiner,
-        refiner_start=args.refiner_start, progress=ProgressBar("sampling"), cache_interval=args.cache_interval,
-    )
-    seed = image.info["seed"]
-    path = save_png(image, args.output or f"edgediff-{seed}.png", image.info["parameters"])
-    print(f"wrote {path} ({image.width}x{image.height}, seed {seed})")
+    for job in jobs:  # every image's size checked before the first loads anything
+        _check_memory(pipe, args, job)
+    images = []  # (job, seed): A1111's batch count counts the seed up from the job's
+    for job in jobs:
+        first = random.randrange(2**32) if job["seed"] is None else job["seed"]
+        images += [(job, first + i) for i in range(args.batch_count)]
+    paths = _outputs(args, [seed for _, seed in images])
+    for (job, seed), path in zip(images, paths, strict=True):
+        image = pipe.generate(
+            job["prompt"], job["negative_prompt"], steps=job["steps"], guidance=job["guidance"],
+            sampler=job["sampler"], schedule=job["schedule"], seed=seed, width=job["width"],
+            height=job["height"], init_image=args.init_image, strength=args.strength,
+            clip_skip=args.clip_skip, size_conditioning=size, refiner=refiner, refiner_start=args.refiner_start,
+            progress=ProgressBar("sampling", lambda: pipe.timings.steps), cache_interval=args.cache_interval,
+        )
+        save_image(image, path, image.info["parameters"])
+        print(f"wrote {path} ({image.width}x{image.height}, seed {seed})")
     print(f"ran: {pipe.ran()}")
     print(f"memory: {pipe.memory_note()}")
     print(f"time: {pipe.timings.summary()}")
@@ -288,8 +512,16 @@ def _bench(args) -> int:
 
         print(f"installed {args.install_peer}: {install_peer(args.install_peer, say)}")
         return 0
+    if args.list:
+        for name, model, comment in _scenarios():
+            print(f"{name:22s} {model:24s} {comment}")
+        print("\ntools: edgediff bench TOOL [arguments] (TOOL --help for them)")
+        for name, what in BENCH_TOOLS.items():
+            print(f"{name:22s} {what}")
+        return 0
     if not args.scenario:
-        raise UsageError("edgediff bench needs a SCENARIO (or --install-peer PEER)")
+        raise UsageError("edgediff bench needs a SCENARIO, a TOOL, --list or --install-peer PEER; "
+                         "`edgediff bench --list` lists the scenarios and tools")
     scenario = load_scenario(args.scenario)
     check_runnable(scenario)
     out = Path(args.output or f"bench-results/{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -401,7 +633,12 @@ def _lora_report(path: Path) -> dict:
 
 
 def _inspect(args) -> int:
-    path = Path(args.path)
+    if args.path.startswith("builtin:"):
+        from edgediff.convert import resolve_source
+
+        path = resolve_source(args.path)
+    else:
+        path = Path(args.path)
     from edgediff.runtime.lora import is_lora
 
     if path.is_file() and path.suffix.lower() == ".safetensors" and is_lora(path):
@@ -523,12 +760,25 @@ def _cache(args) -> int:
     return 0
 
 
+def _bench_tool(name: str, argv: list[str]) -> int:
+    import importlib
+
+    return importlib.import_module(f"edgediff.benchmarks.{name}").main(argv) or 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    shown = set()
+
     def show(message, category, filename, lineno, file=None, line=None):
-        print(f"edgediff: warning: {message}", file=sys.stderr)
+        if str(message) not in shown:  # one warning per run, however many components meet its cause
+            shown.add(str(message))
+            print(f"edgediff: warning: {message}", file=sys.stderr)
 
     warnings.showwarning = show
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if len(argv) > 1 and argv[0] == "bench" and argv[1].replace("-", "_") in BENCH_TOOLS:
+            return _bench_tool(argv[1].replace("-", "_"), argv[2:])
         args = _parser().parse_args(argv)
         commands = {"convert": _convert, "generate": _generate, "inspect": _inspect, "bench": _bench, "serve": _serve,
                     "cache": _cache}

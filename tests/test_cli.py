@@ -150,7 +150,7 @@ def _generate(tiny_package, *extra):
     (("--width", "65"), "--width must be a positive multiple of 8 for sd1 (got 65)"),
     (("--height", "0"), "--height must be a positive multiple of 8 for sd1 (got 0)"),
     (("--steps", "0"), "steps must be at least 1 (got 0)"),
-    (("--sampler", "fastest"), "unknown sampler 'fastest'; choose one of: euler"),
+    (("--sampler", "fastest"), "unknown sampler 'fastest'; choose one of: euler (Euler), euler_a (Euler a)"),
     (("--schedule", "linear"), "unknown schedule 'linear'"),
     (("--init-image", "IMG", "--strength", "0"), "--strength must be in (0, 1] (got 0.0)"),
     (("--init-image", "IMG", "--strength", "1.5"), "--strength must be in (0, 1] (got 1.5)"),
@@ -164,7 +164,7 @@ def _generate(tiny_package, *extra):
     (("--lora", "NOFILE"), "nofile.png: no such file"),
     (("--guidance", "nan"), "--guidance must be a finite number >= 0 (got nan)"),
     (("--steps", "2000"), "2000 steps are more than the model's"),
-    (("--output", "DIR"), "is a folder; name the PNG file"),
+    (("--output", "DIR"), "is a folder; name the image file"),
     (("--lora", "NOFILE:nan"), "not a finite number"),
     (("--prompt", "a cat <lora:style>"), "--lora-dir"),
 ])
@@ -225,7 +225,7 @@ def test_console_script_exit_codes_without_traceback(tmp_path):
     assert proc.returncode == 1 and "not an edgediff package" in proc.stderr
     assert "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, "-P", "-m", "edgediff.cli", "generate"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "the following arguments are required" in proc.stderr
+    assert proc.returncode == 2 and "one of the arguments --prompt/-p --prompt-file is required" in proc.stderr
 
 
 def test_sdxl_base_and_refiner_from_the_command_line(tiny_package, tmp_path, capsys):
@@ -255,3 +255,248 @@ def test_sdxl_usage_errors(tiny_package, tmp_path, capsys, model, extra, message
                        "--width", "64", "--height", "64", "-o", str(tmp_path / "x.png"), *extra)
     assert code == 2 and message in err
     assert list(tmp_path.iterdir()) == []
+
+
+# Issue 31: a CLI that guides.
+
+
+def _no_loading(monkeypatch):
+    """Opening any component fails the test: what is refused must be refused before loading."""
+    from edgediff.runtime.pipeline import Pipeline
+
+    def component(self, name):
+        raise AssertionError(f"{name} was opened")
+
+    monkeypatch.setattr(Pipeline, "component", component)
+
+
+def test_a_size_that_cannot_fit_is_refused_before_loading(tiny_package, tmp_path, capsys, monkeypatch):
+    from edgediff.runtime import memory
+
+    monkeypatch.setattr(memory, "available", lambda: 16 * memory.GB)
+    _no_loading(monkeypatch)
+    code, _, err = run(capsys, "generate", "-m", str(tiny_package("sd1")), "-p", "x", "--width", "100000",
+                       "--height", "100000", "-o", str(tmp_path / "x.png"))
+    assert code == 2
+    assert "at 100000x100000 needs an estimated" in err and "this machine has 16.0 GB available" in err
+    assert "too little for denoiser and VAE decode" in err and "--force" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_force_runs_what_the_estimate_refuses(tiny_package, tmp_path, capsys, monkeypatch):
+    from edgediff.runtime import memory
+
+    monkeypatch.setattr(memory, "available", lambda: 0.1e9)  # less than the process itself
+    argv = _generate(tiny_package, "-o", str(tmp_path / "x.png"))
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "this machine has 0.1 GB available" in err and not (tmp_path / "x.png").exists()
+    code, _, err = run(capsys, *argv, "--force")
+    assert code == 0 and (tmp_path / "x.png").is_file()
+    assert err.count("it may not fit") == 1  # the pipeline's own warning, once
+
+
+@pytest.mark.parametrize(("names", "written"), [
+    (("--sampler", "DPM++ 2M Karras"), "Sampler: DPM++ 2M, Schedule type: Karras"),
+    (("--sampler", "Euler a"), "Sampler: Euler a, "),
+    (("--sampler", "dpm++2m", "--schedule", "SGM Uniform"), "Sampler: DPM++ 2M, Schedule type: SGM Uniform"),
+    (("--sampler", "DPM++ 2M", "--schedule", "exponential"), "Sampler: DPM++ 2M, Schedule type: Exponential"),
+    (("--sampler", "k_euler"), "Sampler: Euler, "),
+])
+def test_sampler_and_schedule_in_a1111_spellings(tiny_package, tmp_path, capsys, names, written):
+    out = tmp_path / "x.png"
+    code, _, _ = run(capsys, *_generate(tiny_package, *names, "-o", str(out)))
+    assert code == 0
+    with Image.open(out) as img:
+        assert written in img.text["parameters"]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--sampler", "dpmpp2"), "unknown sampler 'dpmpp2'; did you mean dpmpp_2m or dpmpp_2m_sde?"),
+    (("--sampler", "eulr a"), "did you mean euler_a"),
+    (("--schedule", "karas"), "unknown schedule 'karas'; did you mean karras?"),
+    (("--sampler", "DPM++ 2M Karas"), "did you mean dpmpp_2m"),
+])
+def test_unknown_names_say_what_was_meant(tiny_package, tmp_path, capsys, extra, message):
+    code, _, err = run(capsys, *_generate(tiny_package, *extra, "-o", str(tmp_path / "x.png")))
+    assert code == 2 and message in err and list(tmp_path.iterdir()) == []
+
+
+def test_prompt_file_and_batch_count(tiny_package, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('a red circle\n\n{"prompt": "a blue square", "negative_prompt": "green", "seed": 100, '
+                       '"steps": 3, "width": 72, "cfg_scale": 5, "sampler_name": "Euler a", "scheduler": "Karras"}\n')
+    out = tmp_path / "shape.png"
+    code, stdout, _ = run(capsys, "generate", "-m", str(tiny_package("sd1")), "--steps", "2", "--width", "64",
+                          "--height", "64", "--prompt-file", str(prompts), "--seed", "7", "--batch-count", "2",
+                          "-o", str(out))
+    assert code == 0
+    names = [f"shape-{n:05d}.png" for n in range(4)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names, "prompts.txt"])
+    params = []
+    for name in names:
+        with Image.open(tmp_path / name) as img:
+            params.append(img.text["parameters"])
+    assert params[0].startswith("a red circle\nSteps: 2, Sampler: ") and "Seed: 7, Size: 64x64" in params[0]
+    assert "Seed: 8, " in params[1]  # A1111's batch count: the seed counts up
+    assert params[2].startswith("a blue square\nNegative prompt: green\nSteps: 3, Sampler: Euler a, "
+                                "Schedule type: Karras, CFG scale: 5.0, Seed: 100, Size: 72x64")
+    assert "Seed: 101, " in params[3]
+    assert [f"seed {s}" in stdout for s in (7, 8, 100, 101)] == [True] * 4
+
+
+def test_batch_count_without_output_names_files_as_a1111(tiny_package, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, _ = run(capsys, *_generate(tiny_package, "--seed", "5", "--batch-count", "2"))
+    assert code == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["edgediff-00000-5.png", "edgediff-00001-6.png"]
+
+
+@pytest.mark.parametrize(("lines", "extra", "message"), [
+    (None, (), "--prompt-file MISSING: no such file"),
+    ("\n\n", (), "no prompts in it"),
+    ('{"prompt": "x", "seed": "one"}', (), "line 1: 'seed' must be int (got 'one')"),
+    ('a\n{"prompt": "x", "styles": []}', (), "line 2: unknown field 'styles' (known: prompt,"),
+    ('{"prompt": "x",', (), "line 1: not valid JSON"),
+    ('{"negative_prompt": "x"}', (), "line 1: no 'prompt' field"),
+    ('{"prompt": "x", "sampler": "eulr"}', (), "line 1: unknown sampler 'eulr'; did you mean euler"),
+    ('{"prompt": "x", "guidance": true}', (), "'guidance' must be float (got True)"),
+    ("x", ("--batch-count", "0"), "--batch-count must be at least 1 (got 0)"),
+    ("x", ("--prompt", "y"), "argument --prompt/-p: not allowed with argument --prompt-file"),
+])
+def test_prompt_file_mistakes(tiny_package, tmp_path, capsys, lines, extra, message):
+    path = tmp_path / "prompts.txt"
+    if lines is not None:
+        path.write_text(lines)
+    argv = ["generate", "-m", str(tiny_package("sd1")), "--steps", "2", "--prompt-file", str(path), *extra,
+            "-o", str(tmp_path / "x.png")]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and message.replace("MISSING", str(path)) in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_at_file_as_prompt_is_refused_with_the_option_to_use(tiny_package, tmp_path, capsys):
+    code, _, err = run(capsys, *_generate(tiny_package, "-p", "@prompts.txt", "-o", str(tmp_path / "x.png")))
+    assert code == 2 and "--prompt @prompts.txt: to read prompts from a file, give --prompt-file prompts.txt" in err
+    code, _, _ = run(capsys, *_generate(tiny_package, "-p", "@someone's style, a cat", "-o", str(tmp_path / "x.png")))
+    assert code == 0  # '@' inside a prompt of several words is text
+
+
+def test_generate_help_lists_defaults_samplers_and_schedules(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    for option in ("--steps", "--sampler", "--schedule", "--seed", "--width", "--height", "--guidance"):
+        assert re.search(rf"{option} \S+\s+\S", out), option  # each has help text
+    assert "default: the model's" in out and "default: random" in out
+    assert "dpmpp_2m (DPM++ 2M)" in out and "euler_a (Euler a)" in out
+    assert "schedules: normal, karras, exponential, sgm_uniform" in out
+    assert re.search(r"sd1 +20 steps, dpmpp_2m karras, guidance 7.5, 512x512", out)
+
+
+def test_every_option_of_every_command_has_help():
+    from edgediff.cli import _parser
+
+    parser = _parser()
+    (commands,) = [a for a in parser._actions if a.dest == "command"]
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            assert action.help, f"edgediff {name} {action.option_strings or action.dest}"
+
+
+def test_bench_lists_scenarios_and_tools(capsys):
+    code, out, _ = run(capsys, "bench", "--list")
+    assert code == 0
+    assert re.search(r"^tiny +builtin:tiny-sd1 +The embedded tiny model", out, re.M)
+    assert re.search(r"^sd15-512 +synthetic:sd15 ", out, re.M) and re.search(r"^quality +PSNR/SSIM", out, re.M)
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert "\n  sd15-512\n" in out and "\n  synthetic_dit " in out
+    code, _, err = run(capsys, "bench")
+    assert code == 2 and "`edgediff bench --list` lists the scenarios and tools" in err
+
+
+@pytest.mark.parametrize("tool", ["quality", "synthetic-dit", "vae_memory", "graph_build", "train_tiny"])
+def test_bench_tools_have_help(capsys, tool):
+    with pytest.raises(SystemExit) as done:
+        main(["bench", tool, "--help"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: edgediff bench {tool.replace('-', '_')}")
+
+
+def test_bench_tools_run_from_the_checkout_root():
+    """The console script, where a user who cloned the repository stands: the root's kernels/
+    folder does not shadow the `kernels` package, and a tool's argument mistake is a message."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = Path(sys.executable).with_name("edgediff")
+    if not script.exists():
+        script = Path(shutil.which("edgediff") or "missing")
+    if not script.exists():
+        pytest.skip("no edgediff console script installed")
+    done = subprocess.run([str(script), "bench", "synthetic_dit"], cwd=root, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "the following arguments are required: architecture, output" in done.stderr
+    done = subprocess.run([str(script), "bench", "synthetic_dit", "flux-dev", "x.gguf"], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "invalid choice: 'flux-dev'" in done.stderr
+
+
+@pytest.mark.parametrize(("name", "fmt"), [("x.jpg", "JPEG"), ("x.JPEG", "JPEG"), ("x.webp", "WEBP"), ("x.png", "PNG")])
+def test_output_format_from_the_extension(tiny_package, tmp_path, capsys, name, fmt):
+    from edgediff.runtime.image import read_parameters
+
+    out = tmp_path / name
+    code, _, _ = run(capsys, *_generate(tiny_package, "--seed", "9", "-o", str(out)))
+    assert code == 0 and list(tmp_path.iterdir()) == [out]
+    with Image.open(out) as img:
+        assert img.format == fmt
+        assert read_parameters(img).startswith("a cat\nSteps: 2, Sampler: ")
+        assert "Seed: 9, Size: 64x64" in read_parameters(img)
+
+
+def test_an_unknown_output_extension_is_refused(tiny_package, tmp_path, capsys):
+    gif = tmp_path / "x.gif"
+    code, _, err = run(capsys, *_generate(tiny_package, "-o", str(gif)))
+    assert code == 2 and f"--output {gif}: cannot tell the image type from '.gif'" in err
+    assert ".png, .jpg, .jpeg, .webp" in err and list(tmp_path.iterdir()) == []
+
+
+def test_inspect_builtin_and_cache_mistakes(capsys, tmp_path):
+    code, out, _ = run(capsys, "inspect", "builtin:tiny-sd1")
+    assert code == 0 and "family: sd1 (Stable Diffusion 1.x; diffusers names)" in out
+    code, _, err = run(capsys, "inspect", "builtin:nope")
+    assert code == 2 and "unknown builtin model 'nope' (available: tiny-sd1" in err
+    code, _, err = run(capsys, "cache", str(tmp_path / "nonexistent"))
+    assert code == 2 and "nonexistent: no such package or model file" in err
+
+
+def test_a_warning_prints_once_per_run(tiny_package, tmp_path, capsys):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: no fallback to warn about")
+    code, _, err = run(capsys, *_generate(tiny_package, "--device", "cuda", "-o", str(tmp_path / "x.png")))
+    assert code == 0 and err.count("CUDA was requested") == 1
+
+
+def test_progress_rate_is_the_steps_own_time():
+    """s/step is the mean of the pipeline's step times: loading before the first step is not in it."""
+    import io
+
+    from edgediff.cli import ProgressBar
+
+    times: list[float] = []
+    stream = io.StringIO()
+    bar = ProgressBar("sampling", lambda: times, stream)
+    bar(0, 2)
+    times.append(0.25)
+    bar(1, 2)
+    times.append(0.75)
+    bar(2, 2)
+    assert stream.getvalue().splitlines() == ["sampling [........................] 0/2 ",
+                                              "sampling [############............] 1/2 0.25 s/step",
+                                              "sampling [########################] 2/2 0.50 s/step"]
