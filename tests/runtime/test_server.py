@@ -91,6 +91,29 @@ def test_batches_models_options_and_png_info(served, tiny_package):
     assert service.name == "alpha"
 
 
+def test_override_settings_are_restored_after_the_job(served):
+    """As A1111: override_settings hold for the one job, unless override_settings_restore_afterwards
+    is false."""
+    import webuiapi
+
+    _, port, service = served
+    service.switch("alpha")
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler", steps=2)
+    result = api.txt2img(prompt=PROMPT, seed=2, width=64, height=64,
+                         override_settings={"sd_model_checkpoint": "beta", "CLIP_stop_at_last_layers": 2})
+    assert (result.info["sd_model_name"], result.info["clip_skip"]) == ("beta", 2)
+    options = api.get_options()
+    assert options["sd_model_checkpoint"].startswith("alpha [") and options["CLIP_stop_at_last_layers"] == 1
+    try:
+        result = api.txt2img(prompt=PROMPT, seed=2, width=64, height=64, override_settings_restore_afterwards=False,
+                             override_settings={"sd_model_checkpoint": "beta", "CLIP_stop_at_last_layers": 2})
+        assert result.info["sd_model_name"] == "beta"
+        options = api.get_options()
+        assert options["sd_model_checkpoint"].startswith("beta [") and options["CLIP_stop_at_last_layers"] == 2
+    finally:
+        api.set_options({"sd_model_checkpoint": "alpha", "CLIP_stop_at_last_layers": 1})
+
+
 def test_progress_and_interrupt(served):
     url, _, _ = served
     answer = {}
@@ -117,6 +140,12 @@ def test_progress_and_interrupt(served):
 
     info = json.loads(r.json()["info"])
     assert info["interrupted"] and len(r.json()["images"]) == 1  # what it had, decoded
+    import re
+
+    ran = int(re.search(r"Interrupted: after (\d+) of 60 steps", info["infotexts"][0]).group(1))
+    assert 2 <= ran < 60 and f"Steps: {ran}," in info["infotexts"][0]  # the steps that ran, not the 60 asked
+    image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    assert f"Steps: {ran}," in image.info["parameters"]
 
 
 def test_a_full_queue_answers_503(served):
