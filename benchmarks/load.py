@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--no-graph-cache", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if not args.child:  # a package that cannot open is a message here, not a child's traceback
+        from edgediff.runtime.package import open_package
+
+        open_package(args.package)
     if args.child:
         print(json.dumps(child(args.package, args.threads, not args.no_graph_cache)))
         return 0

@@ -104,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="lora-bench")
     p.add_argument("--run", help=argparse.SUPPRESS)  # one measurement, in a fresh process
     args = p.parse_args(argv)
+    if not args.run:  # a package that cannot open is a message here, not a child's traceback
+        from edgediff.runtime.package import open_package
+
+        for package in (args.fp32, args.int4):
+            open_package(package)
     if args.run:
         print(json.dumps(_run(json.loads(args.run))))
         return 0

@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not args.child:  # a package that cannot open is a message here, not a child's traceback
+        from edgediff.runtime.package import open_package
+
+        open_package(args.package)
     if args.child:
         print(json.dumps(child(args.package, args.size, args.tiles[0], args.threads)))
         return 0

@@ -424,6 +424,24 @@ def test_bench_tools_have_help(capsys, tool):
     assert capsys.readouterr().out.startswith(f"usage: edgediff bench {tool.replace('-', '_')}")
 
 
+@pytest.mark.parametrize(("argv", "code", "message"), [
+    (("load", "NOPE"), 1, "NOPE: no such package folder or .gguf file"),
+    (("vae_memory", "NOPE"), 1, "NOPE: no such package folder or .gguf file"),
+    (("loras", "NOPE", "NOPE"), 1, "NOPE: no such package folder or .gguf file"),
+    (("quality", "nope"), 2, "nope: no such scenario file (built-in scenarios: "),
+    (("profile",), 2, "the following arguments are required: package"),
+])
+def test_bench_tool_mistakes_are_messages(tmp_path, capsys, argv, code, message):
+    nope = str(tmp_path / "nope")
+    done = None
+    try:
+        done = main(["bench", *(nope if a == "NOPE" else a for a in argv)])
+    except SystemExit as exit_:  # argparse's own, as the tool's parser reports it
+        done = exit_.code
+    err = capsys.readouterr().err
+    assert done == code and message.replace("NOPE", nope) in err and "Traceback" not in err
+
+
 def test_bench_tools_run_from_the_checkout_root():
     """The console script, where a user who cloned the repository stands: the root's kernels/
     folder does not shadow the `kernels` package, and a tool's argument mistake is a message."""
