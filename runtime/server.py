@@ -273,6 +273,23 @@ class Job:
     interrupted: bool = False
     skipped: bool = False  # the image running now was skipped (POST /skip)
     timestamp: str = ""
+    size: tuple[int, int] = (0, 0)  # width, height
+    latent: object = None  # the latest kept prediction of the final latent (every N steps)
+    latent_of: object = None  # its format: the manifest of the model sampling it
+    shown: tuple | None = None  # (latent, base64 PNG) of the last current_image
+
+    def current_image(self) -> str | None:
+        """The latest kept latent as a base64 PNG (runtime.preview), made once per kept latent."""
+        latent, shown = self.latent, self.shown
+        if latent is None:
+            return None
+        if shown is None or shown[0] is not latent:
+            from edgediff.runtime.preview import preview
+
+            buffer = io.BytesIO()
+            preview(latent, self.latent_of, self.size).save(buffer, format="PNG")
+            shown = self.shown = (latent, base64.b64encode(buffer.getvalue()).decode("ascii"))
+        return shown[1]
 
     def fraction(self) -> float:
         if not self.images or not self.steps:
@@ -421,23 +438,29 @@ class Service:
         self.interrupt_flag.clear()
         self.skip_flag.clear()
         self.job = Job(started=time.time(), steps=r.steps, images=count,
-                       timestamp=datetime.now().strftime("%Y%m%d%H%M%S"))
+                       timestamp=datetime.now().strftime("%Y%m%d%H%M%S"), size=(r.width, r.height), latent_of=m)
+        every = self.settings["show_progress_every_n_steps"]  # A1111's option; -1 or 0: no previews
 
         def progress(done: int, total: int) -> None:
             self.job.step, self.job.steps = done, total
+
+        def on_step(done: int, denoised) -> None:
+            if every > 0 and done % every == 0:
+                self.job.latent = denoised.copy()
 
         images, infotexts, seeds = [], [], []
         for i in range(count):
             if self.interrupt_flag.is_set():
                 break
-            self.job.image, self.job.step, self.job.skipped = i, 0, False
+            self.job.image, self.job.step, self.job.skipped, self.job.latent = i, 0, False, None
             self.skip_flag.clear()
             try:
                 image = pipe.generate(
                     r.prompt, r.negative_prompt, steps=r.steps, guidance=r.cfg_scale, sampler=r.sampler,
                     schedule=r.schedule, seed=(seed + i) % 2**32, width=r.width, height=r.height,
                     init_image=r.init_images[0] if r.init_images else None, strength=r.denoising_strength,
-                    clip_skip=clip_skip, progress=progress, interrupt=self.stopping)
+                    clip_skip=clip_skip, progress=progress, interrupt=self.stopping,
+                    on_step=on_step)
             except EdgediffError as exc:
                 raise ApiError(422 if isinstance(exc, UsageError) else 500, str(exc), type(exc).__name__) from None
             images.append(image)
@@ -523,7 +546,7 @@ class Service:
                 "state": {"skipped": job.skipped, "interrupted": job.interrupted, "job": "", "job_count": self.admitted,
                           "job_timestamp": job.timestamp or "0", "job_no": job.image,
                           "sampling_step": job.step, "sampling_steps": job.steps},
-                "current_image": None, "textinfo": None}
+                "current_image": job.current_image(), "textinfo": None}
 
     def options(self) -> dict:
         return {"sd_model_checkpoint": f"{self.name} [{self.models.short_hash(self.name)}]",
@@ -592,7 +615,7 @@ def app(service: Service, auth: tuple[str, str] | None = None):
         return JSONResponse(service.options())
 
     async def progress(_request):
-        return JSONResponse(service.progress())
+        return JSONResponse(await run_in_threadpool(service.progress))  # a preview is made here
 
     async def interrupt(_request):
         service.interrupt_flag.set()
@@ -733,10 +756,10 @@ class Running:
 def serve(models: Path, model: str | None = None, host: str = "127.0.0.1", port: int = 7860,
           auth: tuple[str, str] | None = None, limits: Limits | None = None, low_memory: bool = False,
           device: str = "auto", threads: int | None = None, lora_dir: Path | None = None,
-          runnable: Callable[[Path], Path] | None = None, lenient: bool = False) -> None:
+          runnable: Callable[[Path], Path] | None = None, lenient: bool = False, preview_every: int = 10) -> None:
     """Load the model and serve until interrupted; `runnable` opens files other tools wrote;
     `lenient` ignores (and lists in `info`) request fields edgediff does not implement instead of
-    answering 422."""
+    answering 422; `preview_every` N: /progress has a preview of the image every N steps (0: none)."""
     uvicorn = require("uvicorn", "serve", "edgediff serve")
     if not 0 < port < 65536:
         raise UsageError(f"--port {port}: a port is 1-65535")
@@ -746,7 +769,7 @@ def serve(models: Path, model: str | None = None, host: str = "127.0.0.1", port:
             found.find(model)
         except ApiError as exc:
             raise UsageError(f"--model {model}: {exc.detail}") from None
-    service = Service(found, model, limits, low_memory, device, threads, lora_dir, runnable, lenient)
+    service = Service(found, model, limits, low_memory, device, threads, lora_dir, runnable, lenient, preview_every)
     print(f"edgediff: serving {models} on http://{host}:{port}/ (A1111 API under /sdapi/v1)", file=sys.stderr,
           flush=True)
     uvicorn.run(app(service, auth), host=host, port=port, log_level="info")

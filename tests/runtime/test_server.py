@@ -148,6 +148,35 @@ def test_progress_and_interrupt(served):
     assert f"Steps: {ran}," in image.info["parameters"]
 
 
+def test_progress_has_a_preview_of_the_image_every_n_steps(served):
+    """/progress's current_image: the latent so far through runtime.preview, a PNG of the asked
+    size, every show_progress_every_n_steps (here 1, for this job only)."""
+    url, _, service = served
+    answer, previews = {}, []
+
+    def job():
+        answer["r"] = requests.post(f"{url}/sdapi/v1/txt2img", json={
+            **SMALL, "steps": 60, "width": 128, "height": 64,
+            "override_settings": {"show_progress_every_n_steps": 1}})
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    for _ in range(1000):
+        p = requests.get(f"{url}/sdapi/v1/progress").json()
+        if p["current_image"]:
+            previews.append(p["current_image"])
+            if len(previews) == 2:
+                break
+        time.sleep(0.01)
+    requests.post(f"{url}/sdapi/v1/interrupt")
+    thread.join(60)
+    assert answer["r"].status_code == 200 and len(previews) == 2
+    image = Image.open(io.BytesIO(base64.b64decode(previews[-1])))
+    assert image.format == "PNG" and image.size == (128, 64) and np.asarray(image).std() > 0
+    assert service.settings["show_progress_every_n_steps"] == 10  # the override held for the one job
+    assert requests.get(f"{url}/sdapi/v1/progress").json()["current_image"] is None  # idle
+
+
 def test_a_full_queue_answers_503(served):
     url, _, _ = served
     codes = []
