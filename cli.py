@@ -15,12 +15,12 @@ import warnings
 from pathlib import Path
 
 from edgediff import __version__
-from edgediff.errors import EdgediffError, UsageError
-from edgediff.runtime.sessions import DEVICES
+from edgediff.errors import EdgediffError, UsageError, command_line
+from edgediff.runtime.sessions import DEVICES, RUN_PRECISIONS
 
 DEVICE_HELP = ("auto (default): CUDA where onnxruntime-gpu has it, else OpenVINO where it is installed and "
-               "measured faster on this CPU (only CPUs with BF16), else onnxruntime's CPU provider; "
-               "openvino needs pip install 'edgediff[openvino]'")
+               "measured faster on this CPU at the package's precision, else onnxruntime's CPU provider; "
+               "openvino needs pip install 'edgediff[openvino]'. The package's precision is what runs")
 
 
 def _human(n: float) -> str:
@@ -224,6 +224,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(default); merge dequantizes, changes and requantizes them")
     _parts_arguments(g)
     g.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
+    g.add_argument("--precision", default="auto", choices=RUN_PRECISIONS,
+                   help="auto (default): the package's own precision; bf16: OpenVINO's bf16 on CPUs that "
+                        "compute it (AVX-512 BF16, AMX), faster and less exact (refused elsewhere)")
     g.add_argument("--threads", type=int, help="CPU threads for onnxruntime")
     g.add_argument("--keep-loaded", action="store_true",
                    help="keep every component in memory instead of releasing each after use (faster "
@@ -313,14 +316,13 @@ def _convert(args) -> int:
     return 0
 
 
-def _runnable(model: str, say, **parts):
-    """A package to open: the model itself, or for a GGUF or single .safetensors file (or a model
-    given in parts) the cached package that binds its weights."""
-    if not (str(model).lower().endswith((".gguf", ".safetensors")) or any(parts.values())):
-        return model
+def _runnable(model: str | None, say, **parts):
+    """A package to open for --model: the package itself; for builtin:NAME (None: the embedded
+    default), a GGUF or single .safetensors file (or a model given in parts), the cached package
+    that runs it (convert.adopt.runnable)."""
     from edgediff.convert.adopt import runnable
 
-    return runnable(Path(model), progress=say, **parts)
+    return runnable(model, progress=say, **parts)
 
 
 # --prompt-file's JSON fields -> generate's; A1111's API names too
@@ -462,14 +464,8 @@ def _generate(args) -> int:
         raise UsageError(f"--batch-count must be at least 1 (got {args.batch_count})")
     jobs = _jobs(args)
     say = lambda msg: print(f"[convert] {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    model = args.model
-    if model is None:
-        from edgediff.convert import default_package
-
-        model = default_package(progress=say)
-    else:
-        model = _runnable(model, say, **_parts(args))
-    options = dict(device=args.device, threads=args.threads, low_memory=not args.keep_loaded,
+    model = _runnable(args.model, say, **_parts(args))
+    options = dict(device=args.device, precision=args.precision, threads=args.threads, keep_loaded=args.keep_loaded,
                    split_guidance=args.split_guidance, weights=args.weights, accuracy_level=args.accuracy_level,
                    graph_cache=args.graph_cache, vae_tile=args.vae_tile, memory_budget=args.memory_budget)
     pipe = Pipeline(model, loras=args.lora, lora_dir=args.lora_dir, lora_mode=args.lora_mode, **options)
@@ -495,6 +491,7 @@ def _generate(args) -> int:
         )
         save_image(image, path, image.info["parameters"])
         print(f"wrote {path} ({image.width}x{image.height}, seed {seed})")
+    print(f"device: {pipe.device}")
     print(f"ran: {pipe.ran()}")
     print(f"memory: {pipe.memory_note()}")
     print(f"time: {pipe.timings.summary()}")
@@ -782,7 +779,8 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         commands = {"convert": _convert, "generate": _generate, "inspect": _inspect, "bench": _bench, "serve": _serve,
                     "cache": _cache}
-        return commands[args.command](args)
+        with command_line():
+            return commands[args.command](args)
     except EdgediffError as exc:
         print(f"edgediff: error: {exc}", file=sys.stderr)
         return exc.exit_code

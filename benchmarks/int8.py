@@ -15,7 +15,6 @@ noise first). Timings are single U-Net evaluations at the image size; run alone 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pickle
 import re
@@ -47,8 +46,6 @@ class Variant:
 def variants() -> list[Variant]:
     return [Variant("8-bit weights, every layer", StaticInt8(reduce_range=False), float_layers=()),
             Variant("7-bit weights (reduce_range), every layer", float_layers=()),
-            Variant("uint8 weights (U8U8), every layer", StaticInt8(reduce_range=False, unsigned_weights=True),
-                    float_layers=()),
             Variant("7-bit, shortcut convolutions float (int8-static)"),
             Variant("7-bit, shortcut convolutions float, mean of per-input ranges", StaticInt8(ranges="mean"))]
 
@@ -69,7 +66,7 @@ class Bench:
     def _pipeline(self, unet: Path):
         from edgediff.runtime import Pipeline
 
-        pipe = Pipeline(self.package, device="cpu", threads=self.threads, low_memory=False, graph_cache=False)
+        pipe = Pipeline(self.package, device="cpu", threads=self.threads, keep_loaded=True, graph_cache=False)
         pipe.component("unet").path = unet
         return pipe
 
@@ -106,20 +103,22 @@ class Bench:
         return outputs, float(np.median(times))
 
     def quantize(self, variant: Variant, out: Path) -> dict:
-        import onnx
 
-        def calibration() -> list[dict]:
-            from edgediff.convert import calibration_feeds
-            from edgediff.runtime.package import open_package
+        from edgediff.convert.int8_static import Ranges, calibrate
+        from edgediff.runtime.package import open_package
 
+        cache = self.work / f"ranges-{variant.options.ranges}.json"
+        if cache.is_file():
+            ranges = Ranges.load(cache)
+        else:  # every Conv and MatMul observed, so one calibration serves every variant
             print("calibrating (once; the ranges are cached)", file=sys.stderr)
-            return calibration_feeds(self.package, open_package(self.package).manifest, None)["unet"]
-
-        cache = self.work / f"calibration-{variant.options.ranges}.json"
-        options = dataclasses.replace(variant.options, calibration_cache=cache)
+            everything = chooser("unet", "int8-static", static_float=())
+            ranges = calibrate(self.package, open_package(self.package).manifest, {"unet": everything},
+                               variant.options.ranges)["unet"]
+            ranges.save(cache)
         out.parent.mkdir(parents=True, exist_ok=True)
-        return static_int8(onnx.load(str(self.fp32)), out, chooser("unet", "int8-static", variant.rules, variant.float_layers),
-                           calibration, options)
+        return static_int8(self.fp32, out, chooser("unet", "int8-static", variant.rules, variant.float_layers),
+                           ranges, variant.options)
 
     def measure(self, variant: Variant, keep: bool = False) -> dict:
         ref = self.reference()

@@ -19,7 +19,7 @@ from pathlib import Path
 def child(package: str, threads: int, graph_cache: bool) -> dict:
     from edgediff.runtime import Pipeline
 
-    pipe = Pipeline(package, device="cpu", threads=threads, low_memory=False, graph_cache=graph_cache)
+    pipe = Pipeline(package, device="cpu", threads=threads, keep_loaded=True, graph_cache=graph_cache)
     opened = {}
     for name in pipe.manifest.components:
         start = time.perf_counter()

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {}
     for keep in (True, False):
-        pipe = Pipeline(args.package, device="cpu", threads=2, low_memory=not keep)
+        pipe = Pipeline(args.package, device="cpu", threads=2, keep_loaded=keep)
         rss = []
         for i in range(args.warmup + args.images):
             pipe.generate(f"a red circle {i}", "blurry", steps=args.steps, seed=i, width=args.size, height=args.size)

@@ -18,7 +18,7 @@ from pathlib import Path
 def capture_inputs(package: Path, component: str, size: int, threads: int | None) -> dict:
     from edgediff.runtime import Pipeline
 
-    pipe = Pipeline(package, device="cpu", threads=threads, low_memory=False)
+    pipe = Pipeline(package, device="cpu", threads=threads, keep_loaded=True)
     feeds: list[dict] = []
     pipe.component(component).tap = lambda f: feeds.append(dict(f))
     pipe.generate("a lighthouse at dusk", "blurry", steps=1, seed=0, width=size, height=size)

@@ -35,7 +35,7 @@ def sweep(packages: dict[str, Path], reference: str, prompts, seeds, size: int, 
     out.mkdir(parents=True, exist_ok=True)
     rows, ref_images = [], {}
     for precision in [reference, *(p for p in packages if p != reference)]:
-        pipe = Pipeline(packages[precision], **device_of(precision), low_memory=False)
+        pipe = Pipeline(packages[precision], **device_of(precision), keep_loaded=True)
         for p, prompt in enumerate(prompts):
             for seed in seeds:
                 progress(f"{precision}: prompt {p} seed {seed}")
@@ -72,7 +72,7 @@ def draw_score(package: Path, n: int = 50, device: str = "cpu", precision: str =
     """Share of generated images that show the prompted shape and colours (package defaults)."""
     from edgediff.runtime import Pipeline
 
-    pipe = Pipeline(package, device=device, precision=precision, low_memory=False)
+    pipe = Pipeline(package, device=device, precision=precision, keep_loaded=True)
     hits = [shapes.check(pipe.generate(caption, seed=seed, **kwargs)).matches(truth)
             for caption, seed, truth in evaluation_prompts(n)]
     return sum(hits) / len(hits)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -298,16 +297,20 @@ def _apply_precisions(root: Path, manifest: Manifest, precisions: dict[str, str]
     int8-static calibrates on its own sampling runs first)."""
     import dataclasses
 
-    from edgediff.convert.precision import apply_precision
+    from edgediff.convert.precision import apply_precision, chooser
 
-    recorded: dict[str, list[dict]] = {}
+    calibrated: dict[str, object] = {}
 
     def calibration(component: str):
-        def collect() -> list[dict]:
-            if not recorded:
-                recorded.update(calibration_feeds(root, manifest, progress))
-            return recorded.get(component, [])
-        return collect
+        def ranges():
+            if not calibrated:  # every int8-static component's ranges, in one set of runs
+                from edgediff.convert.int8_static import calibrate
+
+                static = {n: chooser(n, p, rules) for n, p in precisions.items()
+                          if p == "int8-static" and n in manifest.components}
+                calibrated.update(calibrate(root, manifest, static, progress=progress))
+            return calibrated.get(component)
+        return ranges
 
     components = dict(manifest.components)
     for name, precision in precisions.items():
@@ -325,28 +328,6 @@ def _apply_precisions(root: Path, manifest: Manifest, precisions: dict[str, str]
         entry = _component_entry(files, root, applied.precision)
         components[name] = dataclasses.replace(entry, notes=applied.notes)
     return dataclasses.replace(manifest, components=components)
-
-
-def calibration_feeds(root: Path, manifest: Manifest, progress) -> dict[str, list[dict]]:
-    """Inputs of every component over fp32 sampling runs of the built-in prompts, at every
-    timestep of a 10-step schedule (activation ranges change with the timestep)."""
-    from edgediff.runtime import Pipeline
-
-    size = min(int(manifest.defaults["width"]), 256)
-    # the package is still being written: nothing to keep in the optimized-graph cache
-    pipe = Pipeline(root, device="cpu", keep_loaded=True, graph_cache=False)
-    reuse = "unet_shallow" in manifest.components  # its shallow branch sees every other step
-    feeds: dict[str, list[dict]] = {}
-    for name in manifest.components:
-        pipe.component(name).tap = lambda f, name=name: feeds.setdefault(name, []).append(dict(f))
-    with warnings.catch_warnings():  # the advice on the interval is for users' images, not calibration
-        warnings.filterwarnings("ignore", message="--cache-interval", category=UserWarning)
-        for i, prompt in enumerate(CALIBRATION_PROMPTS):
-            if progress:
-                progress(f"calibrating: fp32 run {i + 1}/{len(CALIBRATION_PROMPTS)} at {size}x{size}")
-            pipe.generate(prompt, "blurry, low quality", steps=10, sampler="euler", schedule="normal",
-                          seed=i, width=size, height=size, cache_interval=2 if reuse else 1)
-    return feeds
 
 
 def builtin_package(name: str = DEFAULT_MODEL, progress: Callable[[str], None] | None = None) -> Path:

@@ -7,8 +7,8 @@
 - int8-weights: weight-only int8; MatMul weights in MatMulNBits (8 bits, blocks of 32),
   Conv weights per output channel behind DequantizeLinear.
 - int8-static: weights and activations (QDQ), per-channel 7-bit weights, activation ranges
-  calibrated on the model's own fp32 sampling runs (onnxruntime.quantization.quantize_static);
-  the layers in STATIC_FLOAT stay float (its comment says why).
+  calibrated on the model's own sampling runs, written one weight at a time with onnxruntime's
+  arithmetic (convert.int8_static); the layers in STATIC_FLOAT stay float (its comment says why).
 - int4: weight-only, blocks of 32 with zero points; MatMul in MatMulNBits (kept compact in
   memory), Conv behind blocked int4 DequantizeLinear (compact on disk only: onnxruntime has no
   int4 convolution, it dequantizes the weight when the Conv runs; the manifest says so).
@@ -128,7 +128,7 @@ def apply_precision(
     component: str,
     precision: str,
     rules: Sequence[Rule] = (),
-    calibration: Callable[[], list[dict]] | None = None,
+    calibration: Callable[[], object] | None = None,
 ) -> Applied:
     """Rewrite the graph at `path` in place to `precision` (an fp32 component too where a rule
     gives some of its weights int8 or int4)."""
@@ -138,7 +138,8 @@ def apply_precision(
     # weight-only passes read each weight from the data file as they reach it (a full-size SDXL
     # UNet loaded whole, then rewritten, does not fit 24 GB)
     weight_only = precision in ("fp32", "int8-weights", "int4")
-    lazy = weight_only and path.with_name(path.name + "_data").exists()
+    # weight-only passes and int8-static read each weight from the data file as they reach it
+    lazy = precision == "int8-static" or weight_only and path.with_name(path.name + "_data").exists()
     model = onnx.load(str(path), load_external_data=not lazy)
     base = path.parent if lazy else None
 
@@ -165,8 +166,7 @@ def apply_precision(
                  "conv_weights_in_memory": "fp32 while the Conv runs (no low-bit Conv kernel)",
                  **_storage(model)}
     elif precision == "int8-static":
-        notes = static_int8(model, path, choose, calibration)
-        return Applied(precision, notes)
+        return Applied(precision, static_int8(path, path, choose, calibration))
     else:
         raise UsageError(f"unknown precision '{precision}'")
     if precision == "fp32" and not (notes["matmul_nbits"] or notes["conv_dequantize"]):
@@ -255,25 +255,6 @@ def _copy_range(src: Path, offset: int, length: int, out, chunk: int = 1 << 26) 
             length -= len(block)
 
 
-class _Feeds:
-    """onnxruntime CalibrationDataReader over recorded inputs, read a range at a time (with
-    `CalibStridedMinMax` the calibrator keeps running min/max instead of every activation of
-    every input, which at 512x512 would not fit in memory)."""
-
-    def __init__(self, feeds: list[dict]):
-        self.feeds = feeds
-        self.set_range(0, len(feeds))
-
-    def __len__(self) -> int:
-        return len(self.feeds)
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        self._it = iter(self.feeds[start_index:end_index])
-
-    def get_next(self):
-        return next(self._it, None)
-
-
 @dataclass(frozen=True)
 class StaticInt8:
     """How int8-static quantizes; benchmarks/int8.py measures each choice (benchmarks/RESULTS.md)."""
@@ -281,58 +262,32 @@ class StaticInt8:
     # 7-bit weights: AVX2 without VNNI multiplies u8 x s8 pairs with VPMADDUBSW, whose int16 sums
     # saturate at full-range weights (3-4 dB of the U-Net's output, measured)
     reduce_range: bool = True
-    unsigned_weights: bool = False  # uint8 weights: the U8U8 kernel, which cannot saturate either
     # activation ranges: "minmax" over every calibration input, or "mean" of each input's min and
     # max (rare high-noise outliers are clipped instead of stretching the range for every step)
     ranges: str = "minmax"
-    calibration_cache: Path | None = None  # onnxruntime's JSON of activation ranges: calibrate once
 
 
-# onnxruntime's MinMax calibrator: one input at a time keeps a running min/max; all at once with
-# its moving average takes the mean of each input's (only the reductions are kept: small)
-RANGES = {"minmax": {"CalibStridedMinMax": 1}, "mean": {"CalibMovingAverage": True}}
-
-
-def static_int8(model, out: Path, choose, calibration, options: StaticInt8 = StaticInt8()) -> dict[str, object]:
-    """Quantize `model` (weights and activations, QDQ) into `out`; `choose` as `chooser` gives it.
-    `model` is emptied of its weights on the way (they would double the peak memory)."""
-    import tempfile
-
+def static_int8(path: Path, out: Path, choose, ranges, options: StaticInt8 = StaticInt8()) -> dict[str, object]:
+    """Quantize the fp32 graph at `path` (weights and activations, QDQ) into `out` (which may be
+    `path`), one weight at a time (convert.int8_static); `ranges` (int8_static.Ranges, or what
+    returns them) are its activations' over calibration runs."""
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    cached = options.calibration_cache is not None and Path(options.calibration_cache).is_file()
-    if calibration is None and not cached:
-        raise UsageError("int8-static needs calibration data from the fp32 model")
-    graph.fold_weight_transposes(model)
-    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    exclude = [n.name for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")
-               and any(i in inits and not choose(graph.weight_name(i), inits[i]) for i in n.input[1:2])]
-    feeds = [] if cached else calibration()
-    with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
-        folded = Path(scratch) / "folded.onnx"
-        save_model(model, folded)
-        del model.graph.initializer[:]  # the weights are in the folded file now: 3.4 GB for SD 1.5
-        quantized_path = Path(scratch) / "quantized.onnx"
-        big = folded.with_name(folded.name + "_data").exists()
-        quantize_static(
-            str(folded), str(quantized_path), _Feeds(feeds) if feeds else None, quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=["Conv", "MatMul"], per_channel=True, reduce_range=options.reduce_range,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QUInt8 if options.unsigned_weights else QuantType.QInt8,
-            nodes_to_exclude=exclude, use_external_data_format=big,
-            calibrate_method=CalibrationMethod.MinMax,
-            calibration_cache_path=options.calibration_cache,
-            extra_options={"WeightSymmetric": True, **RANGES[options.ranges]},
-        )
-        quantized = onnx.load(str(quantized_path), load_external_data=True)
-        storage = _storage(quantized)
-        save_model(quantized, out)
-    return {"calibration_runs": len(feeds) if feeds else "cached", "excluded_nodes": len(exclude),
-            "activations": f"uint8 ({'MinMax' if options.ranges == 'minmax' else 'mean of per-input min/max'} "
-                           "over the model's own sampling runs)",
-            "weights": f"{'u' if options.unsigned_weights else ''}int8 per channel"
-                       f"{', 7-bit range' if options.reduce_range else ''}", **storage}
+    from edgediff.convert import int8_static
+
+    model = onnx.load(str(path), load_external_data=False)
+    found = int8_static.targets(model, choose)
+    chosen = {t.node.name for t in found}
+    excluded = sum(1 for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm") and n.name not in chosen)
+    ranges = ranges() if callable(ranges) else ranges
+    if ranges is None or not ranges.runs:
+        raise UsageError("int8-static needs activation ranges from calibration runs of the model")
+    int8_static.write(model, path.parent, out, found, options.reduce_range, ranges)
+    return {"calibration_runs": ranges.runs, "excluded_nodes": excluded,
+            "activations": f"uint8 ({'MinMax' if ranges.kind == 'minmax' else 'mean of per-input min/max'} "
+                           "over the model's own sampling runs, read with int8 weights)",
+            "weights": f"int8 per channel{', 7-bit range' if options.reduce_range else ''}",
+            **_storage(onnx.load(str(out), load_external_data=False))}
 
 
 def _storage(model) -> dict[str, object]:

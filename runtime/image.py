@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, PngImagePlugin, UnidentifiedImageError
 
-from edgediff.errors import UsageError
+from edgediff.errors import UsageError, arg
 
 
 def to_pil(images: np.ndarray) -> list[Image.Image]:
@@ -22,13 +22,13 @@ def to_pil(images: np.ndarray) -> list[Image.Image]:
 def open_image(path: str | Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"--init-image {path}: no such file")
+        raise UsageError(f"{arg('init_image')} {path}: no such file")
     try:
         with Image.open(path) as img:
             img.load()
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise UsageError(f"--init-image {path}: not a readable image ({exc})") from exc
+        raise UsageError(f"{arg('init_image')} {path}: not a readable image ({exc})") from exc
 
 
 def from_pil(image: Image.Image, width: int, height: int) -> np.ndarray:

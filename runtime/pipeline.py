@@ -185,6 +185,11 @@ class Pipeline:
             comp.release()
         self._components.clear()
 
+    def use_graph(self, name: str, path: Path, seen: Callable[[dict[str, np.ndarray]], None] | None = None) -> None:
+        """Run component `name` from another graph with its inputs and outputs, and `seen` given
+        every run's outputs, its own among them (int8-static's calibration copies)."""
+        self._components[name] = Component(name, Path(path), self.options, seen=seen)
+
     def _open(self, name: str) -> Component:
         """The component with its session created, its creation time counted as `load`."""
         comp = self.component(name)

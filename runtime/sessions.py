@@ -145,6 +145,7 @@ class Component:
     bindings: list = field(default_factory=list)  # how each bound weight is held
     load_seconds: float = 0.0
     tap: Callable[[dict[str, np.ndarray]], None] | None = None  # sees every run's inputs (calibration)
+    seen: Callable[[dict[str, np.ndarray]], None] | None = None  # sees every run's outputs (calibration)
     cached: bool = False  # opened from the optimized-graph cache
     runtime: str = "onnxruntime"  # or "openvino": which one opened the session
     ran_on: str = ""  # what ran it, as reports say: 'onnxruntime 1.32.0 CPUExecutionProvider'
@@ -312,6 +313,8 @@ class Component:
                     f"({self.path}); its precision may overflow: re-convert it at fp32"
                 )
             result[name] = value
+        if self.seen is not None:
+            self.seen(result)
         return result
 
     def release(self) -> None:

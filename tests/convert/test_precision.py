@@ -24,35 +24,28 @@ FLOORS = {"fp16": 55.0, "int8-weights": 50.0, "int8-static": 29.0, "int4": 34.0}
 COMPONENTS = ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
 
 
-# The inputs onnxruntime's static quantizer read while each precision was converted, per graph
-# input names (filled by the `quantized` fixture; an independent count of the calibration runs).
+# The inputs the calibration copies read while each precision was converted, per graph input
+# names (filled by the `quantized` fixture; an independent count of the calibration runs).
 CALIBRATION_FEEDS: dict[str, dict[tuple[str, ...], list[dict]]] = {}
 
 
 @pytest.fixture(scope="module")
 def quantized(tiny_source, tmp_path_factory):
-    import onnxruntime.quantization as ort_quantization
+    from edgediff.runtime.sessions import Component
 
     root = tmp_path_factory.mktemp("precisions")
-    stock = ort_quantization.quantize_static
+    stock = Component.run
     packages = {}
     for p in FLOORS:
         fed = CALIBRATION_FEEDS.setdefault(p, {})
 
-        def counting(model_input, model_output, reader, *args, _fed=fed, **kwargs):
-            read = reader.get_next
-
-            def get_next():
-                feed = read()
-                if feed is not None:
-                    _fed.setdefault(tuple(sorted(feed)), []).append(feed)
-                return feed
-
-            reader.get_next = get_next
-            return stock(model_input, model_output, reader, *args, **kwargs)
+        def counting(self, feeds, _fed=fed):
+            if self.seen is not None:  # a calibration copy
+                _fed.setdefault(tuple(sorted(feeds)), []).append(dict(feeds))
+            return stock(self, feeds)
 
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(ort_quantization, "quantize_static", counting)
+            patch.setattr(Component, "run", counting)
             packages[p] = convert(tiny_source("sd1"), root / p, precision=p) and root / p
     return packages
 
@@ -124,7 +117,7 @@ def test_manifest_records_each_component(quantized):
     assert m["unet"]["notes"]["conv_dequantize"] == len(int4_convs) > 0
     # int4 convolutions run in fp32: a DequantizeLinear feeds each, and no integer Conv exists
     assert not ops["ConvInteger"] and not ops["QLinearConv"]
-    # int8-static calibrates on 6 prompts x 10 steps: onnxruntime read 60 U-Net inputs, at 10
+    # int8-static calibrates on 6 prompts x 10 steps: its U-Net copy read 60 inputs, at 10
     # timesteps and 6 conditionings
     fed = CALIBRATION_FEEDS["int8-static"][("encoder_hidden_states", "sample", "timestep")]
     assert len(fed) == 60 and len({f["sample"].tobytes() for f in fed}) == 60
@@ -334,28 +327,26 @@ def _int8_weight_codes(path) -> np.ndarray:
 def test_static_int8_weights_cannot_saturate_avx2(tiny_package, quantized, tmp_path):
     """int8-static stores 7-bit weights (|code| <= 64): two u8 x s8 products summed in int16 by
     AVX2's VPMADDUBSW stay below 32767, which full-range weights overflow. Quantizing the same
-    graph with full-range weights (from the same ranges, cached) shows the check can fail."""
-    import onnx
-
+    graph with full-range weights (from the same ranges, saved and read back) shows the check
+    can fail."""
+    from edgediff.convert.int8_static import Ranges, calibrate_feeds
     from edgediff.convert.precision import StaticInt8, chooser, static_int8
 
     codes = _int8_weight_codes(quantized["int8-static"] / "unet" / "model.onnx")
     assert codes.dtype == np.int8 and np.abs(codes.astype(int)).max() <= 64
     feeds = CALIBRATION_FEEDS["int8-static"][("encoder_hidden_states", "sample", "timestep")]
     source = tiny_package("sd1") / "unet" / "model.onnx"
-    cache = tmp_path / "ranges.json"
     choose = chooser("unet", "int8-static")
-    wide = static_int8(onnx.load(str(source)), tmp_path / "wide.onnx", choose, lambda: feeds,
-                       StaticInt8(reduce_range=False, calibration_cache=cache))
-    assert cache.is_file() and wide["calibration_runs"] == len(feeds)
+    ranges = calibrate_feeds(source, choose, feeds)
+    assert ranges.runs == len(feeds)
+    wide = static_int8(source, tmp_path / "wide.onnx", choose, ranges, StaticInt8(reduce_range=False))
+    assert wide["calibration_runs"] == len(feeds)
     assert np.abs(_int8_weight_codes(tmp_path / "wide.onnx").astype(int)).max() > 64
-    # the cached ranges stand in for calibration: the same graph, with no calibration run
-    narrow = static_int8(onnx.load(str(source)), tmp_path / "narrow.onnx", choose, None,
-                         StaticInt8(calibration_cache=cache))
-    assert narrow["calibration_runs"] == "cached"
-    static_int8(onnx.load(str(source)), tmp_path / "again.onnx", choose, lambda: feeds, StaticInt8())
-    assert (tmp_path / "narrow.onnx").read_bytes() == (tmp_path / "again.onnx").read_bytes()
-
+    ranges.save(tmp_path / "ranges.json")
+    static_int8(source, tmp_path / "read" / "model.onnx", choose, Ranges.load(tmp_path / "ranges.json"))
+    static_int8(source, tmp_path / "kept" / "model.onnx", choose, ranges)
+    for name in ("model.onnx", "model.onnx_data"):
+        assert (tmp_path / "read" / name).read_bytes() == (tmp_path / "kept" / name).read_bytes()
 
 
 def test_static_int8_keeps_its_float_layers(quantized):
