@@ -28,8 +28,8 @@ from edgediff.runtime.denoiser import Denoiser, latent_space, noisy_start
 from edgediff.runtime.lora import LoraRequest, Plan, plan, prompt_loras, read_lora
 from edgediff.runtime.noise import TorchGenerator
 from edgediff.runtime.package import Package, open_package
-from edgediff.runtime.samplers import A1111_NAMES, get_sampler
-from edgediff.runtime.schedules import get_sigmas, model_schedule
+from edgediff.runtime.samplers import A1111_NAMES, get_sampler, resolve_sampler
+from edgediff.runtime.schedules import get_sigmas, model_schedule, resolve_schedule
 from edgediff.runtime.sessions import (
     LORA_MODES,
     WEIGHTS,
@@ -360,8 +360,9 @@ class Pipeline:
         self._use_loras(base + tagged)
         steps = int(d["steps"] if steps is None else steps)
         guidance = float(d["guidance"] if guidance is None else guidance)
-        sampler = sampler or str(d["sampler"])
-        schedule = schedule or str(d["schedule"])
+        # edgediff's names or A1111's ('DPM++ 2M Karras' is a sampler and a schedule)
+        sampler, carried = resolve_sampler(sampler) if sampler else (str(d["sampler"]), None)
+        schedule = (resolve_schedule(schedule) if schedule else None) or carried or str(d["schedule"])
         seed = random.randrange(2**32) if seed is None else int(seed)
         get_sampler(sampler)  # an unknown name fails before any work
         size = size_conditioning or SizeConditioning()

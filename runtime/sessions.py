@@ -26,6 +26,9 @@ def _ort():
     return onnxruntime
 
 
+_FELL_BACK: set[str] = set()  # fallbacks already warned about (once each per process)
+
+
 def providers_for(device: str) -> list[str]:
     """onnxruntime's execution providers for `device`; CUDA falls back to CPU with a warning that
     says why. ('openvino' gets the CPU provider: it runs what OpenVINO cannot take.)"""
@@ -36,7 +39,8 @@ def providers_for(device: str) -> list[str]:
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if device == "cuda":
+    if device == "cuda" and "cuda-missing" not in _FELL_BACK:  # said once per process
+        _FELL_BACK.add("cuda-missing")
         warnings.warn(
             "CUDA was requested but this onnxruntime build has no CUDAExecutionProvider "
             f"(available: {', '.join(available)}); running on the CPU. For CUDA, replace the "
@@ -104,9 +108,6 @@ class SessionOptions:
     # (runtime.graph_cache; the CPU provider only): a second open skips the optimizer
     graph_cache: bool = True
     precision: str = "auto"  # RUN_PRECISIONS
-
-
-_FELL_BACK: set[str] = set()
 
 
 def _check_fallback(session, device: str, name: str) -> None:

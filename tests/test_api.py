@@ -50,3 +50,13 @@ def test_messages_name_python_arguments_in_python_and_flags_on_the_command_line(
     assert "--init-image nope.png: no such file" in capsys.readouterr().err
     with pytest.raises(UsageError, match=r"^threads must be at least 1"):  # back in Python after the CLI
         PackagePipeline(tiny_package("sd1"), threads=0)
+
+
+def test_python_takes_a1111_sampler_names_too(tiny_package):
+    pipe = PackagePipeline(tiny_package("sd1"), device="cpu")
+    image = pipe.generate("a cat", sampler="DPM++ 2M Karras", seed=3, **ARGS)
+    assert "Sampler: DPM++ 2M, Schedule type: Karras" in image.info["parameters"]
+    same = pipe.generate("a cat", sampler="dpmpp_2m", schedule="karras", seed=3, **ARGS)
+    assert np.array_equal(np.asarray(image), np.asarray(same))
+    with pytest.raises(UsageError, match="did you mean"):
+        pipe.generate("a cat", sampler="dpm++2mm", **ARGS)

@@ -18,8 +18,16 @@ def test_cpu_and_unknown_devices():
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="a GPU is present")
-def test_cuda_falls_back_to_cpu_with_a_warning():
+def test_cuda_falls_back_to_cpu_with_a_warning(monkeypatch):
+    import warnings
+
+    from edgediff.runtime import sessions
+
+    monkeypatch.setattr(sessions, "_FELL_BACK", set())
     with pytest.warns(RuntimeWarning, match="no CUDAExecutionProvider.*onnxruntime-gpu"):
+        assert providers_for("cuda") == ["CPUExecutionProvider"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process, not once per component
         assert providers_for("cuda") == ["CPUExecutionProvider"]
     assert providers_for("auto") == ["CPUExecutionProvider"]
 
