@@ -1,7 +1,7 @@
 """onnxruntime's CPU MultiHeadAttention kernel on the attention shapes of SD 1.5's U-Net, each
 way it can run, against the matrix products it does (what bounds it).
 
-    python -m edgediff.benchmarks.attention --size 512 --threads 2
+    edgediff bench attention --size 512 --threads 2
 
 The kernel has two paths: flash attention (blocked by the L2 cache size; the default) and the
 unfused one (Q·Kᵀ whole, softmax, ·V), chosen by ORT_DISABLE_FLASH_ATTENTION when the session is

@@ -3,8 +3,8 @@ safetensors headers, GGUF files, package manifests, LoRA files. Each starts from
 valid small files; a reader may refuse its input only with an EdgediffError; any other
 exception, a hang (--timeout) or memory past --rss-limit-mb is a finding.
 
-    python -m edgediff.benchmarks.fuzz safetensors --seconds 60
-    python -m edgediff.benchmarks.fuzz all --seconds 600 --out fuzz-results
+    edgediff bench fuzz safetensors --seconds 60
+    edgediff bench fuzz all --seconds 600 --out fuzz-results
 
 Needs `pip install atheris`. A finding is saved as crash-* in the working folder (libFuzzer's
 way); make it a regression test.

@@ -3,7 +3,7 @@ SD 1.5, SDXL, SD3.5-medium and FLUX.1-schnell (modules on torch's meta device: n
 a diffusers folder's names (what `edgediff convert FOLDER` builds) and, for the DiTs, in their
 single files' names (what `edgediff generate --model FILE.gguf` builds once).
 
-    python -P -m edgediff.benchmarks.graph_build
+    edgediff bench graph_build
 """
 
 from __future__ import annotations

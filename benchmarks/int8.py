@@ -1,9 +1,9 @@
 """int8-static's choices, measured on a package's U-Net against its fp32 U-Net: weight range,
 which layers stay float, and one block at a time (the sensitivity table).
 
-    python -m edgediff.benchmarks.int8 ~/.cache/edgediff/synthetic/sd15/package-fp32 --work /tmp/int8
-    python -m edgediff.benchmarks.int8 PACKAGE --work /tmp/int8 --sensitivity
-    python -m edgediff.benchmarks.int8 --kernels      # fp32 and int8 GEMM rates on this CPU
+    edgediff bench int8 ~/.cache/edgediff/synthetic/sd15/package-fp32 --work /tmp/int8
+    edgediff bench int8 PACKAGE --work /tmp/int8 --sensitivity
+    edgediff bench int8 --kernels      # fp32 and int8 GEMM rates on this CPU
 
 Calibration is the converter's own (its prompts, 10 euler steps at up to 256x256), run once and
 kept as onnxruntime's range cache in WORK (one per range method); every variant quantizes the same fp32 graph with those

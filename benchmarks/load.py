@@ -2,7 +2,7 @@
 it (the first open), and from it (every later open), each then running one 256x256 step so a
 cost moved from the open into the first run is counted too.
 
-    python -m edgediff.benchmarks.load PACKAGE [--threads 2]
+    edgediff bench load PACKAGE [--threads 2]
 
 The package's files are read once beforehand, so all three read them from the page cache."""
 

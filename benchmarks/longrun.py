@@ -1,7 +1,7 @@
 """Many generations in one process, resident memory sampled after each: the growth per image
 after warm-up, with components kept loaded and released after each use.
 
-    python -m edgediff.benchmarks.longrun PACKAGE [--images 200] [--size 64] [--steps 8]
+    edgediff bench longrun PACKAGE [--images 200] [--size 64] [--steps 8]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """LoRA at load time, measured: random LoRA files for a package's own modules, then load time,
 step time, peak memory and the image against the LoRA merged at fp32, per package and LoRA mode.
 
-    python -m edgediff.benchmarks.loras FP32_PACKAGE INT4_PACKAGE [--size 512] [--steps 4] [--out DIR]
+    edgediff bench loras FP32_PACKAGE INT4_PACKAGE [--size 512] [--steps 4] [--out DIR]
 
 `write_lora` is also what the tests use to make LoRA files in each format.
 """

@@ -1,6 +1,6 @@
 """Where a component's time goes: onnxruntime's profiler over one warm run, by operator type.
 
-    python -m edgediff.benchmarks.profile PACKAGE --component unet --size 512
+    edgediff bench profile PACKAGE --component unet --size 512
 
 The inputs are the component's real ones, captured from a 1-step generation at that size.
 """

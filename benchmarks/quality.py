@@ -1,11 +1,11 @@
 """Image quality of each precision against the reference precision, same seeds and prompts,
 one process per precision (the model loads once for all its images).
 
-    python -m edgediff.benchmarks.quality sd15-512 --seeds 8 --steps 2
+    edgediff bench quality sd15-512 --seeds 8 --steps 2
 
 takes the model, precisions, size and prompts of a scenario. For the embedded shapes model,
 
-    python -m edgediff.benchmarks.quality tiny --draw
+    edgediff bench quality tiny --draw
 
 scores instead what share of 50 images show the prompted shape and colours, per precision
 (a precision's '@cacheN' runs it with --cache-interval N, '@openvino' on OpenVINO).

@@ -1,7 +1,7 @@
 """`edgediff serve`, measured: the time a served request adds over `Pipeline.generate` on the same
 loaded model, requests per minute, and resident memory over many sequential requests.
 
-    python -m edgediff.benchmarks.serve PACKAGE [--size 256] [--steps 4] [--repeats 5] [--sequential 200]
+    edgediff bench serve PACKAGE [--size 256] [--steps 4] [--repeats 5] [--sequential 200]
 """
 
 from __future__ import annotations

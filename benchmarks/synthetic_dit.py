@@ -4,7 +4,7 @@ encoders under `text_encoders.*`, the VAE in LDM's names, matrices in a block fo
 built on torch's meta device and each tensor's blocks are drawn as random codes and written in
 turn, so a 12B-parameter Flux never exists as floats (48 GB) and the file is made in minutes.
 
-    python -m edgediff.benchmarks.synthetic_dit flux-schnell OUT.gguf [q4_0|q8_0]
+    edgediff bench synthetic_dit flux-schnell OUT.gguf [q4_0|q8_0]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The VAE decoder alone at a large size, whole and in tiles: time and the process's peak memory
 (each in a fresh process, so one does not inherit the other's peak).
 
-    python -m edgediff.benchmarks.vae_memory PACKAGE --size 1024 --tiles 0 512 256
+    edgediff bench vae_memory PACKAGE --size 1024 --tiles 0 512 256
 """
 
 from __future__ import annotations
