@@ -294,6 +294,19 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--queue", type=int, default=4, help="jobs waiting or running; more get 503")
     v.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in MB (default 32)")
     v.add_argument("--lora-dir", help="folder of LoRA files for <lora:NAME:STRENGTH> tags in prompts")
+
+    u = sub.add_parser("upscale", help="enlarge an image with an ESRGAN-family model (ESRGAN, Real-ESRGAN, "
+                                       "Real-ESRGAN compact)")
+    u.add_argument("image", help="the image to enlarge")
+    u.add_argument("--model", required=True, help="the upscaler: a .pth/.pt file (read without running anything in "
+                                                  "it) or a .safetensors file")
+    u.add_argument("--scale", type=float, help="how many times larger (default: the model's own scale; another runs "
+                                               "the model again while smaller, then resizes with Lanczos)")
+    u.add_argument("--tile", type=int, help="tile side in input pixels (default 192; 0: the whole image at once)")
+    u.add_argument("--output", "-o", required=True, help="the image to write: .png, .jpg or .webp")
+    u.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto (default): CUDA where onnxruntime-gpu has it, else the CPU")
+    u.add_argument("--threads", type=int, help="CPU threads for onnxruntime")
     return p
 
 
@@ -757,6 +770,37 @@ def _cache(args) -> int:
     return 0
 
 
+def _upscale(args) -> int:
+    from PIL import Image, UnidentifiedImageError
+
+    from edgediff.runtime.image import image_format, save_image
+    from edgediff.runtime.upscale import TILE, load_upscaler, upscale
+
+    output, source, model = Path(args.output), Path(args.image), Path(args.model)
+    image_format(output)  # the file type, asked before the work
+    if not output.parent.is_dir():
+        raise UsageError(f"--output {output}: its folder {output.parent} does not exist")
+    for flag, path in (("IMAGE", source), ("--model", model)):
+        if not path.is_file():
+            raise UsageError(f"{flag} {path}: no such file")
+    if args.threads is not None and args.threads <= 0:
+        raise UsageError(f"--threads must be positive (got {args.threads})")
+    try:
+        with Image.open(source) as img:
+            img.load()
+            image = img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise UsageError(f"IMAGE {source}: not a readable image ({exc})") from None
+    started = time.perf_counter()
+    upscaler = load_upscaler(model, args.device, args.threads)
+    result = upscale(upscaler, image, args.scale, tile=TILE if args.tile is None else args.tile)
+    factor = result.width / image.width
+    save_image(result, output, f"Postprocess upscale by: {factor:g}, Postprocess upscaler: {upscaler.name}")
+    print(f"wrote {output} ({result.width}x{result.height} from {image.width}x{image.height}; {upscaler.name}: "
+          f"{upscaler.arch.kind} x{upscaler.scale}) in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
 def _bench_tool(name: str, argv: list[str]) -> int:
     import importlib
 
@@ -778,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
             return _bench_tool(argv[1].replace("-", "_"), argv[2:])
         args = _parser().parse_args(argv)
         commands = {"convert": _convert, "generate": _generate, "inspect": _inspect, "bench": _bench, "serve": _serve,
-                    "cache": _cache}
+                    "cache": _cache, "upscale": _upscale}
         with command_line():
             return commands[args.command](args)
     except EdgediffError as exc:
