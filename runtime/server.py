@@ -118,7 +118,8 @@ def decode_image(data: object, where: str):
     return image.convert("RGB")
 
 
-def encode_png(image) -> str:
+def png_bytes(image) -> bytes:
+    """The PNG of an image with its A1111 parameters in the "parameters" text chunk."""
     from PIL import PngImagePlugin
 
     info = PngImagePlugin.PngInfo()
@@ -126,7 +127,47 @@ def encode_png(image) -> str:
         info.add_text("parameters", image.info["parameters"])
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
+
+
+def encode_png(image) -> str:
+    return base64.b64encode(png_bytes(image)).decode("ascii")
+
+
+def save_output(folder: Path, kind: str, image, seed: int) -> Path:
+    """Write an image as A1111 does, `folder/KIND-images/YYYY-MM-DD/NNNNN-SEED.png` (NNNNN: one past
+    the highest number in that day's folder), under a temporary name renamed at the end."""
+    day = Path(folder) / f"{kind}-images" / datetime.now().strftime("%Y-%m-%d")
+    day.mkdir(parents=True, exist_ok=True)
+    numbers = [int(p.name.split("-", 1)[0]) for p in day.glob("*.png") if p.name.split("-", 1)[0].isdigit()]
+    path = day / f"{max(numbers, default=-1) + 1:05d}-{seed}.png"
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(png_bytes(image))
+    partial.replace(path)
+    return path
+
+
+def history(folder: Path, limit: int = 200) -> list[dict]:
+    """The images `save_output` wrote, newest first, with their parameters (read from the PNGs)."""
+    from PIL import Image
+
+    folder = Path(folder)
+    found = []
+    for kind in ("txt2img", "img2img"):
+        for path in (folder / f"{kind}-images").glob("*/*.png"):
+            number = path.name.split("-", 1)[0]
+            if number.isdigit():
+                found.append((path.parent.name, path.stat().st_mtime_ns, int(number), path))
+    items = []
+    for *_, path in sorted(found, reverse=True)[:limit]:
+        try:
+            with Image.open(path) as image:
+                parameters = image.info.get("parameters", "")
+        except OSError:  # half-written by another program, or not an image after all
+            continue
+        name = path.relative_to(folder).as_posix()
+        items.append({"name": name, "url": f"/edgediff/outputs/{name}", "parameters": parameters})
+    return items
 
 
 def _field(body: dict, name: str, kind, default, low=None, high=None):
@@ -216,6 +257,8 @@ class Request:
     eta: float | None = None
     init_images: list = field(default_factory=list)
     model: str | None = None  # override_settings.sd_model_checkpoint
+    save: bool = False  # save_images (and not do_not_save_samples): written to the outputs folder
+    send: bool = True  # send_images
     settings: dict = field(default_factory=dict)  # the other honoured override_settings
     restore: bool = True  # override_settings_restore_afterwards
     ignored: list[str] = field(default_factory=list)  # set fields not implemented (--lenient)
@@ -250,6 +293,8 @@ class Request:
         r.clip_skip = overrides.pop("CLIP_stop_at_last_layers", None)
         r.settings = overrides
         r.restore = _field(body, "override_settings_restore_afterwards", bool, True)
+        r.save = _field(body, "save_images", bool, False) and not _field(body, "do_not_save_samples", bool, False)
+        r.send = _field(body, "send_images", bool, True)
         r.ignored = refuse_or_ignore(unimplemented(body, img2img) + others, lenient)
         if img2img:
             images = _field(body, "init_images", list, [])
@@ -343,11 +388,13 @@ class Service:
     def __init__(self, models: Models, model: str | None = None, limits: Limits | None = None,
                  low_memory: bool = False, device: str = "auto", threads: int | None = None,
                  lora_dir: Path | None = None, runnable: Callable[[Path], Path] | None = None,
-                 lenient: bool = False, preview_every: int = 10):
+                 lenient: bool = False, preview_every: int = 10, outputs: Path | None = None):
         self.models, self.limits = models, limits or Limits()
         self.runnable = runnable  # a file another tool wrote -> the package that runs it (convert.adopt's)
         self.low_memory, self.device, self.threads, self.lora_dir = low_memory, device, threads, lora_dir
         self.lenient = lenient  # fields edgediff does not implement: ignored and listed, not a 422
+        # where requests with save_images write their images (A1111's outputs/txt2img-images/DATE/)
+        self.outputs = Path(outputs) if outputs is not None else models.folder.parent / "outputs"
         # the honoured A1111 options besides the model (POST /options, override_settings)
         self.settings = {"CLIP_stop_at_last_layers": 1, "show_progress_every_n_steps": preview_every}
         self.name: str | None = None
@@ -463,6 +510,12 @@ class Service:
                     on_step=on_step)
             except EdgediffError as exc:
                 raise ApiError(422 if isinstance(exc, UsageError) else 500, str(exc), type(exc).__name__) from None
+            if r.save:
+                try:
+                    save_output(self.outputs, "img2img" if r.init_images else "txt2img", image, (seed + i) % 2**32)
+                except OSError as exc:
+                    raise ApiError(500, f"could not write the image to {self.outputs} ({exc}); serve with another "
+                                        "--outputs folder", "OSError") from None
             images.append(image)
             infotexts.append(image.info["parameters"])
             seeds.append((seed + i) % 2**32)
@@ -483,7 +536,7 @@ class Service:
             "interrupted": self.job.interrupted, "ignored": r.ignored,
         }
         self.job = Job(timestamp=self.job.timestamp, interrupted=self.job.interrupted)  # idle
-        return {"images": [encode_png(im) for im in images], "info": info}
+        return {"images": [encode_png(im) for im in images] if r.send else [], "info": info}
 
     def stopping(self) -> bool:
         """Asked after every step: stop this image (interrupt or skip)."""
@@ -535,6 +588,7 @@ class Service:
         return {"api": True, "nowebui": False, "ckpt_dir": str(self.models.folder),
                 "lora_dir": str(self.lora_dir) if self.lora_dir else None, "device": self.device,
                 "threads": self.threads, "low_memory": self.low_memory, "lenient": self.lenient,
+                "outputs": str(self.outputs),
                 **{k: getattr(self.limits, k) for k in ("max_body", "max_side", "max_steps", "max_images", "queue")}}
 
     def progress(self) -> dict:
@@ -587,6 +641,8 @@ def app(service: Service, auth: tuple[str, str] | None = None):
                 result = await run_in_threadpool(service.generate, parsed)
             finally:
                 service.release()
+            if not body.get("include_init_images"):  # as A1111: the request echoed without its images
+                body = {**body, **{k: None for k in ("init_images", "mask") if k in body}}
             return JSONResponse({"images": result["images"], "parameters": body, "info": json.dumps(result["info"])})
         return endpoint
 
@@ -654,6 +710,16 @@ def app(service: Service, auth: tuple[str, str] | None = None):
     async def scripts(_request):
         return JSONResponse({"txt2img": [], "img2img": []})
 
+    async def output_file(request):
+        """A file `save_output` wrote (the page's history), never anything outside the folder."""
+        from starlette.responses import FileResponse
+
+        root = service.outputs.resolve()
+        path = (root / request.path_params["path"]).resolve()
+        if path.suffix != ".png" or not path.is_relative_to(root) or not path.is_file():
+            raise ApiError(404, f"no image {request.path_params['path']!r} in the outputs folder")
+        return FileResponse(path, media_type="image/png", filename=path.name)
+
     async def page(_request):
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
@@ -677,6 +743,8 @@ def app(service: Service, auth: tuple[str, str] | None = None):
         Route("/sdapi/v1/png-info", png_info, methods=["POST"]),
         Route("/sdapi/v1/scripts", scripts),
         Route("/sdapi/v1/skip", skip, methods=["POST"]),
+        Route("/edgediff/history", answer(lambda: {"images": history(service.outputs)})),
+        Route("/edgediff/outputs/{path:path}", output_file),
         Route("/sdapi/v1/loras", answer(service.loras)),
         Route("/sdapi/v1/refresh-loras", answer(lambda: None), methods=["POST"]),  # /loras reads the folder each time
         Route("/sdapi/v1/refresh-checkpoints", answer(service.refresh), methods=["POST"]),
@@ -756,10 +824,12 @@ class Running:
 def serve(models: Path, model: str | None = None, host: str = "127.0.0.1", port: int = 7860,
           auth: tuple[str, str] | None = None, limits: Limits | None = None, low_memory: bool = False,
           device: str = "auto", threads: int | None = None, lora_dir: Path | None = None,
-          runnable: Callable[[Path], Path] | None = None, lenient: bool = False, preview_every: int = 10) -> None:
+          runnable: Callable[[Path], Path] | None = None, lenient: bool = False, preview_every: int = 10,
+          outputs: Path | None = None) -> None:
     """Load the model and serve until interrupted; `runnable` opens files other tools wrote;
     `lenient` ignores (and lists in `info`) request fields edgediff does not implement instead of
-    answering 422; `preview_every` N: /progress has a preview of the image every N steps (0: none)."""
+    answering 422; `preview_every` N: /progress has a preview of the image every N steps (0: none);
+    `outputs`: where images asked to be saved go (default: `outputs` beside the models folder)."""
     uvicorn = require("uvicorn", "serve", "edgediff serve")
     if not 0 < port < 65536:
         raise UsageError(f"--port {port}: a port is 1-65535")
@@ -769,7 +839,8 @@ def serve(models: Path, model: str | None = None, host: str = "127.0.0.1", port:
             found.find(model)
         except ApiError as exc:
             raise UsageError(f"--model {model}: {exc.detail}") from None
-    service = Service(found, model, limits, low_memory, device, threads, lora_dir, runnable, lenient, preview_every)
+    service = Service(found, model, limits, low_memory, device, threads, lora_dir, runnable, lenient, preview_every,
+                      outputs)
     print(f"edgediff: serving {models} on http://{host}:{port}/ (A1111 API under /sdapi/v1)", file=sys.stderr,
           flush=True)
     uvicorn.run(app(service, auth), host=host, port=port, log_level="info")

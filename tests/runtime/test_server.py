@@ -399,6 +399,32 @@ def test_skip_stops_the_image_running_now_and_the_job_goes_on(served):
     assert len(answer["r"].json()["images"]) == 2 and not info["interrupted"]
 
 
+def test_saved_images_and_the_outputs_folder(served, tmp_path):
+    """save_images writes A1111's outputs/txt2img-images/DATE/NNNNN-SEED.png (not with
+    do_not_save_samples); send_images=false answers no images; the history lists what was written
+    and the outputs endpoint serves nothing else."""
+    url, _, service = served
+    service.outputs = tmp_path / "outputs"
+    requests.post(f"{url}/sdapi/v1/txt2img", json={**SMALL, "save_images": True, "do_not_save_samples": True})
+    assert not (tmp_path / "outputs").exists()
+    r = requests.post(f"{url}/sdapi/v1/txt2img", json={**SMALL, "seed": 7, "n_iter": 2, "save_images": True,
+                                                       "send_images": False})
+    assert r.status_code == 200 and r.json()["images"] == []
+    r = requests.post(f"{url}/sdapi/v1/img2img", json={**SMALL, "init_images": [_b64(_png())], "save_images": True})
+    assert r.json()["parameters"]["init_images"] is None  # echoed without the image, as A1111
+    days = list((tmp_path / "outputs" / "txt2img-images").iterdir())
+    assert len(days) == 1 and sorted(p.name for p in days[0].iterdir()) == ["00000-7.png", "00001-8.png"]
+    listed = requests.get(f"{url}/edgediff/history").json()["images"]
+    assert [x["name"].split("/")[0] for x in listed] == ["img2img-images", "txt2img-images", "txt2img-images"]
+    assert "Seed: 8," in listed[1]["parameters"] and listed[1]["name"].endswith("00001-8.png")
+    assert requests.get(url + listed[1]["url"]).content == (days[0] / "00001-8.png").read_bytes()
+    (tmp_path / "secret.png").write_bytes(_png())
+    (tmp_path / "outputs" / "notes.txt").write_text("x")
+    for bad in ("..%2Fsecret.png", "%2e%2e/secret.png", "notes.txt", "txt2img-images/none.png"):
+        r = requests.get(f"{url}/edgediff/outputs/{bad}")
+        assert r.status_code == 404 and set(r.json()) == {"error", "detail", "body", "errors"}
+
+
 def test_password(tiny_package, tmp_path):
     folder = tmp_path / "models"
     folder.mkdir()
@@ -469,45 +495,136 @@ def browser(width: int = 1100, height: int = 760):
     return webdriver.Chrome(service=ChromeService(driver), options=options)
 
 
+def _type(driver, **fields) -> None:
+    from selenium.webdriver.common.by import By
+
+    for element, value in fields.items():
+        field = driver.find_element(By.ID, element)
+        field.clear()
+        field.send_keys(str(value))
+
+
+def _wait_done(driver, seconds: float = 120) -> set[int]:
+    """Wait until the page says done (or cancelled, or shows an error); the bar values seen."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    seen = set()
+
+    def finished(d):
+        seen.add(int(d.find_element(By.ID, "bar").get_attribute("aria-valuenow")))
+        return d.find_element(By.ID, "status").text in ("done", "cancelled") or d.find_element(By.ID, "error").text
+
+    try:
+        WebDriverWait(driver, seconds, poll_frequency=0.05).until(finished)
+    except Exception:
+        raise AssertionError(f"status {driver.find_element(By.ID, 'status').text!r}, logs "
+                             f"{driver.get_log('browser')}") from None
+    seen.add(int(driver.find_element(By.ID, "bar").get_attribute("aria-valuenow")))  # as it ended: the
+    assert driver.find_element(By.ID, "error").text == ""  # status may turn between the two reads above
+    return seen
+
+
+def _src_image(element) -> Image.Image:
+    src = element.get_attribute("src")
+    if src.startswith("data:"):
+        return Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+    return Image.open(io.BytesIO(requests.get(src).content))
+
+
 def test_the_page_in_a_browser(served, tiny_package, tmp_path):
     """Type a prompt, press Generate, watch the progress bar fill, read the image back: it is
-    `Pipeline.generate`'s."""
+    `Pipeline.generate`'s; it is in the outputs folder and in the history after a reload, with a
+    download link to the PNG and its parameters."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     url, _, service = served
     service.switch("alpha")
+    service.outputs = tmp_path / "outputs"
     driver = browser()
     try:
         driver.get(url + "/")
         WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#sampler option")) > 0)
-        assert driver.find_element(By.ID, "model").text.startswith("alpha [")
-        for element, value in (("prompt", PROMPT), ("negative", NEGATIVE), ("width", "256"), ("height", "256"),
-                               ("steps", "60"), ("cfg", "7"), ("seed", "21")):
-            field = driver.find_element(By.ID, element)
-            field.clear()
-            field.send_keys(value)
+        assert Select(driver.find_element(By.ID, "model")).first_selected_option.text.startswith("alpha [")
+        assert driver.find_elements(By.CSS_SELECTOR, "#history img") == []
+        _type(driver, prompt=PROMPT, negative=NEGATIVE, width=256, height=256, steps=60, cfg=7, seed=21)
         Select(driver.find_element(By.ID, "sampler")).select_by_visible_text("Euler")
         driver.find_element(By.ID, "generate").click()
-        seen = set()
-
-        def finished(d):
-            seen.add(int(d.find_element(By.ID, "bar").get_attribute("aria-valuenow")))
-            return d.find_element(By.ID, "status").text in ("done",) or d.find_element(By.ID, "error").text
-
-        WebDriverWait(driver, 120, poll_frequency=0.05).until(finished)
-        seen.add(int(driver.find_element(By.ID, "bar").get_attribute("aria-valuenow")))  # as it ended: the
-        assert driver.find_element(By.ID, "error").text == ""  # status may turn between the two reads above
+        seen = _wait_done(driver)
         assert max(seen) == 100 and any(0 < v < 100 for v in seen)  # the bar moved while it ran
-        src = driver.find_element(By.ID, "image").get_attribute("src")
-        image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+        image = _src_image(driver.find_element(By.ID, "image"))
         ours = _ours(tiny_package("sd1"), steps=60, guidance=7.0, sampler="euler", seed=21, width=256, height=256)
         assert np.array_equal(_pixels(image), _pixels(ours))
         assert "Seed: 21" in driver.find_element(By.ID, "parameters").text
         assert len(driver.find_elements(By.CSS_SELECTOR, "#history img")) == 1
         driver.save_screenshot(str(tmp_path / "page.png"))
+
+        saved = list((tmp_path / "outputs" / "txt2img-images").glob("*/00000-21.png"))
+        assert len(saved) == 1 and np.array_equal(_pixels(Image.open(saved[0])), _pixels(ours))
+        driver.refresh()  # the history is the server's: it survives a reload
+        WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#history img"))
+        driver.find_element(By.CSS_SELECTOR, "#history img").click()
+        assert "Seed: 21" in driver.find_element(By.ID, "parameters").text
+        assert np.array_equal(_pixels(_src_image(driver.find_element(By.ID, "image"))), _pixels(ours))
+        link = driver.find_element(By.CSS_SELECTOR, "#history a[download]")
+        download = requests.get(link.get_attribute("href"))
+        assert download.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(download.content)).info["parameters"] == ours.info["parameters"].replace(
+            "Model: sd1,", "Model: alpha,")
     finally:
         driver.quit()
+
+
+def test_the_page_img2img_batches_model_switch_and_cancel(served, tiny_package, tmp_path):
+    """The page's other controls in Chromium: upload an image and a strength (img2img), batch
+    count, switch the model, and cancel a long job (the image so far comes back, saying so)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    url, _, service = served
+    service.switch("alpha")
+    service.outputs = tmp_path / "outputs"
+    init = Image.fromarray((np.indices((64, 64)).sum(0) * 3 % 256).astype(np.uint8)).convert("RGB")
+    init.save(tmp_path / "start.png")
+    driver = browser()
+    try:
+        driver.get(url + "/")
+        WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#schedule option")) > 0)
+        driver.find_element(By.ID, "init").send_keys(str(tmp_path / "start.png"))
+        WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "init-image").is_displayed())
+        _type(driver, prompt=PROMPT, negative=NEGATIVE, width=64, height=64, steps=4, cfg=7, seed=9, strength=0.5,
+              n_iter=2)
+        Select(driver.find_element(By.ID, "sampler")).select_by_visible_text("Euler")
+        Select(driver.find_element(By.ID, "schedule")).select_by_value("karras")
+        driver.find_element(By.ID, "generate").click()
+        _wait_done(driver)
+        results = driver.find_elements(By.CSS_SELECTOR, "#result img")
+        assert len(results) == 2
+        ours = _ours(tiny_package("sd1"), steps=4, guidance=7.0, sampler="euler", schedule="karras", seed=9,
+                     width=64, height=64, init_image=init, strength=0.5)
+        assert np.array_equal(_pixels(_src_image(results[0])), _pixels(ours))
+        assert len(list((tmp_path / "outputs" / "img2img-images").glob("*/*.png"))) == 2
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#history img")) == 2
+
+        Select(driver.find_element(By.ID, "model")).select_by_index(1)  # beta
+        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "status").text.startswith("model: beta ["))
+        assert service.name == "beta"
+
+        driver.find_element(By.ID, "clear-init").click()  # back to txt2img, and a long job to cancel
+        _type(driver, width=256, height=256, steps=60, n_iter=1)
+        driver.find_element(By.ID, "generate").click()
+        WebDriverWait(driver, 60, poll_frequency=0.02).until(
+            lambda d: d.find_element(By.ID, "status").text.startswith("step ") and not d.find_element(
+                By.ID, "status").text.startswith("step 0 "))
+        driver.find_element(By.ID, "cancel").click()
+        _wait_done(driver)
+        assert driver.find_element(By.ID, "status").text == "cancelled"
+        assert "Interrupted: after " in driver.find_element(By.ID, "parameters").text
+        assert "Model: beta," in driver.find_element(By.ID, "parameters").text
+    finally:
+        driver.quit()
+        service.switch("alpha")
 
 
 def test_forty_concurrent_requests_are_each_answered(served):
