@@ -241,6 +241,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--vae-tile", type=int, default=0, metavar="PIXELS",
                    help="decode (and encode) the image in overlapping tiles of this size, blended: "
                         "bounded memory for large images (512 is a good start; default 0: whole)")
+    g.add_argument("--preview", metavar="FILE",
+                   help="write a cheap preview of the image being sampled to FILE after every step (the latent "
+                        "mapped to RGB, no VAE: what the server's /progress shows); PNG, JPEG or WebP by extension")
     g.add_argument("--no-graph-cache", dest="graph_cache", action="store_false",
                    help="do not keep onnxruntime's optimized graphs between runs (see `edgediff cache`)")
     g.add_argument("--split-guidance", action="store_true",
@@ -443,6 +446,17 @@ def _check_memory(pipe, args, job: dict) -> None:
                      "anyway")
 
 
+def _previewer(path: str | None, pipe):
+    """generate's on_step for --preview: the latent so far, as runtime.preview shows it, written
+    atomically (a viewer watching the file never reads half of one)."""
+    if path is None:
+        return None
+    from edgediff.runtime.image import save_image
+    from edgediff.runtime.preview import preview
+
+    return lambda step, denoised: save_image(preview(denoised, pipe.manifest), path, f"Step: {step}")
+
+
 def _outputs(args, seeds: list[int]) -> list[Path]:
     """The file of each image: --output (numbered OUT-00000.png ... when there are several), or
     edgediff-SEED.png (00000-SEED numbered, as A1111's)."""
@@ -473,6 +487,11 @@ def _generate(args) -> int:
             image_format(out)
         except UsageError as exc:
             raise UsageError(f"--output {exc}") from None
+    if args.preview:
+        try:
+            image_format(args.preview)
+        except UsageError as exc:
+            raise UsageError(f"--preview {exc}") from None
     if args.batch_count < 1:
         raise UsageError(f"--batch-count must be at least 1 (got {args.batch_count})")
     jobs = _jobs(args)
@@ -501,6 +520,7 @@ def _generate(args) -> int:
             height=job["height"], init_image=args.init_image, strength=args.strength,
             clip_skip=args.clip_skip, size_conditioning=size, refiner=refiner, refiner_start=args.refiner_start,
             progress=ProgressBar("sampling", lambda: pipe.timings.steps), cache_interval=args.cache_interval,
+            on_step=_previewer(args.preview, pipe),
         )
         save_image(image, path, image.info["parameters"])
         print(f"wrote {path} ({image.width}x{image.height}, seed {seed})")

@@ -518,3 +518,19 @@ def test_progress_rate_is_the_steps_own_time():
     assert stream.getvalue().splitlines() == ["sampling [........................] 0/2 ",
                                               "sampling [############............] 1/2 0.25 s/step",
                                               "sampling [########################] 2/2 0.50 s/step"]
+
+
+def test_preview_file_shows_the_image_while_it_samples(tiny_package, tmp_path, capsys):
+    from PIL import Image
+
+    from edgediff.runtime.image import read_parameters
+
+    preview = tmp_path / "live.webp"
+    code, _, err = run(capsys, "generate", "-m", str(tiny_package("sd1")), "-p", "a cat", "--steps", "3",
+                       "--width", "64", "--height", "64", "--preview", str(preview), "-o", str(tmp_path / "x.png"))
+    assert code == 0, err
+    shown = Image.open(preview)
+    assert shown.size == (64, 64) and read_parameters(shown) == "Step: 3"  # the last step's
+    code, _, err = run(capsys, "generate", "-m", str(tiny_package("sd1")), "-p", "a cat", "--preview",
+                       str(tmp_path / "live.bmp"), "-o", str(tmp_path / "y.png"))
+    assert code == 2 and "--preview" in err and ".bmp" in err
