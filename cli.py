@@ -301,12 +301,12 @@ def _parser() -> argparse.ArgumentParser:
     u = sub.add_parser("upscale", help="enlarge an image with an ESRGAN-family model (ESRGAN, Real-ESRGAN, "
                                        "Real-ESRGAN compact)")
     u.add_argument("image", help="the image to enlarge")
-    u.add_argument("--model", required=True, help="the upscaler: a .pth/.pt file (read without running anything in "
+    u.add_argument("--model", required=True, metavar="FILE", help="the upscaler: a .pth/.pt file (read without running anything in "
                                                   "it) or a .safetensors file")
-    u.add_argument("--scale", type=float, help="how many times larger (default: the model's own scale; another runs "
+    u.add_argument("--scale", type=float, metavar="N", help="how many times larger (default: the model's own scale; another runs "
                                                "the model again while smaller, then resizes with Lanczos)")
-    u.add_argument("--tile", type=int, help="tile side in input pixels (default 192; 0: the whole image at once)")
-    u.add_argument("--output", "-o", required=True, help="the image to write: .png, .jpg or .webp")
+    u.add_argument("--tile", type=int, metavar="PX", help="tile side in input pixels (default 192; 0: the whole image at once)")
+    u.add_argument("--output", "-o", required=True, metavar="OUT", help="the image to write: .png, .jpg or .webp")
     u.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto (default): CUDA where onnxruntime-gpu has it, else the CPU")
     u.add_argument("--threads", type=int, help="CPU threads for onnxruntime")

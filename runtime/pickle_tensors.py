@@ -142,6 +142,9 @@ def _tensor(t: _Tensor, storages: dict[str, np.ndarray], where: str) -> np.ndarr
             and all(isinstance(s, int) and s >= 0 for s in t.stride) and len(t.size) == len(t.stride)):
         raise SourceError(f"{where}: a tensor with shape {t.size}, strides {t.stride} and offset {t.offset!r} "
                           "(a damaged file)")
+    if math.prod(t.size) > len(base):  # what a zero stride repeats: no weight file holds it, a bomb might
+        raise SourceError(f"{where}: a tensor of shape {list(t.size)} made from a storage of {len(base)} elements "
+                          "(it repeats them); edgediff reads only tensors that lie in their storage")
     if math.prod(t.size):
         end = t.offset + sum((d - 1) * s for d, s in zip(t.size, t.stride, strict=True))
         if t.offset < 0 or end >= len(base):
@@ -195,6 +198,10 @@ def _load_zip(path: Path, where: str, data: bool):
         pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
             raise SourceError(f"{where}: a zip file, but not one torch.save writes (no single NAME/data.pkl)")
+        for info in archive.infolist():  # torch.save never compresses: nothing can expand past the file's size
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise SourceError(f"{where}: '{info.filename}' is compressed, which torch.save never does (a damaged "
+                                  "or altered file)")
         root = pickles[0][: -len("data.pkl")]
         order = f"{root}byteorder"
         big = order in archive.namelist() and archive.read(order).strip() == b"big"
@@ -207,9 +214,6 @@ def _load_zip(path: Path, where: str, data: bool):
             name = f"{root}data/{key}"
             if "/" in key or name not in archive.namelist():
                 raise SourceError(f"{where}: storage '{key}' that its pickle names is missing (a damaged file)")
-            if archive.getinfo(name).compress_type != zipfile.ZIP_STORED:  # torch.save never compresses
-                raise SourceError(f"{where}: storage '{key}' is compressed, which torch.save never does (a damaged "
-                                  "or altered file)")
             dtype = s.dtype.replace("<", ">") if big else s.dtype
             storages[key] = _array(archive.read(name), dtype, s.numel, where, key).astype(s.dtype)
         return _resolve(obj, storages, where)

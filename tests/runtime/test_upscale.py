@@ -96,6 +96,10 @@ def test_reader_refuses_damaged_files(tmp_path):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(SourceError, match="cut.pth: .*truncated"):
         pickle_tensors.load(path)
+    repeated = tmp_path / "repeated.pth"
+    torch.save({"w": torch.zeros(3).expand(1000, 3)}, repeated)  # 3 stored elements seen as 3000
+    with pytest.raises(SourceError, match=r"repeated.pth: a tensor of shape \[1000, 3\] made from a storage of 3"):
+        pickle_tensors.load(repeated)
 
 
 @pytest.mark.parametrize("kind,scale,fmt", [("rrdb", 4, "pth"), ("rrdb", 2, "safetensors"), ("compact", 4, "legacy"),
@@ -193,6 +197,35 @@ def test_cli_upscale(tmp_path, capsys):
     assert code == 0
     with Image.open(tmp_path / "o.jpg") as img:
         assert img.size == (80, 60) and img.format == "JPEG"
+
+
+_WITHOUT_TORCH = """
+import sys
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'diffusers', 'transformers', 'torchvision', 'safetensors'):
+            raise ImportError(f'{name} is not installed here')
+sys.meta_path.insert(0, Refuse())
+from edgediff.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_cli_upscale_without_torch(tmp_path):
+    """A .pth upscaler runs with torch (and the safetensors package) unimportable."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = _save_pth(tiny("rrdb", 2)[1], tmp_path / "2x.pth", legacy=True)
+    source = tmp_path / "in.png"
+    Image.new("RGB", (9, 7), (10, 200, 30)).save(source)
+    done = subprocess.run([sys.executable, "-P", "-c", _WITHOUT_TORCH, "upscale", str(source), "--model", str(model),
+                           "-o", str(tmp_path / "out.webp"), "--device", "cpu"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[3], timeout=300)
+    assert done.returncode == 0, done.stderr
+    with Image.open(tmp_path / "out.webp") as img:
+        assert img.size == (18, 14)
 
 
 def test_cli_upscale_errors(tmp_path, capsys):
