@@ -260,9 +260,11 @@ def load(path: str | Path, data: bool = True):
     where = str(path)
     if not path.is_file():
         raise SourceError(f"{where}: no such file")
-    if zipfile.is_zipfile(path):
-        try:
+    try:
+        if zipfile.is_zipfile(path):
             return _load_zip(path, where, data)
-        except zipfile.BadZipFile as exc:
-            raise SourceError(f"{where}: a damaged zip file ({exc}); download it again") from None
-    return _load_legacy(path, where, data)
+        return _load_legacy(path, where, data)
+    except zipfile.BadZipFile as exc:
+        raise SourceError(f"{where}: a damaged zip file ({exc}); download it again") from None
+    except RecursionError:  # containers nested deeper than any state dict
+        raise SourceError(f"{where}: its pickle nests containers thousands deep, which no weight file does") from None
