@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import io
 import json
@@ -156,8 +157,9 @@ def history(folder: Path, limit: int = 200) -> list[dict]:
     for kind in ("txt2img", "img2img"):
         for path in (folder / f"{kind}-images").glob("*/*.png"):
             number = path.name.split("-", 1)[0]
-            if number.isdigit():
-                found.append((path.parent.name, path.stat().st_mtime_ns, int(number), path))
+            with contextlib.suppress(OSError):  # removed meanwhile
+                if number.isdigit():
+                    found.append((path.parent.name, path.stat().st_mtime_ns, int(number), path))
     items = []
     for *_, path in sorted(found, reverse=True)[:limit]:
         try:
