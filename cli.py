@@ -297,6 +297,12 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--queue", type=int, default=4, help="jobs waiting or running; more get 503")
     v.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in MB (default 32)")
     v.add_argument("--lora-dir", help="folder of LoRA files for <lora:NAME:STRENGTH> tags in prompts")
+    v.add_argument("--lenient", action="store_true",
+                   help="answer requests that set A1111 fields edgediff does not implement with 200, listing "
+                        "them in info['ignored'] (default: 422 naming them), for front ends that send everything")
+    v.add_argument("--outputs", metavar="DIR",
+                   help="where images asked to be saved go, as A1111's outputs/txt2img-images/DATE/ "
+                        "(default: outputs beside the models folder)")
 
     u = sub.add_parser("upscale", help="enlarge an image with an ESRGAN-family model (ESRGAN, Real-ESRGAN, "
                                        "Real-ESRGAN compact)")
@@ -762,7 +768,8 @@ def _serve(args) -> int:
     from edgediff.convert.adopt import runnable
 
     serve(Path(args.models), args.model, host, args.port, auth, limits, args.low_memory, args.device, args.threads,
-          Path(args.lora_dir) if args.lora_dir else None, runnable)
+          Path(args.lora_dir) if args.lora_dir else None, runnable, lenient=args.lenient,
+          outputs=Path(args.outputs) if args.outputs else None)
     return 0
 
 

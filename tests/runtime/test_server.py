@@ -678,3 +678,16 @@ def test_memory_stays_flat_over_sequential_requests(served):
     for _ in range(40):
         requests.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=60).raise_for_status()
     assert _rss_mb() - before < 40
+
+
+def test_serve_flags_reach_the_server(tmp_path, monkeypatch):
+    from edgediff.cli import main
+    from edgediff.convert.adopt import runnable
+    from edgediff.runtime import server
+
+    seen = {}
+    monkeypatch.setattr(server, "serve", lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs))
+    assert main(["serve", "--models", str(tmp_path), "--lenient", "--outputs", str(tmp_path / "out")]) == 0
+    assert seen["kwargs"] == {"lenient": True, "outputs": tmp_path / "out"} and seen["args"][-1] is runnable
+    assert main(["serve", "--models", str(tmp_path)]) == 0
+    assert seen["kwargs"] == {"lenient": False, "outputs": None}
