@@ -17,10 +17,15 @@ from edgediff.runtime.openvino_session import AUTO_ENV  # noqa: E402
 
 from tiny_models import build_tiny  # noqa: E402
 
-# `auto` stays on onnxruntime in every test (and in the processes tests start): on a CPU with
-# BF16, OpenVINO computes in bf16 and the fp32 floors would depend on the machine. The tests of
-# OpenVINO ask for it by name or clear this.
+# `auto` stays on onnxruntime in every test (and in the processes tests start): it would take
+# OpenVINO at f32 where a probe measures it faster, and images would differ by machine. The tests
+# of OpenVINO ask for it by name or clear this.
 os.environ[AUTO_ENV] = "0"
+# transformers and diffusers log through a handler bound to the sys.stderr of the test that first
+# imports them (capsys's, closed after it): a later warning there is a 'Logging error' traceback in
+# another test's output. The references' warnings (torchvision missing) are not the tests' subject.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 # and GGUF weights at accuracy level 0 (auto takes 4 on CPUs with VNNI); tests of level 4 ask for it
 os.environ[AUTO_INT8_ENV] = "0"
 

@@ -87,6 +87,11 @@ CONFIGS.update({
 # the "sdxl" model with SDXL-Turbo's scheduler: euler a, trailing spacing
 CONFIGS["sdxl-turbo"] = dict(CONFIGS["sdxl"], scheduler="EulerAncestralDiscreteScheduler", spacing="trailing")
 
+# inpainting U-Nets (sd-1.5-inpainting, SDXL inpainting): 9 input channels, the latent, the mask and
+# the masked image's latent
+CONFIGS["sd1-inpaint"] = dict(CONFIGS["sd1"], in_channels=9, pipeline="StableDiffusionInpaintPipeline")
+CONFIGS["sdxl-inpaint"] = dict(CONFIGS["sdxl"], in_channels=9, pipeline="StableDiffusionXLInpaintPipeline")
+
 # DiT families: the context is the CLIPs' features side by side, zero-padded to T5's width, then
 # T5's tokens; the pooled vector is both CLIPs' (16 + 24)
 _T5 = dict(d_model=96, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
@@ -161,8 +166,8 @@ def build_tiny(dst: Path, name: str = "sd1", seed: int = 0) -> Path:
     ) if key in cfg]
     torch.manual_seed(seed)
     context = sum(c["hidden_size"] for _, _, _, c, _ in encoders)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, cross_attention_dim=context,
-                                **cfg["unet"])
+    unet = UNet2DConditionModel(sample_size=8, in_channels=cfg.get("in_channels", 4), out_channels=4,
+                                cross_attention_dim=context, **cfg["unet"])
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
                         down_block_types=("DownEncoderBlock2D",) * len(cfg["vae"]["block_out_channels"]),
                         up_block_types=("UpDecoderBlock2D",) * len(cfg["vae"]["block_out_channels"]),

@@ -14,12 +14,13 @@ import zipfile
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_upscalers import old_esrgan_names, psnr, tiny
 
 from edgediff.cli import main
 from edgediff.errors import SourceError, UnsafeFileError
 from edgediff.runtime import pickle_tensors
 from edgediff.runtime.upscale import describe, list_upscalers, load_upscaler, upscale, upscale_array
+
+from tiny_upscalers import old_esrgan_names, psnr, tiny
 
 torch = pytest.importorskip("torch")
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tiny_upscalers import old_esrgan_names, psnr, tiny, trunk_names
 
 from edgediff.errors import SourceError
 from edgediff.kernels.graphs.esrgan import build_upscaler, detect
 
 from built import run
+from tiny_upscalers import old_esrgan_names, psnr, tiny, trunk_names
 
 CASES = [("rrdb", 4, None), ("rrdb", 2, None), ("rrdb", 1, None), ("rrdb", 4, old_esrgan_names),
          ("rrdb", 4, trunk_names), ("compact", 4, None), ("compact", 2, None)]
