@@ -200,6 +200,36 @@ def _parser() -> argparse.ArgumentParser:
                    help="run even when the memory estimate says the size does not fit this machine")
     g.add_argument("--init-image", help="start from this image (img2img)")
     g.add_argument("--strength", type=float, default=0.75, help="img2img: how much to change (0, 1]")
+    g.add_argument("--mask", metavar="FILE",
+                   help="inpainting, with --init-image: repaint where this image is white (or, in an RGBA image with "
+                        "transparency, where it is painted) and keep the rest")
+    g.add_argument("--mask-blur", type=float, default=4, metavar="PIXELS",
+                   help="inpainting: Gaussian blur of the mask's edge (default 4, as A1111)")
+    g.add_argument("--inpainting-fill", type=int, choices=(0, 1, 2, 3), default=1,
+                   help="inpainting: what the masked area starts from, A1111's 'masked content': 0 fill, 1 original "
+                        "(default), 2 latent noise, 3 latent nothing")
+    g.add_argument("--inpaint-full-res", action="store_true",
+                   help="inpainting, A1111's 'only masked': draw the mask's box at --width x --height (default: the "
+                        "model's size) and paste it back into the image")
+    g.add_argument("--inpaint-full-res-padding", type=int, default=32, metavar="PIXELS",
+                   help="inpainting with --inpaint-full-res: pixels around the mask's box (default 32)")
+    g.add_argument("--invert-mask", action="store_true",
+                   help="inpainting: repaint where the mask is black (A1111's 'inpaint not masked')")
+    g.add_argument("--hires-scale", type=float, metavar="X",
+                   help="hires fix (A1111's two passes): draw at --width x --height, upscale X times and draw "
+                        "again from there")
+    g.add_argument("--hires-width", type=int, default=0, metavar="PIXELS",
+                   help="hires fix to this width (with --hires-height too: covered, then cropped; alone: the "
+                        "height in proportion); instead of --hires-scale")
+    g.add_argument("--hires-height", type=int, default=0, metavar="PIXELS", help="hires fix to this height")
+    g.add_argument("--hires-upscaler", default="Latent", metavar="NAME|FILE",
+                   help="hires fix upscaler: Latent (default), 'Latent (antialiased)', 'Latent (bicubic)', 'Latent "
+                        "(bicubic antialiased)', 'Latent (nearest)', 'Latent (nearest-exact)', Lanczos, Nearest, "
+                        "None, or an ESRGAN-family model file (.pth/.safetensors)")
+    g.add_argument("--hires-steps", type=int, default=0, metavar="N",
+                   help="hires fix: steps of the second pass (default 0: as many as --steps)")
+    g.add_argument("--hires-strength", type=float, default=0.7, metavar="S",
+                   help="hires fix: A1111's denoising strength of the second pass, in (0, 1] (default 0.7)")
     g.add_argument("--clip-skip", type=int, default=1, help="1 = last layer, 2 = the one before (A1111)")
     g.add_argument("--refiner", help="an SDXL refiner package that finishes the image (base to refiner)")
     g.add_argument("--refiner-start", type=float, default=0.8,
@@ -526,7 +556,11 @@ def _generate(args) -> int:
             height=job["height"], init_image=args.init_image, strength=args.strength,
             clip_skip=args.clip_skip, size_conditioning=size, refiner=refiner, refiner_start=args.refiner_start,
             progress=ProgressBar("sampling", lambda: pipe.timings.steps), cache_interval=args.cache_interval,
-            on_step=_previewer(args.preview, pipe),
+            on_step=_previewer(args.preview, pipe), mask=args.mask, mask_blur=args.mask_blur,
+            inpainting_fill=args.inpainting_fill, inpaint_full_res=args.inpaint_full_res,
+            inpaint_full_res_padding=args.inpaint_full_res_padding, inpainting_mask_invert=args.invert_mask,
+            hires_scale=args.hires_scale, hires_width=args.hires_width, hires_height=args.hires_height,
+            hires_upscaler=args.hires_upscaler, hires_steps=args.hires_steps, hires_strength=args.hires_strength,
         )
         save_image(image, path, image.info["parameters"])
         print(f"wrote {path} ({image.width}x{image.height}, seed {seed})")

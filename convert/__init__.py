@@ -62,7 +62,8 @@ _SAME_WEIGHTS = {"sd-turbo": "sd2", "sdxl-turbo": "sdxl"}  # distilled variants,
 def resolve_family(source: Source, family: str = "auto") -> tuple[Family, str]:
     """The family to convert as: detected from the tensors' shapes, or forced with --family
     (refused when the shapes say another family). U-Nets that take other inputs than the
-    family's latent (inpainting: 9 channels) are refused here, not inside onnxruntime later."""
+    family's latent (or an inpainting model's latent, mask and masked image's latent) are refused
+    here, not inside onnxruntime later."""
     where = str(source.path)
     if family != "auto":
         forced = get_family(family)
@@ -85,11 +86,13 @@ def _check_inputs(source: Source, fam: Family) -> None:
         return
     for name in ("unet.conv_in.weight", "model.diffusion_model.input_blocks.0.0.weight"):
         shape = source.shapes.get(name)
-        if shape is not None and len(shape) == 4 and shape[1] != fam.latent.channels:
-            kind = "an inpainting model" if shape[1] == 9 else "a variant"
+        # an inpainting U-Net takes the latent, the mask and the masked image's latent (9 for SD)
+        if shape is not None and len(shape) == 4 and shape[1] not in (fam.latent.channels,
+                                                                       2 * fam.latent.channels + 1):
             raise SourceError(f"{source.path}: its U-Net takes {shape[1]} input channels ({name}), not the "
-                              f"{fam.latent.channels} latent channels of {fam.title}: {kind} edgediff does not run "
-                              "yet (it runs text-to-image and image-to-image models)")
+                              f"{fam.latent.channels} latent channels of {fam.title} (or "
+                              f"{2 * fam.latent.channels + 1} of an inpainting model): a variant edgediff does "
+                              "not run yet (it runs text-to-image, image-to-image and inpainting models)")
 
 
 def convert(

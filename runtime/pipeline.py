@@ -21,7 +21,7 @@ from PIL import Image
 from edgediff import __version__
 from edgediff.errors import PackageError, UsageError, arg
 from edgediff.kernels.gguf_blocks import FORMATS
-from edgediff.runtime import accuracy, feature_cache, memory, text, vae
+from edgediff.runtime import accuracy, feature_cache, hires, inpaint, memory, text, vae
 from edgediff.runtime import image as img
 from edgediff.runtime.conditioning import Cond, SizeConditioning, guidance_embedding, time_ids
 from edgediff.runtime.denoiser import Denoiser, latent_space, noisy_start
@@ -145,6 +145,7 @@ class Pipeline:
                                        self.manifest.flow_normal_end)
         self._components: dict[str, Component] = {}
         self._tokenizers: dict[str, object] = {}
+        self._sample_channels: int | None = None  # the denoiser's input channels, read from its graph
         self.timings = Timings()
         # LoRAs: those given here apply to every image; `<lora:NAME:S>` in a prompt adds files
         # from `lora_dir` for that image (the components open again when the set changes)
@@ -261,9 +262,12 @@ class Pipeline:
         return conds[0], (conds[1] if len(conds) > 1 else None)
 
     def _sample(self, x, sigmas, cond: Cond, uncond: Cond | None, guidance: float, sampler: str, rng,
-                clock: _StepClock, cache_interval: int = 1, split_guidance: bool = False) -> np.ndarray:
+                clock: _StepClock, cache_interval: int = 1, split_guidance: bool = False,
+                extra: np.ndarray | None = None, keep: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """Run the sampler over `sigmas` with this model's denoiser (opened, then released), fed
-        by the names its graph declares."""
+        by the names its graph declares. `extra`: channels joined to the latent in `sample` (an
+        inpainting model's mask and masked image); `keep` (latent, mask): the prediction keeps the
+        latent outside the mask (runtime.inpaint.Blended)."""
         comp = self._open(self.manifest.denoiser)
         clock.start()  # opening the session is load time, not the first step's
         names = set(comp.input_names)
@@ -283,13 +287,119 @@ class Pipeline:
             takes = set(shallow.input_names)  # SDXL's outer layers have no cross-attention: no text input
             run = feature_cache.reusing(comp.run, lambda f: shallow.run({k: v for k, v in f.items() if k in takes}),
                                         cache_interval)
+        if extra is not None:
+            model = run
+
+            def run(x_in, t, c):
+                return model(np.concatenate([x_in, np.repeat(extra, x_in.shape[0], 0)], 1), t, c)
+
         denoiser = Denoiser(run, self.schedule, self.manifest.prediction, cond, uncond, guidance,
                             split_batch=split_guidance)
+        if keep is not None:
+            denoiser = inpaint.Blended(denoiser, *keep)
         x = get_sampler(sampler)(denoiser, x, sigmas, rng, clock)
         self._done(comp)
         if shallow is not None:
             self._done(shallow)
         return x
+
+    def _inpainting_model(self) -> bool:
+        """Whether the denoiser takes a mask and a masked image's latent beside its latent (a U-Net
+        of 2C+1 input channels, as sd-1.5-inpainting's 9), read from its graph's `sample` input."""
+        if self._sample_channels is None:
+            m = self.manifest
+            entry = m.components[m.denoiser]
+            if self.package.gguf is not None:
+                data = self.package.gguf.blob(entry.file)
+                dims = inpaint.input_dims(data, "sample") if data is not None else None
+            else:
+                dims = inpaint.file_input_dims(self.package.root / entry.file, "sample")
+            channels = dims[1] if dims and len(dims) == 4 and isinstance(dims[1], int) else m.latent_channels
+            if channels not in (m.latent_channels, 2 * m.latent_channels + 1):
+                raise PackageError(f"{self.package.name}: its {m.denoiser} takes {channels} input channels, neither "
+                                   f"the {m.latent_channels} of a latent nor the {2 * m.latent_channels + 1} of an "
+                                   "inpainting model; re-convert it with this edgediff version")
+            self._sample_channels = channels
+        return self._sample_channels != self.manifest.latent_channels
+
+    def _encode(self, pixels: np.ndarray, rng, tile: int, release: bool = True) -> np.ndarray:
+        """Images in [-1, 1] to latents with the VAE encoder (kept open unless `release`)."""
+        m = self.manifest
+        encoder = self._open("vae_encoder")
+        started = time.perf_counter()
+        latent = vae.encode(encoder, pixels, rng, m.latent_scale, m.latent_shift, tile, m.vae_downscale)
+        self.timings.vae_encode += time.perf_counter() - started
+        if release:
+            self._done(encoder)
+        return latent
+
+    def _image_conditioning(self, pixels: np.ndarray | None, mask: np.ndarray | None, rng, tile: int,
+                            size: tuple[int, int]) -> np.ndarray:
+        """An inpainting model's extra channels [1, 1 + C, h, w]: the mask at the latent's size
+        (nearest) and the latent of the image with the mask's area blacked out (A1111's
+        inpainting_image_conditioning); without a mask (text to image, image to image) all is
+        masked: ones and the latent of a mid-grey image (its txt2img_image_conditioning)."""
+        height, width = size
+        if mask is None:
+            pixels, mask = np.zeros((1, 3, height, width), np.float32), np.ones((1, 1, height, width), np.float32)
+        latent = self._encode((pixels * (1 - mask)).astype(np.float32), rng, tile)
+        small = inpaint.nearest(mask, *latent.shape[-2:])
+        return np.concatenate([small, latent], 1).astype(np.float32)
+
+    def _denoise(self, stages, conds, x, guidance: float, sampler: str, rng, clock: _StepClock,
+                 cache_interval: int, split_guidance: bool, extra, keep) -> tuple[np.ndarray, bool]:
+        """Each stage's sampler in turn (an inpainting model with `extra`, a regular one keeping
+        `keep`); (latent, whether `interrupt` stopped it)."""
+        try:
+            for (pipe, part), (cond, uncond) in zip(stages, conds, strict=True):
+                special = pipe._inpainting_model()
+                x = pipe._sample(x, part, cond, uncond, guidance, sampler, rng, clock, cache_interval,
+                                 split_guidance, extra if special else None, None if special else keep)
+        except Interrupted as stop:  # what the sampler has so far
+            for pipe, _ in stages:
+                pipe._done(pipe.component(pipe.manifest.denoiser))
+            return stop.denoised, True
+        return x, False
+
+    def _hires_pass(self, x: np.ndarray, second: hires.Target, upscaler, seed: int, conds, size: SizeConditioning,
+                    guidance: float, sampler: str, schedule: str, steps: int, strength: float, plan: memory.Plan,
+                    clock: _StepClock, cache_interval: int) -> tuple[np.ndarray, bool]:
+        """A1111's sample_hr_pass: the first latent upscaled (in latent space, or decoded, upscaled
+        as pixels and encoded again), then image to image at the larger size from a generator
+        seeded again with `seed`: the last `steps` steps of a schedule of steps / strength."""
+        m = self.manifest
+        down = m.vae_downscale
+        (lat_h, lat_w), (up_w, up_h) = second.latent, second.upscale
+        height, width = lat_h * down, lat_w * down
+        rng = TorchGenerator(seed)
+        if upscaler in hires.LATENT_MODES:
+            mode, antialias = hires.LATENT_MODES[upscaler]
+            big = hires.interpolate(x, up_h // down, up_w // down, mode, antialias)
+            latent = big[..., second.top:second.top + lat_h, second.left:second.left + lat_w]
+        else:
+            decoder = self._open("vae_decoder")
+            started = time.perf_counter()
+            first = vae.decode(decoder, x.astype(np.float32), m.latent_scale, m.latent_shift, plan.vae_tile, down)
+            self.timings.vae_decode += time.perf_counter() - started
+            self._done(decoder)
+            image = hires.upscale_image(hires.first_pass_image(first), up_w, up_h, upscaler)
+            left, top = second.left * down, second.top * down
+            image = image.crop((left, top, left + width, top + height))
+            latent = self._encode(img.from_pil(image, width, height), rng, plan.vae_tile,
+                                  release=not self._inpainting_model())
+        noise = rng.randn((1, m.latent_channels, lat_h, lat_w))
+        extra = (self._image_conditioning(None, None, rng, plan.vae_tile, (height, width))
+                 if self._inpainting_model() else None)
+        patch = m.size_multiple // down
+        total, start = hires.second_pass_steps(steps, strength)
+        sigmas = get_sigmas(schedule, self.schedule.at_size((lat_h // patch) * (lat_w // patch)), total)[start:]
+        resized = []
+        for i, cond in enumerate(conds):  # SDXL's size ids say the larger size
+            ids = time_ids(m.conditioning, size, height, width, negative=i == 1) if cond is not None else None
+            resized.append(cond if ids is None else {**cond, "time_ids": ids})
+        x = noisy_start(latent_space(m.prediction), float(sigmas[0]), noise, latent)
+        return self._denoise([(self, sigmas)], [tuple(resized)], x, guidance, sampler, rng, clock, cache_interval,
+                             plan.split_guidance, extra, None)
 
     def refiner_split(self, sigmas: np.ndarray, refiner_start: float) -> int:
         """How many of `sigmas`' steps the base runs before a refiner takes over at
@@ -331,6 +441,18 @@ class Pipeline:
         interrupt: Callable[[], bool] | None = None,
         cache_interval: int = 1,
         on_step: Callable[[int, np.ndarray], None] | None = None,
+        mask: str | Path | Image.Image | None = None,
+        mask_blur: float = 4,
+        inpainting_fill: int = 1,
+        inpaint_full_res: bool = False,
+        inpaint_full_res_padding: int = 32,
+        inpainting_mask_invert: bool = False,
+        hires_scale: float | None = None,
+        hires_width: int = 0,
+        hires_height: int = 0,
+        hires_upscaler: str | Path | object = hires.DEFAULT_UPSCALER,
+        hires_steps: int = 0,
+        hires_strength: float = 0.7,
     ) -> Image.Image | list[Image.Image]:
         """One image; for a list of prompts, a list of images (seeds counting up from `seed`, as
         A1111's batches; a list of negative prompts pairs with them). Its `.info["parameters"]`
@@ -347,7 +469,29 @@ class Pipeline:
         `cache_interval` N > 1 runs the whole U-Net every N evaluations and its shallow branch on
         the deep features kept in between (runtime.feature_cache; packages converted with
         --deep-cache). `on_step(step, denoised)` sees each step's prediction of the final latent
-        (live previews)."""
+        (live previews).
+
+        Inpainting (A1111's, runtime.inpaint): with `init_image`, a `mask` (an image or its file;
+        white repaints, black keeps; an RGBA mask with transparency: its painted alpha) says where
+        to draw anew. `mask_blur` pixels of Gaussian blur soften its edge; `inpainting_fill` is
+        what the masked area starts from: 0 fill (blurred surroundings), 1 original, 2 latent
+        noise, 3 latent nothing. `inpaint_full_res` ("only masked") draws the mask's box, grown by
+        `inpaint_full_res_padding` pixels, at `width` x `height` (default the model's size) and
+        pastes it back; `inpainting_mask_invert` repaints what is black. A regular model keeps the
+        original latent outside the mask at every step; an inpainting model (its U-Net takes 2C+1
+        channels: sd-1.5-inpainting, SDXL inpainting) is given the mask and the masked image's
+        latent instead. Outside the mask the result is the original's pixels, the blurred mask the
+        alpha between them. A mask of another size than the image is resized to it (the parameters
+        say so).
+
+        Hires fix (A1111's two-pass text to image, runtime.hires): with `hires_scale` (or
+        `hires_width` and/or `hires_height`: the other side in proportion; both: covered, then
+        cropped), the image drawn at `width` x `height` is upscaled with `hires_upscaler` (
+        'Latent', 'Latent (antialiased)', 'Latent (bicubic)', 'Latent (bicubic antialiased)',
+        'Latent (nearest)', 'Latent (nearest-exact)', 'Lanczos', 'Nearest', 'None', an
+        ESRGAN-family model file, or a runtime.upscale.Upscaler) and drawn again from there as
+        image to image with the same seed: `hires_steps` steps (0: `steps`) of a schedule of
+        hires_steps / `hires_strength` steps, as A1111 counts them."""
         if not isinstance(prompt, str):
             options = {k: v for k, v in locals().items() if k not in ("self", "prompt", "negative_prompt", "seed")}
             return self._each(list(prompt), negative_prompt, seed, options)
@@ -373,7 +517,24 @@ class Pipeline:
                 f"{self.package.name} is a refiner ({m.family}): it finishes an image, it does not start one; "
                 f"give it {arg('init_image')}, or use it as {arg('refiner')} after a base model"
             )
-        if width is None and height is None and init is not None:
+        given_mask = None
+        if mask is not None:
+            if init is None:
+                raise UsageError(f"{arg('mask')} needs {arg('init_image')}: the mask says which part of that image to "
+                                 "repaint (white: repaint, black: keep)")
+            inpaint.check(mask_blur, inpainting_fill, inpaint_full_res_padding)
+            given_mask = inpaint.open_mask(mask)
+        upscaling = hires_scale is not None or bool(hires_width) or bool(hires_height)
+        if upscaling:
+            hires.check(hires_scale, hires_width, hires_height, hires_steps, hires_strength)
+            if init is not None:
+                raise UsageError(f"hires fix ({arg('hires_scale')}, {arg('hires_width')}, {arg('hires_height')}) is "
+                                 f"A1111's two-pass text to image; it does not take {arg('init_image')}")
+            if refiner is not None:
+                raise UsageError(f"hires fix does not run with {arg('refiner')} yet; leave one of them out")
+            upscaler_name, upscaler = hires.resolve_upscaler(hires_upscaler, self.options.device, self.options.threads)
+        # only masked: the crop is drawn at the model's size unless asked otherwise (A1111's width and height)
+        if width is None and height is None and init is not None and not (given_mask is not None and inpaint_full_res):
             width, height = (s // m.size_multiple * m.size_multiple for s in init.size)
         width = int(d["width"] if width is None else width)
         height = int(d["height"] if height is None else height)
@@ -412,12 +573,19 @@ class Pipeline:
                     f"raise {arg('strength')} or {arg('steps')}"
                 )
             sigmas = sigmas[start:]
+        second = None
+        if upscaling:
+            second = hires.target(width, height, hires_scale, hires_width, hires_height, m.vae_downscale, patch)
         stages = [(self, sigmas)]
         if refiner is not None:
             self._check_refiner(refiner)
             split = self.refiner_split(sigmas, refiner_start)
             stages = [(self, sigmas[:split + 1]), (refiner, sigmas[split:])]
-        plan = self._plan(width, height, guidance > 1 and spec.cfg and not spec.guidance_embedded, init is not None)
+        for pipe, _ in stages:
+            pipe._inpainting_model()  # a U-Net that takes other channels is refused before any work
+        largest = second.size if second is not None else (width, height)
+        plan = self._plan(*largest, guidance > 1 and spec.cfg and not spec.guidance_embedded,
+                          init is not None or upscaling)
 
         self.timings = Timings()
         began = time.perf_counter()
@@ -428,33 +596,52 @@ class Pipeline:
         conds = [pipe._conditioning(text_prompt, negative, clip_skip, size, height, width, guidance)
                  for pipe, _ in stages]
 
+        job = None
+        if given_mask is not None:
+            job = inpaint.prepare(init, given_mask, width, height, blur=mask_blur, fill_mode=inpainting_fill,
+                                  full_res=inpaint_full_res, padding=inpaint_full_res_padding,
+                                  invert=inpainting_mask_invert)
+            if job is None:
+                warnings.warn(f"{arg('inpaint_full_res')}: the mask is empty, so there is nothing to repaint; the "
+                              "image is made from the whole init image, as A1111 does", stacklevel=2)
+        special = any(pipe._inpainting_model() for pipe, _ in stages)
         shape = (1, m.latent_channels, height // m.vae_downscale, width // m.vae_downscale)
-        latent = None
+        latent = pixels = None
         if init is not None:
-            encoder = self._open("vae_encoder")
-            started = time.perf_counter()
-            latent = vae.encode(encoder, img.from_pil(init, width, height), rng, m.latent_scale, m.latent_shift,
-                                plan.vae_tile, m.vae_downscale)
-            self.timings.vae_encode = time.perf_counter() - started
-            self._done(encoder)
-        x = noisy_start(latent_space(self.manifest.prediction), float(sigmas[0]), rng.randn(shape), latent)
+            pixels = img.from_pil(job.image if job is not None else init, width, height)
+            latent = self._encode(pixels, rng, plan.vae_tile, release=not special)
+        noise = rng.randn(shape)
+        keep = None
+        if job is not None:
+            repaint = job.latent_mask(*shape[2:])
+            if inpainting_fill == 2:  # latent noise: the sampling noise itself, as A1111's same-seed tensor is
+                latent = latent * (1 - repaint) + noise * repaint
+            elif inpainting_fill == 3:  # latent nothing
+                latent = latent * (1 - repaint)
+            keep = (latent.astype(np.float32), repaint)
+        extra = None
+        if special:  # drawn after the noise, as diffusers' StableDiffusionInpaintPipeline encodes it
+            extra = self._image_conditioning(pixels if job is not None else None,
+                                             job.condition_mask() if job is not None else None, rng, plan.vae_tile,
+                                             (height, width))
+        x = noisy_start(latent_space(self.manifest.prediction), float(sigmas[0]), noise, latent)
 
-        clock = _StepClock(self.timings, progress, len(sigmas) - 1, interrupt, on_step)
-        interrupted = False
-        try:
-            for (pipe, part), (cond, uncond) in zip(stages, conds, strict=True):
-                x = pipe._sample(x, part, cond, uncond, guidance, sampler, rng, clock, cache_interval,
-                                 plan.split_guidance)
-        except Interrupted as stop:  # what the sampler has so far
-            x, interrupted = stop.denoised, True
-            for pipe, _ in stages:
-                pipe._done(pipe.component(pipe.manifest.denoiser))
+        first_steps = len(sigmas) - 1
+        hr_steps = (hires_steps or steps) if upscaling else 0
+        clock = _StepClock(self.timings, progress, first_steps + hr_steps, interrupt, on_step)
+        x, interrupted = self._denoise(stages, conds, x, guidance, sampler, rng, clock, cache_interval,
+                                       plan.split_guidance, extra, keep)
         finisher = stages[-1][0]
+        if keep is not None and not finisher._inpainting_model():
+            x = x * keep[1] + keep[0] * (1 - keep[1])  # A1111's last blend: outside the mask, the original latent
+        if second is not None and not interrupted:
+            x, interrupted = self._hires_pass(x, second, upscaler, seed, conds[0], size, guidance, sampler, schedule,
+                                              hr_steps, hires_strength, plan, clock, cache_interval)
         decoder = finisher._open("vae_decoder")  # the model that finishes decodes, as diffusers does
         started = time.perf_counter()
         pixels = vae.decode(decoder, x.astype(np.float32), m.latent_scale, m.latent_shift,
                             plan.vae_tile if finisher is self else finisher.vae_tile, m.vae_downscale)
-        self.timings.vae_decode = time.perf_counter() - started
+        self.timings.vae_decode += time.perf_counter() - started
         finisher._done(decoder)
         if finisher is not self:
             self.timings.load += finisher.timings.load
@@ -462,21 +649,31 @@ class Pipeline:
         self.timings.total = time.perf_counter() - began
 
         picture = img.to_pil(pixels)[0]
+        if job is not None:
+            picture = job.composite(picture)  # the original over it where it was not repainted
+        ran = len(self.timings.steps)
+        in_hires = interrupted and ran > first_steps
+        extras: dict[str, object] = dict(job.fields) if job is not None else {}
+        if second is not None:
+            extras.update(second.fields)
+            extras.update({"Hires steps": hires_steps or None, "Hires upscaler": upscaler_name})
         fields = {
             # an interrupted image says the steps that ran (of an img2img's, as A1111 counts them)
-            "Steps": steps - len(sigmas) + 1 + len(self.timings.steps) if interrupted else steps,
-            "Interrupted": f"after {len(self.timings.steps)} of {len(sigmas) - 1} steps" if interrupted else None,
+            "Steps": steps - len(sigmas) + 1 + ran if interrupted and not in_hires else steps,
+            "Interrupted": (f"after {ran - first_steps} of {hr_steps} hires steps" if in_hires
+                            else f"after {ran} of {first_steps} steps" if interrupted else None),
             "Sampler": A1111_NAMES[sampler],
             "Schedule type": A1111_SCHEDULES.get(schedule),
             "CFG scale": guidance,
             "Seed": seed,
-            "Size": f"{width}x{height}",
+            "Size": f"{shape[3] * m.vae_downscale}x{shape[2] * m.vae_downscale}",  # the first pass's (A1111's)
             "Model": self.package.name,
-            "Denoising strength": strength if init is not None else None,
+            "Denoising strength": strength if init is not None else hires_strength if upscaling else None,
             "Clip skip": clip_skip if clip_skip > 1 else None,
             "Cache interval": cache_interval if cache_interval > 1 else None,
             "Refiner": refiner.package.name if refiner is not None else None,
             "Refiner switch at": refiner_start if refiner is not None else None,
+            **extras,
             "Lora hashes": f'"{self.lora_plan.hashes()}"' if self.lora_plan else None,
             "Version": f"edgediff {__version__}",
             "Device": self.device,

@@ -388,14 +388,14 @@ def test_files_that_do_not_fit_are_refused_before_any_output(tiny_source, tmp_pa
     conv_in = "model.diffusion_model.input_blocks.0.0.weight"
     norm = "model.diffusion_model.input_blocks.1.0.in_layers.0."
 
-    def inpainting(t):
-        t[conv_in] = np.concatenate([t[conv_in], t[conv_in], t[conv_in][:, :1]], axis=1)
+    def variant(t):  # 5 input channels: neither a latent (4) nor an inpainting model's (9)
+        t[conv_in] = np.concatenate([t[conv_in], t[conv_in][:, :1]], axis=1)
 
     def pruned(t):
         for k in ("weight", "bias"):
             t[norm + k] = t[norm + k][:-3]
 
-    for edit, message in ((inpainting, "takes 9 input channels .* an inpainting model"),
+    for edit, message in ((variant, "takes 5 input channels .* a variant edgediff does not run"),
                           (pruned, "weights do not fit one architecture.*in_layers.*size mismatch")):
         path = _edited_checkpoint(tiny_source, tmp_path, edit)
         with pytest.raises(SourceError, match=message):
