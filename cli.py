@@ -252,6 +252,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-mode", choices=("merge", "branch"), default="branch",
                    help="LoRA on quantized weights: branch keeps them and adds a low-rank side branch "
                         "(default); merge dequantizes, changes and requantizes them")
+    g.add_argument("--embeddings-dir", metavar="DIR",
+                   help="folder of textual inversion embeddings (.safetensors, .pt, .bin; subfolders too): a "
+                        "file's name without its extension in a prompt stands for its vectors, as in A1111")
     _parts_arguments(g)
     g.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
     g.add_argument("--precision", default="auto", choices=RUN_PRECISIONS,
@@ -535,7 +538,8 @@ def _generate(args) -> int:
     model = _runnable(args.model, say, **_parts(args))
     options = dict(device=args.device, precision=args.precision, threads=args.threads, keep_loaded=args.keep_loaded,
                    split_guidance=args.split_guidance, weights=args.weights, accuracy_level=args.accuracy_level,
-                   graph_cache=args.graph_cache, vae_tile=args.vae_tile, memory_budget=args.memory_budget)
+                   graph_cache=args.graph_cache, vae_tile=args.vae_tile, memory_budget=args.memory_budget,
+                   embeddings_dir=args.embeddings_dir)
     pipe = Pipeline(model, loras=args.lora, lora_dir=args.lora_dir, lora_mode=args.lora_mode, **options)
     refiner = Pipeline(_runnable(args.refiner, say), **options) if args.refiner else None
     size = SizeConditioning(

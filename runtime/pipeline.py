@@ -25,6 +25,7 @@ from edgediff.runtime import accuracy, feature_cache, hires, inpaint, memory, te
 from edgediff.runtime import image as img
 from edgediff.runtime.conditioning import Cond, SizeConditioning, guidance_embedding, time_ids
 from edgediff.runtime.denoiser import Denoiser, latent_space, noisy_start
+from edgediff.runtime.embeddings import Vocabulary, encoder_widths, listing, with_rows
 from edgediff.runtime.lora import LoraRequest, Plan, plan, prompt_loras, read_lora
 from edgediff.runtime.noise import TorchGenerator
 from edgediff.runtime.package import Package, open_package
@@ -113,7 +114,8 @@ class Pipeline:
                  keep_loaded: bool = False, split_guidance: bool = False, weights: str = "compact",
                  accuracy_level: int | str = "auto", loras: Sequence[str | Path | LoraRequest] = (),
                  lora_dir: str | Path | None = None, lora_mode: str = "branch", graph_cache: bool = True,
-                 vae_tile: int = 0, memory_budget: float | None = None, precision: str = "auto"):
+                 vae_tile: int = 0, memory_budget: float | None = None, precision: str = "auto",
+                 embeddings_dir: str | Path | None = None):
         if threads is not None and threads < 1:
             raise UsageError(f"{arg('threads')} must be at least 1 (got {threads})")
         providers_for(device)  # validates the name, warns once about a CUDA fallback
@@ -155,6 +157,14 @@ class Pipeline:
         self.lora_plan: Plan | None = None
         self._lora_key: list = []  # (file, strength) of the LoRAs `lora_plan` applies
         self._use_loras(self._loras)
+        # textual inversion: files in `embeddings_dir` named in a prompt by their stem (runtime.embeddings)
+        if embeddings_dir is not None and not Path(embeddings_dir).is_dir():
+            raise UsageError(f"{arg('embeddings_dir')} {embeddings_dir}: no such folder")
+        self.embeddings_dir = Path(embeddings_dir) if embeddings_dir is not None else None
+        self.embeddings = None if embeddings_dir is None else Vocabulary(
+            self.embeddings_dir, lambda: encoder_widths(self.package), self.package.name)
+        self._token_rows: dict[str, tuple[int, np.ndarray]] = {}  # CLIP encoder -> (first new id, its rows)
+        self._rows_version = 0
 
     @property
     def manifest(self):
@@ -163,7 +173,10 @@ class Pipeline:
     def component(self, name: str) -> Component:
         if name not in self._components:
             change = self.lora_plan.for_component(name) if self.lora_plan else None
-            self._components[name] = self.package.component(name, self.options, change)
+            comp = self.package.component(name, self.options, change)
+            if name in self._token_rows:  # the embeddings' vectors beside its token table
+                comp = with_rows(comp, *self._token_rows[name])
+            self._components[name] = comp
         return self._components[name]
 
     def _use_loras(self, requests: list[LoraRequest]) -> None:
@@ -216,13 +229,15 @@ class Pipeline:
         zero_negative = negative == "" and m.conditioning.zero_empty_negative
         texts = [prompt] if negative is None or zero_negative else [prompt, negative]
         chunks = {}
+        words = self._embedding_words(texts)
         for entry in m.text_encoders:
             tok = self._tokenizer(entry.tokenizer)
             pad = tok.token_to_id(entry.pad_token)
             if entry.kind == "t5":
                 chunks[entry.component] = [[text.window_ids(tok, t, entry.max_length, pad)] for t in texts]
             else:
-                chunks[entry.component] = [text.chunk_prompt(tok, t, entry.max_length, pad) for t in texts]
+                chunks[entry.component] = [text.chunk_prompt(tok, t, entry.max_length, pad, words.get(entry.component))
+                                           for t in texts]
         count = max(len(c) for per_text in chunks.values() for c in per_text)  # equal lengths for guidance
         encoded: list[list] = [[] for _ in texts]
         for entry in m.text_encoders:
@@ -241,6 +256,29 @@ class Pipeline:
         if zero_negative:
             conds.append({k: np.zeros_like(v) for k, v in conds[0].items()})
         return conds
+
+    def _embedding_words(self, texts: list[str]) -> dict[str, text.Words]:
+        """What the CLIP encoders read in place of the embeddings these texts name; an encoder whose
+        added token rows changed opens again."""
+        if self.embeddings is None:
+            return {}
+        clips = [e for e in self.manifest.text_encoders if e.kind != "t5"]
+        body = min((e.max_length - 2 for e in clips), default=0)
+        words = self.embeddings.words(texts, {e.component: self._tokenizer(e.tokenizer) for e in clips}, body)
+        if self.embeddings.version != self._rows_version:
+            firsts = {e.component: self._tokenizer(e.tokenizer).get_vocab_size(with_added_tokens=True) for e in clips}
+            self._token_rows = {c: (firsts[c], rows) for c, rows in self.embeddings.rows().items()}
+            self._rows_version = self.embeddings.version
+            for e in clips:
+                if (comp := self._components.pop(e.component, None)) is not None:
+                    comp.release()
+        return words
+
+    def embedding_list(self) -> dict:
+        """The embeddings of `embeddings_dir` as A1111's /sdapi/v1/embeddings lists them for this
+        model: {"loaded": {name: {step, sd_checkpoint, sd_checkpoint_name, shape, vectors}},
+        "skipped": {...}} (skipped: made for other models, or unreadable)."""
+        return listing(self.embeddings_dir, self.package)
 
     def _conditioning(self, prompt: str, negative: str | None, clip_skip: int, size: SizeConditioning,
                       height: int, width: int, guidance: float) -> tuple[Cond, Cond | None]:

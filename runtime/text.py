@@ -16,17 +16,27 @@ from edgediff.runtime.tokenizer import BOS, EOS
 # A1111 `comma_padding_backtrack`: when a chunk fills up, a comma within the last 20 tokens
 # ends the chunk there, so a phrase is not split across two windows.
 COMMA_BACKTRACK = 20
+# (a prompt's token ids, a position) -> (ids in place of the tokens there, how many) or None
+Words = Callable[[list[int], int], "tuple[list[int], int] | None"]
 
 
-def chunk_prompt(tok: Tokenizer, prompt: str, max_length: int, pad_id: int) -> list[list[int]]:
-    """Token ids of `prompt` in chunks of max_length - 2, each wrapped as BOS ... EOS PAD..."""
+def chunk_prompt(tok: Tokenizer, prompt: str, max_length: int, pad_id: int,
+                 words: Words | None = None) -> list[list[int]]:
+    """Token ids of `prompt` in chunks of max_length - 2, each wrapped as BOS ... EOS PAD...
+
+    `words(ids, position)` may replace the tokens at a position (a textual inversion embedding's
+    name: runtime.embeddings): (the ids in their place, how many tokens they replace), or None.
+    Those ids stay in one chunk, as A1111 keeps an embedding's vectors: a chunk they would
+    overflow ends before them."""
     body = max_length - 2
     ids = tok.encode(prompt, add_special_tokens=False).ids
     comma = tok.token_to_id(",</w>")
     chunks: list[list[int]] = []
     current: list[int] = []
     last_comma = -1
-    for token in ids:
+    position = 0
+    while position < len(ids):
+        token = ids[position]
         if token == comma:
             last_comma = len(current)
         elif len(current) == body and last_comma != -1 and len(current) - last_comma <= COMMA_BACKTRACK:
@@ -37,7 +47,17 @@ def chunk_prompt(tok: Tokenizer, prompt: str, max_length: int, pad_id: int) -> l
         if len(current) == body:
             chunks.append(current)
             current, last_comma = [], -1
-        current.append(token)
+        found = words(ids, position) if words is not None else None
+        if found is None:
+            current.append(token)
+            position += 1
+            continue
+        replaced, used = found
+        if len(current) + len(replaced) > body:
+            chunks.append(current)
+            current, last_comma = [], -1
+        current += replaced
+        position += used
     if current or not chunks:
         chunks.append(current)
     bos, eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
