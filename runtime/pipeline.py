@@ -410,7 +410,7 @@ class Pipeline:
         (lat_h, lat_w), (up_w, up_h) = second.latent, second.upscale
         height, width = lat_h * down, lat_w * down
         rng = TorchGenerator(seed)
-        if upscaler in hires.LATENT_MODES:
+        if isinstance(upscaler, str) and upscaler in hires.LATENT_MODES:
             mode, antialias = hires.LATENT_MODES[upscaler]
             big = hires.interpolate(x, up_h // down, up_w // down, mode, antialias)
             latent = big[..., second.top:second.top + lat_h, second.left:second.left + lat_w]

@@ -54,8 +54,8 @@ def _diffusers_inpaint(folder, ours: Pipeline, sampler: str, xl: bool, **kw) -> 
                 generator=torch.Generator().manual_seed(1234), **steps, **kw).images[0]
 
 
-@pytest.mark.parametrize(("name", "sampler"), [("sd1-inpaint", "euler"), ("sd1-inpaint", "dpmpp_2m"),
-                                               ("sd1", "euler"), ("sd1", "dpmpp_2m"), ("sdxl-inpaint", "euler")])
+@pytest.mark.parametrize(("name", "sampler"), [("sd1-inpaint", "euler"), ("sd1", "euler"), ("sd1", "dpmpp_2m"),
+                                               ("sdxl-inpaint", "euler")])
 def test_inpainting_matches_diffusers(tiny_source, tiny_package, name, sampler):
     """Inside the mask diffusers' image (an inpainting model given the mask and the masked image's
     latent; a regular one keeping the original latent, noised, outside the mask at every step);
