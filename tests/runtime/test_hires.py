@@ -156,3 +156,18 @@ def test_cli_hires_fix(tiny_package, tmp_path, capsys):
     assert main(["generate", "--model", str(tiny_package("sd1")), "--prompt", "a cat", "--steps", "2",
                  "--hires-scale", "2", "--hires-upscaler", "Sharp", "--device", "cpu"]) == 2
     assert "--hires-upscaler 'Sharp': not an upscaler" in capsys.readouterr().err
+
+
+def test_hires_progress_and_interrupt(tiny_package):
+    """Progress counts both passes; stopped in the second pass, the image is the larger one so far;
+    stopped in the first, the first pass's (A1111 skips the second)."""
+    pipe = Pipeline(tiny_package("sd1"), device="cpu")
+    args = dict(steps=4, seed=2, width=SIZE, height=SIZE, hires_scale=2, hires_steps=3)
+    seen = []
+    pipe.generate(PROMPT, progress=lambda done, total: seen.append((done, total)), **args)
+    assert seen[0] == (0, 7) and seen[-1] == (7, 7)
+    late = pipe.generate(PROMPT, interrupt=lambda: len(pipe.timings.steps) == 5, **args)
+    assert late.size == (2 * SIZE, 2 * SIZE)
+    assert "Steps: 4," in late.info["parameters"] and "Interrupted: after 1 of 3 hires steps" in late.info["parameters"]
+    early = pipe.generate(PROMPT, interrupt=lambda: len(pipe.timings.steps) == 2, **args)
+    assert early.size == (SIZE, SIZE) and "Interrupted: after 2 of 4 steps" in early.info["parameters"]
