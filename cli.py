@@ -333,6 +333,10 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--lenient", action="store_true",
                    help="answer requests that set A1111 fields edgediff does not implement with 200, listing "
                         "them in info['ignored'] (default: 422 naming them), for front ends that send everything")
+    v.add_argument("--embeddings-dir", metavar="DIR", help="textual inversion embeddings, used by file name in prompts "
+                   "(A1111's embeddings folder) and listed at /sdapi/v1/embeddings")
+    v.add_argument("--upscalers-dir", metavar="DIR", help="ESRGAN-family upscaler files (.pth, .safetensors) for "
+                   "/sdapi/v1/extra-single-image, listed at /sdapi/v1/upscalers")
     v.add_argument("--outputs", metavar="DIR",
                    help="where images asked to be saved go, as A1111's outputs/txt2img-images/DATE/ "
                         "(default: outputs beside the models folder)")
@@ -807,7 +811,9 @@ def _serve(args) -> int:
 
     serve(Path(args.models), args.model, host, args.port, auth, limits, args.low_memory, args.device, args.threads,
           Path(args.lora_dir) if args.lora_dir else None, runnable, lenient=args.lenient,
-          outputs=Path(args.outputs) if args.outputs else None)
+          outputs=Path(args.outputs) if args.outputs else None,
+          embeddings_dir=Path(args.embeddings_dir) if args.embeddings_dir else None,
+          upscalers_dir=Path(args.upscalers_dir) if args.upscalers_dir else None)
     return 0
 
 

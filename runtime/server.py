@@ -49,6 +49,11 @@ UNIMPLEMENTED = {
 IMG2IMG_UNIMPLEMENTED = {"mask": (), "latent_mask": (), "resize_mode": (0,), "initial_noise_multiplier": (1,)}
 # the eta each sampler runs with (A1111's `eta` sets it; samplers without fresh noise have none)
 SAMPLER_ETA = {"ddim": 0.0, "euler_a": 1.0, "dpmpp_2m_sde": 1.0}
+# the upscalers every server has: A1111's names for no upscaling and for plain resizing
+BUILTIN_UPSCALERS = ("None", "Lanczos", "Nearest")
+# /extra-single-image fields edgediff does not implement -> the values that leave them unused
+EXTRAS_UNIMPLEMENTED = {"gfpgan_visibility": (0,), "codeformer_visibility": (0,), "extras_upscaler_2_visibility": (0,),
+                        "upscale_first": (False,), "upscaling_crop": (True,)}
 # A1111 options edgediff honours (POST /options and override_settings), with their checks;
 # `samples_format` is honoured at "png" only (any option set to the value GET /options reports is no change)
 OPTIONS = {"sd_model_checkpoint": (str, None, None), "CLIP_stop_at_last_layers": (int, 1, 12),
@@ -390,8 +395,11 @@ class Service:
     def __init__(self, models: Models, model: str | None = None, limits: Limits | None = None,
                  low_memory: bool = False, device: str = "auto", threads: int | None = None,
                  lora_dir: Path | None = None, runnable: Callable[[Path], Path] | None = None,
-                 lenient: bool = False, preview_every: int = 10, outputs: Path | None = None):
+                 lenient: bool = False, preview_every: int = 10, outputs: Path | None = None,
+                 embeddings_dir: Path | None = None, upscalers_dir: Path | None = None):
         self.models, self.limits = models, limits or Limits()
+        self.embeddings_dir, self.upscalers_dir = embeddings_dir, upscalers_dir
+        self._upscalers: dict[str, object] = {}  # loaded upscaler sessions, by file name
         self.runnable = runnable  # a file another tool wrote -> the package that runs it (convert.adopt's)
         self.low_memory, self.device, self.threads, self.lora_dir = low_memory, device, threads, lora_dir
         self.lenient = lenient  # fields edgediff does not implement: ignored and listed, not a 422
@@ -428,7 +436,7 @@ class Service:
         if path.is_file() and self.runnable is not None:  # a GGUF another tool wrote: its cached graphs
             path = self.runnable(path)
         self.pipe = Pipeline(path, device=self.device, threads=self.threads, keep_loaded=not self.low_memory,
-                             lora_dir=self.lora_dir)
+                             lora_dir=self.lora_dir, embeddings_dir=self.embeddings_dir)
         self.name = name
 
     def set_options(self, body: dict) -> list[str]:
@@ -551,6 +559,43 @@ class Service:
         if self.name is not None and self.name not in paths:
             paths[self.name] = self.models.paths[self.name]
         self.models.paths = paths
+
+    def embeddings(self) -> dict:
+        """A1111's /embeddings: the files of the embeddings folder this model takes (loaded) and
+        those made for others or unreadable (skipped)."""
+        if self.embeddings_dir is None:
+            return {"loaded": {}, "skipped": {}}
+        with self.model_lock:
+            return self.pipe.embedding_list()
+
+    def upscalers(self) -> list[dict]:
+        """A1111's /upscalers: None, Lanczos and Nearest, and the ESRGAN-family files of the
+        upscalers folder (runtime.upscale)."""
+        from edgediff.runtime.upscale import list_upscalers
+
+        plain = [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                 for n in BUILTIN_UPSCALERS]
+        files = list_upscalers(self.upscalers_dir) if self.upscalers_dir is not None else []
+        return plain + [{"name": f.name, "model_name": f.kind, "model_path": str(f.path), "model_url": None,
+                         "scale": f.scale} for f in files]
+
+    def upscale(self, image, name: str, scale: float | None = None, size: tuple[int, int] | None = None):
+        """`image` made larger by the upscaler A1111 calls `name` (a file of the upscalers folder, or
+        Lanczos/Nearest/None, which resize)."""
+        from PIL import Image
+
+        if size is None:
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        if name in BUILTIN_UPSCALERS:
+            return image.resize(size, Image.Resampling.NEAREST if name == "Nearest" else Image.Resampling.LANCZOS)
+        from edgediff.runtime.upscale import list_upscalers, load_upscaler, upscale
+
+        files = {f.name: f for f in list_upscalers(self.upscalers_dir)} if self.upscalers_dir is not None else {}
+        if name not in files:
+            raise ApiError(404, f"upscaler {name!r} not found (there are: {', '.join([*BUILTIN_UPSCALERS, *files])})")
+        if name not in self._upscalers:
+            self._upscalers = {name: load_upscaler(files[name].path, self.device, self.threads)}  # one kept
+        return upscale(self._upscalers[name], image, size=size)
 
     def loras(self) -> list[dict]:
         """A1111's /loras: every .safetensors under the LoRA folder (what `<lora:NAME>` finds),
@@ -690,8 +735,29 @@ def app(service: Service, auth: tuple[str, str] | None = None):
 
     # what edgediff has none of, in A1111's shapes
     nothing = {"prompt-styles": [], "sd-vae": [], "face-restorers": [], "hypernetworks": [], "realesrgan-models": [],
-               "latent-upscale-modes": [], "embeddings": {"loaded": {}, "skipped": {}},
-               "upscalers": [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]}
+               "latent-upscale-modes": []}
+
+    async def extra_single_image(request):
+        """A1111's /extra-single-image: one image upscaled (resize_mode 0: by upscaling_resize; 1: to
+        upscaling_resize_w x upscaling_resize_h) with upscaler_1."""
+        body = await body_of(request)
+        if not isinstance(body, dict) or "image" not in body:
+            raise ApiError(422, "extra-single-image needs 'image': a base64 image")
+        ignored = refuse_or_ignore([n for n, v in body.items() if n in EXTRAS_UNIMPLEMENTED
+                                    and not _unset(v, EXTRAS_UNIMPLEMENTED[n])], service.lenient)
+        image = decode_image(body["image"], "image")
+        name = body.get("upscaler_1") or "None"
+        if _field(body, "resize_mode", int, 0, 0, 1) == 1:
+            size = (_field(body, "upscaling_resize_w", int, 512, 1, limits.max_side * 4),
+                    _field(body, "upscaling_resize_h", int, 512, 1, limits.max_side * 4))
+            factor = None
+        else:
+            size, factor = None, _field(body, "upscaling_resize", float, 2.0, 0.01, 8.0)
+        out = await run_in_threadpool(service.upscale, image, name, factor, size)
+        info = f"Postprocess upscale {'to' if size else 'by'}: {f'{size[0]}x{size[1]}' if size else factor}, " \
+               f"Postprocess upscaler: {name}"
+        return JSONResponse({"html_info": info + (f", ignored: {', '.join(ignored)}" if ignored else ""),
+                             "image": encode_png(out)})
 
     async def png_info(request):
         body = await body_of(request)
@@ -748,6 +814,10 @@ def app(service: Service, auth: tuple[str, str] | None = None):
         Route("/edgediff/history", answer(lambda: {"images": history(service.outputs)})),
         Route("/edgediff/outputs/{path:path}", output_file),
         Route("/sdapi/v1/loras", answer(service.loras)),
+        Route("/sdapi/v1/embeddings", answer(service.embeddings)),
+        Route("/sdapi/v1/refresh-embeddings", answer(lambda: None), methods=["POST"]),  # read at every call
+        Route("/sdapi/v1/upscalers", answer(service.upscalers)),
+        Route("/sdapi/v1/extra-single-image", extra_single_image, methods=["POST"]),
         Route("/sdapi/v1/refresh-loras", answer(lambda: None), methods=["POST"]),  # /loras reads the folder each time
         Route("/sdapi/v1/refresh-checkpoints", answer(service.refresh), methods=["POST"]),
         Route("/sdapi/v1/memory", answer(service.memory)),
@@ -827,11 +897,12 @@ def serve(models: Path, model: str | None = None, host: str = "127.0.0.1", port:
           auth: tuple[str, str] | None = None, limits: Limits | None = None, low_memory: bool = False,
           device: str = "auto", threads: int | None = None, lora_dir: Path | None = None,
           runnable: Callable[[Path], Path] | None = None, lenient: bool = False, preview_every: int = 10,
-          outputs: Path | None = None) -> None:
+          outputs: Path | None = None, embeddings_dir: Path | None = None, upscalers_dir: Path | None = None) -> None:
     """Load the model and serve until interrupted; `runnable` opens files other tools wrote;
     `lenient` ignores (and lists in `info`) request fields edgediff does not implement instead of
     answering 422; `preview_every` N: /progress has a preview of the image every N steps (0: none);
-    `outputs`: where images asked to be saved go (default: `outputs` beside the models folder)."""
+    `outputs`: where images asked to be saved go (default: `outputs` beside the models folder);
+    `embeddings_dir`, `upscalers_dir`: textual inversion files and ESRGAN-family upscalers."""
     uvicorn = require("uvicorn", "serve", "edgediff serve")
     if not 0 < port < 65536:
         raise UsageError(f"--port {port}: a port is 1-65535")
@@ -842,7 +913,7 @@ def serve(models: Path, model: str | None = None, host: str = "127.0.0.1", port:
         except ApiError as exc:
             raise UsageError(f"--model {model}: {exc.detail}") from None
     service = Service(found, model, limits, low_memory, device, threads, lora_dir, runnable, lenient, preview_every,
-                      outputs)
+                      outputs, embeddings_dir, upscalers_dir)
     print(f"edgediff: serving {models} on http://{host}:{port}/ (A1111 API under /sdapi/v1)", file=sys.stderr,
           flush=True)
     uvicorn.run(app(service, auth), host=host, port=port, log_level="info")

@@ -8,6 +8,7 @@ import base64
 import io
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -350,7 +351,7 @@ def test_listings_in_a1111_shapes_as_webuiapi_reads_them(served, tmp_path):
     finally:
         service.lora_dir = None
     assert api.get_embeddings() == {"loaded": {}, "skipped": {}}
-    assert [u["name"] for u in api.get_upscalers()] == ["None"]
+    assert [u["name"] for u in api.get_upscalers()] == ["None", "Lanczos", "Nearest"]  # no --upscalers-dir
     for empty in (api.get_prompt_styles(), api.get_sd_vae(), api.get_face_restorers(), api.get_hypernetworks(),
                   api.get_realesrgan_models(), api.get_latent_upscale_modes()):
         assert empty == []
@@ -688,6 +689,61 @@ def test_serve_flags_reach_the_server(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(server, "serve", lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs))
     assert main(["serve", "--models", str(tmp_path), "--lenient", "--outputs", str(tmp_path / "out")]) == 0
-    assert seen["kwargs"] == {"lenient": True, "outputs": tmp_path / "out"} and seen["args"][-1] is runnable
-    assert main(["serve", "--models", str(tmp_path)]) == 0
-    assert seen["kwargs"] == {"lenient": False, "outputs": None}
+    assert seen["kwargs"] == {"lenient": True, "outputs": tmp_path / "out", "embeddings_dir": None,
+                              "upscalers_dir": None} and seen["args"][-1] is runnable
+    assert main(["serve", "--models", str(tmp_path), "--embeddings-dir", "e", "--upscalers-dir", "u"]) == 0
+    assert seen["kwargs"] == {"lenient": False, "outputs": None, "embeddings_dir": Path("e"), "upscalers_dir": Path("u")}
+
+
+def test_embeddings_and_upscalers_through_the_server(tiny_package, tmp_path):
+    """An embedding in a prompt gives the CLI's (Pipeline's) image; /embeddings lists it; an
+    ESRGAN-family file upscales through /extra-single-image as runtime.upscale does."""
+    import onnx
+    import webuiapi
+    from onnx import numpy_helper
+    from safetensors.numpy import save_file
+
+    from edgediff.runtime.tokenizer import load_clip_tokenizer
+    from edgediff.runtime.upscale import load_upscaler, upscale
+
+    from tiny_upscalers import tiny
+
+    package = tiny_package("sd1")
+    model = onnx.load(str(package / "text_encoder" / "model.onnx"))
+    table = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("token_embedding.weight"))
+    ids = load_clip_tokenizer(package / "tokenizer").encode("red circle", add_special_tokens=False).ids
+    (tmp_path / "emb").mkdir()
+    save_file({"emb_params": table[ids][::-1].copy()}, str(tmp_path / "emb" / "circlered.safetensors"))
+    (tmp_path / "up").mkdir()
+    save_file(tiny("rrdb", scale=2)[1], str(tmp_path / "up" / "tiny-x2.safetensors"))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "alpha").symlink_to(package)
+    running = Running(Service(Models(tmp_path / "models"), limits=LIMITS, device="cpu", embeddings_dir=tmp_path / "emb",
+                              upscalers_dir=tmp_path / "up"))
+    try:
+        host, port = running.url.rsplit(":", 1)
+        api = webuiapi.WebUIApi(host=host.removeprefix("http://"), port=int(port))
+        assert list(api.get_embeddings()["loaded"]) == ["circlered"]
+        assert [u["name"] for u in api.get_upscalers()][-1] == "tiny-x2"
+        args = dict(steps=3, width=64, height=64, seed=5, guidance=7.0, sampler="euler")
+        got = api.txt2img(prompt="a circlered", steps=3, width=64, height=64, seed=5, cfg_scale=7.0,
+                          sampler_name="Euler").image
+        want = Pipeline(package, device="cpu", embeddings_dir=tmp_path / "emb").generate("a circlered", **args)
+        plain = Pipeline(package, device="cpu").generate("a circlered", **args)
+        assert not np.array_equal(_pixels(want), _pixels(plain))  # the embedding changes the image
+        assert np.array_equal(_pixels(got), _pixels(want))
+        small = want.resize((32, 32))
+        up = api.extra_single_image(small, upscaler_1="tiny-x2", upscaling_resize=2).image
+        assert up.size == (64, 64)
+        direct = upscale(load_upscaler(tmp_path / "up" / "tiny-x2.safetensors", "cpu"), small, size=(64, 64))
+        assert np.array_equal(_pixels(up), _pixels(direct))
+        lanczos = api.extra_single_image(small, upscaler_1="Lanczos", upscaling_resize=2).image
+        assert np.array_equal(_pixels(lanczos), _pixels(small.resize((64, 64), Image.Resampling.LANCZOS)))
+        r = requests.post(f"{running.url}/sdapi/v1/extra-single-image",
+                          json={"image": webuiapi.raw_b64_img(small), "upscaler_1": "nope"})
+        assert r.status_code == 404 and "tiny-x2" in r.json()["detail"]
+        r = requests.post(f"{running.url}/sdapi/v1/extra-single-image",
+                          json={"image": webuiapi.raw_b64_img(small), "gfpgan_visibility": 0.5})
+        assert r.status_code == 422 and "gfpgan_visibility" in r.json()["detail"]
+    finally:
+        running.stop()
