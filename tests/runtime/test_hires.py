@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from edgediff.cli import main
 from edgediff.errors import UsageError
 from edgediff.runtime import Pipeline, hires
 
@@ -48,12 +49,17 @@ def test_target_sizes_are_a1111s():
     assert hires.second_pass_steps(4, 0.5) == (8, 4) and hires.second_pass_steps(10, 1.0) == (10, 0)
 
 
+_PIPES: dict = {}
+
+
 def _diffusers_hires(folder, ours: Pipeline, upscaler: str) -> Image.Image:
     """A1111's definition with diffusers: text to image, the upscale, then image to image at a
     schedule of hires_steps / strength steps, of which the last hires_steps run (same seed)."""
     import torch
 
-    t2i, i2i = diffusers_pipeline(folder), diffusers_pipeline(folder, img2img=True)
+    if folder not in _PIPES:  # loaded once per model for the cases that share it
+        _PIPES[folder] = diffusers_pipeline(folder), diffusers_pipeline(folder, img2img=True)
+    t2i, i2i = _PIPES[folder]
     for pipe in (t2i, i2i):
         pipe.scheduler, _ = diffusers_scheduler("euler", "normal", pipe.scheduler.config, ours.schedule)
     args = dict(negative_prompt=NEGATIVE, guidance_scale=7.5)
@@ -142,8 +148,6 @@ def test_hires_bad_input(tiny_package, tmp_path):
 
 
 def test_cli_hires_fix(tiny_package, tmp_path, capsys):
-    from edgediff.cli import main
-
     out = tmp_path / "big.png"
     assert main(["generate", "--model", str(tiny_package("sd1")), "--prompt", "a cat", "--steps", "3", "--seed", "5",
                  "--width", "64", "--height", "64", "--hires-scale", "1.5", "--hires-upscaler", "Latent (bicubic)",

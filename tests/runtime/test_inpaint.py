@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from edgediff.cli import main
 from edgediff.errors import UsageError
 from edgediff.runtime import Pipeline, inpaint
 
@@ -191,8 +192,6 @@ def test_bad_masks(tiny_package, tmp_path):
 
 
 def test_cli_inpainting(tiny_package, tmp_path, capsys):
-    from edgediff.cli import main
-
     init, mask, out = tmp_path / "init.png", tmp_path / "mask.png", tmp_path / "out.png"
     _init().save(init)
     _mask().save(mask)
