@@ -87,9 +87,9 @@ def test_reuse_stays_close_to_the_uncached_image(deep, name, sampler):
 
 
 def test_reuse_needs_the_shallow_branch(tiny_package, tiny_source, tmp_path):
-    with pytest.raises(UsageError, match="has no shallow U-Net branch; convert it with --deep-cache"):
+    with pytest.raises(UsageError, match="has no shallow U-Net branch; convert it with deep_cache"):
         Pipeline(tiny_package("sd1"), device="cpu").generate("a cat", steps=2, width=64, height=64, cache_interval=2)
-    with pytest.raises(UsageError, match="--cache-interval must be at least 1"):
+    with pytest.raises(UsageError, match="cache_interval must be at least 1"):
         Pipeline(tiny_package("sd1"), device="cpu").generate("a cat", steps=2, width=64, height=64, cache_interval=0)
     with pytest.raises(UsageError, match="FLUX.* has a transformer: convert it without --deep-cache"):
         convert(tiny_source("flux-schnell"), tmp_path / "f", deep_cache=True)

@@ -53,7 +53,7 @@ def test_the_plan_gives_up_speed_in_order_until_the_budget_fits(gguf):
     assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:], strict=False))
     with pytest.raises(UsageError, match=r"needs an estimated [0-9.]+ GB even in its lowest-memory plan") as err:
         memory.plan(package, budget=0.1 * memory.GB, **ARGS)
-    assert "--memory-budget 0.1 GB" in str(err.value) and "denoiser" in str(err.value)
+    assert "memory_budget 0.1 GB" in str(err.value) and "denoiser" in str(err.value)
 
 
 def test_keeping_components_loaded_adds_their_weights(gguf):
@@ -67,10 +67,10 @@ def test_keeping_components_loaded_adds_their_weights(gguf):
 
 def test_a_run_over_its_budget_is_refused_before_anything_loads(gguf):
     pipe = Pipeline(gguf, device="cpu", memory_budget=0.05)
-    with pytest.raises(UsageError, match="--memory-budget 0.05 GB"):
+    with pytest.raises(UsageError, match="memory_budget 0.05 GB"):
         pipe.generate("a red circle", steps=2, seed=1)
     assert pipe._components == {}  # nothing opened
-    with pytest.raises(UsageError, match="--memory-budget must be a positive"):
+    with pytest.raises(UsageError, match="memory_budget must be a positive"):
         Pipeline(gguf, device="cpu", memory_budget=0)
 
 

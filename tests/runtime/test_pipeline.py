@@ -34,7 +34,7 @@ def test_flux_schnell_takes_no_guidance(tiny_package):
     pipe = Pipeline(tiny_package("flux-schnell"), device="cpu")
     args = dict(steps=2, width=32, height=32, seed=5)
     plain = pipe.generate("a cat", **args)
-    with pytest.warns(UserWarning, match="flux is distilled to run without guidance: --guidance 4.0 is ignored"):
+    with pytest.warns(UserWarning, match="flux is distilled to run without guidance: guidance 4.0 is ignored"):
         guided = pipe.generate("a cat", "a dog", guidance=4.0, **args)
     assert list(plain.getdata()) == list(guided.getdata())
 

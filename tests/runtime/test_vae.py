@@ -73,5 +73,5 @@ def test_a_tile_size_the_latent_grid_cannot_hold_is_refused(default_package):
     from edgediff.errors import UsageError
     from edgediff.runtime import Pipeline
 
-    with pytest.raises(UsageError, match="--vae-tile 100: give a multiple of 32"):
+    with pytest.raises(UsageError, match="vae_tile 100: give a multiple of 32"):
         Pipeline(default_package, device="cpu", vae_tile=100)
