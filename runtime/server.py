@@ -41,12 +41,12 @@ _COMBINED = ("karras", "exponential")  # A1111's old "DPM++ 2M Karras" sampler n
 # with another (hr_* with enable_hr, mask_blur and inpainting_fill with mask, script_args with
 # script_name, s_tmin/s_tmax with s_churn) is not listed: A1111 ignores it too.
 UNIMPLEMENTED = {
-    "enable_hr": (False,), "restore_faces": (False,), "tiling": (False,), "styles": (),
+    "restore_faces": (False,), "tiling": (False,), "styles": (),
     "subseed_strength": (0,), "seed_resize_from_h": (-1, 0), "seed_resize_from_w": (-1, 0),
     "s_churn": (0,), "s_noise": (1,), "script_name": (), "refiner_checkpoint": (),
     "disable_extra_networks": (False,), "infotext": (), "comments": (), "firstpass_image": (),
 }
-IMG2IMG_UNIMPLEMENTED = {"mask": (), "latent_mask": (), "resize_mode": (0,), "initial_noise_multiplier": (1,)}
+IMG2IMG_UNIMPLEMENTED = {"latent_mask": (), "resize_mode": (0,), "initial_noise_multiplier": (1,)}
 # the eta each sampler runs with (A1111's `eta` sets it; samplers without fresh noise have none)
 SAMPLER_ETA = {"ddim": 0.0, "euler_a": 1.0, "dpmpp_2m_sde": 1.0}
 # the upscalers every server has: A1111's names for no upscaling and for plain resizing
@@ -106,8 +106,9 @@ def sampler_choice(name: str | None, scheduler: str | None) -> tuple[str | None,
     raise ApiError(404, f"Sampler not found: {name!r}")
 
 
-def decode_image(data: object, where: str):
-    """A base64 image as clients send it (raw, or a data: URL)."""
+def decode_image(data: object, where: str, mode: str | None = "RGB"):
+    """A base64 image as clients send it (raw, or a data: URL), in `mode` (None: as sent; a mask's
+    alpha says where to paint)."""
     from PIL import Image, UnidentifiedImageError
 
     if not isinstance(data, str):
@@ -121,7 +122,7 @@ def decode_image(data: object, where: str):
         raise ApiError(422, f"{where}: not valid base64 ({exc})") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise ApiError(422, f"{where}: not a readable image ({exc})") from None
-    return image.convert("RGB")
+    return image.convert(mode) if mode else image
 
 
 def png_bytes(image) -> bytes:
@@ -191,6 +192,16 @@ def _field(body: dict, name: str, kind, default, low=None, high=None):
     if low is not None and value < low or high is not None and value > high:
         raise ApiError(422, f"'{name}' must be between {low} and {high} (got {value})")
     return value
+
+
+def _flag(body: dict, name: str, default: bool) -> bool:
+    """A yes/no field, as clients send it: true/false or A1111's 1/0."""
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ApiError(422, f"'{name}' must be true or false (got {value!r})")
 
 
 def _unset(value, unused: tuple = ()) -> bool:
@@ -269,6 +280,7 @@ class Request:
     settings: dict = field(default_factory=dict)  # the other honoured override_settings
     restore: bool = True  # override_settings_restore_afterwards
     ignored: list[str] = field(default_factory=list)  # set fields not implemented (--lenient)
+    extra: dict = field(default_factory=dict)  # Pipeline.generate's inpainting and hires fix arguments
 
     @classmethod
     def parse(cls, body: object, limits: Limits, img2img: bool, options: dict | None = None,
@@ -310,6 +322,20 @@ class Request:
             r.init_images = [decode_image(images[0], "init_images[0]")]
             if r.denoising_strength <= 0:
                 raise ApiError(422, "'denoising_strength' must be above 0 for img2img")
+            if not _unset(body.get("mask")):  # inpainting, with the API's defaults (not the UI's)
+                r.extra = dict(mask=decode_image(body["mask"], "mask", mode=None),
+                               mask_blur=_field(body, "mask_blur", int, 4, 0, 256),
+                               inpainting_fill=_field(body, "inpainting_fill", int, 0, 0, 3),
+                               inpaint_full_res=_flag(body, "inpaint_full_res", True),
+                               inpaint_full_res_padding=_field(body, "inpaint_full_res_padding", int, 0, 0, 4096),
+                               inpainting_mask_invert=_flag(body, "inpainting_mask_invert", False))
+        elif _field(body, "enable_hr", bool, False):  # A1111's hires fix: a second pass, larger
+            r.extra = dict(hires_scale=_field(body, "hr_scale", float, 2.0, 1.0, 8.0),
+                           hires_width=_field(body, "hr_resize_x", int, 0, 0, limits.max_side),
+                           hires_height=_field(body, "hr_resize_y", int, 0, 0, limits.max_side),
+                           hires_upscaler=_field(body, "hr_upscaler", str, None) or "Latent",
+                           hires_steps=_field(body, "hr_second_pass_steps", int, 0, 0, limits.max_steps),
+                           hires_strength=r.denoising_strength if "denoising_strength" in body else 0.7)
         return r
 
 
@@ -517,7 +543,7 @@ class Service:
                     schedule=r.schedule, seed=(seed + i) % 2**32, width=r.width, height=r.height,
                     init_image=r.init_images[0] if r.init_images else None, strength=r.denoising_strength,
                     clip_skip=clip_skip, progress=progress, interrupt=self.stopping,
-                    on_step=on_step)
+                    on_step=on_step, **self._extra(r.extra))
             except EdgediffError as exc:
                 raise ApiError(422 if isinstance(exc, UsageError) else 500, str(exc), type(exc).__name__) from None
             if r.save:
@@ -539,7 +565,8 @@ class Service:
             "sampler_name": A1111_NAMES.get(sampler),
             "cfg_scale": r.cfg_scale, "steps": r.steps, "batch_size": r.batch_size, "restore_faces": False,
             "face_restoration_model": None, "sd_model_name": self.name, "sd_model_hash": self.models.short_hash(self.name),
-            "denoising_strength": r.denoising_strength if r.init_images else None, "clip_skip": clip_skip,
+            "denoising_strength": r.denoising_strength if r.init_images or r.extra.get("hires_scale") else None,
+            "clip_skip": clip_skip,
             "extra_generation_params": {"Schedule type": A1111_SCHEDULES.get(r.schedule or "")} if r.schedule else {},
             "index_of_first_image": 0, "infotexts": infotexts, "styles": [], "job_timestamp": self.job.timestamp,
             "is_using_inpainting_conditioning": False, "version": f"edgediff {__version__}",
@@ -547,6 +574,14 @@ class Service:
         }
         self.job = Job(timestamp=self.job.timestamp, interrupted=self.job.interrupted)  # idle
         return {"images": [encode_png(im) for im in images] if r.send else [], "info": info}
+
+    def _extra(self, extra: dict) -> dict:
+        """generate's inpainting and hires arguments, a hires upscaler named by its file (in the
+        upscalers folder) given as the loaded upscaler."""
+        name = extra.get("hires_upscaler")
+        if name is None or name in BUILTIN_UPSCALERS or name.startswith("Latent"):
+            return extra
+        return {**extra, "hires_upscaler": self._upscaler(name, "hr_upscaler")}
 
     def stopping(self) -> bool:
         """Asked after every step: stop this image (interrupt or skip)."""
@@ -588,14 +623,21 @@ class Service:
             size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         if name in BUILTIN_UPSCALERS:
             return image.resize(size, Image.Resampling.NEAREST if name == "Nearest" else Image.Resampling.LANCZOS)
-        from edgediff.runtime.upscale import list_upscalers, load_upscaler, upscale
+        from edgediff.runtime.upscale import upscale
+
+        return upscale(self._upscaler(name, "upscaler_1"), image, size=size)
+
+    def _upscaler(self, name: str, where: str):
+        """The upscaler file of the upscalers folder A1111 calls `name`, loaded (one kept loaded)."""
+        from edgediff.runtime.upscale import list_upscalers, load_upscaler
 
         files = {f.name: f for f in list_upscalers(self.upscalers_dir)} if self.upscalers_dir is not None else {}
         if name not in files:
-            raise ApiError(404, f"upscaler {name!r} not found (there are: {', '.join([*BUILTIN_UPSCALERS, *files])})")
+            raise ApiError(404, f"{where} {name!r} not found (there are: {', '.join([*BUILTIN_UPSCALERS, *files])}"
+                                f"{', Latent' if where == 'hr_upscaler' else ''})")
         if name not in self._upscalers:
-            self._upscalers = {name: load_upscaler(files[name].path, self.device, self.threads)}  # one kept
-        return upscale(self._upscalers[name], image, size=size)
+            self._upscalers = {name: load_upscaler(files[name].path, self.device, self.threads)}
+        return self._upscalers[name]
 
     def loras(self) -> list[dict]:
         """A1111's /loras: every .safetensors under the LoRA folder (what `<lora:NAME>` finds),

@@ -254,14 +254,14 @@ CONTROLNET_UNIT = {"enabled": True, "module": "canny", "model": "control_canny",
 @pytest.mark.parametrize(("path", "body", "named"), [
     ("txt2img", {"restore_faces": True}, "restore_faces"),
     ("txt2img", {"styles": ["cinematic"], "tiling": True}, "styles, tiling"),
-    ("txt2img", {"enable_hr": True, "hr_scale": 2}, "enable_hr"),
+    ("txt2img", {"seed_resize_from_h": 128}, "seed_resize_from_h"),
     ("txt2img", {"subseed": 5, "subseed_strength": 0.3}, "subseed_strength"),
     ("txt2img", {"script_name": "x/y/z plot", "script_args": [1]}, "script_name"),
     ("txt2img", {"alwayson_scripts": {"ControlNet": {"args": [CONTROLNET_UNIT]}}}, "alwayson_scripts.ControlNet"),
     ("txt2img", {"override_settings": {"samples_format": "jpg"}}, "override_settings.samples_format"),
     ("txt2img", {"sampler_name": "DDIM", "eta": 1.0}, "eta (DDIM runs at eta 0)"),
     ("txt2img", {"sampler_name": "Euler a", "eta": 0.5}, "eta (Euler a runs at eta 1)"),
-    ("img2img", {"mask": _b64(_png()), "inpainting_fill": 1}, "mask"),
+    ("img2img", {"latent_mask": _b64(_png())}, "latent_mask"),
     ("img2img", {"resize_mode": 1}, "resize_mode"),
 ])
 def test_fields_edgediff_does_not_implement_are_422_naming_them(served, path, body, named):
@@ -747,3 +747,33 @@ def test_embeddings_and_upscalers_through_the_server(tiny_package, tmp_path):
         assert r.status_code == 422 and "gfpgan_visibility" in r.json()["detail"]
     finally:
         running.stop()
+
+
+def test_inpainting_and_hires_fix_give_generates_images(served, tiny_package):
+    """A1111's inpainting fields (with the API's defaults) and hires fix map onto Pipeline.generate."""
+    import webuiapi
+
+    _, port, service = served
+    service.switch("alpha")
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler", steps=3)
+    init = Image.new("RGB", (64, 64), (200, 40, 40))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    result = api.img2img(images=[init], mask_image=mask, prompt=PROMPT, negative_prompt=NEGATIVE, seed=3, cfg_scale=7.0,
+                         width=64, height=64,
+                         denoising_strength=0.8, inpainting_fill=1, inpaint_full_res=False, mask_blur=2)
+    ours = _ours(tiny_package("sd1"), steps=3, guidance=7.0, sampler="euler", seed=3, width=64, height=64,
+                 init_image=init, strength=0.8, mask=mask, mask_blur=2, inpainting_fill=1, inpaint_full_res=False,
+                 inpaint_full_res_padding=0)
+    assert np.array_equal(_pixels(result.image), _pixels(ours))
+    assert "Mask blur: 2" in result.info["infotexts"][0]
+    result = api.txt2img(prompt=PROMPT, negative_prompt=NEGATIVE, seed=4, cfg_scale=7.0, width=64, height=64,
+                         enable_hr=True, hr_scale=1.5,
+                         hr_upscaler="Lanczos", hr_second_pass_steps=2, denoising_strength=0.5)
+    ours = _ours(tiny_package("sd1"), steps=3, guidance=7.0, sampler="euler", seed=4, width=64, height=64,
+                 hires_scale=1.5, hires_upscaler="Lanczos", hires_steps=2, hires_strength=0.5)
+    assert result.image.size == (96, 96) and np.array_equal(_pixels(result.image), _pixels(ours))
+    assert "Hires upscaler: Lanczos" in result.info["infotexts"][0]
+    r = requests.post(f"http://127.0.0.1:{port}/sdapi/v1/txt2img",
+                      json={**SMALL, "enable_hr": True, "hr_upscaler": "nope-x4"})
+    assert r.status_code == 404 and "hr_upscaler 'nope-x4' not found" in r.json()["detail"]
