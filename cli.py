@@ -230,6 +230,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="hires fix: steps of the second pass (default 0: as many as --steps)")
     g.add_argument("--hires-strength", type=float, default=0.7, metavar="S",
                    help="hires fix: A1111's denoising strength of the second pass, in (0, 1] (default 0.7)")
+    g.add_argument("--controlnet", action="append", default=[], metavar="PATH[:STRENGTH]",
+                   help="a ControlNet (converted package, diffusers folder or .safetensors file) steering the U-Net "
+                        "with the --control-image given after it, at STRENGTH (default 1); repeat the pair for several")
+    g.add_argument("--control-image", action="append", default=[], metavar="FILE",
+                   help="the control image of the --controlnet before it (an edge map, a pose, a depth map...)")
+    g.add_argument("--control-preprocessor", choices=("none", "canny"), default="none",
+                   help="what every control image is made into first: none (as it is, default) or canny edges")
+    g.add_argument("--control-start", type=float, default=0.0, metavar="F",
+                   help="the part of the steps the ControlNets start acting at (0..1, default 0)")
+    g.add_argument("--control-end", type=float, default=1.0, metavar="F",
+                   help="the part of the steps the ControlNets stop acting after (0..1, default 1)")
     g.add_argument("--clip-skip", type=int, default=1, help="1 = last layer, 2 = the one before (A1111)")
     g.add_argument("--refiner", help="an SDXL refiner package that finishes the image (base to refiner)")
     g.add_argument("--refiner-start", type=float, default=0.8,
@@ -513,6 +524,18 @@ def _outputs(args, seeds: list[int]) -> list[Path]:
     return [Path(f"edgediff-{n:05d}-{seed}.png") for n, seed in enumerate(seeds)]
 
 
+def _controlnets(args) -> list:
+    """--controlnet PATH[:STRENGTH] and --control-image FILE, in pairs."""
+    from edgediff.runtime.controlnet import ControlNetUnit
+
+    if len(args.controlnet) != len(args.control_image):
+        raise UsageError(f"{len(args.controlnet)} --controlnet and {len(args.control_image)} --control-image given; "
+                         "give them in pairs: --controlnet PATH[:STRENGTH] --control-image FILE")
+    return [ControlNetUnit.parse(spec, image, start=args.control_start, end=args.control_end,
+                                 preprocessor=args.control_preprocessor)
+            for spec, image in zip(args.controlnet, args.control_image, strict=True)]
+
+
 def _generate(args) -> int:
     import random
 
@@ -538,6 +561,7 @@ def _generate(args) -> int:
     if args.batch_count < 1:
         raise UsageError(f"--batch-count must be at least 1 (got {args.batch_count})")
     jobs = _jobs(args)
+    controlnets = _controlnets(args)
     say = lambda msg: print(f"[convert] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     model = _runnable(args.model, say, **_parts(args))
     options = dict(device=args.device, precision=args.precision, threads=args.threads, keep_loaded=args.keep_loaded,
@@ -569,6 +593,7 @@ def _generate(args) -> int:
             inpaint_full_res_padding=args.inpaint_full_res_padding, inpainting_mask_invert=args.invert_mask,
             hires_scale=args.hires_scale, hires_width=args.hires_width, hires_height=args.hires_height,
             hires_upscaler=args.hires_upscaler, hires_steps=args.hires_steps, hires_strength=args.hires_strength,
+            controlnets=controlnets,
         )
         save_image(image, path, image.info["parameters"])
         print(f"wrote {path} ({image.width}x{image.height}, seed {seed})")

@@ -150,6 +150,14 @@ def convert(
         raise UsageError(f"unknown --prediction '{prediction}'; choose eps or v")
     check_output(output, overwrite)
     src_path = resolve_source(source)
+    from edgediff.convert.controlnet import convert_controlnet, is_controlnet
+
+    if is_controlnet(src_path):  # a package of one component, for the family it steers
+        if base or vae or text_encoders or deep_cache or family != "auto":
+            raise UsageError(f"{src_path}: a ControlNet is converted on its own; drop --base, --vae, --text-encoder, "
+                             "--deep-cache and --family")
+        return convert_controlnet(src_path, output, fmt=fmt, precision=precision, rules=parsed_rules,
+                                  overwrite=overwrite, progress=progress)
     from edgediff.convert.load import ldm_vae_file
 
     # a VAE in diffusers' form (or beside a diffusers folder) is swapped in after loading; an LDM
@@ -340,7 +348,10 @@ def builtin_package(name: str = DEFAULT_MODEL, progress: Callable[[str], None] |
     import hashlib
 
     source = resolve_source(f"builtin:{name}")
+    from edgediff.convert.adopt import _builders
+
     digest = hashlib.sha256(__version__.encode())
+    digest.update(hashlib.sha256(_builders()).digest())  # new graphs (a U-Net's ControlNet inputs): converted again
     for path in sorted(source.rglob("*")):
         if path.is_file():
             digest.update(path.relative_to(source).as_posix().encode() + path.read_bytes())

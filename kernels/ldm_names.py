@@ -22,8 +22,9 @@ _OPEN_CLIP_LAYER = (("text_model.encoder.layers.", "transformer.resblocks."), ("
                     (".mlp.fc2.", ".mlp.c_proj."))
 
 
-def _unet_prefixes(config) -> list[tuple[str, str]]:
-    """(diffusers prefix, LDM prefix) pairs, longest first."""
+def _unet_prefixes(config, decoder: bool = True) -> list[tuple[str, str]]:
+    """(diffusers prefix, LDM prefix) pairs, longest first; without `decoder`, those of the
+    encoder half (a ControlNet has no up blocks)."""
     n = config["layers_per_block"]
     levels = len(config["block_out_channels"])
     pairs = [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
@@ -38,6 +39,8 @@ def _unet_prefixes(config) -> list[tuple[str, str]]:
             pairs.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{i * (n + 1) + j + 1}.1."))
         if i < levels - 1:
             pairs.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(i + 1) * (n + 1)}.0.op."))
+        if not decoder:
+            continue
         up_attn = config["up_block_types"][i].startswith("CrossAttn")
         for j in range(n + 1):
             pairs.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{i * (n + 1) + j}.0."))
@@ -82,6 +85,32 @@ def _vae_prefixes(config) -> list[tuple[str, str]]:
 def unet_name(key: str, config) -> str:
     """A diffusers UNet weight name -> its LDM name (with `model.diffusion_model.`)."""
     return "model.diffusion_model." + _rename(key, _unet_prefixes(config), _RESNET if ".resnets." in key else ())
+
+
+def controlnet_name(key: str, config) -> str:
+    """A diffusers ControlNetModel weight name -> its LDM name (with `control_model.`): the U-Net's
+    encoder half, the hint embedding (`controlnet_cond_embedding.conv_in`, `.blocks.k`,
+    `.conv_out` -> `input_hint_block.0, 2, ...`: the odd indices are its SiLUs), the zero
+    convolutions (`controlnet_down_blocks.i` -> `zero_convs.i.0`, `controlnet_mid_block` ->
+    `middle_block_out.0`)."""
+    head, _, rest = key.partition(".")
+    if head == "controlnet_cond_embedding":
+        part, _, rest = rest.partition(".")
+        if part == "blocks":
+            index, _, rest = rest.partition(".")
+            return f"control_model.input_hint_block.{2 * (int(index) + 1)}.{rest}"
+        if part == "conv_out":
+            blocks = 2 * (len(config.get("conditioning_embedding_out_channels") or (16, 32, 96, 256)) - 1)
+            return f"control_model.input_hint_block.{2 * (blocks + 1)}.{rest}"
+        if part == "conv_in":
+            return f"control_model.input_hint_block.0.{rest}"
+        raise KeyError(key)
+    if head == "controlnet_down_blocks":
+        index, _, rest = rest.partition(".")
+        return f"control_model.zero_convs.{index}.0.{rest}"
+    if head == "controlnet_mid_block":
+        return f"control_model.middle_block_out.0.{rest}"
+    return "control_model." + _rename(key, _unet_prefixes(config, decoder=False), _RESNET if ".resnets." in key else ())
 
 
 def vae_name(key: str, config) -> str:

@@ -21,7 +21,7 @@ from PIL import Image
 from edgediff import __version__
 from edgediff.errors import PackageError, UsageError, arg
 from edgediff.kernels.gguf_blocks import FORMATS
-from edgediff.runtime import accuracy, feature_cache, hires, inpaint, memory, text, vae
+from edgediff.runtime import accuracy, controlnet, feature_cache, hires, inpaint, memory, text, vae
 from edgediff.runtime import image as img
 from edgediff.runtime.conditioning import Cond, SizeConditioning, guidance_embedding, time_ids
 from edgediff.runtime.denoiser import Denoiser, latent_space, noisy_start
@@ -301,21 +301,30 @@ class Pipeline:
 
     def _sample(self, x, sigmas, cond: Cond, uncond: Cond | None, guidance: float, sampler: str, rng,
                 clock: _StepClock, cache_interval: int = 1, split_guidance: bool = False,
-                extra: np.ndarray | None = None, keep: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+                extra: np.ndarray | None = None, keep: tuple[np.ndarray, np.ndarray] | None = None,
+                control: controlnet.Control | None = None) -> np.ndarray:
         """Run the sampler over `sigmas` with this model's denoiser (opened, then released), fed
         by the names its graph declares. `extra`: channels joined to the latent in `sample` (an
         inpainting model's mask and masked image); `keep` (latent, mask): the prediction keeps the
-        latent outside the mask (runtime.inpaint.Blended)."""
+        latent outside the mask (runtime.inpaint.Blended); `control`: ControlNets' residuals
+        (runtime.controlnet; zeros without)."""
         comp = self._open(self.manifest.denoiser)
+        residuals = controlnet.Residuals(self, comp, control, len(sigmas) - 1)
+        if control is not None:
+            for unit in control.units:
+                self.timings.load += unit.component.load_seconds
+                unit.component.load_seconds = 0.0
         clock.start()  # opening the session is load time, not the first step's
         names = set(comp.input_names)
-        missing = names - {"sample", "timestep", *cond}
+        missing = names - {"sample", "timestep", *cond, *residuals.names}
         if missing:
             raise PackageError(
                 f"{self.package.name}: the {comp.name} graph takes {', '.join(sorted(missing))}, which this "
                 "package's manifest does not describe; re-convert it with this edgediff version"
             )
         cond, uncond = ({k: v for k, v in c.items() if k in names} if c is not None else None for c in (cond, uncond))
+        if control is None:  # zeros for the residual inputs, fed as conditioning (each cond stays one dict)
+            cond, uncond = ({**c, **residuals.zeros} if c is not None else None for c in (cond, uncond))
 
         def run(x_in, t, c):
             return comp.run({"sample": x_in, "timestep": t, **c})["out_sample"]
@@ -331,12 +340,20 @@ class Pipeline:
             def run(x_in, t, c):
                 return model(np.concatenate([x_in, np.repeat(extra, x_in.shape[0], 0)], 1), t, c)
 
+        if control is not None:  # the ControlNets see the latent alone, as diffusers feeds them
+            unfed = run
+
+            def run(x_in, t, c):
+                return unfed(x_in, t, {**c, **residuals(x_in, t, c)})
+
         denoiser = Denoiser(run, self.schedule, self.manifest.prediction, cond, uncond, guidance,
                             split_batch=split_guidance)
         if keep is not None:
             denoiser = inpaint.Blended(denoiser, *keep)
-        x = get_sampler(sampler)(denoiser, x, sigmas, rng, clock)
+        x = get_sampler(sampler)(denoiser, x, sigmas, rng, residuals.track(clock))
         self._done(comp)
+        if control is not None:
+            control.release()
         if shallow is not None:
             self._done(shallow)
         return x
@@ -385,17 +402,19 @@ class Pipeline:
         return np.concatenate([small, latent], 1).astype(np.float32)
 
     def _denoise(self, stages, conds, x, guidance: float, sampler: str, rng, clock: _StepClock,
-                 cache_interval: int, split_guidance: bool, extra, keep) -> tuple[np.ndarray, bool]:
+                 cache_interval: int, split_guidance: bool, extra, keep, control=None) -> tuple[np.ndarray, bool]:
         """Each stage's sampler in turn (an inpainting model with `extra`, a regular one keeping
         `keep`); (latent, whether `interrupt` stopped it)."""
         try:
             for (pipe, part), (cond, uncond) in zip(stages, conds, strict=True):
                 special = pipe._inpainting_model()
                 x = pipe._sample(x, part, cond, uncond, guidance, sampler, rng, clock, cache_interval,
-                                 split_guidance, extra if special else None, None if special else keep)
+                                 split_guidance, extra if special else None, None if special else keep, control)
         except Interrupted as stop:  # what the sampler has so far
             for pipe, _ in stages:
                 pipe._done(pipe.component(pipe.manifest.denoiser))
+            if control is not None:
+                control.release()
             return stop.denoised, True
         return x, False
 
@@ -491,6 +510,7 @@ class Pipeline:
         hires_upscaler: str | Path | object = hires.DEFAULT_UPSCALER,
         hires_steps: int = 0,
         hires_strength: float = 0.7,
+        controlnets: Sequence[controlnet.ControlNetUnit] | None = None,
     ) -> Image.Image | list[Image.Image]:
         """One image; for a list of prompts, a list of images (seeds counting up from `seed`, as
         A1111's batches; a list of negative prompts pairs with them). Its `.info["parameters"]`
@@ -529,7 +549,11 @@ class Pipeline:
         'Latent (nearest)', 'Latent (nearest-exact)', 'Lanczos', 'Nearest', 'None', an
         ESRGAN-family model file, or a runtime.upscale.Upscaler) and drawn again from there as
         image to image with the same seed: `hires_steps` steps (0: `steps`) of a schedule of
-        hires_steps / `hires_strength` steps, as A1111 counts them."""
+        hires_steps / `hires_strength` steps, as A1111 counts them.
+
+        `controlnets` (runtime.controlnet.ControlNetUnit: a ControlNet, its control image,
+        strength, start and end) steer the U-Net, several at once, as diffusers' ControlNet
+        pipelines do."""
         if not isinstance(prompt, str):
             options = {k: v for k, v in locals().items() if k not in ("self", "prompt", "negative_prompt", "seed")}
             return self._each(list(prompt), negative_prompt, seed, options)
@@ -621,6 +645,10 @@ class Pipeline:
             stages = [(self, sigmas[:split + 1]), (refiner, sigmas[split:])]
         for pipe, _ in stages:
             pipe._inpainting_model()  # a U-Net that takes other channels is refused before any work
+        if controlnets and (refiner is not None or upscaling or cache_interval > 1):
+            raise UsageError(f"{controlnet.option()} does not run with {arg('refiner')}, hires fix or "
+                             f"{arg('cache_interval')} yet; leave one of them out")
+        control = controlnet.prepare(self, controlnets, width, height)
         largest = second.size if second is not None else (width, height)
         plan = self._plan(*largest, guidance > 1 and spec.cfg and not spec.guidance_embedded,
                           init is not None or upscaling)
@@ -668,7 +696,7 @@ class Pipeline:
         hr_steps = (hires_steps or steps) if upscaling else 0
         clock = _StepClock(self.timings, progress, first_steps + hr_steps, interrupt, on_step)
         x, interrupted = self._denoise(stages, conds, x, guidance, sampler, rng, clock, cache_interval,
-                                       plan.split_guidance, extra, keep)
+                                       plan.split_guidance, extra, keep, control)
         finisher = stages[-1][0]
         if keep is not None and not finisher._inpainting_model():
             x = x * keep[1] + keep[0] * (1 - keep[1])  # A1111's last blend: outside the mask, the original latent

@@ -248,3 +248,25 @@ def _save(modules, dst: Path) -> None:
                     param.add_(torch.randn_like(param) * 0.02)
     for module, folder in modules:
         module.save_pretrained(dst / folder)
+
+
+def build_tiny_controlnet(dst: Path, name: str = "sd1", seed: int = 1, channels: int = 3) -> Path:
+    """A diffusers ControlNetModel folder for the tiny model `name` (diffusers' `from_unet` of its
+    U-Net's config, seeded apart): its zero convolutions and the hint's last convolution are
+    given random weights, so that the ControlNet changes the image."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    cfg = CONFIGS[name]
+    context = sum(cfg[key]["hidden_size"] for key in ("text", "text_2") if key in cfg)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, cross_attention_dim=context,
+                                **cfg["unet"])
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 16),
+                                    conditioning_channels=channels)
+    with torch.no_grad():
+        for module in (*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out):
+            for param in module.parameters():
+                param.copy_(torch.randn_like(param) * 0.3)
+    _save([(net, "")], Path(dst))
+    return Path(dst)

@@ -44,7 +44,8 @@ def denoiser_graphs(family: Family, shapes: Shapes, prefix: str, where: str, dee
                    time_ids=ids)
         how.update(unet)
         how.setdefault("time_id_dim", _time_id_width(family, shapes, prefix, ids))
-        yield "unet", lambda: build_unet(shapes, deep_cache=deep_cache, **how)
+        # every package's U-Net takes a ControlNet's residuals (zeros without one: kernels.graphs.unet)
+        yield "unet", lambda: build_unet(shapes, deep_cache=deep_cache, control=True, **how)
         if deep_cache:
             yield "unet_shallow", lambda: build_unet_shallow(shapes, **how)
 

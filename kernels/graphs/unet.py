@@ -14,7 +14,12 @@ groups (32 in every LDM model), and SDXL's time ids (how many, how wide each is 
 The contract is the runtime's for the UNet: `sample`
 [batch, C, height, width], `timestep` [batch] (float), `encoder_hidden_states` [batch, sequence,
 context]; SDXL's `text_embeds` [batch, pooled] and `time_ids` [batch, ids]; LCM's `timestep_cond`
-[batch, width] -> `out_sample`. With `deep_cache` a second output, `deep_feature`, is what enters
+[batch, width] -> `out_sample`. With `control`, the residuals a ControlNet gives (diffusers'
+`down_block_additional_residuals`, one per skip, and `mid_block_additional_residual`) are inputs
+too, `down_block_additional_residual_{i}` [batch, skip width, h, w] added to skip i where it
+joins the up path, and `mid_block_additional_residual` to the middle block's output, as diffusers
+and LDM's ControlledUnetModel add them; a caller without a ControlNet feeds zeros of
+[1, width, 1, 1], which broadcast (13 Adds in SD 1.5's U-Net, nothing to fold). With `deep_cache` a second output, `deep_feature`, is what enters
 the last up block's last SHALLOW_LAYERS layers before their skips join, and `build_unet_shallow`
 is DeepCache's shallow branch that takes it back (tests/reference.py's `UNetGraph` and
 `ShallowUNetGraph` are the torch modules they are held to).
@@ -95,16 +100,18 @@ def _layers(g: Graph, block: str) -> tuple[tuple[str, str], ...]:
     return tuple(layers)
 
 
-def unet_layout(g: Graph, prefix: str) -> UNetLayout:
+def unet_layout(g: Graph, prefix: str, decoder: bool = True) -> UNetLayout:
+    """The layout under `prefix`; without `decoder`, the encoder half only (a ControlNet's: no
+    output blocks, no output layers; `output_blocks` empty and `out_channels` 0)."""
     p = prefix
     conv_in = g.shape(p + "input_blocks.0.0.weight")
     inputs = [(("conv_in", p + "input_blocks.0.0."),)]
     inputs += [_layers(g, f"{p}input_blocks.{i}") for i in indices(g.shapes, p + "input_blocks.")[1:]]
-    outputs = [_layers(g, f"{p}output_blocks.{i}") for i in indices(g.shapes, p + "output_blocks.")]
+    outputs = [_layers(g, f"{p}output_blocks.{i}") for i in indices(g.shapes, p + "output_blocks.")] if decoder else []
     middle = _layers(g, p + "middle_block")
     if not middle:
         g.shape(p + "middle_block.0.in_layers.2.weight")  # raises the SourceError naming it
-    if len(outputs) != len(inputs):
+    if decoder and len(outputs) != len(inputs):
         raise SourceError(f"{g.where}: {len(inputs)} input blocks but {len(outputs)} output blocks; the file is "
                           "incomplete or of another architecture")
     widths, width = [], conv_in[0]
@@ -119,8 +126,9 @@ def unet_layout(g: Graph, prefix: str) -> UNetLayout:
     adm = g.shape(p + "label_emb.0.0.weight")[1] if g.has(p + "label_emb.0.0.weight") else 0
     cond = g.shape(p + COND_PROJ)[1] if g.has(p + COND_PROJ) else 0
     levels = 1 + sum(kind == "down" for block in inputs for kind, _ in block)
-    return UNetLayout(tuple(inputs), middle, tuple(outputs), conv_in[1], g.shape(p + "out.2.weight")[0],
-                      conv_in[0], levels, context, tuple(widths), adm, cond)
+    out = g.shape(p + "out.2.weight")[0] if decoder else 0
+    return UNetLayout(tuple(inputs), middle, tuple(outputs), conv_in[1], out, conv_in[0], levels, context,
+                      tuple(widths), adm, cond)
 
 
 class _Heads:
@@ -217,10 +225,10 @@ def _upsample(g: Graph, x: str, name: str, like: str) -> str:
 # -- the graph ---------------------------------------------------------------------------------
 
 class _UNet:
-    def __init__(self, shapes, heads, head_dim, groups, time_ids, time_id_dim, prefix, where):
+    def __init__(self, shapes, heads, head_dim, groups, time_ids, time_id_dim, prefix, where, decoder=True):
         self.g = Graph(shapes, where)
         self.p, self.groups = prefix, groups
-        self.layout = unet_layout(self.g, prefix)
+        self.layout = unet_layout(self.g, prefix, decoder)
         self.heads = _Heads(heads, head_dim, self.layout.levels)
         self.time_ids, self.time_id_dim = time_ids, time_id_dim
 
@@ -285,13 +293,35 @@ class _UNet:
             raise SourceError(f"{self.g.where}: '{name}*' is no resnet; DeepCache needs one there")
         return self.g.shape(name + "in_layers.0.weight")[0] - lay.skip_widths[SHALLOW_LAYERS - 1]
 
+    def middle_width(self) -> int:
+        kind, name = self.layout.middle_block[-1]
+        return self.g.shape(name + ("out_layers.3.weight" if kind == "resnet" else "proj_out.weight"))[0]
+
+    def encoder(self, emb: str, hint: str | None = None) -> tuple[list[str], str, int]:
+        """The input blocks and the middle block: (the skips, the middle block's output, its
+        level). `hint` (a ControlNet's embedded control image) is added after the first
+        convolution, as diffusers' ControlNetModel and LDM's ControlNet add it."""
+        skips, x, level = [], self.sample, 0
+        for i, layers in enumerate(self.layout.input_blocks):
+            x, level = self.block(x, layers, emb, level)
+            if i == 0 and hint is not None:
+                x = self.g.op("Add", x, hint)
+            skips.append(x)
+        x, level = self.block(x, self.layout.middle_block, emb, level)
+        return skips, x, level
+
+
+RESIDUAL = "down_block_additional_residual_{}"  # a ControlNet's residual for skip i (diffusers' name, one each)
+MID_RESIDUAL = "mid_block_additional_residual"
+
 
 def build_unet(shapes: Mapping[str, Sequence[int]], *, heads: int | Sequence[int] | None = None,
                head_dim: int | None = None, groups: int = GROUPS, time_ids: int = 6, time_id_dim: int = 256,
-               prefix: str = "model.diffusion_model.", deep_cache: bool = False,
+               prefix: str = "model.diffusion_model.", deep_cache: bool = False, control: bool = False,
                where: str = "the model") -> onnx.ModelProto:
     """The U-Net: sample, timestep, encoder_hidden_states (+ text_embeds, time_ids for SDXL,
-    timestep_cond for LCM) -> out_sample (+ deep_feature with `deep_cache`).
+    timestep_cond for LCM; + a ControlNet's residuals with `control`) -> out_sample (+
+    deep_feature with `deep_cache`).
 
     `heads`: attention heads per transformer (SD 1.x: 8), or one count per level (lowest
     first), or else `head_dim` (SD 2.x, SDXL: 64). `groups`: every GroupNorm's (32 in LDM models).
@@ -301,11 +331,13 @@ def build_unet(shapes: Mapping[str, Sequence[int]], *, heads: int | Sequence[int
     g, lay = u.g, u.layout
     u.inputs()
     emb = u.embedding()
-    skips, x, level = [], u.sample, 0
-    for layers in lay.input_blocks:
-        x, level = u.block(x, layers, emb, level)
-        skips.append(x)
-    x, _ = u.block(x, lay.middle_block, emb, level)
+    skips, x, level = u.encoder(emb)
+    if control:  # each residual is its own tensor: sizes named apart, so zeros of [1, C, 1, 1] broadcast
+        skips = [g.op("Add", skip, g.input(RESIDUAL.format(i), [f"residual_batch_{i}", width, f"residual_height_{i}",
+                                                                 f"residual_width_{i}"]))
+                 for i, (skip, width) in enumerate(zip(skips, lay.skip_widths, strict=True))]
+        x = g.op("Add", x, g.input(MID_RESIDUAL, ["residual_batch_mid", u.middle_width(), "residual_height_mid",
+                                                  "residual_width_mid"]))
     for i, layers in enumerate(lay.output_blocks):
         if deep_cache and i == len(lay.output_blocks) - SHALLOW_LAYERS:
             feature = x

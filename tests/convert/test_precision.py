@@ -29,6 +29,11 @@ COMPONENTS = ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
 CALIBRATION_FEEDS: dict[str, dict[tuple[str, ...], list[dict]]] = {}
 
 
+def _unet_feeds(precision: str) -> list[dict]:
+    """The U-Net copy's inputs (text, latent, timestep, and zeros for a ControlNet's residuals)."""
+    return next(f for names, f in CALIBRATION_FEEDS[precision].items() if {"sample", "encoder_hidden_states"} <= set(names))
+
+
 @pytest.fixture(scope="module")
 def quantized(tiny_source, tmp_path_factory):
     from edgediff.runtime.sessions import Component
@@ -119,7 +124,7 @@ def test_manifest_records_each_component(quantized):
     assert not ops["ConvInteger"] and not ops["QLinearConv"]
     # int8-static calibrates on 6 prompts x 10 steps: its U-Net copy read 60 inputs, at 10
     # timesteps and 6 conditionings
-    fed = CALIBRATION_FEEDS["int8-static"][("encoder_hidden_states", "sample", "timestep")]
+    fed = _unet_feeds("int8-static")
     assert len(fed) == 60 and len({f["sample"].tobytes() for f in fed}) == 60
     assert len({f["timestep"].tobytes() for f in fed}) == 10
     assert len({f["encoder_hidden_states"].tobytes() for f in fed}) == 6
@@ -334,7 +339,7 @@ def test_static_int8_weights_cannot_saturate_avx2(tiny_package, quantized, tmp_p
 
     codes = _int8_weight_codes(quantized["int8-static"] / "unet" / "model.onnx")
     assert codes.dtype == np.int8 and np.abs(codes.astype(int)).max() <= 64
-    feeds = CALIBRATION_FEEDS["int8-static"][("encoder_hidden_states", "sample", "timestep")]
+    feeds = _unet_feeds("int8-static")
     source = tiny_package("sd1") / "unet" / "model.onnx"
     choose = chooser("unet", "int8-static")
     ranges = calibrate_feeds(source, choose, feeds)
