@@ -33,6 +33,7 @@ from edgediff.kernels import graph
 
 Choose = Callable[[str, tuple[int, ...]], int | bool]
 MIN, MAX = "_edgediff_min", "_edgediff_max"  # suffixes of the calibration copy's range outputs
+BLOCK = 32  # the calibration copy's MatMulNBits blocks
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,12 @@ def write(model: onnx.ModelProto, base: Path, out: Path, found: list[Target], re
                 w = graph.read_array(inits[t.weight], base).astype(np.float32)
                 if t.transposed:  # [N, K] behind a Transpose: MatMul's [K, N]
                     w = np.ascontiguousarray(w.T)
+                dropped.add(t.weight)
+                if ranges is None and t.node.op_type == "MatMul":  # the calibration copy: MatMulNBits,
+                    # which onnxruntime repacks and maps (DequantizeLinear -> MatMul it fuses into one,
+                    # keeping the int8 original beside the repack)
+                    _nbits(t.node, w, lambda a, n: add(a, n, sink))
+                    continue
                 scales = weight_scales(w, t.axis, reduce_range)
                 bias = graph.read_array(inits[t.bias], base).astype(np.float32) if t.bias and ranges else None
                 if bias is not None:
@@ -207,7 +214,6 @@ def write(model: onnx.ModelProto, base: Path, out: Path, found: list[Target], re
                 nodes.append(helper.make_node("DequantizeLinear", [q, q + "_scale", q + "_zero_point"],
                                               [q + "_dequantized"], axis=t.axis, name=q + "_dq"))
                 t.node.input[1] = q + "_dequantized"
-                dropped.add(t.weight)
                 if bias is not None:
                     b = t.bias + "_quantized"
                     bias_scale = (params[t.node.input[0]][1] * scales).astype(np.float32)
@@ -228,6 +234,7 @@ def write(model: onnx.ModelProto, base: Path, out: Path, found: list[Target], re
         nodes += _activation_pairs(model, params)
         counts["activation_pairs"] = len(params)
         observing(model, observe)
+        graph.ensure_domain(model, "com.microsoft", 1)
         used = {i for n in model.graph.node for i in n.input} | {i for n in nodes for i in n.input}
         kept = [t for t in model.graph.initializer if t.name not in dropped or t.name in used]
         del model.graph.initializer[:]
@@ -239,6 +246,16 @@ def write(model: onnx.ModelProto, base: Path, out: Path, found: list[Target], re
         with contextlib.suppress(OSError):
             scratch.unlink()
     return counts
+
+
+def _nbits(node: onnx.NodeProto, w: np.ndarray, add: Callable[[np.ndarray, str], str]) -> None:
+    """Turn MatMul(A, W [K, N]) into MatMulNBits with W at 8 bits in blocks of 32."""
+    k, n = w.shape
+    name = node.name + "_nbits"
+    inputs = [add(numpy_helper.to_array(t), t.name)
+              for t in graph.nbits_tensors(np.ascontiguousarray(w.T), name, 8, BLOCK)]
+    node.CopyFrom(helper.make_node("MatMulNBits", [node.input[0], *inputs], list(node.output), name=name,
+                                   domain="com.microsoft", K=k, N=n, bits=8, block_size=BLOCK))
 
 
 def _activation_pairs(model: onnx.ModelProto, params: Mapping) -> list[onnx.NodeProto]:

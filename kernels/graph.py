@@ -151,7 +151,7 @@ def matmul_to_nbits(model: onnx.ModelProto, bits: int, block: int, choose: Choos
             drop.add(w_init.name)
         count += 1
     _replace_initializers(model, drop, new)
-    _ensure_domain(model, "com.microsoft", 1)
+    ensure_domain(model, "com.microsoft", 1)
     return count
 
 
@@ -233,11 +233,12 @@ def conv_weights_to_dq(model: onnx.ModelProto, bits: int, choose: Choose, block:
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     if int4:
-        _ensure_domain(model, "", 21)
+        ensure_domain(model, "", 21)
     return count
 
 
-def _ensure_domain(model: onnx.ModelProto, domain: str, version: int) -> None:
+def ensure_domain(model: onnx.ModelProto, domain: str, version: int) -> None:
+    """The model imports `domain` at `version` or later (a contrib op or a newer ONNX op added)."""
     for opset in model.opset_import:
         if opset.domain == domain:
             opset.version = max(opset.version, version)

@@ -557,6 +557,7 @@ class Pipeline:
         if not isinstance(prompt, str):
             options = {k: v for k, v in locals().items() if k not in ("self", "prompt", "negative_prompt", "seed")}
             return self._each(list(prompt), negative_prompt, seed, options)
+        negative_prompt = "" if negative_prompt is None else negative_prompt
         if not isinstance(negative_prompt, str):
             raise UsageError("negative_prompt: a list of negative prompts goes with a list of prompts")
         m = self.manifest
