@@ -24,3 +24,22 @@ class Pipeline(PackagePipeline):
 
         super().__init__(runnable(model, base=base, vae=vae, text_encoders=text_encoders, progress=progress),
                          **options)
+
+    def generate(self, *args, controlnets=None, **kwargs):
+        """runtime.Pipeline.generate, with ControlNets given as folders or files too."""
+        return super().generate(*args, controlnets=adopted_controlnets(controlnets), **kwargs)
+
+
+def adopted_controlnets(units):
+    """ControlNet units whose models are folders or files another tool wrote, as units of the
+    packages that run them (convert.controlnet builds the graph once and caches it)."""
+    import dataclasses
+
+    from edgediff.convert.controlnet import controlnet_package
+    from edgediff.runtime.controlnet import ControlNetUnit, option
+
+    if not units:
+        return units
+    listed = [units] if isinstance(units, ControlNetUnit) else list(units)
+    return [dataclasses.replace(u, model=controlnet_package(u.model, f"{option()} {u.model}"))
+            if isinstance(u, ControlNetUnit) else u for u in listed]

@@ -531,9 +531,11 @@ def _controlnets(args) -> list:
     if len(args.controlnet) != len(args.control_image):
         raise UsageError(f"{len(args.controlnet)} --controlnet and {len(args.control_image)} --control-image given; "
                          "give them in pairs: --controlnet PATH[:STRENGTH] --control-image FILE")
-    return [ControlNetUnit.parse(spec, image, start=args.control_start, end=args.control_end,
-                                 preprocessor=args.control_preprocessor)
-            for spec, image in zip(args.controlnet, args.control_image, strict=True)]
+    from edgediff.api import adopted_controlnets
+
+    return adopted_controlnets([ControlNetUnit.parse(spec, image, start=args.control_start, end=args.control_end,
+                                                     preprocessor=args.control_preprocessor)
+                                for spec, image in zip(args.controlnet, args.control_image, strict=True)])
 
 
 def _generate(args) -> int:

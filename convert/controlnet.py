@@ -26,10 +26,10 @@ from edgediff.families import get_family
 from edgediff.kernels.graphs.builder import View
 from edgediff.kernels.graphs.controlnet import PREFIX
 from edgediff.manifest import MANIFEST, Manifest
+from edgediff.runtime.controlnet import ROLE
 from edgediff.runtime.safetensors_file import SafetensorsFile
 
 COMPONENT = "controlnet"
-ROLE = "controlnet"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 GRAPHS = 1  # the cached graphs' format
 

@@ -21,13 +21,15 @@ from PIL import Image, UnidentifiedImageError
 from edgediff.errors import PackageError, UsageError, arg
 
 PREPROCESSORS = ("none", "canny")
+ROLE = "controlnet"  # a ControlNet package's manifest role
 _SAME_WEIGHTS = {"sd-turbo": "sd2", "sdxl-turbo": "sdxl"}  # what a family's ControlNets are made for
 
 
 @dataclass
 class ControlNetUnit:
-    """One ControlNet and what it steers with: `model` a converted ControlNet package, a diffusers
-    ControlNet folder or a .safetensors file (LDM's or diffusers' names); `image` the control
+    """One ControlNet and what it steers with: `model` a converted ControlNet package (edgediff.Pipeline
+    and the CLI also take a diffusers ControlNet folder or a .safetensors file, LDM's or diffusers'
+    names, and build its graph once); `image` the control
     image (a file, a PIL image, or an array [H, W, 3] in 0..255); `strength` its residuals'
     scale; `start`, `end` the part of the steps it acts on (0..1); `preprocessor` what is made of
     the image first ('none', 'canny' with `low` and `high` thresholds on 0..255 gradients)."""
@@ -178,7 +180,6 @@ class Control:
 def prepare(pipe, units: Sequence[ControlNetUnit] | None, width: int, height: int) -> Control | None:
     """Check the units against the model before any work: each ControlNet opens (its graph built
     once for a folder or file) and must be for the model's family, each image must read."""
-    from edgediff.convert.controlnet import ROLE, controlnet_package
     from edgediff.runtime.package import open_package
 
     if not units:
@@ -201,7 +202,12 @@ def prepare(pipe, units: Sequence[ControlNetUnit] | None, width: int, height: in
         if unit.preprocessor not in PREPROCESSORS:
             raise UsageError(f"{where}: unknown preprocessor '{unit.preprocessor}'; this version has: "
                              f"{', '.join(PREPROCESSORS)}")
-        package = open_package(controlnet_package(unit.model, f"{where} {unit.model}"))
+        try:
+            package = open_package(unit.model)
+        except PackageError as exc:
+            raise UsageError(f"{where} {unit.model}: not a converted ControlNet ({exc}); convert it with `edgediff "
+                             "convert`, or give it through edgediff.Pipeline or the CLI, which build its graph "
+                             "once") from None
         cn = package.manifest
         if cn.role != ROLE:
             raise UsageError(f"{where} {unit.model}: a {cn.family} model package, not a ControlNet")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from edgediff import Pipeline  # takes ControlNet folders and files, as the CLI does
 from edgediff.errors import UsageError
-from edgediff.runtime import Pipeline
 from edgediff.runtime.controlnet import ControlNetUnit, canny
 
 from reference import NEGATIVE, PROMPT, diffusers_scheduler, psnr
