@@ -348,6 +348,8 @@ def _parser() -> argparse.ArgumentParser:
                    "(A1111's embeddings folder) and listed at /sdapi/v1/embeddings")
     v.add_argument("--upscalers-dir", metavar="DIR", help="ESRGAN-family upscaler files (.pth, .safetensors) for "
                    "/sdapi/v1/extra-single-image, listed at /sdapi/v1/upscalers")
+    v.add_argument("--controlnet-dir", metavar="DIR", help="ControlNets (converted packages, diffusers folders, "
+                   ".safetensors files) for the ControlNet extension's API units, listed at /controlnet/model_list")
     v.add_argument("--outputs", metavar="DIR",
                    help="where images asked to be saved go, as A1111's outputs/txt2img-images/DATE/ "
                         "(default: outputs beside the models folder)")
@@ -835,12 +837,15 @@ def _serve(args) -> int:
     limits = Limits(max_body=int(args.max_body_mb * 1024 * 1024), max_side=args.max_side, max_steps=args.max_steps,
                     max_images=args.max_images, queue=args.queue)
     from edgediff.convert.adopt import runnable
+    from edgediff.convert.controlnet import controlnet_package
 
     serve(Path(args.models), args.model, host, args.port, auth, limits, args.low_memory, args.device, args.threads,
           Path(args.lora_dir) if args.lora_dir else None, runnable, lenient=args.lenient,
           outputs=Path(args.outputs) if args.outputs else None,
           embeddings_dir=Path(args.embeddings_dir) if args.embeddings_dir else None,
-          upscalers_dir=Path(args.upscalers_dir) if args.upscalers_dir else None)
+          upscalers_dir=Path(args.upscalers_dir) if args.upscalers_dir else None,
+          controlnets_dir=Path(args.controlnet_dir) if args.controlnet_dir else None,
+          controlnet_package=controlnet_package)
     return 0
 
 

@@ -217,6 +217,8 @@ def _scripts_in_use(scripts: object) -> list[str]:
         return ["alwayson_scripts"]
     used = []
     for name, spec in scripts.items():
+        if name.lower() == "controlnet":  # its units are run (Request.parse reads them)
+            continue
         args = spec.get("args") if isinstance(spec, dict) else spec
         if _unset(args) or isinstance(args, list) and args[0] in (False, None):
             continue
@@ -255,6 +257,42 @@ def refuse_or_ignore(names: list[str], lenient: bool) -> list[str]:
     return names
 
 
+# the A1111 ControlNet extension's resize modes: all equal when the image has the target's aspect
+_JUST_RESIZE = (0, "Just Resize")
+CONTROLNET_MODULES = {"none": "none", "canny": "canny"}  # its preprocessor names -> runtime.controlnet's
+
+
+def controlnet_units(scripts: object, width: int, height: int) -> tuple[list, list[str]]:
+    """The enabled units of the ControlNet extension's `alwayson_scripts` entry as ControlNetUnits
+    (the model still a name), and the unit fields set to what edgediff does not implement."""
+    from edgediff.runtime.controlnet import ControlNetUnit
+
+    spec = next((v for k, v in scripts.items() if k.lower() == "controlnet"), None) if isinstance(scripts, dict) else None
+    args = spec.get("args") if isinstance(spec, dict) else spec
+    units, unset = [], []
+    for i, unit in enumerate(args if isinstance(args, list) else []):
+        if not isinstance(unit, dict) or not unit.get("enabled", True):
+            continue
+        where = f"alwayson_scripts.ControlNet.args[{i}]"
+        module = unit.get("module") or "none"
+        if module not in CONTROLNET_MODULES:
+            raise ApiError(422, f"{where}.module {module!r}: this server has the preprocessors "
+                                f"{', '.join(CONTROLNET_MODULES)}")
+        image = decode_image(unit.get("image") or unit.get("input_image"), f"{where}.image")
+        if unit.get("control_mode", 0) not in (0, "Balanced"):
+            unset.append(f"{where}.control_mode")
+        if not _unset(unit.get("mask")):
+            unset.append(f"{where}.mask")
+        if unit.get("resize_mode", 0) not in _JUST_RESIZE and image.width * height != image.height * width:
+            unset.append(f"{where}.resize_mode (the image is resized to {width}x{height}: 'Just Resize')")
+        units.append(ControlNetUnit(
+            unit.get("model") or "None", image, _field(unit, "weight", float, 1.0, 0.0, 10.0),
+            _field(unit, "guidance_start", float, 0.0, 0.0, 1.0), _field(unit, "guidance_end", float, 1.0, 0.0, 1.0),
+            CONTROLNET_MODULES[module], low=_field(unit, "threshold_a", float, 100.0, 0.0, 1024.0),
+            high=_field(unit, "threshold_b", float, 200.0, 0.0, 1024.0)))
+    return units, unset
+
+
 @dataclass
 class Request:
     """A txt2img/img2img request, A1111's fields with A1111's defaults, checked."""
@@ -281,6 +319,7 @@ class Request:
     restore: bool = True  # override_settings_restore_afterwards
     ignored: list[str] = field(default_factory=list)  # set fields not implemented (--lenient)
     extra: dict = field(default_factory=dict)  # Pipeline.generate's inpainting and hires fix arguments
+    controlnets: list = field(default_factory=list)  # enabled ControlNet units (runtime.controlnet.ControlNetUnit)
 
     @classmethod
     def parse(cls, body: object, limits: Limits, img2img: bool, options: dict | None = None,
@@ -314,7 +353,9 @@ class Request:
         r.restore = _field(body, "override_settings_restore_afterwards", bool, True)
         r.save = _field(body, "save_images", bool, False) and not _field(body, "do_not_save_samples", bool, False)
         r.send = _field(body, "send_images", bool, True)
-        r.ignored = refuse_or_ignore(unimplemented(body, img2img) + others, lenient)
+        units, unit_fields = controlnet_units(body.get("alwayson_scripts"), r.width, r.height)
+        r.controlnets = units
+        r.ignored = refuse_or_ignore(unimplemented(body, img2img) + others + unit_fields, lenient)
         if img2img:
             images = _field(body, "init_images", list, [])
             if not images:
@@ -422,9 +463,12 @@ class Service:
                  low_memory: bool = False, device: str = "auto", threads: int | None = None,
                  lora_dir: Path | None = None, runnable: Callable[[Path], Path] | None = None,
                  lenient: bool = False, preview_every: int = 10, outputs: Path | None = None,
-                 embeddings_dir: Path | None = None, upscalers_dir: Path | None = None):
+                 embeddings_dir: Path | None = None, upscalers_dir: Path | None = None,
+                 controlnets_dir: Path | None = None, controlnet_package: Callable[[Path], Path] | None = None):
         self.models, self.limits = models, limits or Limits()
-        self.embeddings_dir, self.upscalers_dir = embeddings_dir, upscalers_dir
+        self.embeddings_dir, self.upscalers_dir, self.controlnets_dir = embeddings_dir, upscalers_dir, controlnets_dir
+        # a ControlNet folder or file -> the package that runs it (convert.controlnet's; the CLI hands it in)
+        self.controlnet_package = controlnet_package
         self._upscalers: dict[str, object] = {}  # loaded upscaler sessions, by file name
         self.runnable = runnable  # a file another tool wrote -> the package that runs it (convert.adopt's)
         self.low_memory, self.device, self.threads, self.lora_dir = low_memory, device, threads, lora_dir
@@ -543,7 +587,7 @@ class Service:
                     schedule=r.schedule, seed=(seed + i) % 2**32, width=r.width, height=r.height,
                     init_image=r.init_images[0] if r.init_images else None, strength=r.denoising_strength,
                     clip_skip=clip_skip, progress=progress, interrupt=self.stopping,
-                    on_step=on_step, **self._extra(r.extra))
+                    on_step=on_step, controlnets=self._controlnets(r.controlnets) or None, **self._extra(r.extra))
             except EdgediffError as exc:
                 raise ApiError(422 if isinstance(exc, UsageError) else 500, str(exc), type(exc).__name__) from None
             if r.save:
@@ -574,6 +618,35 @@ class Service:
         }
         self.job = Job(timestamp=self.job.timestamp, interrupted=self.job.interrupted)  # idle
         return {"images": [encode_png(im) for im in images] if r.send else [], "info": info}
+
+    def controlnet_models(self) -> dict[str, Path]:
+        """The ControlNets of the ControlNet folder by name: converted packages, diffusers folders
+        and .safetensors files."""
+        folder = self.controlnets_dir
+        found = {}
+        for path in sorted(folder.iterdir()) if folder is not None and folder.is_dir() else []:
+            if path.suffix.lower() == ".safetensors" or (path / "config.json").is_file() or (path / "edgediff.json").is_file():
+                found[path.stem if path.is_file() else path.name] = path
+        return found
+
+    def _controlnets(self, units: list) -> list:
+        """Request units with their model names made the packages that run them."""
+        import dataclasses
+
+        if not units:
+            return units
+        models = self.controlnet_models()
+        out = []
+        for unit in units:
+            name = str(unit.model).split(" [", 1)[0]
+            if name not in models:
+                raise ApiError(404, f"ControlNet model {unit.model!r} not found (there are: "
+                                    f"{', '.join(models) or 'none; serve with --controlnet-dir DIR'})")
+            path = models[name]
+            if self.controlnet_package is not None:
+                path = self.controlnet_package(path)
+            out.append(dataclasses.replace(unit, model=path))
+        return out
 
     def _extra(self, extra: dict) -> dict:
         """generate's inpainting and hires arguments, a hires upscaler named by its file (in the
@@ -860,6 +933,9 @@ def app(service: Service, auth: tuple[str, str] | None = None):
         Route("/sdapi/v1/refresh-embeddings", answer(lambda: None), methods=["POST"]),  # read at every call
         Route("/sdapi/v1/upscalers", answer(service.upscalers)),
         Route("/sdapi/v1/extra-single-image", extra_single_image, methods=["POST"]),
+        Route("/controlnet/version", answer(lambda: {"version": 2})),
+        Route("/controlnet/model_list", answer(lambda: {"model_list": list(service.controlnet_models())})),
+        Route("/controlnet/module_list", answer(lambda: {"module_list": list(CONTROLNET_MODULES), "module_detail": {}})),
         Route("/sdapi/v1/refresh-loras", answer(lambda: None), methods=["POST"]),  # /loras reads the folder each time
         Route("/sdapi/v1/refresh-checkpoints", answer(service.refresh), methods=["POST"]),
         Route("/sdapi/v1/memory", answer(service.memory)),
@@ -939,12 +1015,14 @@ def serve(models: Path, model: str | None = None, host: str = "127.0.0.1", port:
           auth: tuple[str, str] | None = None, limits: Limits | None = None, low_memory: bool = False,
           device: str = "auto", threads: int | None = None, lora_dir: Path | None = None,
           runnable: Callable[[Path], Path] | None = None, lenient: bool = False, preview_every: int = 10,
-          outputs: Path | None = None, embeddings_dir: Path | None = None, upscalers_dir: Path | None = None) -> None:
+          outputs: Path | None = None, embeddings_dir: Path | None = None, upscalers_dir: Path | None = None,
+          controlnets_dir: Path | None = None, controlnet_package: Callable[[Path], Path] | None = None) -> None:
     """Load the model and serve until interrupted; `runnable` opens files other tools wrote;
     `lenient` ignores (and lists in `info`) request fields edgediff does not implement instead of
     answering 422; `preview_every` N: /progress has a preview of the image every N steps (0: none);
     `outputs`: where images asked to be saved go (default: `outputs` beside the models folder);
-    `embeddings_dir`, `upscalers_dir`: textual inversion files and ESRGAN-family upscalers."""
+    `embeddings_dir`, `upscalers_dir`, `controlnets_dir`: textual inversion files, ESRGAN-family
+    upscalers and ControlNets (`controlnet_package` builds a folder's or file's graph)."""
     uvicorn = require("uvicorn", "serve", "edgediff serve")
     if not 0 < port < 65536:
         raise UsageError(f"--port {port}: a port is 1-65535")
@@ -955,7 +1033,7 @@ def serve(models: Path, model: str | None = None, host: str = "127.0.0.1", port:
         except ApiError as exc:
             raise UsageError(f"--model {model}: {exc.detail}") from None
     service = Service(found, model, limits, low_memory, device, threads, lora_dir, runnable, lenient, preview_every,
-                      outputs, embeddings_dir, upscalers_dir)
+                      outputs, embeddings_dir, upscalers_dir, controlnets_dir, controlnet_package)
     print(f"edgediff: serving {models} on http://{host}:{port}/ (A1111 API under /sdapi/v1)", file=sys.stderr,
           flush=True)
     uvicorn.run(app(service, auth), host=host, port=port, log_level="info")

@@ -257,7 +257,8 @@ CONTROLNET_UNIT = {"enabled": True, "module": "canny", "model": "control_canny",
     ("txt2img", {"seed_resize_from_h": 128}, "seed_resize_from_h"),
     ("txt2img", {"subseed": 5, "subseed_strength": 0.3}, "subseed_strength"),
     ("txt2img", {"script_name": "x/y/z plot", "script_args": [1]}, "script_name"),
-    ("txt2img", {"alwayson_scripts": {"ControlNet": {"args": [CONTROLNET_UNIT]}}}, "alwayson_scripts.ControlNet"),
+    ("txt2img", {"alwayson_scripts": {"ADetailer": {"args": [True, {"ad_model": "face_yolov8n.pt"}]}}},
+     "alwayson_scripts.ADetailer"),
     ("txt2img", {"override_settings": {"samples_format": "jpg"}}, "override_settings.samples_format"),
     ("txt2img", {"sampler_name": "DDIM", "eta": 1.0}, "eta (DDIM runs at eta 0)"),
     ("txt2img", {"sampler_name": "Euler a", "eta": 0.5}, "eta (Euler a runs at eta 1)"),
@@ -689,10 +690,15 @@ def test_serve_flags_reach_the_server(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(server, "serve", lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs))
     assert main(["serve", "--models", str(tmp_path), "--lenient", "--outputs", str(tmp_path / "out")]) == 0
+    from edgediff.convert.controlnet import controlnet_package
+
+    adopt = {"controlnet_package": controlnet_package}
     assert seen["kwargs"] == {"lenient": True, "outputs": tmp_path / "out", "embeddings_dir": None,
-                              "upscalers_dir": None} and seen["args"][-1] is runnable
-    assert main(["serve", "--models", str(tmp_path), "--embeddings-dir", "e", "--upscalers-dir", "u"]) == 0
-    assert seen["kwargs"] == {"lenient": False, "outputs": None, "embeddings_dir": Path("e"), "upscalers_dir": Path("u")}
+                              "upscalers_dir": None, "controlnets_dir": None, **adopt} and seen["args"][-1] is runnable
+    assert main(["serve", "--models", str(tmp_path), "--embeddings-dir", "e", "--upscalers-dir", "u",
+                 "--controlnet-dir", "c"]) == 0
+    assert seen["kwargs"] == {"lenient": False, "outputs": None, "embeddings_dir": Path("e"), "upscalers_dir": Path("u"),
+                              "controlnets_dir": Path("c"), **adopt}
 
 
 def test_embeddings_and_upscalers_through_the_server(tiny_package, tmp_path):
@@ -777,3 +783,47 @@ def test_inpainting_and_hires_fix_give_generates_images(served, tiny_package):
     r = requests.post(f"http://127.0.0.1:{port}/sdapi/v1/txt2img",
                       json={**SMALL, "enable_hr": True, "hr_upscaler": "nope-x4"})
     assert r.status_code == 404 and "hr_upscaler 'nope-x4' not found" in r.json()["detail"]
+
+
+def test_controlnet_units_through_the_extension_api(tiny_package, tmp_path):
+    """The ControlNet extension's API as webuiapi drives it: the models and modules listed, a unit
+    in alwayson_scripts gives edgediff.Pipeline's image with the same ControlNet."""
+    import webuiapi
+
+    from edgediff import Pipeline as AnyPipeline
+    from edgediff.convert.controlnet import controlnet_package
+    from edgediff.runtime.controlnet import ControlNetUnit
+
+    from tiny_models import build_tiny_controlnet
+
+    (tmp_path / "cn").mkdir()
+    build_tiny_controlnet(tmp_path / "cn" / "edges", "sd1", seed=1)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "alpha").symlink_to(tiny_package("sd1"))
+    running = Running(Service(Models(tmp_path / "models"), limits=LIMITS, device="cpu", controlnets_dir=tmp_path / "cn",
+                              controlnet_package=controlnet_package))
+    control = Image.new("RGB", (64, 64), (0, 0, 0))
+    control.paste((255, 255, 255), (16, 16, 48, 48))
+    try:
+        host, port = running.url.rsplit(":", 1)
+        api = webuiapi.WebUIApi(host=host.removeprefix("http://"), port=int(port))
+        assert api.controlnet_model_list() == ["edges"] and api.controlnet_module_list() == ["none", "canny"]
+        unit = webuiapi.ControlNetUnit(image=control, module="none", model="edges [abc123]", weight=0.8,
+                                       guidance_start=0.1, guidance_end=0.9)
+        got = api.txt2img(prompt=PROMPT, negative_prompt=NEGATIVE, seed=6, steps=3, cfg_scale=7.0, width=64, height=64,
+                          sampler_name="Euler", controlnet_units=[unit]).image
+        want = AnyPipeline(tiny_package("sd1"), device="cpu").generate(
+            PROMPT, NEGATIVE, seed=6, steps=3, guidance=7.0, width=64, height=64, sampler="euler",
+            controlnets=[ControlNetUnit(tmp_path / "cn" / "edges", control, 0.8, 0.1, 0.9)])
+        plain = _ours(tiny_package("sd1"), seed=6, steps=3, guidance=7.0, width=64, height=64, sampler="euler")
+        assert np.array_equal(_pixels(got), _pixels(want)) and not np.array_equal(_pixels(want), _pixels(plain))
+        missing = webuiapi.ControlNetUnit(image=control, model="nope")
+        r = requests.post(f"{running.url}/sdapi/v1/txt2img", json={**SMALL, "alwayson_scripts": {
+            "ControlNet": {"args": [missing.to_dict()]}}})
+        assert r.status_code == 404 and "ControlNet model 'nope' not found (there are: edges)" in r.json()["detail"]
+        wide = webuiapi.ControlNetUnit(image=Image.new("RGB", (96, 64)), model="edges", resize_mode="Crop and Resize")
+        r = requests.post(f"{running.url}/sdapi/v1/txt2img", json={**SMALL, "alwayson_scripts": {
+            "ControlNet": {"args": [wide.to_dict()]}}})
+        assert r.status_code == 422 and "args[0].resize_mode" in r.json()["detail"]
+    finally:
+        running.stop()
