@@ -109,6 +109,27 @@ def test_single_file_and_package_give_the_folders_image(tiny_package, nets, tmp_
     assert np.array_equal(np.asarray(packaged), np.asarray(folder))
 
 
+def test_sdxl_controlnet_matches_diffusers(tiny_source, tiny_package, nets):
+    """SDXL's ControlNet (its own time ids and pooled text) against StableDiffusionXLControlNetPipeline.
+    (A single SDXL ControlNet file says nothing of its time ids' width: 256, every released SDXL
+    model's, is assumed, which the tiny model's 8 are not; SD 1.x's single file is tested above.)"""
+    import torch
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+
+    ours = Pipeline(tiny_package("sdxl"), device="cpu")
+    image = _image(2)
+    got = _ours(ours, [ControlNetUnit(nets["xl"], image, 0.9, 0.0, 0.8)])
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(tiny_source("sdxl"),
+                                                               controlnet=ControlNetModel.from_pretrained(nets["xl"]))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler, _ = diffusers_scheduler("euler", "normal", pipe.scheduler.config, ours.schedule)
+    ref = pipe(PROMPT, negative_prompt=NEGATIVE, image=image, num_inference_steps=STEPS, guidance_scale=7.5,
+               width=SIZE, height=SIZE, generator=torch.Generator().manual_seed(1234), controlnet_conditioning_scale=0.9,
+               control_guidance_start=0.0, control_guidance_end=0.8).images[0]
+    assert psnr(ref, got) >= FLOOR
+    assert psnr(_ours(ours, None), got) < FLOOR - 5
+
+
 def test_bad_input(tiny_package, nets, tmp_path):
     pipe = Pipeline(tiny_package("sd1"), device="cpu")
     with pytest.raises(UsageError, match=r"ControlNet for sdxl cannot steer .*sd1"):
