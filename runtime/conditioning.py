@@ -29,7 +29,7 @@ class SizeConditioning:
         for name in ("original_size", "target_size"):
             value = getattr(self, name)
             if value is not None and not _integers(value, minimum=1):
-                raise UsageError(f"--{name.replace('_', '-')} must be two positive integers, height and "
+                raise UsageError(f"{arg(name)} must be two positive integers, height and "
                                  f"width (got {value})")
         if not _integers(self.crop, minimum=0):
             raise UsageError(f"{arg('crop')} must be two integers >= 0, top and left (got {self.crop})")

@@ -29,10 +29,10 @@ def test_stack_puts_the_negative_first():
 
 
 @pytest.mark.parametrize(("size", "message"), [
-    (SizeConditioning(original_size=(0, 64)), "--original-size must be two positive integers"),
-    (SizeConditioning(target_size=(64.5, 64)), "--target-size must be two positive integers"),
-    (SizeConditioning(original_size=(64,)), "--original-size must be two positive integers"),
-    (SizeConditioning(crop=(-1, 0)), "--crop must be two integers >= 0"),
+    (SizeConditioning(original_size=(0, 64)), "original_size must be two positive integers"),
+    (SizeConditioning(target_size=(64.5, 64)), "target_size must be two positive integers"),
+    (SizeConditioning(original_size=(64,)), "original_size must be two positive integers"),
+    (SizeConditioning(crop=(-1, 0)), "crop must be two integers >= 0"),
 ])
 def test_sizes_that_are_not_positive_integers_are_refused(size, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(")):
