@@ -207,7 +207,9 @@ def write(model: onnx.ModelProto, base: Path, out: Path, found: list[Target], re
                 bias = graph.read_array(inits[t.bias], base).astype(np.float32) if t.bias and ranges else None
                 if bias is not None:
                     scales = bias_safe(scales, bias, params[t.node.input[0]][1])
-                q = t.weight + "_quantized"
+                # a transposed weight's name says so (as folding it first named it): LoRA patches
+                # read its layout from the name (kernels.graph.weight_name)
+                q = t.weight + (graph.TRANSPOSED if t.transposed else "") + "_quantized"
                 add(quantize_codes(w, scales, t.axis), q, sink)
                 add(scales, q + "_scale", sink)
                 add(np.zeros(scales.shape, np.int8), q + "_zero_point", sink)

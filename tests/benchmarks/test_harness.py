@@ -246,8 +246,6 @@ def test_fewer_flops_configurations(tiny_source, tmp_path, monkeypatch):
 def test_openvino_runs_beside_onnxruntime(tiny_source, tmp_path, monkeypatch):
     """'@openvino' runs the same package on OpenVINO in the same scenario, its row naming it."""
     pytest.importorskip("openvino")
-    from edgediff.runtime import openvino_session
-
     monkeypatch.setenv("EDGEDIFF_CACHE", str(tmp_path / "cache"))
     scenario = Scenario(name="t", model=str(tiny_source("sd1")), precisions=("fp32", "fp32@openvino"), sizes=(64,),
                         steps=2, threads=1, peers=())
@@ -255,5 +253,4 @@ def test_openvino_runs_beside_onnxruntime(tiny_source, tmp_path, monkeypatch):
     assert rows["edgediff-fp32"]["provider"].startswith("onnxruntime ")
     assert rows["edgediff-fp32@openvino"]["provider"].startswith("openvino ")
     assert validate_row(rows["edgediff-fp32@openvino"]) == []
-    if openvino_session.precision(openvino_session.capabilities()) == "f32":
-        assert rows["edgediff-fp32@openvino"]["quality"]["psnr_db"] > 60  # measured 89 dB on the tiny sd1
+    assert rows["edgediff-fp32@openvino"]["quality"]["psnr_db"] > 60  # f32 on every CPU: measured 89 dB on the tiny sd1

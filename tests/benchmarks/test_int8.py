@@ -11,7 +11,7 @@ def test_int8_bench_measures_variants_and_blocks(tiny_package, tmp_path, capsys)
     work = tmp_path / "work"
     assert main([str(tiny_package("sd1")), "--work", str(work), "--size", "64", "--steps", "2",
                  "--seeds", "1", "--only", "(int8-static)"]) == 0
-    assert (work / "calibration-minmax.json").is_file()  # the ranges, kept for every later variant
+    assert (work / "ranges-minmax.json").is_file()  # the ranges, kept for every later variant
     main([str(tiny_package("sd1")), "--work", str(work), "--size", "64", "--steps", "2", "--seeds", "1",
           "--sensitivity", "--only", "mid_block"])
     rows = {r["variant"]: r for r in json.loads((work / "results.json").read_text())}
