@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from edgediff.errors import PackageError, UsageError, arg
+from edgediff.runtime.image import open_image
 
 PREPROCESSORS = ("none", "canny")
 ROLE = "controlnet"  # a ControlNet package's manifest role
@@ -66,21 +67,11 @@ def _number(text: str) -> float | None:
 
 def read_image(image, where: str) -> Image.Image:
     """A control image as RGB: a file, a PIL image or an array; a clear error otherwise."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
     if isinstance(image, np.ndarray):
         if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
             raise UsageError(f"{where}: an image array is [H, W] or [H, W, 1|3|4] (got {list(image.shape)})")
         return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8).squeeze()).convert("RGB")
-    path = Path(image)
-    if not path.is_file():
-        raise UsageError(f"{where} {path}: no such file")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise UsageError(f"{where} {path}: not a readable image ({exc})") from exc
+    return open_image(image, where)
 
 
 # -- preprocessors -------------------------------------------------------------------------------

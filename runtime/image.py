@@ -19,16 +19,23 @@ def to_pil(images: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
 
 
-def open_image(path: str | Path) -> Image.Image:
-    path = Path(path)
+def open_image(image: str | Path | Image.Image, where: str | None = None, mode: str | None = "RGB") -> Image.Image:
+    """An image a user gave: a PIL image, or a file read whole, in `mode` (None keeps the file's:
+    a mask's alpha says where to paint); `where` names the argument in messages (init_image)."""
+    where = where or arg("init_image")
+    if isinstance(image, Image.Image):
+        return image.convert(mode) if mode else image
+    if not isinstance(image, (str, Path)):
+        raise UsageError(f"{where}: give an image file or a PIL image (got {type(image).__name__})")
+    path = Path(image)
     if not path.is_file():
-        raise UsageError(f"{arg('init_image')} {path}: no such file")
+        raise UsageError(f"{where} {path}: no such file")
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            return img.convert(mode) if mode else img.copy()
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise UsageError(f"{arg('init_image')} {path}: not a readable image ({exc})") from exc
+        raise UsageError(f"{where} {path}: not a readable image ({exc})") from exc
 
 
 def from_pil(image: Image.Image, width: int, height: int) -> np.ndarray:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps
 
 from edgediff.errors import UsageError, arg
 
@@ -28,19 +28,9 @@ FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 def open_mask(mask: str | Path | Image.Image) -> Image.Image:
     """The mask as given: a PIL image, or read from a file (its mode kept: an RGBA mask's alpha
     says where to repaint)."""
-    if isinstance(mask, Image.Image):
-        return mask
-    if not isinstance(mask, (str, Path)):
-        raise UsageError(f"{arg('mask')}: give an image file or a PIL image (got {type(mask).__name__})")
-    path = Path(mask)
-    if not path.is_file():
-        raise UsageError(f"{arg('mask')} {path}: no such file")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise UsageError(f"{arg('mask')} {path}: not a readable image ({exc})") from exc
+    from edgediff.runtime.image import open_image
+
+    return open_image(mask, arg("mask"), mode=None)
 
 
 def binary_mask(image: Image.Image) -> Image.Image:
