@@ -87,32 +87,24 @@ def crop_region(mask: Image.Image, pad: int) -> tuple[int, int, int, int] | None
 
 def expand_crop_region(region: tuple[int, int, int, int], width: int, height: int, image_width: int,
                        image_height: int) -> tuple[int, int, int, int]:
-    """masking.expand_crop_region: the box grown to the processing size's aspect ratio, kept inside
-    the image."""
+    """The box grown on its short side to the processing size's aspect ratio and kept inside the
+    image (A1111's "only masked" crop)."""
     x1, y1, x2, y2 = region
     if (x2 - x1) / (y2 - y1) > width / height:
-        diff = int((x2 - x1) / (width / height) - (y2 - y1))
-        y1 -= diff // 2
-        y2 += diff - diff // 2
-        if y2 >= image_height:
-            y1 -= y2 - image_height
-            y2 = image_height
-        if y1 < 0:
-            y2 -= y1
-            y1 = 0
-        y2 = min(y2, image_height)
+        y1, y2 = _grow(y1, y2, int((x2 - x1) / (width / height) - (y2 - y1)), image_height)
     else:
-        diff = int((y2 - y1) * (width / height) - (x2 - x1))
-        x1 -= diff // 2
-        x2 += diff - diff // 2
-        if x2 >= image_width:
-            x1 -= x2 - image_width
-            x2 = image_width
-        if x1 < 0:
-            x2 -= x1
-            x1 = 0
-        x2 = min(x2, image_width)
+        x1, x2 = _grow(x1, x2, int((y2 - y1) * (width / height) - (x2 - x1)), image_width)
     return x1, y1, x2, y2
+
+
+def _grow(lo: int, hi: int, by: int, limit: int) -> tuple[int, int]:
+    """[lo, hi) grown by `by`, split around it, then shifted back inside [0, limit]."""
+    lo, hi = lo - by // 2, hi + by - by // 2
+    if hi >= limit:
+        lo, hi = lo - (hi - limit), limit
+    if lo < 0:
+        lo, hi = 0, hi - lo
+    return lo, min(hi, limit)
 
 
 def resize_image(mode: int, image: Image.Image, width: int, height: int) -> Image.Image:
