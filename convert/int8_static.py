@@ -5,8 +5,9 @@ the session it calibrates with, after edgediff's own fp32 sampling runs recorded
 every component loaded: converting the full-size SDXL U-Net was OOM-killed at 23.7 GB on a 24 GB
 machine. Here:
 - the activation ranges are read in the sampling runs themselves, from a copy of each component
-  whose weights are int8 behind DequantizeLinear (its activations are the fp32 model's to within
-  the int8 weights' error) with ReduceMin/ReduceMax outputs on every tensor to quantize;
+  whose weights are int8 (MatMuls in MatMulNBits, convolutions behind DequantizeLinear; its
+  activations are the fp32 model's to within the int8 weights' error) with ReduceMin/ReduceMax
+  outputs on every tensor to quantize;
 - the QDQ graph is written one weight at a time from the fp32 file, with onnxruntime's own
   arithmetic: per-channel symmetric weights (7-bit with `reduce_range`), asymmetric uint8
   activations, int32 biases at input scale x weight scale, weight scales raised where a bias
@@ -164,10 +165,10 @@ def quantize_codes(w: np.ndarray, scales: np.ndarray, axis: int) -> np.ndarray:
 def write(model: onnx.ModelProto, base: Path, out: Path, found: list[Target], reduce_range: bool = True,
           ranges: Ranges | None = None, observe: Iterable[str] = ()) -> dict[str, int]:
     """Write `model` (fp32, its weights external under `base` or inline) to `out` with the
-    `found` weights int8 behind DequantizeLinear, reading and writing one weight at a time. With
-    `ranges`, every tensor of `activations(found)` gets a Q/DQ pair and Conv biases int32 (the
-    int8-static graph); without, activations stay float (the calibration copy, which `observe`s
-    tensors' ranges)."""
+    `found` weights int8, reading and writing one weight at a time. With `ranges`, the weights go
+    behind DequantizeLinear, every tensor of `activations(found)` gets a Q/DQ pair and Conv biases
+    int32 (the int8-static graph); without, activations stay float and MatMuls become 8-bit
+    MatMulNBits (the calibration copy, which `observe`s tensors' ranges)."""
     from edgediff.convert.precision import save_model
 
     inits = {t.name: t for t in model.graph.initializer}
