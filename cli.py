@@ -311,6 +311,29 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--install-peer", metavar="PEER",
                    help="create the environment of a peer whose packages clash with edgediff's")
 
+    a = sub.add_parser("batch", help="generate the images of a JSONL file of jobs (A1111's fields) into a folder, "
+                                     "resumably; --ray spreads them over a Ray cluster",
+                       description="One image per line of JOBS, a JSON object with the A1111 API's fields (prompt, "
+                                   "negative_prompt, seed, steps, cfg_scale, width, height, sampler_name, scheduler, "
+                                   "denoising_strength, init_images as [PATH], model); what a line leaves out comes "
+                                   "from the model. Line N (from 0) is written as OUTPUT/NNNNN.png, then recorded in "
+                                   "OUTPUT/results.jsonl. The same command again skips the lines finished (PNG there, "
+                                   "sha256 as recorded) and runs the rest. A bad line is reported by number and "
+                                   "skipped. Paths in JOBS are read from its folder.")
+    a.add_argument("jobs", metavar="JOBS", help="the JSONL file of jobs, one image a line")
+    a.add_argument("--output", "-o", required=True, metavar="DIR", help="folder of the images and results.jsonl "
+                                                                      "(created; a rerun continues it)")
+    a.add_argument("--model", "-m", help="the model of lines without a 'model' field: package folder, .gguf or "
+                                         ".safetensors file, builtin:NAME (default: the embedded tiny model)")
+    a.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
+    a.add_argument("--threads", type=int, help="CPU threads for onnxruntime (with --ray: per actor, default 1)")
+    a.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on Ray Data with a pool of actors that each keep the model loaded: on a local Ray "
+                        "started for the run (or the cluster RAY_ADDRESS names), or the cluster at ADDRESS "
+                        "(pip install 'edgediff[ray]'; models must be at the same path on every node)")
+    a.add_argument("--actors", type=int, metavar="N",
+                   help="with --ray: actors per model (default: the cluster's CPUs / --threads)")
+
     i = sub.add_parser("inspect", help="describe a package, checkpoint, diffusers folder or GGUF file")
     i.add_argument("path", help="package folder, .gguf, .safetensors (checkpoint or LoRA), diffusers folder, or "
                                 "builtin:NAME")
@@ -606,6 +629,25 @@ def _generate(args) -> int:
     print(f"memory: {pipe.memory_note()}")
     print(f"time: {pipe.timings.summary()}")
     return 0
+
+
+def _batch(args) -> int:
+    from edgediff.batch import run
+
+    for name in ("threads", "actors"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    if args.actors is not None and args.ray is None:
+        raise UsageError("--actors is for --ray runs; without --ray the jobs run in this process")
+    summary = None
+    try:
+        summary = run(args.jobs, args.output, model=args.model, device=args.device, threads=args.threads,
+                      ray=args.ray, actors=args.actors, say=lambda msg: print(msg, flush=True))
+    except KeyboardInterrupt:
+        print(f"stopped: what finished is in {args.output}; the same command again runs the rest", file=sys.stderr)
+        raise
+    print(f"{summary.line()}; {Path(args.output) / 'results.jsonl'}")
+    return 1 if summary.failed else 0
 
 
 def _bench(args) -> int:
@@ -925,7 +967,7 @@ def main(argv: list[str] | None = None) -> int:
             return _bench_tool(argv[1].replace("-", "_"), argv[2:])
         args = _parser().parse_args(argv)
         commands = {"convert": _convert, "generate": _generate, "inspect": _inspect, "bench": _bench, "serve": _serve,
-                    "cache": _cache, "upscale": _upscale}
+                    "cache": _cache, "upscale": _upscale, "batch": _batch}
         with command_line():
             return commands[args.command](args)
     except EdgediffError as exc:
