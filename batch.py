@@ -266,11 +266,13 @@ def _quiet(_message: str) -> None:
 
 def run(jobs_file: str | Path, output: str | Path, *, model: str | None = None, device: str = "auto",
         threads: int | None = None, ray: str | bool | None = None, actors: int | None = None,
-        say: Report = _quiet, on_record: Callable[[dict], None] | None = None) -> Summary:
+        say: Report = _quiet, on_record: Callable[[dict], None] | None = None, ship: bool | None = None) -> Summary:
     """Run a jobs file into `output`: in this process, or with `ray` (True or "": a local Ray, or
     the cluster RAY_ADDRESS names; a string: that cluster's address) on Ray Data. Bad lines and
     failed images are reported through `say` with their line numbers and counted in the summary;
-    the others run. `on_record` sees each finished image's record as it is written."""
+    the others run. `on_record` sees each finished image's record as it is written; `ship` says
+    whether packages go to Ray's workers through the object store (None: on clusters of several
+    nodes, packages up to SHIP_LIMIT)."""
     jobs, bad = read_jobs(jobs_file, model)
     out = Output(output)
     summary = Summary(total=len(jobs) + len(bad), failed=list(bad))
@@ -300,7 +302,7 @@ def run(jobs_file: str | Path, output: str | Path, *, model: str | None = None, 
         run_here(todo, finished, failed, device=device, threads=threads, say=say)
     else:
         run_on_ray(todo, finished, failed, address=None if ray is True or ray == "" else ray, device=device,
-                   threads=threads, actors=actors, say=say)
+                   threads=threads, actors=actors, say=say, ship=ship)
     return summary
 
 
@@ -339,11 +341,15 @@ class Worker:
     that fails with an EdgediffError comes back as its message (the run goes on); a worker that
     dies has its in-flight rows retried by Ray on a new actor."""
 
-    def __init__(self, package: str, device: str, threads: int | None):
+    def __init__(self, package: str, device: str, threads: int | None, shipped=None):
         from edgediff.runtime import Pipeline
 
         self.pipe, self.error = None, None
         try:
+            if shipped is not None:  # the package through the object store: unpacked once per node
+                import ray
+
+                package = str(unpack(ray.get(shipped[0]), shipped[1], Path(package).name))
             self.pipe = Pipeline(package, device=device, threads=threads, keep_loaded=True)
         except EdgediffError as exc:  # every row says so (the driver opened it, so rarely: a node without it)
             self.error = f"model {package} on {socket.gethostname()}: {exc}"
@@ -364,6 +370,49 @@ class Worker:
             pngs.append(png)
             records.append(json.dumps({"index": job.index, **record}))
         return {"png": np.array(pngs, dtype=object), "record": np.array(records, dtype=object)}
+
+
+SHIP_LIMIT = 1 << 30  # bytes: a package up to this size goes to other nodes through Ray's object store
+
+
+def package_size(package: Path) -> int:
+    return sum(p.stat().st_size for p in package.rglob("*") if p.is_file()) if package.is_dir() else package.stat().st_size
+
+
+def pack(package: Path) -> tuple[bytes, str]:
+    """A package folder or file as one uncompressed tar (weights do not compress), and its digest."""
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        tar.add(package, arcname=package.name)
+    data = buffer.getvalue()
+    return data, sha256(data)[:16]
+
+
+def unpack(data: bytes, digest: str, name: str) -> Path:
+    """A shipped package, unpacked under this node's cache (once: the actors of a node share it;
+    a scratch folder renamed into place, so none sees half of it)."""
+    import shutil
+    import tarfile
+    import tempfile
+
+    from edgediff.runtime.paths import cache_root
+
+    home = cache_root() / "shipped" / digest
+    if not home.is_dir():
+        home.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=home.parent))
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                tar.extractall(scratch, filter="data")
+            scratch.replace(home)
+        except OSError:
+            if not home.is_dir():  # not another actor of this node that got there first
+                raise
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return home / name
 
 
 def open_bytes(data: bytes):
@@ -406,10 +455,13 @@ def start_ray(address: str | None, say: Report):
 
 
 def run_on_ray(jobs: list[Job], finished, failed, *, address: str | None, device: str, threads: int | None,
-               actors: int | None, say: Report) -> None:
+               actors: int | None, say: Report, ship: bool | None = None) -> None:
     """The jobs on Ray Data, one model at a time: `map_batches` over a pool of actors that each
     open the model once (`threads` onnxruntime threads each, default 1; as many actors as the
-    cluster has CPUs for, or `actors`), results written here as they stream back. An actor that
+    cluster has CPUs for, or `actors`), results written here as they stream back. On a cluster of
+    several nodes (or with `ship`), a package up to SHIP_LIMIT goes to the actors through the
+    object store and is unpacked once per node; larger ones are opened by path (a shared
+    filesystem). An actor that
     dies is restarted and its rows run again (Ray Data's defaults: restarts and retries without
     limit)."""
     import logging
@@ -422,6 +474,7 @@ def run_on_ray(jobs: list[Job], finished, failed, *, address: str | None, device
     threads = threads or 1
     try:
         cpus = int(ray.cluster_resources().get("CPU", 1))
+        nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
         for model, group in by_model(jobs).items():
             try:
                 package = str(open_model(model, say))
@@ -430,11 +483,16 @@ def run_on_ray(jobs: list[Job], finished, failed, *, address: str | None, device
                     failed(job, f"model {model or 'builtin (default)'}: {exc}")
                 continue
             size = max(1, min(len(group), actors or cpus // threads))
-            say(f"{len(group)} jobs of {package} on {size} Ray actor{'s' if size > 1 else ''} x {threads} "
-                f"thread{'s' if threads > 1 else ''}")
+            shipped = None
+            if ship if ship is not None else nodes > 1 and package_size(Path(package)) <= SHIP_LIMIT:
+                data, digest = pack(Path(package))
+                shipped = (ray.put(data), digest)
+            say(f"{len(group)} jobs of {package}{' (shipped through the object store)' if shipped else ''} on {size} "
+                f"Ray actor{'s' if size > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}")
             by_index = {job.index: job for job in group}
             data = ray.data.from_items(_rows(group), override_num_blocks=len(group))
-            images = data.map_batches(Worker, fn_constructor_kwargs=dict(package=package, device=device, threads=threads),
+            images = data.map_batches(Worker, fn_constructor_kwargs=dict(package=package, device=device, threads=threads,
+                                                                         shipped=shipped),
                                       batch_size=1, compute=ray.data.ActorPoolStrategy(size=size), num_cpus=threads)
             for row in images.iter_rows():
                 record = json.loads(row["record"])

@@ -220,8 +220,9 @@ def local_ray():
 
 
 def test_on_ray_the_same_images_and_a_dead_worker_loses_nothing(jobs, local_ray, tmp_path, capsys):
-    """Two actors per model; the worker that made the first image is killed (SIGKILL) as it comes
-    back: Ray restarts it and runs its rows again, and every line ends up written once."""
+    """Two actors per model, the packages shipped through the object store (as to other nodes);
+    the worker that made the first image is killed (SIGKILL) as it comes back: Ray restarts it
+    and runs its rows again, and every line ends up written once."""
     path, expected = jobs
     out = tmp_path / "out"
     killed = []
@@ -232,9 +233,11 @@ def test_on_ray_the_same_images_and_a_dead_worker_loses_nothing(jobs, local_ray,
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
-    summary = run(path, out, ray=True, actors=2, on_record=kill_first_worker, say=print)
+    summary = run(path, out, ray=True, actors=2, on_record=kill_first_worker, say=print, ship=True)
     stdout = capsys.readouterr().out
-    assert killed and f"{path} line 4: 'steps' must be a number" in stdout and "on 2 Ray actors x 1 thread" in stdout
+    assert killed and f"{path} line 4: 'steps' must be a number" in stdout
+    assert stdout.count("(shipped through the object store) on 2 Ray actors x 1 thread") == 2
+    assert len(list((Path(os.environ["EDGEDIFF_CACHE"]) / "shipped").iterdir())) == 2  # one copy per model
     assert [n for n, _ in summary.failed] == [4] and len(summary.written) == 6
     records = _check(out, expected)
     assert len(records) == 6
