@@ -110,6 +110,7 @@ BENCH_TOOLS = {
     "synthetic": "write a full-size diffusers folder with random weights (sd15, sdxl)",
     "synthetic_dit": "write a full-size DiT (flux-schnell, sd35-medium) with random weights as one GGUF file",
     "train_tiny": "train the embedded tiny model",
+    "batch": "edgediff batch in this process vs on a local Ray: images/minute, Ray's cost per job and at start",
 }
 
 
