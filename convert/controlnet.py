@@ -210,6 +210,13 @@ def convert_controlnet(source: str | Path, output: Path, *, fmt: str = "onnx", p
         raise UsageError(f"--format {fmt}: a ControlNet is converted to an ONNX package (--format onnx)")
     src = open_controlnet(source)
     chosen = parse_precision(precision, ("unet",), fmt)["unet"]  # a ControlNet takes what its U-Net takes
+    if chosen == "int8-static":  # its activation ranges would need sampling runs of a base model
+        if precision.strip() != "int8":
+            raise UsageError(f"--precision {precision}: a ControlNet converted alone has no model to calibrate "
+                             "int8-static on; choose int8-weights, int4 or fp16")
+        chosen = "int8-weights"
+        if progress:
+            progress("int8 for a ControlNet is int8-weights (int8-static calibrates on a base model's runs)")
     with atomic_folder(Path(output), overwrite) as tmp:
         manifest = _write(src, tmp, True, progress)
         if chosen != "fp32" or rules:
