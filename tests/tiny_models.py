@@ -250,18 +250,24 @@ def _save(modules, dst: Path) -> None:
         module.save_pretrained(dst / folder)
 
 
-def build_tiny_controlnet(dst: Path, name: str = "sd1", seed: int = 1, channels: int = 3) -> Path:
+def build_tiny_controlnet(dst: Path, name: str = "sd1", seed: int = 1, channels: int = 3,
+                          time_id_dim: int | None = None) -> Path:
     """A diffusers ControlNetModel folder for the tiny model `name` (diffusers' `from_unet` of its
     U-Net's config, seeded apart): its zero convolutions and the hint's last convolution are
-    given random weights, so that the ControlNet changes the image."""
+    given random weights, so that the ControlNet changes the image. `time_id_dim`: SDXL's time
+    ids embedded this wide (every released SDXL ControlNet: 256) instead of the tiny U-Net's."""
     import torch
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     cfg = CONFIGS[name]
     context = sum(cfg[key]["hidden_size"] for key in ("text", "text_2") if key in cfg)
+    unet_cfg = dict(cfg["unet"])
+    if time_id_dim is not None:  # the pooled text keeps its width; the 6 time ids get wider
+        pooled = unet_cfg["projection_class_embeddings_input_dim"] - 6 * unet_cfg["addition_time_embed_dim"]
+        unet_cfg.update(addition_time_embed_dim=time_id_dim, projection_class_embeddings_input_dim=pooled + 6 * time_id_dim)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, cross_attention_dim=context,
-                                **cfg["unet"])
+                                **unet_cfg)
     net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 16),
                                     conditioning_channels=channels)
     with torch.no_grad():

@@ -110,9 +110,7 @@ def test_single_file_and_package_give_the_folders_image(tiny_package, nets, tmp_
 
 
 def test_sdxl_controlnet_matches_diffusers(tiny_source, tiny_package, nets):
-    """SDXL's ControlNet (its own time ids and pooled text) against StableDiffusionXLControlNetPipeline.
-    (A single SDXL ControlNet file says nothing of its time ids' width: 256, every released SDXL
-    model's, is assumed, which the tiny model's 8 are not; SD 1.x's single file is tested above.)"""
+    """SDXL's ControlNet (its own time ids and pooled text) against StableDiffusionXLControlNetPipeline."""
     import torch
     from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
 
@@ -128,6 +126,18 @@ def test_sdxl_controlnet_matches_diffusers(tiny_source, tiny_package, nets):
                control_guidance_start=0.0, control_guidance_end=0.8).images[0]
     assert psnr(ref, got) >= FLOOR
     assert psnr(_ours(ours, None), got) < FLOOR - 5
+
+
+def test_sdxl_controlnet_single_file(tiny_source, tiny_package, tmp_path):
+    """An SDXL ControlNet as lllyasviel-style single files are (LDM names, fp16, time ids 256 wide
+    as every released one): the folder's image."""
+    folder = build_tiny_controlnet(tmp_path / "xl256", "sdxl", seed=4, time_id_dim=256)
+    ours = Pipeline(tiny_package("sdxl"), device="cpu")
+    image = _image(1)
+    from_folder = _ours(ours, [ControlNetUnit(folder, image, 0.9)])
+    single = _ours(ours, [ControlNetUnit(_ldm_file(folder, tmp_path / "xl.safetensors"), image, 0.9)])
+    assert psnr(from_folder, single) >= FLOOR  # the file holds the weights in fp16
+    assert psnr(_ours(ours, None), single) < FLOOR - 5
 
 
 def test_bad_input(tiny_package, nets, tmp_path):
