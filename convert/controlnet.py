@@ -206,9 +206,9 @@ def convert_controlnet(source: str | Path, output: Path, *, fmt: str = "onnx", p
     from edgediff.convert.package import atomic_folder
     from edgediff.convert.precision import parse_precision
 
-    if fmt != "onnx":
-        raise UsageError(f"--format {fmt}: a ControlNet is converted to an ONNX package (--format onnx)")
     src = open_controlnet(source)
+    if fmt == "gguf":
+        return _write_gguf(src, Path(output), precision, rules, overwrite, progress)
     chosen = parse_precision(precision, ("unet",), fmt)["unet"]  # a ControlNet takes what its U-Net takes
     if chosen == "int8-static":  # its activation ranges would need sampling runs of a base model
         if precision.strip() != "int8":
@@ -223,6 +223,23 @@ def convert_controlnet(source: str | Path, output: Path, *, fmt: str = "onnx", p
             manifest = _apply_precisions(tmp, manifest, {COMPONENT: chosen}, rules, progress)
             (tmp / MANIFEST).write_text(manifest.to_json())
     return manifest
+
+
+def _write_gguf(src: ControlNetSource, output: Path, precision: str, rules: Sequence, overwrite: bool,
+                progress) -> Manifest:
+    """A GGUF package of the ControlNet: its weight-less graph and its file's tensors, as stored
+    or in the block format asked (f32, f16, q8_0, q4_0, ...), one tensor at a time."""
+    import tempfile
+
+    from edgediff.convert.gguf import gguf_format, write_gguf
+    from edgediff.convert.package import atomic_file
+
+    formats = None if precision in ("fp32", "auto") else {COMPONENT: gguf_format(precision)}
+    with atomic_file(output, overwrite) as target, tempfile.TemporaryDirectory(
+            dir=output.parent, prefix=f".{output.name}.export-") as scratch:
+        manifest = _write(src, Path(scratch), False, progress)
+        return write_gguf(Path(scratch), manifest, target, {COMPONENT: lambda name: name}, formats=formats,
+                          rules=rules, stored=lambda _component, name: src.file.weight(name), progress=progress)
 
 
 def controlnet_package(path: str | Path, where: str = "", progress: Callable[[str], None] | None = None) -> Path:
