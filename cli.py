@@ -307,6 +307,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("scenario", nargs="?", help="scenario file, or the name of one in benchmarks/scenarios/")
     b.add_argument("--list", action="store_true", help="list the scenarios (model, what each measures) and the tools")
     b.add_argument("--output", "-o", help="results folder (default: bench-results/NAME-TIME)")
+    b.add_argument("--ray", nargs="?", const=True, metavar="ADDRESS",
+                   help="run the scenario's runs on Ray (pip install 'edgediff[ray]'): a local cluster, or the "
+                        "one at ADDRESS; one run at a time per node, each row naming its node's CPU (paths must "
+                        "be the same on every node)")
     b.add_argument("--reconvert", action="store_true",
                    help="convert the model again instead of using the packages cached by an earlier run")
     b.add_argument("--install-peer", metavar="PEER",
@@ -679,7 +683,7 @@ def _bench(args) -> int:
         raise UsageError(f"--output {out}: exists and is not empty; choose another folder")
     created = not out.exists()
     try:
-        rows = run_scenario(scenario, out, say, args.reconvert)
+        rows = run_scenario(scenario, out, say, args.reconvert, ray=args.ray)
     except BaseException:  # a failed bench leaves no half-filled results folder
         if created:
             import shutil

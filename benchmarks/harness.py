@@ -270,7 +270,11 @@ def configurations(scenario: Scenario, packages: dict[str, Path], source: Path |
     return out
 
 
-def run_scenario(scenario: Scenario, out_dir: Path, progress: Progress, reconvert: bool = False) -> list[dict]:
+def run_scenario(scenario: Scenario, out_dir: Path, progress: Progress, reconvert: bool = False,
+                 ray: str | bool | None = None) -> list[dict]:
+    """Run every configuration of the scenario, each run in its own process; with `ray` (True: a
+    local cluster, or an address) the runs go to the cluster's nodes, one at a time per node, and
+    each row says the CPU of the node that ran it. The paths must be the same on every node."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "images").mkdir(exist_ok=True)
     source, packages = prepare(scenario, progress, reconvert)
@@ -291,41 +295,81 @@ def run_scenario(scenario: Scenario, out_dir: Path, progress: Progress, reconver
             prep = run_worker({**cfg, "action": "prepare"}, cfg["python"])
             if prep["status"] != "ok":
                 raise EdgediffError(f"{label}: preparing failed: {prep['error']}")
-    total = len(scenario.sizes) * len(scenario.prompts) * len(scenario.seeds) * scenario.repeats * len(live)
-    done, timed_out = 0, set()
+    jobs = []  # A B A B: every configuration once per round
     for size in scenario.sizes:
         for p, prompt in enumerate(scenario.prompts):
             for seed in scenario.seeds:
                 for repeat in range(scenario.repeats):
-                    for label, cfg in live:  # A B A B: every configuration once per round
+                    for label, cfg in live:
                         image = out_dir / "images" / f"{label}-{size}-p{p}-s{seed}-r{repeat}.png"
                         config = {"device": scenario.device, **cfg, "size": size, "steps": scenario.steps,
                                   "sampler": scenario.sampler, "schedule": scenario.schedule,
                                   "guidance": scenario.guidance, "seed": seed, "prompt": prompt,
                                   "negative_prompt": scenario.negative_prompt, "threads": scenario.threads,
                                   "image": str(image)}
-                        done += 1
-                        progress(f"[{done}/{total}] {label} {size}x{size} prompt {p} seed {seed} round {repeat + 1}")
-                        if label in timed_out:  # it would only spend the timeout again
-                            rows.append({**common, "label": label, "status": "skipped",
-                                         "reason": f"{label}: timed out in an earlier round"})
-                            continue
-                        result = run_worker(config, cfg.get("python", sys.executable), scenario.timeout)
-                        if result.get("timed_out"):
-                            timed_out.add(label)
                         row = {**common, "label": label, "tool": cfg["tool"], "precision": cfg["precision"],
                                "size": size, "steps": scenario.steps, "prompt_index": p, "seed": seed,
-                               "repeat": repeat, **result}
-                        if result["status"] == "ok":
-                            row["step_s"] = stats.summary(result["steps_s"])
-                            row["package_bytes"] = _package_bytes(cfg)
-                        rows.append(row)
-                        with runs.open("a") as fh:
-                            fh.write(json.dumps(row) + "\n")
+                               "repeat": repeat}
+                        jobs.append((config, cfg, row, f"{label} {size}x{size} prompt {p} seed {seed} round {repeat + 1}"))
+    def record(job: tuple, result: dict) -> None:  # each row kept as it finishes
+        _config, cfg, row, _what = job
+        row = {**row, **result}
+        if result["status"] == "ok":
+            row["step_s"] = stats.summary(result["steps_s"])
+            row["package_bytes"] = _package_bytes(cfg)
+        rows.append(row)
+        with runs.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    if ray:
+        for job, result in zip(jobs, _on_ray(jobs, scenario, progress, ray), strict=True):
+            record(job, result)
+    else:
+        _here(jobs, scenario, progress, record)
     add_quality(rows, f"edgediff-{scenario.reference}")
     runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out_dir / "scenario.json").write_text(json.dumps(asdict(scenario), indent=2))
     return rows
+
+
+def _here(jobs: list, scenario: Scenario, progress: Progress, record: Callable[[tuple, dict], None]) -> None:
+    """The runs one after another on this machine (a configuration that timed out is not run again)."""
+    timed_out = set()
+    for done, job in enumerate(jobs, 1):
+        config, cfg, row, what = job
+        progress(f"[{done}/{len(jobs)}] {what}")
+        if row["label"] in timed_out:  # it would only spend the timeout again
+            record(job, {"status": "skipped", "reason": f"{row['label']}: timed out in an earlier round"})
+            continue
+        result = run_worker(config, cfg.get("python", sys.executable), scenario.timeout)
+        if result.get("timed_out"):
+            timed_out.add(row["label"])
+        record(job, result)
+
+
+def _on_ray(jobs: list, scenario: Scenario, progress: Progress, address: str | bool) -> list[dict]:
+    """The runs as Ray tasks that each ask for a whole node's CPUs (so a node runs one at a time
+    and its timings stay clean), each in its own worker process as here; rows say the node's CPU."""
+    from edgediff.errors import require
+
+    ray = require("ray", "ray", "edgediff bench --ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=None if address is True else address, include_dashboard=False, log_to_driver=False)
+    try:
+        cpus = min(int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n.get("Alive"))
+
+        @ray.remote(num_cpus=cpus)
+        def run(config: dict, python: str, timeout: float) -> dict:
+            return {**run_worker(config, python, timeout), **{k: v for k, v in system_info(config["threads"]).items()
+                                                              if k in ("cpu", "cpu_flags")}}
+
+        progress(f"{len(jobs)} runs on Ray ({len(ray.nodes())} nodes, {cpus} CPUs a run)")
+        return ray.get([run.remote(config, cfg.get("python", sys.executable), scenario.timeout)
+                        for config, cfg, _row, _what in jobs])
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _package_bytes(cfg: dict) -> int | None:

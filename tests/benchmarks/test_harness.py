@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -254,3 +255,19 @@ def test_openvino_runs_beside_onnxruntime(tiny_source, tmp_path, monkeypatch):
     assert rows["edgediff-fp32@openvino"]["provider"].startswith("openvino ")
     assert validate_row(rows["edgediff-fp32@openvino"]) == []
     assert rows["edgediff-fp32@openvino"]["quality"]["psnr_db"] > 60  # f32 on every CPU: measured 89 dB on the tiny sd1
+
+
+def test_the_same_rows_on_ray(tiny_source, tmp_path, monkeypatch):
+    """`bench --ray` on a local cluster: every run once, in its own process, the same images and
+    rows as without Ray (timings aside), each row naming the CPU of the node that ran it."""
+    pytest.importorskip("ray")
+    monkeypatch.setenv("EDGEDIFF_CACHE", str(tmp_path / "cache"))
+    scenario = Scenario(name="t", model=str(tiny_source("sd1")), precisions=("fp32", "int8-weights"), sizes=(64,),
+                        steps=2, threads=1, prompts=("a red circle",), peers=())
+    here = run_scenario(scenario, tmp_path / "here", progress=lambda msg: None)
+    there = run_scenario(scenario, tmp_path / "ray", progress=lambda msg: None, ray=True)
+    key = lambda r: (r["label"], r["status"], r["size"], r["seed"], r["repeat"])  # noqa: E731
+    assert [key(r) for r in there] == [key(r) for r in here] and all(r["status"] == "ok" for r in there)
+    for a, b in zip(here, there, strict=True):
+        assert validate_row(b) == [] and b["cpu"] == a["cpu"]  # one node here: this machine
+        assert (tmp_path / "ray" / "images" / Path(b["image"]).name).read_bytes() == Path(a["image"]).read_bytes()
