@@ -276,3 +276,80 @@ def build_tiny_controlnet(dst: Path, name: str = "sd1", seed: int = 1, channels:
                 param.copy_(torch.randn_like(param) * 0.3)
     _save([(net, "")], Path(dst))
     return Path(dst)
+
+
+# Stable Video Diffusion: a CLIP vision encoder (its projection is the U-Net's context), the
+# spatio-temporal U-Net (8 input channels: the noisy latent and the conditioning frame's), the
+# KL encoder with a temporal decoder. The pipeline resizes the image encoder's input to 224.
+_SVD_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   image_size=224, patch_size=32, hidden_act="gelu", projection_dim=32)
+_SVD_VAE = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=4, scaling_factor=0.18215)
+SVD_CONFIGS = {
+    "svd": dict(
+        unet=dict(block_out_channels=(32, 64), layers_per_block=1, num_attention_heads=(2, 4), cross_attention_dim=32,
+                  addition_time_embed_dim=8, projection_class_embeddings_input_dim=24, num_frames=4,
+                  down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+                  up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal")),
+        vision=_SVD_VISION, vae=_SVD_VAE,
+    ),
+    "svd-deep": dict(  # three levels, two layers a block, two transformer layers, other heads and widths
+        unet=dict(block_out_channels=(32, 64, 64), layers_per_block=2, num_attention_heads=(1, 2, 4),
+                  transformer_layers_per_block=(2, 1, 1), cross_attention_dim=48, addition_time_embed_dim=8,
+                  projection_class_embeddings_input_dim=24, num_frames=5,
+                  down_block_types=("CrossAttnDownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal",
+                                    "DownBlockSpatioTemporal"),
+                  up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal",
+                                  "CrossAttnUpBlockSpatioTemporal")),
+        vision=dict(_SVD_VISION, hidden_size=64, num_attention_heads=4, num_hidden_layers=3, projection_dim=48),
+        vae=dict(_SVD_VAE, block_out_channels=(32, 32, 32, 32), layers_per_block=2),
+    ),
+}
+# what stable-video-diffusion-img2vid's scheduler_config.json says (EDM: continuous sigmas, v-prediction)
+SVD_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear", "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction", "set_alpha_to_one": False, "sigma_max": 700.0, "sigma_min": 0.002,
+    "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "timestep_type": "continuous",
+    "trained_betas": None, "use_karras_sigmas": True,
+}
+
+
+def svd_modules(name: str = "svd", seed: int = 0):
+    """(image_encoder, unet, vae) of config `name`, every weight drawn from `seed`."""
+    import torch
+    from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cfg = SVD_CONFIGS[name]
+    torch.manual_seed(seed)
+    levels = len(cfg["vae"]["block_out_channels"])
+    modules = (CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg["vision"])).eval(),
+               UNetSpatioTemporalConditionModel(in_channels=8, out_channels=4, **cfg["unet"]).eval(),
+               AutoencoderKLTemporalDecoder(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
+                                            **cfg["vae"]).eval())
+    with torch.no_grad():  # random init leaves norms at 1, biases and mix factors at one value
+        for module in modules:
+            for param in module.parameters():
+                if param.ndim <= 1 and torch.all(param == param.flatten()[0]):
+                    param.add_(torch.randn_like(param) * (0.5 if param.numel() == 1 else 0.02))
+    return modules
+
+
+def build_tiny_svd(dst: Path, name: str = "svd", seed: int = 0) -> Path:
+    """A diffusers StableVideoDiffusionPipeline folder of config `name`."""
+    from transformers import CLIPImageProcessor
+
+    dst = Path(dst)
+    image_encoder, unet, vae = svd_modules(name, seed)
+    for module, folder in ((image_encoder, "image_encoder"), (unet, "unet"), (vae, "vae")):
+        module.save_pretrained(dst / folder)
+    CLIPImageProcessor(crop_size=224, size=224).save_pretrained(dst / "feature_extractor")
+    (dst / "scheduler").mkdir(parents=True, exist_ok=True)
+    (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps(SVD_SCHEDULER, indent=2))
+    (dst / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableVideoDiffusionPipeline", "_diffusers_version": "0.24.0",
+        "feature_extractor": ["transformers", "CLIPImageProcessor"], "image_encoder": ["transformers",
+        "CLIPVisionModelWithProjection"], "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "unet": ["diffusers", "UNetSpatioTemporalConditionModel"], "vae": ["diffusers", "AutoencoderKLTemporalDecoder"]},
+        indent=2))
+    return dst
