@@ -71,6 +71,33 @@ class TextEncoder:
 
 
 @dataclass(frozen=True)
+class ImageEncoder:
+    """An image-to-video family's image encoder: a CLIP vision tower whose projected class token
+    is the denoiser's context (SVD: OpenCLIP ViT-H/14, 16 heads of 80)."""
+
+    component: str = "image_encoder"
+    ldm_prefix: str = "conditioner.embedders.0.open_clip.model.visual."  # where single files keep it
+    ldm_layout: str = "open_clip"  # its names there ('hf': transformers' CLIPVisionModelWithProjection)
+    heads: int = 16  # when the config must be rebuilt from a single file
+    hidden_act: str = "gelu"
+    size: int = 224  # the image's side as the encoder sees it
+
+
+@dataclass(frozen=True)
+class Video:
+    """An image-to-video family's run defaults (diffusers' StableVideoDiffusionPipeline's)."""
+
+    frames: int = 14  # a folder's U-Net config says its own (`num_frames`: SVD-XT 25)
+    fps: int = 7  # the model is conditioned on fps - 1, as SVD was trained
+    motion_bucket_id: int = 127
+    noise_aug_strength: float = 0.02  # noise added to the conditioning frame, and said to the model
+    min_guidance: float = 1.0  # guidance ramps from this on the first frame to `guidance` on the last
+    decode_chunk: int = 0  # frames the VAE decodes per call (0: as memory allows)
+    width: int = 1024
+    height: int = 576
+
+
+@dataclass(frozen=True)
 class LatentFormat:
     """latent = (vae_latent - shift) * scale; the denoiser sees `latent`."""
 
@@ -92,6 +119,9 @@ class Conditioning:
     guidance_embedding: int = 0  # LCM: guidance enters as a `timestep_cond` of this width, not CFG
     guidance_input: bool = False  # Flux dev: guidance enters as a number (`guidance`), not CFG
     cfg: bool = True  # classifier-free guidance applies (Flux schnell: distilled without it)
+    # an image-to-video model's image encoder component (SVD): the context is an image's
+    # embedding, not text; `time_ids` are then ('fps', 'motion_bucket_id', 'noise_aug_strength')
+    image_encoder: str = ""
 
     @property
     def guidance_embedded(self) -> bool:
@@ -100,8 +130,9 @@ class Conditioning:
 
     @property
     def time_id_count(self) -> int:
-        """Numbers in `time_ids`: two per size or crop, one for the aesthetic score."""
-        return sum(1 if name == "aesthetic_score" else 2 for name in self.time_ids)
+        """Numbers in `time_ids`: two per size or crop, one for anything else (the aesthetic score,
+        SVD's fps, motion bucket and noise augmentation)."""
+        return sum(2 if name in ("original_size", "crop", "target_size") else 1 for name in self.time_ids)
 
 
 @dataclass(frozen=True)
@@ -174,11 +205,16 @@ class Family:
     memory: Memory = Memory(denoiser_per_latent_pixel=4.2e4)
     unet_heads: int | None = None  # LDM `num_heads` (SD 1.x) ...
     unet_head_channels: int | None = None  # ... or `num_head_channels` (SD 2.x)
+    image_encoder: ImageEncoder | None = None  # image-to-video: what conditions the denoiser instead of text
+    video: Video | None = None  # image-to-video: the run defaults
 
     @property
     def components(self) -> list[str]:
-        """Its graphs, in export order: text encoders, the denoiser, the VAE's two halves."""
-        return [te.component for te in self.text_encoders] + [self.denoiser, "vae_decoder", "vae_encoder"]
+        """Its graphs, in export order: text (or image) encoders, the denoiser, the VAE's two halves."""
+        encoders = [te.component for te in self.text_encoders]
+        if self.image_encoder is not None:
+            encoders.append(self.image_encoder.component)
+        return encoders + [self.denoiser, "vae_decoder", "vae_encoder"]
 
 
 def _unet_rules(prefix: str, proj_ndim: int, label_emb: str, label: bool) -> tuple[Rule, ...]:
@@ -282,6 +318,7 @@ FAMILIES: dict[str, Family] = {
                 Signature("ldm", (
                     *_unet_rules(_LDM, 2, "label_emb.*", True),
                     Rule("conditioner.embedders.0.model.*", present=False),
+                    Rule(_LDM + "middle_block.0.time_stack.*", present=False),
                 )),
                 Signature("diffusers", (
                     *_unet_rules("unet.", 2, "add_embedding.*", True),
@@ -312,6 +349,7 @@ FAMILIES: dict[str, Family] = {
                 Signature("diffusers", (
                     *_unet_rules("unet.", 2, "add_embedding.*", True),
                     Rule("text_encoder.*", present=False),
+                    Rule("unet.mid_block.resnets.0.temporal_res_block.*", present=False),
                 )),
             ),
         ),
@@ -371,6 +409,30 @@ FAMILIES: dict[str, Family] = {
             signatures=(
                 Signature("ldm", (Rule(_LDM + "double_blocks.*"),)),
                 Signature("diffusers", (Rule("transformer.single_transformer_blocks.*"),)),
+            ),
+        ),
+        Family(
+            name="svd",
+            title="Stable Video Diffusion (image to video)",
+            text_encoders=(),
+            image_encoder=ImageEncoder(),
+            video=Video(),
+            latent=LatentFormat(channels=4, scale=0.18215),
+            prediction="v",
+            defaults=Defaults("euler", "karras", 25, 3.0, 576),
+            denoiser_class="UNetSpatioTemporalConditionModel",
+            conditioning=Conditioning(time_ids=("fps", "motion_bucket_id", "noise_aug_strength"),
+                                      image_encoder="image_encoder"),
+            onnx_pipeline="StableVideoDiffusionPipeline",
+            vae_fp16=False,  # its temporal decoder's config says force_upcast
+            # EDM: continuous sigmas, c_noise = ln(sigma) / 4 as the timestep, Karras sigmas
+            scheduler_config={**_SD_SCHEDULER, "_class_name": "EulerDiscreteScheduler", "prediction_type": "v_prediction",
+                              "timestep_type": "continuous", "use_karras_sigmas": True, "sigma_min": 0.002,
+                              "sigma_max": 700.0, "timestep_spacing": "leading", "interpolation_type": "linear"},
+            unet_head_channels=64,
+            signatures=(
+                Signature("ldm", (Rule(_LDM + "middle_block.0.time_stack.*"),)),
+                Signature("diffusers", (Rule("unet.mid_block.resnets.0.temporal_res_block.*"),)),
             ),
         ),
     )

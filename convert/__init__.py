@@ -82,7 +82,7 @@ def resolve_family(source: Source, family: str = "auto") -> tuple[Family, str]:
 
 
 def _check_inputs(source: Source, fam: Family) -> None:
-    if fam.denoiser != "unet":
+    if fam.denoiser != "unet" or fam.video is not None:  # SVD's takes the conditioning frame's latent too
         return
     for name in ("unet.conv_in.weight", "model.diffusion_model.input_blocks.0.0.weight"):
         shape = source.shapes.get(name)

@@ -96,6 +96,8 @@ def adopt(main: Path, *, base: Path | None = None, vae: Path | None = None,
     fallback = [_open(base)] if base else []
     wanted = {fam.denoiser: DENOISER, **({"vae": VAE} if own_vae else {}),
               **{te.component: te.ldm_prefix for te in fam.text_encoders}, **wanted_prefix}
+    if fam.image_encoder is not None:
+        wanted[fam.image_encoder.component] = fam.image_encoder.ldm_prefix
     # stable-diffusion.cpp names a text encoder as its GGUF files do (SDXL's `cond_stage_model.1.*`,
     # transformers' names), where single files keep the original layout (`conditioner.embedders.1.*`)
     alternatives = {te.component: te.gguf_prefix for te in fam.text_encoders
@@ -186,7 +188,7 @@ def _architecture(adopted: Adopted, graphs: dict[str, onnx.ModelProto]):
         encoders.append((spec, int(layers), BUNDLED_T5_TOKENIZER if spec.kind == "t5" else BUNDLED_CLIP_TOKENIZER))
     latent = graphs["vae_decoder"].graph.input[0].type.tensor_type.shape.dim[1].dim_value
     return Architecture(fam, encoders, _resolve_spacing(scheduler), conditioning, int(latent), fam.latent.scale,
-                        fam.latent.shift, fam.latent.downscale, fam.defaults.resolution)
+                        fam.latent.shift, fam.latent.downscale, fam.defaults.resolution, video=fam.video)
 
 
 def _graphs(adopted: Adopted, folder: Path, progress, deep_cache: bool = False, weights: bool = False,

@@ -34,7 +34,8 @@ def folder_configs(folder: Path, family: Family) -> dict[str, dict]:
             if not (folder / part).is_dir():
                 what = "the tokenizer of " + spec.component if part == spec.tokenizer else f"needed by {family.title}"
                 raise SourceError(f"{folder}: missing {part}/ ({what})")
-    for part in (*(s.component for s in family.text_encoders), family.denoiser, "vae"):
+    image = [family.image_encoder.component] if family.image_encoder else []
+    for part in (*(s.component for s in family.text_encoders), *image, family.denoiser, "vae"):
         path = folder / part / "config.json"
         if not path.is_file():
             raise SourceError(f"{folder}: missing {part}/ (needed by {family.title})" if not path.parent.is_dir()
@@ -101,7 +102,12 @@ def text_spec(spec: TextEncoder, config: Mapping) -> TextEncoder:
 def folder_graphs(family: Family, shapes: Mapping[str, tuple], configs: Mapping[str, Mapping], where: str,
                   deep_cache: bool = False):
     """(component, build) for every component of a diffusers folder, as models.model_graphs."""
-    from edgediff.kernels.graphs.models import denoiser_graphs, lora_named, text_encoder_graph
+    from edgediff.kernels.graphs.models import (
+        denoiser_graphs,
+        image_encoder_graph,
+        lora_named,
+        text_encoder_graph,
+    )
     from edgediff.kernels.graphs.vae import build_vae_decoder, build_vae_encoder
 
     for spec in family.text_encoders:
@@ -111,6 +117,10 @@ def folder_graphs(family: Family, shapes: Mapping[str, tuple], configs: Mapping[
             te = View(tied, te)  # T5's token embedding, tied to `shared`, saved under the encoder's name
         described = text_spec(spec, configs[spec.component])
         yield spec.component, lambda s=described, t=te: text_encoder_graph(s, t, "model.", where)
+    if (image := family.image_encoder) is not None:
+        seen, vision = _component_shapes(shapes, image.component, "model."), configs[image.component]
+        heads, act = int(vision["num_attention_heads"]), vision.get("hidden_act", image.hidden_act)
+        yield image.component, lambda: image_encoder_graph(image, seen, "model.", where, "hf", heads, act)
     config = configs[family.denoiser]
     if family.denoiser == "unet":
         heads = config.get("num_attention_heads") or config["attention_head_dim"]
@@ -190,10 +200,13 @@ def folder_architecture(folder: Path, family: Family, configs: Mapping[str, Mapp
                  folder / spec.tokenizer) for spec in family.text_encoders]
     downscale = 2 ** (len(vae["block_out_channels"]) - 1)
     sample_size = denoiser.get("sample_size")  # native size in latent pixels (Flux has none)
+    video = family.video
+    if video is not None and denoiser.get("num_frames"):  # SVD-XT's 25
+        video = dataclasses.replace(video, frames=int(denoiser["num_frames"]))
     return Architecture(
         family, encoders, _resolve_spacing(scheduler), conditioning, int(vae.get("latent_channels", 4)),
         float(vae.get("scaling_factor", 0.18215)), float(vae.get("shift_factor") or family.latent.shift), downscale,
-        int(sample_size) * downscale if isinstance(sample_size, int) else family.defaults.resolution, info)
+        int(sample_size) * downscale if isinstance(sample_size, int) else family.defaults.resolution, info, video)
 
 
 def ldm_names(family: Family, configs: Mapping[str, Mapping]) -> dict[str, Callable[[str], str]]:

@@ -5,6 +5,7 @@ complete; on failure nothing is left behind."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from edgediff import __version__
 from edgediff.errors import UsageError
-from edgediff.families import Conditioning, Family, TextEncoder, scheduler_defaults
+from edgediff.families import Conditioning, Family, TextEncoder, Video, scheduler_defaults
 from edgediff.manifest import MANIFEST, ComponentEntry, Manifest, TextEncoderEntry
 
 _TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json",
@@ -120,6 +121,7 @@ class Architecture:
     vae_downscale: int
     resolution: int
     info: dict = field(default_factory=dict)
+    video: Video | None = None  # an image-to-video model's run defaults (its frame count its own)
 
 
 def write_manifest(tmp: Path, arch: Architecture, written: dict[str, list[Path]], source: dict) -> Manifest:
@@ -164,6 +166,7 @@ def write_manifest(tmp: Path, arch: Architecture, written: dict[str, list[Path]]
             "steps": fam.defaults.steps, "guidance": fam.defaults.guidance,
             "width": arch.resolution, "height": arch.resolution,
             **scheduler_defaults(arch.scheduler_config, arch.conditioning),
+            **(dataclasses.asdict(arch.video) if arch.video is not None else {}),  # its own width and height
         },
         source={**source, **arch.info},
         created_by=f"edgediff {__version__}",

@@ -33,6 +33,7 @@ DIFFUSERS_WEIGHTS = {
     "text_encoder": ("model.safetensors",),
     "text_encoder_2": ("model.safetensors",),
     "text_encoder_3": ("model.safetensors",),
+    "image_encoder": ("model.safetensors",),
 }
 
 

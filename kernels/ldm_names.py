@@ -9,6 +9,11 @@ from __future__ import annotations
 _RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
            ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
 _VAE_RESNET = (("conv_shortcut", "nin_shortcut"),)
+# SVD's temporal decoder (diffusers' SpatioTemporalResBlock -> SGM's VideoResBlock)
+_VAE_VIDEO = (("spatial_res_block.", ""), ("temporal_res_block.norm1.", "time_stack.in_layers.0."),
+              ("temporal_res_block.conv1.", "time_stack.in_layers.2."),
+              ("temporal_res_block.norm2.", "time_stack.out_layers.0."),
+              ("temporal_res_block.conv2.", "time_stack.out_layers.3."), ("time_mixer.", ""))
 _VAE_ATTN = (("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out."))
 
 # transformers' CLIP text names -> OpenCLIP's (SD 2.x, SDXL's second encoder; q/k/v fused in `in_proj_*`)
@@ -78,13 +83,23 @@ def _vae_prefixes(config) -> list[tuple[str, str]]:
         if i < levels - 1:
             pairs.append((f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample."))
             pairs.append((f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{levels - 1 - i}.upsample."))
-    pairs += [("quant_conv.", "quant_conv."), ("post_quant_conv.", "post_quant_conv.")]
+    pairs += [("quant_conv.", "quant_conv."), ("post_quant_conv.", "post_quant_conv."),
+              ("decoder.time_conv_out.", "decoder.conv_out.time_mix_conv.")]
     return sorted(pairs, key=lambda p: -len(p[0]))
 
 
+# SVD's spatio-temporal U-Net (diffusers' UNetSpatioTemporalConditionModel -> SGM's VideoUNet, as
+# diffusers' scripts/convert_svd_to_diffusers.py pairs them): a resnet's spatial half is the LDM
+# ResBlock, its temporal half `time_stack`; a transformer's temporal blocks are `time_stack.K`
+_VIDEO_RESNET = (("spatial_res_block.", ""), ("temporal_res_block.", "time_stack."))
+_VIDEO_ATTN = (("temporal_transformer_blocks.", "time_stack."), ("time_pos_embed.linear_1.", "time_pos_embed.0."),
+               ("time_pos_embed.linear_2.", "time_pos_embed.2."))
+
+
 def unet_name(key: str, config) -> str:
-    """A diffusers UNet weight name -> its LDM name (with `model.diffusion_model.`)."""
-    return "model.diffusion_model." + _rename(key, _unet_prefixes(config), _RESNET if ".resnets." in key else ())
+    """A diffusers UNet weight name -> its LDM name (with `model.diffusion_model.`); SVD's too."""
+    inner = (*_VIDEO_RESNET, *_RESNET) if ".resnets." in key else _VIDEO_ATTN
+    return "model.diffusion_model." + _rename(key, _unet_prefixes(config), inner)
 
 
 def controlnet_name(key: str, config) -> str:
@@ -115,8 +130,10 @@ def controlnet_name(key: str, config) -> str:
 
 def vae_name(key: str, config) -> str:
     """A diffusers VAE weight name -> its LDM name (with `first_stage_model.`). LDM's attention
-    weights are 1x1 convolutions: [C, C, 1, 1] where diffusers has the Linear [C, C]."""
-    inner = _VAE_ATTN if ".attentions." in key else _VAE_RESNET
+    weights are 1x1 convolutions: [C, C, 1, 1] where diffusers has the Linear [C, C]. SVD's
+    AutoencoderKLTemporalDecoder maps to SGM's VideoDecoder names (`time_stack`, `mix_factor`,
+    `conv_out.time_mix_conv`)."""
+    inner = _VAE_ATTN if ".attentions." in key else _VAE_VIDEO + _VAE_RESNET
     return "first_stage_model." + _rename(key, _vae_prefixes(config), inner)
 
 
@@ -205,4 +222,48 @@ def clip_lora_names(shapes, prefix: str, layout: str) -> dict[str, object]:
             for a, b in _OPEN_CLIP_LAYER:
                 rest = rest.replace(b, a)
             out[name] = rest
+    return out
+
+
+# transformers' CLIPVisionModelWithProjection names -> OpenCLIP's visual tower (SVD's image encoder)
+_OPEN_CLIP_VISION_TOP = {"vision_model.embeddings.class_embedding": "class_embedding",
+                         "vision_model.embeddings.patch_embedding.weight": "conv1.weight",
+                         "vision_model.embeddings.position_embedding.weight": "positional_embedding",
+                         "vision_model.pre_layrnorm.weight": "ln_pre.weight",
+                         "vision_model.pre_layrnorm.bias": "ln_pre.bias",
+                         "vision_model.post_layernorm.weight": "ln_post.weight",
+                         "vision_model.post_layernorm.bias": "ln_post.bias",
+                         "visual_projection.weight": "proj"}
+_OPEN_CLIP_VISION_LAYER = (("vision_model.encoder.layers.", "transformer.resblocks."), (".self_attn.", ".attn."),
+                           (".layer_norm1.", ".ln_1."), (".layer_norm2.", ".ln_2."), (".mlp.fc1.", ".mlp.c_fc."),
+                           (".mlp.fc2.", ".mlp.c_proj."))
+
+
+def clip_vision_open_clip(state_dict, prefix: str = "conditioner.embedders.0.open_clip.model.visual.") -> dict:
+    """A transformers CLIPVisionModelWithProjection state dict (name -> 2-D/1-D/4-D arrays) -> the
+    same weights as SVD's single file holds them under `prefix`: OpenCLIP's names, each layer's
+    q, k and v concatenated (in that order) into `attn.in_proj_weight` [3W, W] and
+    `attn.in_proj_bias` [3W], the projection transposed to `proj` [W, E]. transformers' position
+    ids (a buffer, not a weight) are left out."""
+    import numpy as np
+
+    out, fused = {}, {}
+    for key, value in state_dict.items():
+        if key.endswith("position_ids"):
+            continue
+        if key in _OPEN_CLIP_VISION_TOP:
+            out[prefix + _OPEN_CLIP_VISION_TOP[key]] = np.asarray(value).T.copy() if key == "visual_projection.weight" \
+                else value
+            continue
+        if not key.startswith("vision_model.encoder.layers."):
+            raise KeyError(key)
+        for a, b in _OPEN_CLIP_VISION_LAYER:
+            key = key.replace(a, b)
+        head, _, kind = key.rpartition(".")  # kind: weight | bias
+        if head.endswith((".q_proj", ".k_proj", ".v_proj")):
+            fused.setdefault((head[:-len(".q_proj")], kind), {})[head[-6]] = value
+            continue
+        out[f"{prefix}{head}.{kind}"] = value
+    for (layer, kind), parts in fused.items():
+        out[f"{prefix}{layer}.in_proj_{kind}"] = np.concatenate([np.asarray(parts[x]) for x in "qkv"])
     return out

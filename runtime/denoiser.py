@@ -75,14 +75,15 @@ class Denoiser:
     """D(x, sigma) -> x0 of a model and its conditioning; `space` is where its samplers move."""
 
     def __init__(self, model: ModelFn, ds: Schedule, prediction: str, cond: Cond, uncond: Cond | None = None,
-                 guidance: float = 1.0, split_batch: bool = False):
+                 guidance: float | np.ndarray = 1.0, split_batch: bool = False):
         """With guidance > 1 and an unconditional conditioning, the model runs on [uncond, cond]
         (one double batch, as diffusers orders it; or two single batches when `split_batch`,
-        which halves activation memory) and x0 = x0_u + guidance * (x0_c - x0_u)."""
+        which halves activation memory) and x0 = x0_u + guidance * (x0_c - x0_u). `guidance` may
+        be an array broadcast against x (a video's per-frame ramp); it guides when any is > 1."""
         self.space = latent_space(prediction)
         self.model, self.ds, self.prediction = model, ds, prediction
         self.cond, self.uncond, self.guidance, self.split_batch = cond, uncond, guidance, split_batch
-        self.guided = uncond is not None and guidance > 1.0
+        self.guided = uncond is not None and float(np.max(guidance)) > 1.0
         self.both_cond = stack([uncond, cond]) if self.guided and not split_batch else None  # once, not per step
 
     def __call__(self, x: np.ndarray, sigma: float) -> np.ndarray:

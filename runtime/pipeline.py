@@ -477,7 +477,7 @@ class Pipeline:
 
     def generate(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | Sequence[str] = "",
         negative_prompt: str | Sequence[str] = "",
         *,
         steps: int | None = None,
@@ -511,6 +511,12 @@ class Pipeline:
         hires_steps: int = 0,
         hires_strength: float = 0.7,
         controlnets: Sequence[controlnet.ControlNetUnit] | None = None,
+        frames: int | None = None,
+        fps: int | None = None,
+        motion_bucket_id: int | None = None,
+        noise_aug_strength: float | None = None,
+        min_guidance: float | None = None,
+        decode_chunk: int | None = None,
     ) -> Image.Image | list[Image.Image]:
         """One image; for a list of prompts, a list of images (seeds counting up from `seed`, as
         A1111's batches; a list of negative prompts pairs with them). Its `.info["parameters"]`
@@ -553,7 +559,23 @@ class Pipeline:
 
         `controlnets` (runtime.controlnet.ControlNetUnit: a ControlNet, its control image,
         strength, start and end) steer the U-Net, several at once, as diffusers' ControlNet
-        pipelines do."""
+        pipelines do.
+
+        An image-to-video model (Stable Video Diffusion) takes no prompt: `init_image` becomes
+        `frames` frames (a list of images) at `width` x `height` (default its 1024 x 576), as
+        diffusers' StableVideoDiffusionPipeline makes them: conditioned on `fps` - 1,
+        `motion_bucket_id` and `noise_aug_strength` (the noise added to the image's latent),
+        guidance ramping from `min_guidance` on the first frame to `guidance` on the last, the
+        frames decoded `decode_chunk` at a time (0 or None: as many as memory allows)."""
+        video = dict(frames=frames, fps=fps, motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength,
+                     min_guidance=min_guidance, decode_chunk=decode_chunk)
+        if self.manifest.conditioning.image_encoder:
+            return self._video(prompt, negative_prompt, video, steps=steps, guidance=guidance, sampler=sampler,
+                               schedule=schedule, seed=seed, width=width, height=height, init_image=init_image,
+                               progress=progress, interrupt=interrupt, on_step=on_step)
+        if given := [arg(k) for k, v in video.items() if v is not None]:
+            raise UsageError(f"{', '.join(given)}: options of image-to-video models; {self.package.name} "
+                             f"({self.manifest.family}) makes images")
         if not isinstance(prompt, str):
             options = {k: v for k, v in locals().items() if k not in ("self", "prompt", "negative_prompt", "seed")}
             return self._each(list(prompt), negative_prompt, seed, options)
@@ -748,6 +770,106 @@ class Pipeline:
         picture.info["parameters"] = img.a1111_parameters(prompt, negative_prompt, fields)
         picture.info["seed"] = seed  # for callers: never parse it back out of the text
         return picture
+
+    def _video(self, prompt, negative_prompt, video: dict, *, steps, guidance, sampler, schedule, seed, width, height,
+               init_image, progress, interrupt, on_step) -> list[Image.Image]:
+        """An image-to-video model's frames (see `generate`): the image's embedding as the
+        context, its latent (noise-augmented, the posterior's mode, unscaled) beside every frame's,
+        the frames on the latent's second axis through the same sampler loop."""
+        from edgediff.runtime.clip_image import clip_pixels
+
+        m, d = self.manifest, self.manifest.defaults
+        if (prompt if isinstance(prompt, str) else any(prompt)) or negative_prompt:
+            raise UsageError(f"{self.package.name} ({m.family}) makes a video from an image and takes no text: leave "
+                             f"the prompt and negative prompt out and give {arg('init_image')}")
+        if init_image is None:
+            raise UsageError(f"{self.package.name} ({m.family}) makes a video from an image: give {arg('init_image')}")
+        init = img.open_image(init_image) if isinstance(init_image, (str, Path)) else init_image.convert("RGB")
+        v = {k: d.get(k) if value is None else value for k, value in video.items()}
+        frames, fps, chunk = int(v["frames"] or 14), int(v["fps"] or 7), int(v["decode_chunk"] or 0)
+        motion, aug, low = float(v["motion_bucket_id"]), float(v["noise_aug_strength"]), float(v["min_guidance"])
+        for name, value, least in (("frames", frames, 1), ("fps", fps, 1), ("decode_chunk", chunk, 0),
+                                   ("motion_bucket_id", motion, 0), ("noise_aug_strength", aug, 0),
+                                   ("min_guidance", low, 0)):
+            if not math.isfinite(value) or value < least:
+                raise UsageError(f"{arg(name)} must be at least {least} (got {value})")
+        steps = int(d["steps"] if steps is None else steps)
+        guidance = float(d["guidance"] if guidance is None else guidance)
+        if not math.isfinite(guidance) or guidance < 0:
+            raise UsageError(f"{arg('guidance')} must be a finite number >= 0 (got {guidance})")
+        sampler, carried = resolve_sampler(sampler) if sampler else (str(d["sampler"]), None)
+        schedule = (resolve_schedule(schedule) if schedule else None) or carried or str(d["schedule"])
+        get_sampler(sampler)
+        seed = random.randrange(2**32) if seed is None else int(seed)
+        width, height = int(width or d["width"]), int(height or d["height"])
+        for name, value in (("width", width), ("height", height)):
+            if value <= 0 or value % m.size_multiple:
+                raise UsageError(f"{arg(name)} must be a positive multiple of {m.size_multiple} for {m.family} "
+                                 f"(got {value})")
+        sigmas = get_sigmas(schedule, self.schedule, steps)
+        down = m.vae_downscale
+        shape = (1, frames, m.latent_channels, height // down, width // down)
+        if not chunk:  # as many frames as half the memory available decodes at once (each ~4.4 KB a pixel)
+            free = memory.available() or 8 * memory.GB
+            chunk = max(1, min(frames, int(free / 2 // (width * height * 4.4e3))))
+
+        self.timings = Timings()
+        began = time.perf_counter()
+        rng = TorchGenerator(seed)
+        spec = m.conditioning
+        encoder = self._open(spec.image_encoder)
+        started = time.perf_counter()
+        embedding = encoder.run({"pixel_values": clip_pixels(init)})["image_embeds"][:, None]  # [1, 1, width]
+        self.timings.text_encode += time.perf_counter() - started
+        self._done(encoder)
+        pixels = img.from_pil(init, width, height)
+        pixels = (pixels + aug * rng.randn(pixels.shape)).astype(np.float32)
+        vae_encoder = self._open("vae_encoder")
+        started = time.perf_counter()
+        moments = vae_encoder.run({"sample": pixels})["latent_parameters"]
+        self.timings.vae_encode += time.perf_counter() - started
+        self._done(vae_encoder)
+        latent = np.split(moments, 2, axis=1)[0]  # the mode, unscaled: as SVD was trained
+        ids = {"fps": fps - 1, "motion_bucket_id": motion, "noise_aug_strength": aug}
+        cond = {"encoder_hidden_states": embedding, "image_latents": latent,
+                "time_ids": np.asarray([[ids[name] for name in spec.time_ids]], np.float32)}
+        guided = guidance > 1
+        uncond = {**cond, "encoder_hidden_states": np.zeros_like(embedding),
+                  "image_latents": np.zeros_like(latent)} if guided else None
+        ramp = np.linspace(low, guidance, frames).reshape(1, frames, 1, 1, 1).astype(np.float32)
+        noise = rng.randn(shape)
+        x = noisy_start(latent_space(m.prediction), float(sigmas[0]), noise, None)
+        clock = _StepClock(self.timings, progress, len(sigmas) - 1, interrupt, on_step)
+        x, interrupted = self._denoise([(self, sigmas)], [(cond, uncond)], x, ramp, sampler, rng, clock, 1,
+                                       self.split_guidance, None, None)
+        decoder = self._open("vae_decoder")
+        started = time.perf_counter()
+        pixels = vae.decode(decoder, x[0].astype(np.float32), m.latent_scale, m.latent_shift, self.vae_tile, down,
+                            frames=chunk)
+        self.timings.vae_decode += time.perf_counter() - started
+        self._done(decoder)
+        self.timings.total = time.perf_counter() - began
+        ran = len(self.timings.steps)
+        fields = {
+            "Steps": ran if interrupted else steps,
+            "Interrupted": f"after {ran} of {len(sigmas) - 1} steps" if interrupted else None,
+            "Sampler": A1111_NAMES[sampler],
+            "Schedule type": A1111_SCHEDULES.get(schedule),
+            "CFG scale": guidance,
+            "Min CFG scale": low,
+            "Seed": seed,
+            "Size": f"{width}x{height}",
+            "Model": self.package.name,
+            "Frames": frames, "FPS": fps, "Motion bucket id": v["motion_bucket_id"], "Noise aug strength": aug,
+            "Decode chunk": chunk,
+            "Version": f"edgediff {__version__}",
+            "Device": self.device,
+        }
+        out = img.to_pil(pixels)
+        for frame in out:
+            frame.info["parameters"] = img.a1111_parameters("", "", fields)
+            frame.info["seed"] = seed
+        return out
 
     def _each(self, prompts: list[str], negatives: str | Sequence[str], seed: int | None,
                options: dict) -> list[Image.Image]:

@@ -157,13 +157,58 @@ class FlowSchedule(_SigmaRange):
         return _append_zero(self.shifted(np.linspace(1.0, end, n)))
 
 
-Schedule = DiscreteSchedule | FlowSchedule
+@dataclass(frozen=True)
+class ContinuousSchedule(_SigmaRange):
+    """EDM's continuous sigmas between the config's sigma_min and sigma_max (Stable Video
+    Diffusion: 0.002 to 700); the model's timestep is c_noise = ln(sigma) / 4 (Karras et al.
+    2022, table 1; diffusers' EulerDiscreteScheduler with timestep_type 'continuous'). Its own
+    spacing is Karras's; the schedules that pick training sigmas pick from 1000 spaced evenly in
+    log-sigma."""
+
+    low: float = 0.002
+    high: float = 700.0
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, object]) -> ContinuousSchedule:
+        return cls(float(config.get("sigma_min") or 0.002), float(config.get("sigma_max") or 700.0))
+
+    @property
+    def sigmas(self) -> np.ndarray:
+        return np.exp(np.linspace(math.log(self.low), math.log(self.high), 1000))
+
+    @property
+    def sigma_min(self) -> float:
+        return self.low
+
+    @property
+    def sigma_max(self) -> float:
+        return self.high
+
+    def sigma_to_t(self, sigma: float) -> float:
+        return 0.25 * math.log(max(sigma, 1e-10))
+
+    def t_to_sigma(self, t: np.ndarray) -> np.ndarray:
+        return np.exp(4 * np.asarray(t, dtype=np.float64))
+
+    def normal(self, n: int) -> np.ndarray:
+        return karras(self, n)
+
+    def at_size(self, tokens: int) -> ContinuousSchedule:
+        return self
+
+
+Schedule = DiscreteSchedule | FlowSchedule | ContinuousSchedule
 
 
 def model_schedule(config: Mapping[str, object], prediction: str, normal_end: str = "min") -> Schedule:
     """The training discretization of a model with this scheduler config and prediction."""
     if prediction == "flow":
         return FlowSchedule.from_config(config, normal_end)
+    if config.get("timestep_type") == "continuous":
+        if prediction != "v":
+            raise PackageError(f"scheduler config: continuous timesteps with {prediction} prediction; edgediff runs "
+                               "them for v-prediction (EDM, Stable Video Diffusion) only")
+        return ContinuousSchedule.from_config(config)
     return DiscreteSchedule.from_config(config)
 
 

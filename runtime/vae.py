@@ -56,10 +56,15 @@ def tiled(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, tile: int, ove
 
 
 def decode(vae_decoder: Component, latents: np.ndarray, scale: float, shift: float,
-           tile: int = 0, downscale: int = 8) -> np.ndarray:
-    """Denoiser latents -> images in [-1, 1]; with `tile` (pixels), in overlapping tiles."""
+           tile: int = 0, downscale: int = 8, frames: int = 0) -> np.ndarray:
+    """Denoiser latents -> images in [-1, 1]; with `tile` (pixels), in overlapping tiles. With
+    `frames`, the batch axis is one video's frames, decoded `frames` at a time (a temporal decoder
+    mixes the frames of one call: diffusers' decode_chunk_size)."""
     latents = latents / scale + shift
     run = lambda z: vae_decoder.run({"latent_sample": z})["sample"]  # noqa: E731
+    if frames > 0:
+        return np.concatenate([decode(vae_decoder, latents[i:i + frames], 1.0, 0.0, tile, downscale)
+                               for i in range(0, len(latents), frames)])
     if not tile:
         return run(latents)
     return tiled(run, latents, tile // downscale, tile // 4 // downscale, up=downscale)

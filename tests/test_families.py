@@ -75,6 +75,21 @@ FAKES = {
         "transformer.transformer_blocks.0.ff_context.net.0.proj.weight": (12288, 3072),
         "transformer.single_transformer_blocks.0.proj_mlp.weight": (12288, 3072),
     },
+    # SVD: SDXL's U-Net markers (linear proj_in, label_emb) plus the temporal layers
+    ("svd", "ldm"): {
+        M + "input_blocks.0.0.weight": (320, 8, 3, 3),
+        M + "input_blocks.1.1.proj_in.weight": (320, 320),
+        M + "label_emb.0.0.weight": (1280, 768),
+        M + "middle_block.0.time_stack.in_layers.2.weight": (1280, 1280, 3, 1, 1),
+        "conditioner.embedders.0.open_clip.model.visual.conv1.weight": (1280, 3, 14, 14),
+    },
+    ("svd", "diffusers"): {
+        "unet.conv_in.weight": (320, 8, 3, 3),
+        "unet.down_blocks.0.attentions.0.proj_in.weight": (320, 320),
+        "unet.add_embedding.linear_1.weight": (1280, 768),
+        "unet.mid_block.resnets.0.temporal_res_block.conv1.weight": (1280, 1280, 3, 1, 1),
+        "image_encoder.vision_model.embeddings.patch_embedding.weight": (1280, 3, 14, 14),
+    },
 }
 
 

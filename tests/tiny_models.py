@@ -152,6 +152,8 @@ def build_tiny(dst: Path, name: str = "sd1", seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    if name in SVD_CONFIGS:
+        return build_tiny_svd(dst, name, seed)
     cfg = CONFIGS[name]
     dst = Path(dst)
     if "transformer" in cfg:

@@ -232,14 +232,15 @@ def rms_norm(g: Graph, x: str, weight: str | None, eps: float = 1e-6) -> str:
     return g.op("Mul", y, g.weight(weight)) if weight else y
 
 
-def group_norm(g: Graph, x: str, name: str, groups: int, eps: float = 1e-6) -> str:
+def group_norm(g: Graph, x: str, name: str, groups: int, eps: float = 1e-6, axes: int = 2) -> str:
     """GroupNorm on [B, C, ...] as torch exports it: InstanceNormalization over [B, groups, -1],
-    then the per-channel scale and shift."""
+    then the per-channel scale and shift; `axes` after C (2: [B, C, H, W]; 3: a video's
+    [B, C, F, H, W])."""
     grouped = g.reshape(x, [0, groups, -1])
     normed = g.op("InstanceNormalization", grouped, g.const(np.ones(groups), np.float32),
                   g.const(np.zeros(groups), np.float32), epsilon=eps)
     y = g.op("Reshape", normed, g.op("Shape", x))
-    axes = g.const([1, 2])
+    axes = g.const(list(range(1, axes + 1)))
     scale = g.op("Unsqueeze", g.weight(name + ".weight"), axes)
     shift = g.op("Unsqueeze", g.weight(name + ".bias"), axes)
     return g.op("Add", g.op("Mul", y, scale), shift)

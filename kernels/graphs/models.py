@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import onnx
 
-from edgediff.families import DENOISER, Family, TextEncoder
+from edgediff.families import DENOISER, Family, ImageEncoder, TextEncoder
 
 VAE = "first_stage_model."
 Shapes = Mapping[str, Sequence[int]]
@@ -24,11 +24,27 @@ def text_encoder_graph(spec: TextEncoder, shapes: Shapes, prefix: str, where: st
                       norm_hidden=spec.norm_hidden, projection=spec.kind == "clip_projection", where=where)
 
 
+def image_encoder_graph(spec: ImageEncoder, shapes: Shapes, prefix: str, where: str, layout: str | None = None,
+                        heads: int | None = None, hidden_act: str | None = None) -> onnx.ModelProto:
+    """An image-to-video family's image encoder, in the single file's layout unless told."""
+    from edgediff.kernels.graphs.clip_vision import build_clip_vision
+
+    return build_clip_vision(shapes, prefix, layout or spec.ldm_layout, heads=heads or spec.heads,
+                             hidden_act=hidden_act or spec.hidden_act, where=where)
+
+
 def denoiser_graphs(family: Family, shapes: Shapes, prefix: str, where: str, deep_cache: bool = False,
                     **unet) -> Iterator[tuple[str, Callable[[], onnx.ModelProto]]]:
     """(component, build) of the denoiser, and of DeepCache's shallow U-Net when asked. `unet`:
     what a config says of a U-Net that its shapes do not (heads, groups, time-id width)."""
-    if family.denoiser_class == "FluxTransformer2DModel":
+    if family.denoiser_class == "UNetSpatioTemporalConditionModel":
+        from edgediff.kernels.graphs.unet import build_video_unet
+
+        how = dict(heads=family.unet_heads, head_dim=None if family.unet_heads else 64, prefix=prefix, where=where,
+                   time_ids=family.conditioning.time_id_count, time_id_dim=256)
+        how.update({k: v for k, v in unet.items() if k in ("heads", "head_dim", "groups", "time_id_dim")})
+        yield family.denoiser, lambda: build_video_unet(shapes, **how)
+    elif family.denoiser_class == "FluxTransformer2DModel":
         from edgediff.kernels.graphs.flux import build_flux
 
         yield family.denoiser, lambda: build_flux(shapes, prefix, where)
@@ -75,6 +91,9 @@ def model_graphs(family: Family, shapes: Shapes, prefixes: Mapping[str, str], wh
         prefix = prefixes.get(spec.component, spec.ldm_prefix)
         yield spec.component, lambda s=spec, p=prefix: lora_named(
             text_encoder_graph(s, shapes, p, where), _text_lora_names(s, shapes, p), shapes)
+    if (spec := family.image_encoder) is not None:
+        prefix = prefixes.get(spec.component, spec.ldm_prefix)
+        yield spec.component, lambda s=spec, p=prefix: image_encoder_graph(s, shapes, p, where)
     prefix = prefixes.get(family.denoiser, DENOISER)
     for component, build in denoiser_graphs(family, shapes, prefix, where, deep_cache):
         yield component, lambda b=build: lora_named(b(), _denoiser_lora_names(family, shapes, prefix, where), shapes)

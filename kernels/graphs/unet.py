@@ -156,9 +156,10 @@ class _Heads:
 
 # -- layers ------------------------------------------------------------------------------------
 
-def _resnet(g: Graph, x: str, name: str, emb: str, groups: int) -> str:
+def _resnet(g: Graph, x: str, name: str, emb: str, groups: int, video: _Frames | None = None) -> str:
     """ResBlock: norm, SiLU, conv; plus the projected embedding; norm, SiLU, conv; plus the
-    input (through `skip_connection` where the width changes). `emb` is SiLU(embedding)."""
+    input (through `skip_connection` where the width changes). `emb` is SiLU(embedding). In a
+    video U-Net, its temporal twin follows (`_temporal_resnet`)."""
     g.fits((name + "in_layers.0.weight", 0), (name + "in_layers.2.weight", 1))
     g.fits((name + "in_layers.2.weight", 0), (name + "emb_layers.1.weight", 0), (name + "out_layers.0.weight", 0),
            (name + "out_layers.3.weight", 1))
@@ -167,7 +168,8 @@ def _resnet(g: Graph, x: str, name: str, emb: str, groups: int) -> str:
     h = conv(g, silu(g, group_norm(g, h, name + "out_layers.0", groups, NORM_EPS)), name + "out_layers.3")
     if g.has(name + "skip_connection.weight"):
         x = conv(g, x, name + "skip_connection")
-    return g.op("Add", x, h)
+    x = g.op("Add", x, h)
+    return _temporal_resnet(g, x, name, video, groups) if video is not None else x
 
 
 def _attention(g: Graph, x: str, context: str, name: str, heads: int) -> str:
@@ -181,9 +183,11 @@ def _geglu(g: Graph, x: str, name: str) -> str:
     return linear(g, g.op("Mul", hidden, gelu(g, gate)), name + "net.2")
 
 
-def _transformer(g: Graph, x: str, name: str, context: str, heads: _Heads, level: int, groups: int) -> str:
+def _transformer(g: Graph, x: str, name: str, context: str, heads: _Heads, level: int, groups: int,
+                 video: _Frames | None = None) -> str:
     """SpatialTransformer: GroupNorm, proj_in (a 1x1 conv in SD 1.x, a Linear on the tokens in SD
-    2.x/SDXL: as stored), the transformer blocks over the H*W tokens, proj_out, the residual."""
+    2.x/SDXL: as stored), the transformer blocks over the H*W tokens, proj_out, the residual. In
+    a video U-Net each block is followed by its temporal twin over the frames (`_temporal`)."""
     inner = g.shape(name + "proj_in.weight")[0]
     count = heads(inner, level, f"{g.where}: {name[:-1]}")
     h = group_norm(g, x, name + "norm", groups, TRANSFORMER_NORM_EPS)
@@ -200,6 +204,7 @@ def _transformer(g: Graph, x: str, name: str, context: str, heads: _Heads, level
     blocks = indices(g.shapes, name + "transformer_blocks.")
     if not blocks:
         g.shape(name + "transformer_blocks.0.attn1.to_q.weight")  # raises the SourceError naming it
+    positions = _frame_positions(g, name, video) if video is not None else None
     for k in blocks:
         b = f"{name}transformer_blocks.{k}."
         n = layer_norm(g, t, b + "norm1", eps=LAYER_NORM_EPS)
@@ -207,6 +212,8 @@ def _transformer(g: Graph, x: str, name: str, context: str, heads: _Heads, level
         t = g.op("Add", t, _attention(g, layer_norm(g, t, b + "norm2", eps=LAYER_NORM_EPS), context,
                                       b + "attn2.", count))
         t = g.op("Add", t, _geglu(g, layer_norm(g, t, b + "norm3", eps=LAYER_NORM_EPS), b + "ff."))
+        if video is not None:
+            t = _temporal(g, t, name, k, count, video, positions, inner)
     if len(g.shape(name + "proj_out.weight")) == 4:
         out = conv(g, g.op("Reshape", g.op("Transpose", t, perm=[0, 2, 1]), image), name + "proj_out")
     else:
@@ -222,6 +229,91 @@ def _upsample(g: Graph, x: str, name: str, like: str) -> str:
     return conv(g, x, name + "conv")
 
 
+# -- the frames of a video U-Net (Stable Video Diffusion) ---------------------------------------
+#
+# SVD's VideoUNet (SGM's `video_model.py`; diffusers' UNetSpatioTemporalConditionModel) is the
+# image U-Net with frames on the batch axis and a temporal twin after every resnet and
+# transformer block: a ResBlock of (3, 1, 1) convolutions over [B, C, F, H, W] (`time_stack`), a
+# transformer block over each position's F frames (`time_stack.K`, after the frame index's
+# embedding `time_pos_embed` is added), each blended back with the spatial output by a learned
+# sigmoid(`time_mixer.mix_factor`): alpha * spatial + (1 - alpha) * temporal. The temporal
+# attention's context is each video's (its first frame's) image embedding.
+
+TEMPORAL_NORM_EPS = 1e-5  # the temporal ResBlock's GroupNorms (SGM's GroupNorm32 and diffusers' alike)
+
+
+@dataclass(frozen=True)
+class _Frames:
+    """What the temporal layers take: the frame count (a 1-element tensor), SiLU(embedding) per
+    frame [B, F, E] and each video's context [B, S, D]."""
+
+    count: str
+    emb: str
+    context: str
+
+
+def _to_video(g: Graph, x: str, frames: str) -> str:
+    """[B * F, C, H, W] -> [B, C, F, H, W]."""
+    v = g.op("Reshape", x, g.dims(-1, frames, g.op("Shape", x, start=1)))
+    return g.op("Transpose", v, perm=[0, 2, 1, 3, 4])
+
+
+def _blend(g: Graph, spatial: str, temporal: str, factor: str) -> str:
+    """alpha * spatial + (1 - alpha) * temporal, alpha = sigmoid(factor) (diffusers' AlphaBlender
+    'learned_with_images' with no image-only frames, as SVD runs it)."""
+    alpha = g.op("Sigmoid", g.weight(factor))
+    return g.op("Add", temporal, g.op("Mul", alpha, g.op("Sub", spatial, temporal)))
+
+
+def _temporal_resnet(g: Graph, x: str, name: str, video: _Frames, groups: int) -> str:
+    """VideoResBlock's `time_stack`: a ResBlock of (3, 1, 1) convolutions over the frames, its
+    embedding per frame, blended with the spatial output."""
+    t = name + "time_stack."
+    v = _to_video(g, x, video.count)
+    h = conv(g, silu(g, group_norm(g, v, t + "in_layers.0", groups, TEMPORAL_NORM_EPS, axes=3)), t + "in_layers.2")
+    e = g.op("Transpose", linear(g, video.emb, t + "emb_layers.1"), perm=[0, 2, 1])  # [B, C, F]
+    h = g.op("Add", h, g.op("Unsqueeze", e, g.const([3, 4])))
+    h = conv(g, silu(g, group_norm(g, h, t + "out_layers.0", groups, TEMPORAL_NORM_EPS, axes=3)), t + "out_layers.3")
+    mixed = _blend(g, v, g.op("Add", v, h), name + "time_mixer.mix_factor")
+    return g.op("Reshape", g.op("Transpose", mixed, perm=[0, 2, 1, 3, 4]), g.op("Shape", x))
+
+
+def _frame_positions(g: Graph, name: str, video: _Frames) -> str:
+    """The frame index's embedding [F, C] (`time_pos_embed`), added before each temporal block."""
+    frames = g.op("Cast", g.op("Range", g.const(0), g.op("Squeeze", video.count), g.const(1)),
+                  to=onnx.TensorProto.FLOAT)
+    e = timestep_embedding(g, frames, g.shape(name + "time_pos_embed.0.weight")[1])
+    return linear(g, silu(g, linear(g, e, name + "time_pos_embed.0")), name + "time_pos_embed.2")
+
+
+def _temporal(g: Graph, t: str, name: str, k: int, heads: int, video: _Frames, positions: str, width: int) -> str:
+    """Transformer block K's temporal twin on the tokens t [B * F, S, C]: each position's frames
+    attend to each other, then to the video's context; blended with t."""
+    b = f"{name}time_stack.{k}."
+    tokens = g.dim(t, 1)
+    x = g.op("Reshape", t, g.dims(-1, video.count, tokens, width))  # [B, F, S, C]
+    x = g.op("Reshape", g.op("Transpose", x, perm=[0, 2, 1, 3]), g.dims(-1, video.count, width))  # [B * S, F, C]
+    x = g.op("Add", x, positions)
+    if g.has(b + "norm_in.weight"):
+        h = _geglu(g, layer_norm(g, x, b + "norm_in", eps=LAYER_NORM_EPS), b + "ff_in.")
+        x = g.op("Add", x, h) if g.shape(b + "ff_in.net.2.weight")[0] == width else h
+    n = layer_norm(g, x, b + "norm1", eps=LAYER_NORM_EPS)
+    x = g.op("Add", x, _attention(g, n, n, b + "attn1.", heads))
+    if g.has(b + "attn2.to_q.weight"):  # keys and values of each video's context, then per position
+        q = linear(g, layer_norm(g, x, b + "norm2", eps=LAYER_NORM_EPS), b + "attn2.to_q")
+        rows = g.dims(1, tokens, 1, 1)
+        k_, v_ = (g.op("Reshape", g.op("Expand", g.op("Unsqueeze", linear(g, video.context, b + f"attn2.to_{part}"),
+                                                      g.const([1])), rows),
+                       g.dims(-1, g.dim(video.context, 1), g.shape(b + f"attn2.to_{part}.weight")[0]))
+                  for part in "kv")
+        x = g.op("Add", x, linear(g, attention(g, q, k_, v_, heads), b + "attn2.to_out.0"))
+    h = _geglu(g, layer_norm(g, x, b + "norm3", eps=LAYER_NORM_EPS), b + "ff.")
+    x = g.op("Add", x, h) if g.shape(b + "ff.net.2.weight")[0] == width else h
+    x = g.op("Reshape", x, g.dims(-1, tokens, video.count, width))  # [B, S, F, C]
+    x = g.op("Reshape", g.op("Transpose", x, perm=[0, 2, 1, 3]), g.dims(-1, tokens, width))
+    return _blend(g, t, x, name + "time_mixer.mix_factor")
+
+
 # -- the graph ---------------------------------------------------------------------------------
 
 class _UNet:
@@ -231,6 +323,7 @@ class _UNet:
         self.layout = unet_layout(self.g, prefix, decoder)
         self.heads = _Heads(heads, head_dim, self.layout.levels)
         self.time_ids, self.time_id_dim = time_ids, time_id_dim
+        self.video: _Frames | None = None  # a video U-Net's frames (build_video_unet)
 
     def inputs(self) -> None:
         g, lay = self.g, self.layout
@@ -258,7 +351,7 @@ class _UNet:
         if self.layout.adm:
             ids = timestep_embedding(g, g.reshape(self.extras["time_ids"], [-1]), self.time_id_dim)
             ids = g.reshape(ids, [-1, self.time_ids * self.time_id_dim])
-            added = g.op("Concat", self.extras["text_embeds"], ids, axis=-1)
+            added = g.op("Concat", self.extras["text_embeds"], ids, axis=-1) if "text_embeds" in self.extras else ids
             emb = g.op("Add", emb, linear(g, silu(g, linear(g, added, p + "label_emb.0.0")), p + "label_emb.0.2"))
         return silu(g, emb)
 
@@ -269,9 +362,9 @@ class _UNet:
             if kind == "conv_in":
                 x = conv(g, x, name[:-1])
             elif kind == "resnet":
-                x = _resnet(g, x, name, emb, self.groups)
+                x = _resnet(g, x, name, emb, self.groups, self.video)
             elif kind == "transformer":
-                x = _transformer(g, x, name, self.context, self.heads, level, self.groups)
+                x = _transformer(g, x, name, self.context, self.heads, level, self.groups, self.video)
             elif kind == "down":
                 x, level = conv(g, x, name + "op", stride=2), level + 1
             else:  # up
@@ -283,6 +376,10 @@ class _UNet:
     def out(self, x: str) -> None:
         g, p = self.g, self.p
         x = conv(g, silu(g, group_norm(g, x, p + "out.0", self.groups, NORM_EPS)), p + "out.2")
+        if self.video is not None:  # [batch * frames, ...] -> [batch, frames, ...]
+            x = g.op("Reshape", x, g.dims(-1, self.video.count, g.op("Shape", x, start=1)))
+            g.output(x, "out_sample", ["batch", "frames", self.layout.out_channels, "height", "width"])
+            return
         g.output(x, "out_sample", ["batch", self.layout.out_channels, "height", "width"])
 
     def feature_width(self) -> int:
@@ -371,6 +468,55 @@ def build_unet_shallow(shapes: Mapping[str, Sequence[int]], *, heads: int | Sequ
         raise SourceError(f"{where}: the U-Net downsamples within its first {SHALLOW_LAYERS} input blocks")
     x = feature
     for layers in lay.output_blocks[-SHALLOW_LAYERS:]:
+        x = g.op("Concat", x, skips.pop(), axis=1)
+        x, level = u.block(x, layers, emb, level, skips[-1] if skips else None)
+    u.out(x)
+    return g.model()
+
+
+VIDEO = "middle_block.0.time_stack.in_layers.2.weight"  # under the prefix: a video U-Net's weight
+
+
+def _per_frame(g: Graph, y: str, frames: str, rank: int) -> str:
+    """[B, ...] -> [B * F, ...]: each video's tensor repeated for its frames."""
+    many = g.op("Expand", g.op("Unsqueeze", y, g.const([1])), g.dims(1, frames, *[1] * (rank - 1)))
+    return g.op("Reshape", many, g.dims(-1, g.op("Shape", y, start=1)))
+
+
+def build_video_unet(shapes: Mapping[str, Sequence[int]], *, heads: int | Sequence[int] | None = None,
+                     head_dim: int | None = None, groups: int = GROUPS, time_ids: int = 3, time_id_dim: int = 256,
+                     prefix: str = "model.diffusion_model.", where: str = "the model") -> onnx.ModelProto:
+    """Stable Video Diffusion's spatio-temporal U-Net: `sample` [batch, frames, C, h, w] (the
+    scaled noisy latents), `image_latents` [batch, C', h, w] (the conditioning frame's latent,
+    joined to every frame's channels), `timestep` [batch] (EDM's c_noise), `encoder_hidden_states`
+    [batch, sequence, context] (the image embedding), `time_ids` [batch, 3] (fps - 1, motion
+    bucket id, noise augmentation strength, each embedded `time_id_dim` wide) -> `out_sample`
+    [batch, frames, C, h, w]. Frames run on the batch axis; heads as `build_unet`'s."""
+    u = _UNet(shapes, heads, head_dim, groups, time_ids, time_id_dim, prefix, where)
+    g, lay = u.g, u.layout
+    if not g.has(prefix + VIDEO):
+        g.shape(prefix + VIDEO)  # raises the SourceError naming it: an image U-Net
+    if lay.adm != time_ids * time_id_dim:
+        raise SourceError(f"{where}: label_emb takes {lay.adm} numbers, not {time_ids} time ids embedded "
+                          f"{time_id_dim} wide; the file is not Stable Video Diffusion's")
+    latent = lay.out_channels
+    if not 0 < latent < lay.in_channels:
+        raise SourceError(f"{where}: a U-Net of {lay.in_channels} input and {latent} output channels leaves no "
+                          "channels for the conditioning frame")
+    sample = g.input("sample", ["batch", "frames", latent, "height", "width"])
+    image = g.input("image_latents", ["batch", lay.in_channels - latent, "height", "width"])
+    u.timestep = g.input("timestep", ["batch"])
+    context = g.input("encoder_hidden_states", ["batch", "sequence", lay.context])
+    u.extras = {"time_ids": g.input("time_ids", ["batch", time_ids])}
+    frames = g.dim(sample, 1)
+    emb = u.embedding()  # [B, E]
+    u.video = _Frames(frames, g.op("Expand", g.op("Unsqueeze", emb, g.const([1])), g.dims(1, frames, 1)), context)
+    u.context = _per_frame(g, context, frames, 3)
+    flat = g.op("Reshape", sample, g.dims(-1, g.op("Shape", sample, start=2)))
+    u.sample = g.op("Concat", flat, _per_frame(g, image, frames, 4), axis=1)
+    emb = _per_frame(g, emb, frames, 2)
+    skips, x, level = u.encoder(emb)
+    for layers in lay.output_blocks:
         x = g.op("Concat", x, skips.pop(), axis=1)
         x, level = u.block(x, layers, emb, level, skips[-1] if skips else None)
     u.out(x)

@@ -10,6 +10,12 @@ itself. These are the VAE contracts the runtime reads (runtime.vae).
 The configuration comes from the shapes: the levels and blocks per level from the names, the
 widths from the convolutions; every GroupNorm has eps 1e-6 and, unless a config says otherwise, 32 groups, as in every such VAE.
 LDM's `up.{i}` runs the opposite way to diffusers' `up_blocks`: `up.{levels - 1}` is applied first.
+
+Stable Video Diffusion's temporal decoder (SGM's VideoDecoder, time_mode "conv-only") is the same
+decoder where the file has `time_stack` weights: the batch axis holds one video's consecutive
+frames, each resnet blends in a temporal ResBlock (Conv3d [C, C, 3, 1, 1] over the frames, its
+GroupNorms with eps 1e-5) by sigmoid(`mix_factor`), and `conv_out.time_mix_conv` (Conv3d over the
+frames) follows the 2-D `conv_out`.
 """
 
 from __future__ import annotations
@@ -77,10 +83,45 @@ def _attention(g: Graph, x: str, name: str, groups: int) -> str:
     return g.op("Add", x, out)
 
 
-def _mid(g: Graph, x: str, name: str, groups: int) -> str:
-    x = _resnet(g, x, name + ".block_1", groups)
+def _frames(g: Graph, x: str) -> str:
+    """[frames, C, H, W] -> [1, C, frames, H, W], one video for the 3-D convolutions."""
+    return g.op("Unsqueeze", g.op("Transpose", x, perm=[1, 0, 2, 3]), g.const([0]))
+
+
+def _unframes(g: Graph, x: str) -> str:
+    return g.op("Transpose", g.op("Squeeze", x, g.const([0])), perm=[1, 0, 2, 3])
+
+
+def _video_norm(g: Graph, x: str, name: str, groups: int) -> str:
+    """GroupNorm (eps 1e-5) of [1, C, F, H, W], as [1, C, F, H*W]: `group_norm`'s per-channel
+    scale and shift broadcast over a 4-D input only."""
+    y = group_norm(g, g.reshape(x, [0, 0, 0, -1]), name, groups, 1e-5)
+    return g.op("Reshape", y, g.op("Shape", x))
+
+
+def _video_resnet(g: Graph, x: str, name: str, groups: int) -> str:
+    """The spatial resnet, then its temporal ResBlock `time_stack` over the frames (no time
+    embedding), blended: sigmoid(mix_factor) * temporal + (1 - sigmoid(mix_factor)) * spatial."""
+    spatial = _resnet(g, x, name, groups)
+    t = name + ".time_stack."
+    g.fits((name + ".conv2.weight", 0), (t + "in_layers.0.weight", 0), (t + "in_layers.2.weight", 1),
+           (t + "in_layers.2.weight", 0), (t + "out_layers.0.weight", 0), (t + "out_layers.3.weight", 1),
+           (t + "out_layers.3.weight", 0))
+    video = _frames(g, spatial)
+    h = conv(g, silu(g, _video_norm(g, video, t + "in_layers.0", groups)), t + "in_layers.2")
+    h = conv(g, silu(g, _video_norm(g, h, t + "out_layers.0", groups)), t + "out_layers.3")
+    temporal = _unframes(g, g.op("Add", video, h))
+    alpha = g.op("Sigmoid", g.weight(name + ".mix_factor"))
+    return g.op("Add", g.op("Mul", temporal, alpha),
+                g.op("Mul", spatial, g.op("Sub", g.scalar(1.0), alpha)))
+
+
+def _mid(g: Graph, x: str, name: str, groups: int, resnet=_resnet) -> str:
+    x = resnet(g, x, name + ".block_1", groups)
+    if resnet is _video_resnet and not g.has(name + ".block_2.norm1.weight"):
+        return x  # diffusers' temporal decoder of one layer a block: one resnet, its attention unused
     x = _attention(g, x, name + ".attn_1", groups)
-    return _resnet(g, x, name + ".block_2", groups)
+    return resnet(g, x, name + ".block_2", groups)
 
 
 def _out(g: Graph, x: str, name: str, groups: int) -> str:
@@ -104,26 +145,33 @@ def _downsample(g: Graph, x: str, name: str) -> str:
 
 def build_vae_decoder(shapes: Mapping[str, Sequence[int]], prefix: str = "first_stage_model.",
                       where: str = "the model", groups: int = GROUPS) -> onnx.ModelProto:
-    """latent_sample [batch, latent, height, width] -> sample [batch, 3, 8 height, 8 width]."""
+    """latent_sample [batch, latent, height, width] -> sample [batch, 3, 8 height, 8 width]; for
+    SVD's temporal decoder, latent_sample [frames, ...] -> sample [frames, ...], the frames of one
+    video (decoded together: they mix)."""
     g = Graph(shapes, where)
     p = prefix + "decoder."
+    video = g.has(p + "conv_out.time_mix_conv.weight") or g.has(p + "mid.block_1.time_stack.in_layers.0.weight")
+    resnet = _video_resnet if video else _resnet
     post = prefix + "post_quant_conv"
     has_post = g.has(post + ".weight")
     latent = g.shape(post + ".weight" if has_post else p + "conv_in.weight")[1]
     levels = _count(g, p + "up.", p + "up.0.block.0.conv1.weight")
     blocks = _count(g, p + "up.0.block.", p + "up.0.block.0.conv1.weight")
 
-    x = g.input("latent_sample", ["batch", latent, "height", "width"])
+    batch = "frames" if video else "batch"
+    x = g.input("latent_sample", [batch, latent, "height", "width"])
     if has_post:
         x = conv(g, x, post)
-    x = _mid(g, conv(g, x, p + "conv_in"), p + "mid", groups)
+    x = _mid(g, conv(g, x, p + "conv_in"), p + "mid", groups, resnet)
     for i in reversed(range(levels)):
         for j in range(blocks):
-            x = _resnet(g, x, f"{p}up.{i}.block.{j}", groups)
+            x = resnet(g, x, f"{p}up.{i}.block.{j}", groups)
         if i != 0:
             x = _upsample(g, x, f"{p}up.{i}.upsample")
     x = _out(g, x, p[:-1], groups)
-    g.output(x, "sample", ["batch", g.shape(p + "conv_out.weight")[0], "height", "width"])
+    if video:
+        x = _unframes(g, conv(g, _frames(g, x), p + "conv_out.time_mix_conv"))
+    g.output(x, "sample", [batch, g.shape(p + "conv_out.weight")[0], "height", "width"])
     return g.model()
 
 
