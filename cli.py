@@ -143,6 +143,18 @@ def _bench_epilog() -> str:
     return "\n".join(lines)
 
 
+# generate's options for images only: an image-to-video model refuses them (a video takes no
+# prompt file, batch, mask, hires pass, ControlNet, refiner, SDXL conditioning or memory plan)
+_IMAGE_ONLY = ("prompt_file", "batch_count", "strength", "mask", "mask_blur", "inpainting_fill", "inpaint_full_res",
+               "inpaint_full_res_padding", "invert_mask", "hires_scale", "hires_width", "hires_height",
+               "hires_upscaler", "hires_steps", "hires_strength", "controlnet", "control_image",
+               "control_preprocessor", "control_start", "control_end", "clip_skip", "refiner", "refiner_start",
+               "original_size", "crop", "target_size", "aesthetic_score", "negative_aesthetic_score",
+               "cache_interval", "memory_budget")
+# generate's options for image-to-video models (Pipeline.generate's names), passed on only when given
+_VIDEO_OPTIONS = ("frames", "fps", "motion_bucket_id", "noise_aug_strength", "min_guidance", "decode_chunk")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="edgediff", description="Quantized edge inference for diffusion image models.")
     p.add_argument("--version", action="version", version=f"edgediff {__version__}")
@@ -173,14 +185,16 @@ def _parser() -> argparse.ArgumentParser:
                         "deep features across steps (DeepCache; SD 1.x/2.x/SDXL, ONNX packages)")
     _parts_arguments(c)
 
-    g = sub.add_parser("generate", help="generate images with a converted package",
-                       description="Generate images. Options left out take the model's own defaults (below).",
+    g = sub.add_parser("generate", help="generate images (or, with an image-to-video model, a video) with a "
+                                        "converted package",
+                       description="Generate images, or with an image-to-video model (Stable Video Diffusion) a video "
+                                   "from --init-image. Options left out take the model's own defaults (below).",
                        epilog=_generate_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("--model", "-m",
                    help="package folder (from `edgediff convert`), .gguf or .safetensors file; default: the "
                         "embedded tiny model")
-    prompts = g.add_mutually_exclusive_group(required=True)
-    prompts.add_argument("--prompt", "-p", help="what to draw")
+    prompts = g.add_mutually_exclusive_group()  # one is required, but for an image-to-video model (none)
+    prompts.add_argument("--prompt", "-p", help="what to draw (an image-to-video model takes no text)")
     prompts.add_argument("--prompt-file", metavar="FILE",
                          help="one prompt a line, or JSON lines with fields of their own: prompt, negative_prompt, "
                               "seed, steps, width, height, guidance (or cfg_scale), sampler, schedule")
@@ -199,7 +213,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, help="pixels (default: the model's size)")
     g.add_argument("--force", action="store_true",
                    help="run even when the memory estimate says the size does not fit this machine")
-    g.add_argument("--init-image", help="start from this image (img2img)")
+    g.add_argument("--init-image", help="start from this image (img2img); an image-to-video model's first frame "
+                                        "(required for one)")
     g.add_argument("--strength", type=float, default=0.75, help="img2img: how much to change (0, 1]")
     g.add_argument("--mask", metavar="FILE",
                    help="inpainting, with --init-image: repaint where this image is white (or, in an RGBA image with "
@@ -256,7 +271,28 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-aesthetic-score", type=float,
                    help="SDXL refiner: score for the negative prompt (default 2.5)")
     g.add_argument("--output", "-o", help="image to write: .png, .jpg/.jpeg or .webp, parameters inside as "
-                                          "A1111 writes them (default: edgediff-SEED.png)")
+                                          "A1111 writes them (default: edgediff-SEED.png); an image-to-video "
+                                          "model's video: animated .webp or .gif (default: edgediff-SEED.webp, "
+                                          "or none with --frames-dir alone)")
+    g.add_argument("--frames", type=int, metavar="N",
+                   help="image-to-video: frames to make (default: the model's, 14 for SVD, 25 for SVD-XT)")
+    g.add_argument("--fps", type=int, metavar="N",
+                   help="image-to-video: frames a second, conditioning the motion and the file's timing (default: "
+                        "the model's, 7)")
+    g.add_argument("--motion-bucket", "--motion-bucket-id", dest="motion_bucket_id", type=int, metavar="N",
+                   help="image-to-video: how much motion, SVD's motion bucket id (default: the model's, 127)")
+    g.add_argument("--noise-aug", "--noise-aug-strength", dest="noise_aug_strength", type=float, metavar="F",
+                   help="image-to-video: noise added to --init-image's latent; more lets the video stray further "
+                        "from it (default: the model's, 0.02)")
+    g.add_argument("--min-guidance", type=float, metavar="F",
+                   help="image-to-video: guidance on the first frame, ramping to --guidance on the last (default: "
+                        "the model's, 1.0)")
+    g.add_argument("--decode-chunk", type=int, metavar="N",
+                   help="image-to-video: frames the VAE decodes at a time (default: the model's, 0: as many as "
+                        "memory allows)")
+    g.add_argument("--frames-dir", metavar="DIR",
+                   help="image-to-video: also (or, without --output, only) write each frame as DIR/NAME_000.png, "
+                        "... with the parameters inside (NAME: --output's, else edgediff-SEED; DIR is created)")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="apply a LoRA file (kohya/A1111, LyCORIS or diffusers/PEFT .safetensors) at load, "
                         "strength 1 unless given; repeat to stack several")
@@ -300,6 +336,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="GGUF block weights in MatMulNBits: 0 computes with fp32 activations, 4 with int8 "
                         "activations (faster with VNNI, more memory); auto (default) takes 4 where it measured "
                         "faster on this CPU")
+    # what an image-to-video model refuses when given: any value but these defaults
+    g.set_defaults(image_only_defaults={dest: g.get_default(dest) for dest in _IMAGE_ONLY})
 
     b = sub.add_parser("bench", help="run a benchmark scenario (TOML), or a benchmark tool: edgediff bench TOOL ...",
                        usage="edgediff bench [-h] [--list] [SCENARIO] [options] | edgediff bench TOOL [tool arguments]",
@@ -498,7 +536,8 @@ def _jobs(args) -> list[dict]:
 def _check_memory(pipe, args, job: dict) -> None:
     """Refuse, before anything loads, an image whose lowest-memory plan (runtime.memory's estimate:
     int8 activations off, the VAE in 256-pixel tiles, guidance in halves) cannot fit the memory
-    this machine has available. --force runs it anyway; with --memory-budget the pipeline decides."""
+    this machine has available. --force runs it anyway; with --memory-budget the pipeline decides.
+    Not for videos (_generate_video skips it: the estimate is of one image, not of frames)."""
     from edgediff.runtime import memory
     from edgediff.runtime.image import open_image
 
@@ -538,7 +577,9 @@ def _previewer(path: str | None, pipe):
     from edgediff.runtime.image import save_image
     from edgediff.runtime.preview import preview
 
-    return lambda step, denoised: save_image(preview(denoised, pipe.manifest), path, f"Step: {step}")
+    # a video's latent (1, frames, C, h, w): its first frame
+    return lambda step, denoised: save_image(preview(denoised[:, 0] if denoised.ndim == 5 else denoised,
+                                                     pipe.manifest), path, f"Step: {step}")
 
 
 def _outputs(args, seeds: list[int]) -> list[Path]:
@@ -573,8 +614,9 @@ def _generate(args) -> int:
 
     from edgediff.runtime import Pipeline
     from edgediff.runtime.conditioning import SizeConditioning
-    from edgediff.runtime.image import image_format, save_image
+    from edgediff.runtime.image import VIDEO_FORMATS, image_format, save_image
 
+    kind = _model_kind(args.model)  # (makes videos, its name) where told before loading; else after
     if args.output:
         out = Path(args.output)
         if not out.parent.is_dir():
@@ -582,9 +624,14 @@ def _generate(args) -> int:
         if out.is_dir():
             raise UsageError(f"--output {out}: is a folder; name the image file to write")
         try:
-            image_format(out)
+            if kind is None and out.suffix.lower() not in VIDEO_FORMATS:  # an image's or a video's, told at load
+                image_format(out)
         except UsageError as exc:
             raise UsageError(f"--output {exc}") from None
+    if args.frames_dir is not None and Path(args.frames_dir).exists() and not Path(args.frames_dir).is_dir():
+        raise UsageError(f"--frames-dir {args.frames_dir}: is a file; name a folder (created if missing)")
+    if kind is not None:
+        _check_kind(args, *kind)
     if args.preview:
         try:
             image_format(args.preview)
@@ -592,7 +639,7 @@ def _generate(args) -> int:
             raise UsageError(f"--preview {exc}") from None
     if args.batch_count < 1:
         raise UsageError(f"--batch-count must be at least 1 (got {args.batch_count})")
-    jobs = _jobs(args)
+    jobs = _jobs(args) if args.prompt is not None or args.prompt_file is not None else []
     controlnets = _controlnets(args)
     say = lambda msg: print(f"[convert] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     model = _runnable(args.model, say, **_parts(args))
@@ -601,6 +648,11 @@ def _generate(args) -> int:
                    graph_cache=args.graph_cache, vae_tile=args.vae_tile, memory_budget=args.memory_budget,
                    embeddings_dir=args.embeddings_dir)
     pipe = Pipeline(model, loras=args.lora, lora_dir=args.lora_dir, lora_mode=args.lora_mode, **options)
+    video = bool(pipe.manifest.conditioning.image_encoder)
+    if kind is None:
+        _check_kind(args, video, f"{pipe.package.name} ({pipe.manifest.family})")
+    if video:
+        return _generate_video(args, pipe)
     refiner = Pipeline(_runnable(args.refiner, say), **options) if args.refiner else None
     size = SizeConditioning(
         original_size=args.original_size and tuple(args.original_size), crop=tuple(args.crop),
@@ -625,13 +677,100 @@ def _generate(args) -> int:
             inpaint_full_res_padding=args.inpaint_full_res_padding, inpainting_mask_invert=args.invert_mask,
             hires_scale=args.hires_scale, hires_width=args.hires_width, hires_height=args.hires_height,
             hires_upscaler=args.hires_upscaler, hires_steps=args.hires_steps, hires_strength=args.hires_strength,
-            controlnets=controlnets,
+            controlnets=controlnets, **_video_options(args),  # given to an image model: the pipeline refuses them
         )
         save_image(image, path, image.info["parameters"])
         print(f"wrote {path} ({image.width}x{image.height}, seed {seed})")
     print(f"device: {pipe.device}")
     print(f"ran: {pipe.ran()}")
     print(f"memory: {pipe.memory_note()}")
+    print(f"time: {pipe.timings.summary()}")
+    return 0
+
+
+def _model_kind(model: str | None) -> tuple[bool, str] | None:
+    """(whether --model makes videos, its name for messages) where that is known before anything
+    loads: the builtin models make images, a package folder's manifest says; None for a file
+    that only opening tells about (a GGUF or .safetensors file, adopted first)."""
+    if model is None or model.startswith("builtin:"):
+        return False, model or "the embedded model"
+    path = Path(model)
+    if not (path / "edgediff.json").is_file():
+        return None
+    from edgediff.manifest import Manifest
+
+    try:
+        m = Manifest.read(path)
+    except Exception:  # noqa: BLE001 - opening the package says what is wrong with it
+        return None
+    return bool(m.conditioning.image_encoder), f"{path.name} ({m.family})"
+
+
+def _check_kind(args, video: bool, name: str) -> None:
+    """Refuse the options of the other kind of model (an image model's --frames & co. are the
+    pipeline's to refuse), a missing prompt for images, and an --output of the wrong type."""
+    from edgediff.runtime.image import image_format, video_format
+
+    if video:
+        same = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731 - --crop 0 0 is its default (0, 0)
+        given = [f"--{dest.replace('_', '-')}" for dest, default in args.image_only_defaults.items()
+                 if same(getattr(args, dest)) != same(default)]
+        if given:
+            raise UsageError(f"{', '.join(given)}: not for image-to-video models; {name} makes a video from "
+                             "--init-image (its options: --frames, --fps, --motion-bucket, --noise-aug, "
+                             "--min-guidance, --decode-chunk, --frames-dir)")
+        for name in ("frames", "fps"):  # the pipeline takes 0 for its default
+            if (value := getattr(args, name)) is not None and value < 1:
+                raise UsageError(f"--{name} must be at least 1 (got {value})")
+    elif args.frames_dir is not None:
+        raise UsageError(f"--frames-dir: an option of image-to-video models; {name} makes images: give "
+                         "--output FILE")
+    elif args.prompt is None and args.prompt_file is None:
+        raise UsageError("one of the arguments --prompt/-p --prompt-file is required")
+    if args.output:
+        try:
+            (video_format if video else image_format)(args.output)
+        except UsageError as exc:
+            raise UsageError(f"--output {exc}") from None
+
+
+def _video_options(args) -> dict:
+    """--frames, --fps, --motion-bucket, ... as Pipeline.generate names them, those given only."""
+    return {name: getattr(args, name) for name in _VIDEO_OPTIONS if getattr(args, name) is not None}
+
+
+def _generate_video(args, pipe) -> int:
+    """An image-to-video model's run (Pipeline.generate checks the prompt is absent and
+    --init-image given): the frames as an animated WebP or GIF (--output; default
+    edgediff-SEED.webp unless --frames-dir alone) and/or one PNG a frame in --frames-dir. The
+    pre-load memory check (_check_memory) is skipped: runtime.memory estimates one image and
+    knows nothing of frames; the pipeline decodes the frames as many at a time as memory allows."""
+    import random
+
+    from edgediff.runtime.image import save_image, save_video
+
+    seed = random.randrange(2**32) if args.seed is None else args.seed
+    sampler, schedule = _names(args.sampler, args.schedule)
+    frames = pipe.generate(
+        args.prompt or "", args.negative_prompt, steps=args.steps, guidance=args.guidance, sampler=sampler,
+        schedule=schedule, seed=seed, width=args.width, height=args.height, init_image=args.init_image,
+        progress=ProgressBar("sampling", lambda: pipe.timings.steps), on_step=_previewer(args.preview, pipe),
+        **_video_options(args))
+    fps = args.fps or int(pipe.manifest.defaults.get("fps") or 7)  # the pipeline's default, which it ran at
+    first = frames[0]
+    name = Path(args.output).stem if args.output else f"edgediff-{seed}"
+    if args.output or not args.frames_dir:
+        path = save_video(frames, Path(args.output or f"{name}.webp"), fps)
+        print(f"wrote {path} ({len(frames)} frames, {first.width}x{first.height}, {fps} fps, seed {seed})")
+    if args.frames_dir:
+        folder = Path(args.frames_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = [save_image(frame, folder / f"{name}_{n:03d}.png", frame.info["parameters"])
+                 for n, frame in enumerate(frames)]
+        print(f"wrote {len(paths)} frames to {folder} ({paths[0].name} ... {paths[-1].name}; "
+              f"{first.width}x{first.height}, seed {seed})")
+    print(f"device: {pipe.device}")
+    print(f"ran: {pipe.ran()}")
     print(f"time: {pipe.timings.summary()}")
     return 0
 

@@ -73,12 +73,12 @@ class TextEncoder:
 @dataclass(frozen=True)
 class ImageEncoder:
     """An image-to-video family's image encoder: a CLIP vision tower whose projected class token
-    is the denoiser's context (SVD: OpenCLIP ViT-H/14, 16 heads of 80)."""
+    is the denoiser's context (SVD: OpenCLIP ViT-H/14, 1280 wide in 16 heads of 80)."""
 
     component: str = "image_encoder"
     ldm_prefix: str = "conditioner.embedders.0.open_clip.model.visual."  # where single files keep it
     ldm_layout: str = "open_clip"  # its names there ('hf': transformers' CLIPVisionModelWithProjection)
-    heads: int = 16  # when the config must be rebuilt from a single file
+    head_dim: int = 80  # its heads' width, when the config must be rebuilt from a single file
     hidden_act: str = "gelu"
     size: int = 224  # the image's side as the encoder sees it
 

@@ -230,6 +230,8 @@ def ldm_names(family: Family, configs: Mapping[str, Mapping]) -> dict[str, Calla
         pieces = table(config, DENOISER)
         names = {family.denoiser: lambda n: rows_ref(pieces[n.removeprefix("transformer.")])}
     names["vae_decoder"] = names["vae_encoder"] = lambda n: vae_name(n.removeprefix("vae."), vae)
+    if family.image_encoder is not None:  # transformers' names, as stable-diffusion.cpp names its CLIPs
+        names[family.image_encoder.component] = lambda n: "cond_stage_model.transformer." + n.removeprefix("model.")
     for spec in family.text_encoders:
         if spec.kind == "t5":  # transformers' names; `shared` is the embedding tied to encoder.embed_tokens
             names[spec.component] = lambda n, p=spec.gguf_prefix: p + n.removeprefix("model.").replace(

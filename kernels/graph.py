@@ -182,20 +182,21 @@ def nbits_weight(data: np.ndarray, scales: np.ndarray, zero_points: np.ndarray |
 
 
 def conv_dq_tensors(w: np.ndarray, name: str, bits: int, block: int = 32) -> tuple[list[TensorProto], dict]:
-    """A Conv weight [O, I, kh, kw] quantized for DequantizeLinear: int8 per output channel, or
-    int4 in blocks of `block` input channels; the tensors and the node's attributes."""
+    """A Conv weight [O, I, *kernel] (2-D or 3-D) quantized for DequantizeLinear: int8 per output
+    channel, or int4 in blocks of `block` input channels; the tensors and the node's attributes."""
     if bits == 8:
         absmax = np.abs(w.reshape(w.shape[0], -1)).max(1).astype(np.float64)
         scale = np.where(absmax > 0, absmax / 127, 1.0).astype(np.float32)
-        q = np.clip(np.round(w / scale.reshape(-1, 1, 1, 1)), -127, 127).astype(np.int8)
+        q = np.clip(np.round(w / scale.reshape(-1, *[1] * (w.ndim - 1))), -127, 127).astype(np.int8)
         return [numpy_helper.from_array(q, name), numpy_helper.from_array(scale, name + "_scale")], {"axis": 0}
-    o, i, kh, kw = w.shape
+    o, i, *kernel = w.shape
     b = min(block, i)
-    moved = w.transpose(0, 2, 3, 1)  # blocks along input channels
-    blocks = quantize_blocks(moved, 4, b, symmetric=True)
-    signed = (blocks.q.reshape(o, kh, kw, -1)[..., :i].astype(np.int16) - 8).astype(np.int8)
-    q = signed.transpose(0, 3, 1, 2)
-    scale = blocks.scale.reshape(o, kh, kw, -1).transpose(0, 3, 1, 2).astype(np.float32)
+    last = (0, *range(2, w.ndim), 1)  # blocks along input channels
+    back = (0, w.ndim - 1, *range(1, w.ndim - 1))
+    blocks = quantize_blocks(w.transpose(last), 4, b, symmetric=True)
+    signed = (blocks.q.reshape(o, *kernel, -1)[..., :i].astype(np.int16) - 8).astype(np.int8)
+    q = signed.transpose(back)
+    scale = blocks.scale.reshape(o, *kernel, -1).transpose(back).astype(np.float32)
     packed = pack_nibbles((q.reshape(-1) & 0x0F).astype(np.uint8)[None])[0]
     return [helper.make_tensor(name, TensorProto.INT4, list(q.shape), packed.tobytes(), raw=True),
             numpy_helper.from_array(np.ascontiguousarray(scale), name + "_scale")], {"axis": 1, "block_size": b}

@@ -1,5 +1,5 @@
 """Pixels in and out: decoded arrays to PIL, init images to arrays, PNG, JPEG or WebP files with
-A1111 parameters."""
+A1111 parameters, animated WebP or GIF videos."""
 
 from __future__ import annotations
 
@@ -91,7 +91,11 @@ def encode(image: Image.Image, fmt: str, parameters: str) -> bytes:
 def save_image(image: Image.Image, path: str | Path, parameters: str) -> Path:
     """Write the type the name's extension asks for, atomically (a scratch name, then rename)."""
     path = Path(path)
-    data = encode(image, image_format(path), parameters)
+    return _write(path, encode(image, image_format(path), parameters))
+
+
+def _write(path: Path, data: bytes) -> Path:
+    """`data` into `path` atomically: a scratch name beside it, then rename."""
     scratch = path.parent / f".{path.name}.partial-{os.getpid()}"
     try:
         scratch.write_bytes(data)
@@ -102,10 +106,55 @@ def save_image(image: Image.Image, path: str | Path, parameters: str) -> Path:
     return path
 
 
+# the file types videos are written as, by the name's extension (each frame a PNG: the CLI's --frames-dir)
+VIDEO_FORMATS = {".webp": "WEBP", ".gif": "GIF"}
+
+
+def video_format(path: str | Path) -> str:
+    """The animated format a file name asks for: WEBP or GIF, from its extension."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in VIDEO_FORMATS:
+        pngs = "give --frames-dir DIR" if arg("frames_dir").startswith("--") else "save_image each frame"
+        raise UsageError(f"{path}: a video is written as animated {' or '.join(VIDEO_FORMATS)}, not "
+                         f"'{suffix or 'no extension'}'; for one PNG a frame {pngs}")
+    return VIDEO_FORMATS[suffix]
+
+
+def save_video(frames: list[Image.Image], path: str | Path, fps: int, parameters: str | None = None) -> Path:
+    """An animated WebP (quality as save_image's) or GIF (a palette per frame: lossy), by the name's
+    extension, looping forever at `fps` frames a second (GIF keeps durations in hundredths of a
+    second), written atomically. The parameters (default: the first frame's .info["parameters"])
+    go where save_image puts them: WebP's EXIF UserComment, else a GIF comment; read_parameters
+    reads both."""
+    path = Path(path)
+    fmt = video_format(path)
+    if not frames:
+        raise UsageError(f"{path}: no frames to write")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float, np.number)) or not 0 < fps < float("inf"):
+        raise UsageError(f"{arg('fps')} must be a positive number of frames a second (got {fps!r})")
+    text = frames[0].info.get("parameters", "") if parameters is None else parameters
+    options: dict = {"save_all": True, "append_images": frames[1:], "duration": max(1, round(1000 / fps)),
+                     "loop": 0}
+    if fmt == "WEBP":
+        options["quality"] = QUALITY
+        if text:
+            exif = Image.Exif()
+            exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = _UNICODE + text.encode("utf-16-be")
+            options["exif"] = exif
+    elif text:
+        options["comment"] = text.encode("utf-8")
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format=fmt, **options)
+    return _write(path, buffer.getvalue())
+
+
 def read_parameters(image: Image.Image) -> str | None:
-    """The parameters text A1111 would read back from an image: PNG text, or EXIF UserComment."""
+    """The parameters text A1111 would read back from an image: PNG text, EXIF UserComment, or (an
+    animated GIF, save_video's) the comment."""
     if "parameters" in image.info:
         return image.info["parameters"]
+    if image.format == "GIF" and isinstance(image.info.get("comment"), bytes):
+        return image.info["comment"].decode("utf-8", errors="replace")
     comment = image.getexif().get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.UserComment)
     if not isinstance(comment, bytes):
         return None

@@ -786,7 +786,7 @@ class Pipeline:
             raise UsageError(f"{self.package.name} ({m.family}) makes a video from an image: give {arg('init_image')}")
         init = img.open_image(init_image) if isinstance(init_image, (str, Path)) else init_image.convert("RGB")
         v = {k: d.get(k) if value is None else value for k, value in video.items()}
-        frames, fps, chunk = int(v["frames"] or 14), int(v["fps"] or 7), int(v["decode_chunk"] or 0)
+        frames, fps, chunk = int(v["frames"]), int(v["fps"]), int(v["decode_chunk"] or 0)
         motion, aug, low = float(v["motion_bucket_id"]), float(v["noise_aug_strength"]), float(v["min_guidance"])
         for name, value, least in (("frames", frames, 1), ("fps", fps, 1), ("decode_chunk", chunk, 0),
                                    ("motion_bucket_id", motion, 0), ("noise_aug_strength", aug, 0),

@@ -552,6 +552,10 @@ class Service:
     def _generate(self, r: Request) -> dict:
         pipe = self.pipe
         m = pipe.manifest
+        if m.conditioning.image_encoder:  # this API makes images; a video is the command line's
+            raise ApiError(422, f"{self.name} ({m.family}) makes videos from an image, which A1111's txt2img and "
+                                "img2img do not return; choose an image model, or run `edgediff generate --model "
+                                f"{self.models.paths[self.name]} --init-image IMAGE --output clip.webp`")
         for side in ("width", "height"):
             if getattr(r, side) % m.size_multiple:
                 raise ApiError(422, f"'{side}' must be a multiple of {m.size_multiple} for {m.family} (got {getattr(r, side)})")

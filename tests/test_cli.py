@@ -534,3 +534,99 @@ def test_preview_file_shows_the_image_while_it_samples(tiny_package, tmp_path, c
     code, _, err = run(capsys, "generate", "-m", str(tiny_package("sd1")), "-p", "a cat", "--preview",
                        str(tmp_path / "live.bmp"), "-o", str(tmp_path / "y.png"))
     assert code == 2 and "--preview" in err and ".bmp" in err
+
+
+def _video(tiny_package, tmp_path, *extra):
+    init = tmp_path / "init.png"
+    if not init.exists():
+        Image.new("RGB", (96, 64), (200, 60, 30)).save(init)
+    return ("generate", "--model", str(tiny_package("svd")), "--init-image", str(init), "--width", "96",
+            "--height", "64", "--steps", "2", "--seed", "3", "--device", "cpu", *extra)
+
+
+@pytest.mark.parametrize(("name", "fmt"), [("clip.webp", "WEBP"), ("clip.gif", "GIF")])
+def test_video_to_an_animated_file(tiny_package, tmp_path, capsys, name, fmt):
+    from edgediff.runtime.image import read_parameters
+
+    out = tmp_path / name
+    code, stdout, err = run(capsys, *_video(tiny_package, tmp_path, "--frames", "4", "--fps", "10",
+                                            "--motion-bucket", "100", "--noise-aug", "0.05", "--min-guidance",
+                                            "1.5", "--decode-chunk", "2", "-o", str(out)))
+    assert code == 0, err
+    assert f"wrote {out} (4 frames, 96x64, 10 fps, seed 3)" in stdout
+    assert "device: cpu onnxruntime" in stdout and "ran: onnxruntime" in stdout and "time: load" in stdout
+    with Image.open(out) as img:
+        assert img.format == fmt and img.n_frames == 4 and img.size == (96, 64)
+        params = read_parameters(img)
+        img.seek(1)
+        img.load()
+        assert img.info["duration"] == 100
+    assert params.startswith("\nSteps: 2, Sampler: Euler") and "Seed: 3, Size: 96x64" in params  # no prompt
+    assert "Min CFG scale: 1.5" in params and "Frames: 4, FPS: 10, Motion bucket id: 100" in params
+    assert "Noise aug strength: 0.05, Decode chunk: 2" in params
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["init.png", name])
+
+
+def test_video_frames_dir_and_default_name(tiny_package, tmp_path, capsys, monkeypatch):
+    from edgediff.runtime.image import read_parameters
+
+    monkeypatch.chdir(tmp_path)
+    code, stdout, err = run(capsys, *_video(tiny_package, tmp_path, "--frames", "3", "--frames-dir", "shots/a"))
+    assert code == 0, err
+    shots = tmp_path / "shots" / "a"  # created, and alone: no animated file without --output
+    assert sorted(p.name for p in shots.iterdir()) == [f"edgediff-3_{n:03d}.png" for n in range(3)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["init.png", "shots"]
+    assert "wrote 3 frames to shots/a (edgediff-3_000.png ... edgediff-3_002.png; 96x64, seed 3)" in stdout
+    with Image.open(shots / "edgediff-3_001.png") as img:
+        assert img.size == (96, 64) and "Frames: 3, FPS: 7" in read_parameters(img)
+    code, stdout, err = run(capsys, *_video(tiny_package, tmp_path, "--frames", "2", "--frames-dir", "more",
+                                            "-o", "clip.gif"))
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "more").iterdir()) == ["clip_000.png", "clip_001.png"]
+    with Image.open(tmp_path / "clip.gif") as img:
+        assert img.n_frames == 2
+    code, stdout, err = run(capsys, *_video(tiny_package, tmp_path, "--frames", "2"))
+    assert code == 0 and (tmp_path / "edgediff-3.webp").is_file(), err  # the default name
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("-p", "a cat"), "takes no text: leave the prompt and negative prompt out"),
+    (("-n", "blurry"), "takes no text"),
+    (("NO-INIT",), "makes a video from an image: give --init-image"),
+    (("-o", "x.png"), "--output x.png: a video is written as animated .webp or .gif, not '.png'; for one PNG a "
+                      "frame give --frames-dir DIR"),
+    (("-o", "x.mp4"), "not '.mp4'"),
+    (("--batch-count", "2"), "--batch-count: not for image-to-video models; svd (svd) makes a video"),
+    (("--prompt-file", "PROMPTS"), "--prompt-file: not for image-to-video models"),
+    (("--hires-scale", "2", "--mask", "INIT"), "--mask, --hires-scale: not for image-to-video models"),
+    (("--controlnet", "CN", "--control-image", "INIT"), "--controlnet, --control-image: not for image-to-video"),
+    (("--frames", "0"), "--frames must be at least 1 (got 0)"),
+    (("--fps", "0"), "--fps must be at least 1 (got 0)"),
+    (("--motion-bucket", "-1"), "--motion-bucket-id must be at least 0 (got -1.0)"),
+    (("--frames-dir", "INIT"), "is a file; name a folder"),
+])
+def test_video_usage_errors(tiny_package, tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.chdir(tmp_path)  # a case that ran would write its default edgediff-3.webp here
+    args = list(_video(tiny_package, tmp_path))
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    if "NO-INIT" in extra:
+        at = args.index("--init-image")
+        del args[at:at + 2]
+        extra = ()
+    subst = {"PROMPTS": str(tmp_path / "prompts.txt"), "INIT": str(tmp_path / "init.png"), "CN": str(tmp_path)}
+    before = sorted(tmp_path.iterdir())
+    code, _, err = run(capsys, *args, *(subst.get(a, a) for a in extra))
+    assert code == 2 and message in err, err
+    assert sorted(tmp_path.iterdir()) == before  # nothing written
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--frames", "4", "--motion-bucket", "9"), "--frames, --motion-bucket-id: options of image-to-video models; "
+                                                 "sd1 (sd1) makes images"),
+    (("--noise-aug", "0.1"), "--noise-aug-strength: options of image-to-video models"),
+    (("--frames-dir", "shots"), "--frames-dir: an option of image-to-video models; sd1 (sd1) makes images"),
+])
+def test_video_options_on_an_image_model_are_errors(tiny_package, tmp_path, capsys, extra, message):
+    code, _, err = run(capsys, *_generate(tiny_package, "-o", str(tmp_path / "x.png"), *extra))
+    assert code == 2 and message in err, err
+    assert list(tmp_path.iterdir()) == []

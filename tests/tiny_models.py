@@ -283,12 +283,14 @@ def build_tiny_controlnet(dst: Path, name: str = "sd1", seed: int = 1, channels:
 # Stable Video Diffusion: a CLIP vision encoder (its projection is the U-Net's context), the
 # spatio-temporal U-Net (8 input channels: the noisy latent and the conditioning frame's), the
 # KL encoder with a temporal decoder. The pipeline resizes the image encoder's input to 224.
-_SVD_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+# "svd" keeps the single file's rules (64-wide heads in the U-Net, 80-wide in the image encoder,
+# as SVD's ViT-H/14), so it round-trips through the SGM layout.
+_SVD_VISION = dict(hidden_size=80, intermediate_size=160, num_hidden_layers=2, num_attention_heads=1,
                    image_size=224, patch_size=32, hidden_act="gelu", projection_dim=32)
 _SVD_VAE = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=4, scaling_factor=0.18215)
 SVD_CONFIGS = {
     "svd": dict(
-        unet=dict(block_out_channels=(32, 64), layers_per_block=1, num_attention_heads=(2, 4), cross_attention_dim=32,
+        unet=dict(block_out_channels=(64, 128), layers_per_block=1, num_attention_heads=(1, 2), cross_attention_dim=32,
                   addition_time_embed_dim=8, projection_class_embeddings_input_dim=24, num_frames=4,
                   down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
                   up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal")),
@@ -302,7 +304,8 @@ SVD_CONFIGS = {
                                     "DownBlockSpatioTemporal"),
                   up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal",
                                   "CrossAttnUpBlockSpatioTemporal")),
-        vision=dict(_SVD_VISION, hidden_size=64, num_attention_heads=4, num_hidden_layers=3, projection_dim=48),
+        vision=dict(_SVD_VISION, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_hidden_layers=3,
+                    projection_dim=48),
         vae=dict(_SVD_VAE, block_out_channels=(32, 32, 32, 32), layers_per_block=2),
     ),
 }

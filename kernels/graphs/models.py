@@ -29,7 +29,10 @@ def image_encoder_graph(spec: ImageEncoder, shapes: Shapes, prefix: str, where: 
     """An image-to-video family's image encoder, in the single file's layout unless told."""
     from edgediff.kernels.graphs.clip_vision import build_clip_vision
 
-    return build_clip_vision(shapes, prefix, layout or spec.ldm_layout, heads=heads or spec.heads,
+    if heads is None:  # a single file does not say: its width in heads of the family's width
+        width = shapes.get(prefix + "class_embedding")
+        heads = max(1, width[0] // spec.head_dim) if width else 1
+    return build_clip_vision(shapes, prefix, layout or spec.ldm_layout, heads=heads,
                              hidden_act=hidden_act or spec.hidden_act, where=where)
 
 
@@ -40,8 +43,10 @@ def denoiser_graphs(family: Family, shapes: Shapes, prefix: str, where: str, dee
     if family.denoiser_class == "UNetSpatioTemporalConditionModel":
         from edgediff.kernels.graphs.unet import build_video_unet
 
+        ids = family.conditioning.time_id_count
+        adm = shapes.get(prefix + "label_emb.0.0.weight")  # the ids side by side, each embedded alike (256)
         how = dict(heads=family.unet_heads, head_dim=None if family.unet_heads else 64, prefix=prefix, where=where,
-                   time_ids=family.conditioning.time_id_count, time_id_dim=256)
+                   time_ids=ids, time_id_dim=adm[1] // ids if adm else 256)
         how.update({k: v for k, v in unet.items() if k in ("heads", "head_dim", "groups", "time_id_dim")})
         yield family.denoiser, lambda: build_video_unet(shapes, **how)
     elif family.denoiser_class == "FluxTransformer2DModel":

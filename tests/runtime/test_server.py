@@ -441,6 +441,27 @@ def test_password(tiny_package, tmp_path):
         running.stop()
 
 
+def test_a_video_model_answers_422_with_the_command_to_use(tiny_package, tmp_path):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "alpha").symlink_to(tiny_package("sd1"))
+    (folder / "clip").symlink_to(tiny_package("svd"))
+    service = Service(Models(folder), "alpha", LIMITS, device="cpu")
+    running = Running(service)
+    try:
+        body = {**SMALL, "override_settings": {"sd_model_checkpoint": "clip"}}
+        r = requests.post(f"{running.url}/sdapi/v1/txt2img", json=body)
+        assert r.status_code == 422 and service.name == "alpha"  # the job's model, restored after it
+        assert "clip (svd) makes videos from an image" in r.json()["detail"]
+        assert f"edgediff generate --model {folder / 'clip'} --init-image IMAGE" in r.json()["detail"]
+        service.switch("clip")
+        r = requests.post(f"{running.url}/sdapi/v1/img2img", json={"init_images": [_b64(_png())], "width": 64,
+                                                                   "height": 64, "steps": 2})
+        assert r.status_code == 422 and "makes videos" in r.json()["detail"] and "Traceback" not in r.text
+    finally:
+        running.stop()
+
+
 def test_serve_refuses_other_addresses_without_a_password(tmp_path, capsys):
     from edgediff.cli import main
 
