@@ -199,8 +199,8 @@ def convert(
                               allow_pickle=allow_pickle, **parts)
         if given:
             adopted.info["vae"] = str(vae)
-        precisions = parse_precision(precision, components, fmt, full_precision_components(
-            fam, fam.vae_fp16 or bool(given and given.half_safe)))
+        precisions = _uncalibrated(fam, precision, parse_precision(precision, components, fmt, full_precision_components(
+            fam, fam.vae_fp16 or bool(given and given.half_safe))), progress)
         if deep_cache:
             precisions["unet_shallow"] = precisions["unet"]
         with atomic_folder(output, overwrite) as tmp:
@@ -235,7 +235,8 @@ def _convert_folder(src: Source, fam: Family, layout: str, output: Path, fmt: st
         given = build.vae_graphs(vae, fam, arch.latent_scale, arch.latent_shift, arch.latent_channels,
                                  arch.vae_downscale)
         arch, vae_half = dataclasses.replace(arch, info={**arch.info, "vae": str(vae)}), fam.vae_fp16 or given.half_safe
-    precisions = parse_precision(precision, fam.components, fmt, full_precision_components(fam, vae_half))
+    precisions = _uncalibrated(fam, precision, parse_precision(precision, fam.components, fmt,
+                                                              full_precision_components(fam, vae_half)), progress)
     if deep_cache:
         precisions["unet_shallow"] = precisions["unet"]  # the same weights, at the same precision
 
@@ -273,6 +274,19 @@ def _convert_folder(src: Source, fam: Family, layout: str, output: Path, fmt: st
             manifest = _apply_precisions(tmp, manifest, precisions, rules, progress)
             (tmp / MANIFEST).write_text(manifest.to_json())
     return manifest
+
+
+def _uncalibrated(fam: Family, asked: str, precisions: dict[str, str], progress) -> dict[str, str]:
+    """int8 of a model int8-static cannot calibrate (an image-to-video model: the calibration runs
+    its pipeline from prompts) is int8-weights, and says so; int8-static asked by name is refused."""
+    if fam.video is None or "int8-static" not in precisions.values():
+        return precisions
+    if "int8-static" in asked:
+        raise UsageError(f"--precision {asked}: int8-static calibrates on sampling runs from prompts, which "
+                         f"{fam.title} does not take; choose int8 (its weights in 8 bits), int4 or fp16")
+    if progress:
+        progress(f"int8 for {fam.title} is int8-weights (int8-static calibrates on runs from prompts)")
+    return {k: "int8-weights" if v == "int8-static" else v for k, v in precisions.items()}
 
 
 RULE_PRECISIONS = ("keep", "fp32", "fp16", "int8", "int4")  # what a rule may give a weight of an ONNX package

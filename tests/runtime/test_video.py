@@ -108,13 +108,19 @@ def test_single_file_gives_the_folders_frames(tiny_source, tiny_package, tmp_pat
     assert min(scores) >= 60, scores
 
 
-@pytest.mark.parametrize(("precision", "floor"), [("fp16", 40.0), ("int8-weights", 30.0), ("int4", 20.0)])
-def test_quantized_packages_stay_close(tiny_source, tiny_package, tmp_path, precision, floor):
+@pytest.mark.parametrize(("precision", "stored", "floor"), [
+    ("fp16", "fp16", 40.0),
+    ("int8", "int8-weights", 30.0),  # int8-static would calibrate on runs from prompts
+    ("int4", "int4", 20.0),
+])
+def test_quantized_packages_stay_close(tiny_source, tiny_package, tmp_path, precision, stored, floor):
     from edgediff.convert import convert
 
     package = tmp_path / precision
-    manifest = convert(tiny_source("svd"), package, precision=precision)
-    assert {e.precision for e in manifest.components.values()} >= {precision}
+    said = []
+    manifest = convert(tiny_source("svd"), package, precision=precision, progress=said.append)
+    assert manifest.components["unet"].precision == stored
+    assert precision == stored or any("int8-weights" in line for line in said)
     got = _ours(package, 4, 5, 1.0, 3.0, 2)
     want = _ours(tiny_package("svd"), 4, 5, 1.0, 3.0, 2)
     assert np.mean([psnr(np.asarray(a), np.asarray(b)) for a, b in zip(got, want, strict=True)]) >= floor
@@ -128,6 +134,14 @@ def test_gguf_package_gives_the_frames(tiny_source, tiny_package, tmp_path):
     got = _ours(package, 4, 5, 1.0, 3.0, 2)
     want = _ours(tiny_package("svd"), 4, 5, 1.0, 3.0, 2)
     assert np.mean([psnr(np.asarray(a), np.asarray(b)) for a, b in zip(got, want, strict=True)]) >= 30.0
+
+
+def test_int8_static_is_refused_with_the_reason(tiny_source, tmp_path):
+    from edgediff.convert import convert
+
+    with pytest.raises(UsageError, match="calibrates on sampling runs from prompts"):
+        convert(tiny_source("svd"), tmp_path / "static", precision="int8-static")
+    assert not (tmp_path / "static").exists()
 
 
 def test_a_video_model_takes_an_image_and_no_text(tiny_package):
