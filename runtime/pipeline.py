@@ -52,6 +52,7 @@ class Timings:
 
     load: float = 0.0
     text_encode: float = 0.0
+    image_encode: float = 0.0  # an image-to-video model's image encoder
     vae_encode: float = 0.0
     steps: list[float] = field(default_factory=list)
     vae_decode: float = 0.0
@@ -64,7 +65,8 @@ class Timings:
 
     def summary(self) -> str:
         per_step = f"{np.median(self.steps):.2f} s/step" if self.steps else "no steps"
-        parts = [f"load {self.load:.2f} s", f"text {self.text_encode:.2f} s"]
+        parts = [f"load {self.load:.2f} s",
+                 f"image {self.image_encode:.2f} s" if self.image_encode else f"text {self.text_encode:.2f} s"]
         if self.vae_encode:
             parts.append(f"vae-encode {self.vae_encode:.2f} s")
         parts += [f"denoise {sum(self.steps):.2f} s ({len(self.steps)} steps, {per_step})",
@@ -820,7 +822,7 @@ class Pipeline:
         encoder = self._open(spec.image_encoder)
         started = time.perf_counter()
         embedding = encoder.run({"pixel_values": clip_pixels(init)})["image_embeds"][:, None]  # [1, 1, width]
-        self.timings.text_encode += time.perf_counter() - started
+        self.timings.image_encode += time.perf_counter() - started
         self._done(encoder)
         pixels = img.from_pil(init, width, height)
         pixels = (pixels + aug * rng.randn(pixels.shape)).astype(np.float32)
