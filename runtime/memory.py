@@ -79,8 +79,10 @@ def _weights(package, level: int | dict[int, int], expand: bool = False) -> dict
 
 
 def stages(package, *, width: int, height: int, guided: bool, level: int | dict[int, int], vae_tile: int,
-           split_guidance: bool, img2img: bool, keep_loaded: bool, expand: bool = False) -> dict[str, float]:
-    """Estimated peak bytes of each stage of one image."""
+           split_guidance: bool, img2img: bool, keep_loaded: bool, expand: bool = False, frames: int = 1,
+           decode_frames: int = 1) -> dict[str, float]:
+    """Estimated peak bytes of each stage of one image (of a video: `frames` frames through the
+    denoiser at once, `decode_frames` through the VAE decoder at once)."""
     m = package.manifest
     mem = get_family(m.family).memory
     weights = _weights(package, level, expand)
@@ -96,6 +98,8 @@ def stages(package, *, width: int, height: int, guided: bool, level: int | dict[
     for te in m.text_encoders:
         stage(f"text encoder {te.component}", te.component, mem.t5_activations if te.kind == "t5" else
               mem.clip_activations)
+    if m.conditioning.image_encoder:
+        stage("image encoder", m.conditioning.image_encoder, mem.clip_activations)
     pixels = width * height
     tiled = bool(vae_tile) and vae_tile * vae_tile < pixels
     vae = mem.vae_per_pixel * vae_tile * vae_tile + mem.vae_tiled_per_pixel * pixels if tiled else mem.vae_per_pixel * pixels
@@ -103,16 +107,18 @@ def stages(package, *, width: int, height: int, guided: bool, level: int | dict[
         stage("VAE encode", "vae_encoder", vae)
     batch = 2 if guided and not split_guidance else 1
     latent_pixels = pixels / m.vae_downscale ** 2
-    stage("denoiser", m.denoiser, mem.denoiser_per_latent_pixel * batch * latent_pixels)
-    stage("VAE decode", "vae_decoder", vae)
+    stage("denoiser", m.denoiser, mem.denoiser_per_latent_pixel * batch * frames * latent_pixels)
+    stage("VAE decode", "vae_decoder", vae * decode_frames)
     return out
 
 
 def plan(package, *, width: int, height: int, guided: bool, level: int | dict[int, int], vae_tile: int,
-         split_guidance: bool, img2img: bool, keep_loaded: bool, budget: float | None, expand: bool = False) -> Plan:
+         split_guidance: bool, img2img: bool, keep_loaded: bool, budget: float | None, expand: bool = False,
+         frames: int = 1, decode_frames: int = 1) -> Plan:
     """The fastest plan whose estimate fits `budget` (bytes; None: the one asked for). Raises a
     UsageError that says what the run needs when none fits."""
-    args = dict(width=width, height=height, guided=guided, img2img=img2img, keep_loaded=keep_loaded, expand=expand)
+    args = dict(width=width, height=height, guided=guided, img2img=img2img, keep_loaded=keep_loaded, expand=expand,
+                frames=frames, decode_frames=decode_frames)
     candidates = [Plan(level, vae_tile, split_guidance, {})]
     if budget is not None:  # each step keeps the ones before
         steps = [dict(accuracy_level=0 if not isinstance(level, dict) else dict.fromkeys(level, 0))]

@@ -811,9 +811,14 @@ class Pipeline:
         sigmas = get_sigmas(schedule, self.schedule, steps)
         down = m.vae_downscale
         shape = (1, frames, m.latent_channels, height // down, width // down)
-        if not chunk:  # as many frames as half the memory available decodes at once (each ~4.4 KB a pixel)
-            free = memory.available() or 8 * memory.GB
-            chunk = max(1, min(frames, int(free / 2 // (width * height * 4.4e3))))
+        guided = guidance > 1
+        if not chunk:  # the most frames whose decode fits the budget (or the memory available)
+            budget = self.memory_budget * memory.GB if self.memory_budget is not None else memory.available()
+            chunk = next((c for c in range(frames, 1, -1) if budget is None or memory.stages(
+                self.package, width=width, height=height, guided=guided, level=self._asked_level, vae_tile=self.vae_tile,
+                split_guidance=True, img2img=True, keep_loaded=self.keep_loaded, decode_frames=c)["VAE decode"] <= budget),
+                1)
+        plan = self._plan(width, height, guided, True, frames=frames, decode_frames=chunk)
 
         self.timings = Timings()
         began = time.perf_counter()
@@ -835,7 +840,6 @@ class Pipeline:
         ids = {"fps": fps - 1, "motion_bucket_id": motion, "noise_aug_strength": aug}
         cond = {"encoder_hidden_states": embedding, "image_latents": latent,
                 "time_ids": np.asarray([[ids[name] for name in spec.time_ids]], np.float32)}
-        guided = guidance > 1
         uncond = {**cond, "encoder_hidden_states": np.zeros_like(embedding),
                   "image_latents": np.zeros_like(latent)} if guided else None
         ramp = np.linspace(low, guidance, frames).reshape(1, frames, 1, 1, 1).astype(np.float32)
@@ -843,10 +847,10 @@ class Pipeline:
         x = noisy_start(latent_space(m.prediction), float(sigmas[0]), noise, None)
         clock = _StepClock(self.timings, progress, len(sigmas) - 1, interrupt, on_step)
         x, interrupted = self._denoise([(self, sigmas)], [(cond, uncond)], x, ramp, sampler, rng, clock, 1,
-                                       self.split_guidance, None, None)
+                                       plan.split_guidance, None, None)
         decoder = self._open("vae_decoder")
         started = time.perf_counter()
-        pixels = vae.decode(decoder, x[0].astype(np.float32), m.latent_scale, m.latent_shift, self.vae_tile, down,
+        pixels = vae.decode(decoder, x[0].astype(np.float32), m.latent_scale, m.latent_shift, plan.vae_tile, down,
                             frames=chunk)
         self.timings.vae_decode += time.perf_counter() - started
         self._done(decoder)
@@ -883,12 +887,13 @@ class Pipeline:
         return [self.generate(p, n, seed=(first + i) % 2**32, **options)
                 for i, (p, n) in enumerate(zip(prompts, negatives, strict=True))]
 
-    def _plan(self, width: int, height: int, guided: bool, img2img: bool) -> memory.Plan:
-        """How this image runs within memory (runtime.memory), decided before anything loads. With
-        a budget the plan fits it or the run is refused; without one, the machine's available
-        memory is the budget the plan tries to fit, and a warning says when it cannot."""
+    def _plan(self, width: int, height: int, guided: bool, img2img: bool, frames: int = 1,
+              decode_frames: int = 1) -> memory.Plan:
+        """How this image (or video) runs within memory (runtime.memory), decided before anything
+        loads. With a budget the plan fits it or the run is refused; without one, the machine's
+        available memory is the budget the plan tries to fit, and a warning says when it cannot."""
         asked = dict(width=width, height=height, guided=guided, img2img=img2img, keep_loaded=self.keep_loaded,
-                     expand=self.options.weights == "expanded",
+                     expand=self.options.weights == "expanded", frames=frames, decode_frames=decode_frames,
                      level=self._asked_level, vae_tile=self.vae_tile, split_guidance=self.split_guidance)
         if self.memory_budget is not None:
             plan = memory.plan(self.package, budget=self.memory_budget * memory.GB, **asked)
