@@ -225,6 +225,9 @@ def render(pipe, job: Job, init_image=None) -> tuple[bytes, dict]:
     its bytes)."""
     from edgediff.runtime.image import encode
 
+    if pipe.manifest.conditioning.image_encoder:
+        raise UsageError(f"{pipe.package.name} makes videos ({pipe.manifest.family}); `edgediff batch` writes images: "
+                         "make each video with `edgediff generate --model MODEL --init-image IMAGE --output clip.webp`")
     arguments = dict(job.arguments)
     if init_image is not None:
         arguments["init_image"] = init_image

@@ -243,3 +243,11 @@ def test_on_ray_the_same_images_and_a_dead_worker_loses_nothing(jobs, local_ray,
     assert len(records) == 6
     # and again: everything is done, Ray is not needed for it
     assert run(path, out, ray=True).skipped == sorted(expected)
+
+
+def test_a_video_model_is_refused_before_it_runs(tiny_package, tmp_path, capsys):
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(json.dumps({"prompt": ""}) + "\n")
+    code = main(["batch", str(path), "--output", str(tmp_path / "out"), "--model", str(tiny_package("svd"))])
+    assert code == 1
+    assert "makes videos (svd); `edgediff batch` writes images" in capsys.readouterr().out
