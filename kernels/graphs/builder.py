@@ -246,6 +246,24 @@ def group_norm(g: Graph, x: str, name: str, groups: int, eps: float = 1e-6, axes
     return g.op("Add", g.op("Mul", y, scale), shift)
 
 
+def blend(g: Graph, a: str, b: str, factor: str) -> str:
+    """sigmoid(factor) * a + (1 - sigmoid(factor)) * b: how Stable Video Diffusion mixes a layer's
+    output with its temporal twin's, by a learned factor (a weight of shape [1])."""
+    alpha = g.op("Sigmoid", g.weight(factor))
+    return g.op("Add", b, g.op("Mul", alpha, g.op("Sub", a, b)))
+
+
+def temporal_resblock(g: Graph, v: str, name: str, groups: int, emb: str | None = None) -> str:
+    """SVD's `time_stack` ResBlock on a video [B, C, F, H, W]: GroupNorm (eps 1e-5), SiLU, a
+    (3, 1, 1) convolution over the frames, plus `emb` ([B, C, F, 1, 1], the U-Net's embedding;
+    the VAE's has none), again without it, plus the input."""
+    h = conv(g, silu(g, group_norm(g, v, name + "in_layers.0", groups, 1e-5, axes=3)), name + "in_layers.2")
+    if emb is not None:
+        h = g.op("Add", h, emb)
+    h = conv(g, silu(g, group_norm(g, h, name + "out_layers.0", groups, 1e-5, axes=3)), name + "out_layers.3")
+    return g.op("Add", v, h)
+
+
 def silu(g: Graph, x: str) -> str:
     return g.op("Mul", x, g.op("Sigmoid", x))
 

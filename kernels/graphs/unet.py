@@ -46,6 +46,7 @@ from edgediff.errors import SourceError
 from edgediff.kernels.graphs.builder import (
     Graph,
     attention,
+    blend,
     conv,
     gelu,
     group_norm,
@@ -54,6 +55,7 @@ from edgediff.kernels.graphs.builder import (
     linear,
     matmul,
     silu,
+    temporal_resblock,
     timestep_embedding,
 )
 
@@ -239,9 +241,6 @@ def _upsample(g: Graph, x: str, name: str, like: str) -> str:
 # sigmoid(`time_mixer.mix_factor`): alpha * spatial + (1 - alpha) * temporal. The temporal
 # attention's context is each video's (its first frame's) image embedding.
 
-TEMPORAL_NORM_EPS = 1e-5  # the temporal ResBlock's GroupNorms (SGM's GroupNorm32 and diffusers' alike)
-
-
 @dataclass(frozen=True)
 class _Frames:
     """What the temporal layers take: the frame count (a 1-element tensor), SiLU(embedding) per
@@ -258,23 +257,14 @@ def _to_video(g: Graph, x: str, frames: str) -> str:
     return g.op("Transpose", v, perm=[0, 2, 1, 3, 4])
 
 
-def _blend(g: Graph, spatial: str, temporal: str, factor: str) -> str:
-    """alpha * spatial + (1 - alpha) * temporal, alpha = sigmoid(factor) (diffusers' AlphaBlender
-    'learned_with_images' with no image-only frames, as SVD runs it)."""
-    alpha = g.op("Sigmoid", g.weight(factor))
-    return g.op("Add", temporal, g.op("Mul", alpha, g.op("Sub", spatial, temporal)))
-
-
 def _temporal_resnet(g: Graph, x: str, name: str, video: _Frames, groups: int) -> str:
     """VideoResBlock's `time_stack`: a ResBlock of (3, 1, 1) convolutions over the frames, its
     embedding per frame, blended with the spatial output."""
     t = name + "time_stack."
     v = _to_video(g, x, video.count)
-    h = conv(g, silu(g, group_norm(g, v, t + "in_layers.0", groups, TEMPORAL_NORM_EPS, axes=3)), t + "in_layers.2")
     e = g.op("Transpose", linear(g, video.emb, t + "emb_layers.1"), perm=[0, 2, 1])  # [B, C, F]
-    h = g.op("Add", h, g.op("Unsqueeze", e, g.const([3, 4])))
-    h = conv(g, silu(g, group_norm(g, h, t + "out_layers.0", groups, TEMPORAL_NORM_EPS, axes=3)), t + "out_layers.3")
-    mixed = _blend(g, v, g.op("Add", v, h), name + "time_mixer.mix_factor")
+    temporal = temporal_resblock(g, v, t, groups, g.op("Unsqueeze", e, g.const([3, 4])))
+    mixed = blend(g, v, temporal, name + "time_mixer.mix_factor")  # diffusers' AlphaBlender, no image-only frames
     return g.op("Reshape", g.op("Transpose", mixed, perm=[0, 2, 1, 3, 4]), g.op("Shape", x))
 
 
@@ -311,7 +301,7 @@ def _temporal(g: Graph, t: str, name: str, k: int, heads: int, video: _Frames, p
     x = g.op("Add", x, h) if g.shape(b + "ff.net.2.weight")[0] == width else h
     x = g.op("Reshape", x, g.dims(-1, tokens, video.count, width))  # [B, S, F, C]
     x = g.op("Reshape", g.op("Transpose", x, perm=[0, 2, 1, 3]), g.dims(-1, tokens, width))
-    return _blend(g, t, x, name + "time_mixer.mix_factor")
+    return blend(g, t, x, name + "time_mixer.mix_factor")
 
 
 # -- the graph ---------------------------------------------------------------------------------

@@ -27,11 +27,13 @@ import onnx
 from edgediff.kernels.graphs.builder import (
     Graph,
     attention,
+    blend,
     conv,
     group_norm,
     indices,
     linear,
     silu,
+    temporal_resblock,
 )
 
 GROUPS = 32
@@ -92,13 +94,6 @@ def _unframes(g: Graph, x: str) -> str:
     return g.op("Transpose", g.op("Squeeze", x, g.const([0])), perm=[1, 0, 2, 3])
 
 
-def _video_norm(g: Graph, x: str, name: str, groups: int) -> str:
-    """GroupNorm (eps 1e-5) of [1, C, F, H, W], as [1, C, F, H*W]: `group_norm`'s per-channel
-    scale and shift broadcast over a 4-D input only."""
-    y = group_norm(g, g.reshape(x, [0, 0, 0, -1]), name, groups, 1e-5)
-    return g.op("Reshape", y, g.op("Shape", x))
-
-
 def _video_resnet(g: Graph, x: str, name: str, groups: int) -> str:
     """The spatial resnet, then its temporal ResBlock `time_stack` over the frames (no time
     embedding), blended: sigmoid(mix_factor) * temporal + (1 - sigmoid(mix_factor)) * spatial."""
@@ -107,13 +102,8 @@ def _video_resnet(g: Graph, x: str, name: str, groups: int) -> str:
     g.fits((name + ".conv2.weight", 0), (t + "in_layers.0.weight", 0), (t + "in_layers.2.weight", 1),
            (t + "in_layers.2.weight", 0), (t + "out_layers.0.weight", 0), (t + "out_layers.3.weight", 1),
            (t + "out_layers.3.weight", 0))
-    video = _frames(g, spatial)
-    h = conv(g, silu(g, _video_norm(g, video, t + "in_layers.0", groups)), t + "in_layers.2")
-    h = conv(g, silu(g, _video_norm(g, h, t + "out_layers.0", groups)), t + "out_layers.3")
-    temporal = _unframes(g, g.op("Add", video, h))
-    alpha = g.op("Sigmoid", g.weight(name + ".mix_factor"))
-    return g.op("Add", g.op("Mul", temporal, alpha),
-                g.op("Mul", spatial, g.op("Sub", g.scalar(1.0), alpha)))
+    temporal = _unframes(g, temporal_resblock(g, _frames(g, spatial), t, groups))
+    return blend(g, temporal, spatial, name + ".mix_factor")
 
 
 def _mid(g: Graph, x: str, name: str, groups: int, resnet=_resnet) -> str:

@@ -138,3 +138,43 @@ def test_heads_must_be_given():
         build_unet(_shapes(weights))
     with pytest.raises(SourceError, match="7-wide heads"):
         build_unet(_shapes(weights), head_dim=7)
+
+
+@pytest.mark.parametrize("name", ["svd", "svd-deep"])
+def test_video_unet_matches_diffusers(name):
+    """SVD's spatio-temporal U-Net, from SGM-named shapes, against diffusers'
+    UNetSpatioTemporalConditionModel: two videos, frames on the second axis, the conditioning
+    frame's latent joined to each. diffusers gives the resnets of its CrossAttnDownBlockSpatioTemporal
+    GroupNorms of eps 1e-6 where SGM's VideoUNet (what SVD was trained with, and the graph) has 1e-5:
+    the reference takes SGM's here (unpatched, they differ by ~1e-4)."""
+    torch = pytest.importorskip("torch")
+    from edgediff.kernels.graphs.unet import build_video_unet
+    from edgediff.kernels.ldm_names import unet_name
+
+    from tiny_models import svd_modules
+
+    _, unet, _ = svd_modules(name)
+    for module in unet.modules():
+        if isinstance(module, torch.nn.GroupNorm) and module.eps == 1e-6 and module.num_groups == 32:
+            module.eps = 1e-5
+    config = dict(unet.config)
+    weights = {unet_name(k, config): v.numpy() for k, v in unet.state_dict().items()}
+    model = build_video_unet({k: v.shape for k, v in weights.items()}, heads=list(config["num_attention_heads"]),
+                             time_id_dim=config["addition_time_embed_dim"])
+    rng = np.random.default_rng(0)
+    batch, frames, h, w = 2, config["num_frames"], 5, 6
+    feeds = {"sample": rng.standard_normal((batch, frames, 4, h, w)).astype(np.float32),
+             "image_latents": rng.standard_normal((batch, 4, h, w)).astype(np.float32),
+             "timestep": np.array([0.3, -1.2], np.float32),
+             "encoder_hidden_states": rng.standard_normal((batch, 1, config["cross_attention_dim"])).astype(np.float32),
+             "time_ids": np.array([[6, 127, 0.02], [3, 40, 0.1]], np.float32)}
+    (got,) = run(model, weights, feeds)
+    t = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    with torch.no_grad():
+        joined = torch.cat([t["sample"], t["image_latents"][:, None].expand(batch, frames, 4, h, w)], 2)
+        want = unet(joined, t["timestep"], t["encoder_hidden_states"], t["time_ids"]).sample.numpy()
+    assert got.shape == want.shape == (batch, frames, 4, h, w)
+    assert np.abs(got - want).max() <= 1e-4
+    with torch.no_grad():  # frames matter: the same frames in another order are not the same video
+        swapped = unet(joined.flip(1), t["timestep"], t["encoder_hidden_states"], t["time_ids"]).sample.flip(1).numpy()
+    assert np.abs(swapped - want).max() > 1e-2
