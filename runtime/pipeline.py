@@ -569,6 +569,9 @@ class Pipeline:
         `motion_bucket_id` and `noise_aug_strength` (the noise added to the image's latent),
         guidance ramping from `min_guidance` on the first frame to `guidance` on the last, the
         frames decoded `decode_chunk` at a time (0 or None: as many as memory allows)."""
+        if not isinstance(prompt, str):
+            options = {k: v for k, v in locals().items() if k not in ("self", "prompt", "negative_prompt", "seed")}
+            return self._each(list(prompt), negative_prompt, seed, options)
         video = dict(frames=frames, fps=fps, motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength,
                      min_guidance=min_guidance, decode_chunk=decode_chunk)
         if self.manifest.conditioning.image_encoder:
@@ -578,9 +581,6 @@ class Pipeline:
         if given := [arg(k) for k, v in video.items() if v is not None]:
             raise UsageError(f"{', '.join(given)}: options of image-to-video models; {self.package.name} "
                              f"({self.manifest.family}) makes images")
-        if not isinstance(prompt, str):
-            options = {k: v for k, v in locals().items() if k not in ("self", "prompt", "negative_prompt", "seed")}
-            return self._each(list(prompt), negative_prompt, seed, options)
         negative_prompt = "" if negative_prompt is None else negative_prompt
         if not isinstance(negative_prompt, str):
             raise UsageError("negative_prompt: a list of negative prompts goes with a list of prompts")
@@ -589,13 +589,7 @@ class Pipeline:
         text_prompt, tagged = prompt_loras(prompt, self.lora_dir)
         base = self._loras if loras is None else [LoraRequest.parse(x) for x in loras]
         self._use_loras(base + tagged)
-        steps = int(d["steps"] if steps is None else steps)
-        guidance = float(d["guidance"] if guidance is None else guidance)
-        # edgediff's names or A1111's ('DPM++ 2M Karras' is a sampler and a schedule)
-        sampler, carried = resolve_sampler(sampler) if sampler else (str(d["sampler"]), None)
-        schedule = (resolve_schedule(schedule) if schedule else None) or carried or str(d["schedule"])
-        seed = random.randrange(2**32) if seed is None else int(seed)
-        get_sampler(sampler)  # an unknown name fails before any work
+        steps, guidance, sampler, schedule, seed = self._settings(steps, guidance, sampler, schedule, seed)
         size = size_conditioning or SizeConditioning()
         size.check()
         init = img.open_image(init_image) if isinstance(init_image, (str, Path)) else init_image
@@ -623,12 +617,7 @@ class Pipeline:
         # only masked: the crop is drawn at the model's size unless asked otherwise (A1111's width and height)
         if width is None and height is None and init is not None and not (given_mask is not None and inpaint_full_res):
             width, height = (s // m.size_multiple * m.size_multiple for s in init.size)
-        width = int(d["width"] if width is None else width)
-        height = int(d["height"] if height is None else height)
-        for name, value in (("width", width), ("height", height)):
-            if value <= 0 or value % m.size_multiple:
-                raise UsageError(f"--{name} must be a positive multiple of {m.size_multiple} for {m.family} "
-                                 f"(got {value})")
+        width, height = self._size(width, height)
         patch = m.size_multiple // m.vae_downscale  # a DiT's latent patch: its tokens set Flux's shift
         tokens = (height // m.vae_downscale // patch) * (width // m.vae_downscale // patch)
         sigmas = get_sigmas(schedule, self.schedule.at_size(tokens), steps)
@@ -643,8 +632,6 @@ class Pipeline:
                                  f"branch; convert it with {arg('deep_cache')} (SD 1.x/2.x/SDXL, ONNX packages)")
         if reason := feature_cache.advice(steps, cache_interval):
             warnings.warn(reason, stacklevel=2)
-        if not math.isfinite(guidance) or guidance < 0:
-            raise UsageError(f"{arg('guidance')} must be a finite number >= 0 (got {guidance})")
         spec = m.conditioning
         if guidance > 1 and not spec.cfg and not spec.guidance_embedded:
             warnings.warn(f"{m.family} is distilled to run without guidance: {arg('guidance')} {guidance} is ignored",
@@ -773,6 +760,31 @@ class Pipeline:
         picture.info["seed"] = seed  # for callers: never parse it back out of the text
         return picture
 
+    def _settings(self, steps, guidance, sampler, schedule, seed) -> tuple[int, float, str, str, int]:
+        """Steps, guidance, sampler, schedule and seed: the package's defaults where not given,
+        A1111's spellings read ('DPM++ 2M Karras' is a sampler and a schedule), bad values refused
+        before any work."""
+        d = self.manifest.defaults
+        steps = int(d["steps"] if steps is None else steps)
+        guidance = float(d["guidance"] if guidance is None else guidance)
+        if not math.isfinite(guidance) or guidance < 0:
+            raise UsageError(f"{arg('guidance')} must be a finite number >= 0 (got {guidance})")
+        sampler, carried = resolve_sampler(sampler) if sampler else (str(d["sampler"]), None)
+        schedule = (resolve_schedule(schedule) if schedule else None) or carried or str(d["schedule"])
+        get_sampler(sampler)
+        return steps, guidance, sampler, schedule, random.randrange(2**32) if seed is None else int(seed)
+
+    def _size(self, width: int | None, height: int | None) -> tuple[int, int]:
+        """Width and height (the package's defaults where not given), multiples of what the model takes."""
+        m = self.manifest
+        width = int(m.defaults["width"] if width is None else width)
+        height = int(m.defaults["height"] if height is None else height)
+        for name, value in (("width", width), ("height", height)):
+            if value <= 0 or value % m.size_multiple:
+                raise UsageError(f"{arg(name)} must be a positive multiple of {m.size_multiple} for {m.family} "
+                                 f"(got {value})")
+        return width, height
+
     def _video(self, prompt, negative_prompt, video: dict, *, steps, guidance, sampler, schedule, seed, width, height,
                init_image, progress, interrupt, on_step) -> list[Image.Image]:
         """An image-to-video model's frames (see `generate`): the image's embedding as the
@@ -781,7 +793,7 @@ class Pipeline:
         from edgediff.runtime.clip_image import clip_pixels
 
         m, d = self.manifest, self.manifest.defaults
-        if (prompt if isinstance(prompt, str) else any(prompt)) or negative_prompt:
+        if prompt or negative_prompt:
             raise UsageError(f"{self.package.name} ({m.family}) makes a video from an image and takes no text: leave "
                              f"the prompt and negative prompt out and give {arg('init_image')}")
         if init_image is None:
@@ -795,19 +807,8 @@ class Pipeline:
                                    ("min_guidance", low, 0)):
             if not math.isfinite(value) or value < least:
                 raise UsageError(f"{arg(name)} must be at least {least} (got {value})")
-        steps = int(d["steps"] if steps is None else steps)
-        guidance = float(d["guidance"] if guidance is None else guidance)
-        if not math.isfinite(guidance) or guidance < 0:
-            raise UsageError(f"{arg('guidance')} must be a finite number >= 0 (got {guidance})")
-        sampler, carried = resolve_sampler(sampler) if sampler else (str(d["sampler"]), None)
-        schedule = (resolve_schedule(schedule) if schedule else None) or carried or str(d["schedule"])
-        get_sampler(sampler)
-        seed = random.randrange(2**32) if seed is None else int(seed)
-        width, height = int(width or d["width"]), int(height or d["height"])
-        for name, value in (("width", width), ("height", height)):
-            if value <= 0 or value % m.size_multiple:
-                raise UsageError(f"{arg(name)} must be a positive multiple of {m.size_multiple} for {m.family} "
-                                 f"(got {value})")
+        steps, guidance, sampler, schedule, seed = self._settings(steps, guidance, sampler, schedule, seed)
+        width, height = self._size(width, height)
         sigmas = get_sigmas(schedule, self.schedule, steps)
         down = m.vae_downscale
         shape = (1, frames, m.latent_channels, height // down, width // down)
