@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,8 +188,11 @@ def _architecture(adopted: Adopted, graphs: dict[str, onnx.ModelProto]):
         layers = graphs[spec.component].graph.output[0].type.tensor_type.shape.dim[0].dim_value
         encoders.append((spec, int(layers), BUNDLED_T5_TOKENIZER if spec.kind == "t5" else BUNDLED_CLIP_TOKENIZER))
     latent = graphs["vae_decoder"].graph.input[0].type.tensor_type.shape.dim[1].dim_value
+    video = fam.video
+    if video is not None and re.search(r"(^|[-_. ])xt([-_. ]|$)", Path(adopted.files[0]).stem, re.IGNORECASE):
+        video = dataclasses.replace(video, frames=25)  # svd_xt.safetensors: SVD-XT's weights have SVD's shapes
     return Architecture(fam, encoders, _resolve_spacing(scheduler), conditioning, int(latent), fam.latent.scale,
-                        fam.latent.shift, fam.latent.downscale, fam.defaults.resolution, video=fam.video)
+                        fam.latent.shift, fam.latent.downscale, fam.defaults.resolution, video=video)
 
 
 def _graphs(adopted: Adopted, folder: Path, progress, deep_cache: bool = False, weights: bool = False,

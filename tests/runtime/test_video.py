@@ -102,6 +102,10 @@ def test_single_file_gives_the_folders_frames(tiny_source, tiny_package, tmp_pat
     package = tmp_path / "from-file"
     manifest = convert(file, package)
     assert manifest.family == "svd" and manifest.source["layout"] == "ldm"
+    assert manifest.defaults["frames"] == 14  # SVD's; SVD-XT's file has the same shapes, and says it by its name
+    xt = tmp_path / "svd_xt_1_1.safetensors"
+    xt.hardlink_to(file)
+    assert convert(xt, tmp_path / "xt").defaults["frames"] == 25
     got = _ours(package, 4, 2, 1.0, 3.0, 2)
     want = _ours(tiny_package("svd"), 4, 2, 1.0, 3.0, 2)
     scores = [psnr(np.asarray(a), np.asarray(b)) for a, b in zip(got, want, strict=True)]
