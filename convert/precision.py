@@ -43,7 +43,7 @@ BLOCK = 32
 STATIC_FLOAT = (Rule(r"conv_shortcut", "fp32"), Rule(r"time_emb_proj|emb_layers", "fp32"))
 # Components that a single precision name applies to; the VAE stays fp32 under int8/int4
 # (its convolutions have no fast low-bit kernel on the CPU provider).
-LOW_BIT_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+LOW_BIT_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "image_encoder")
 
 
 class PrecisionError(EdgediffError):

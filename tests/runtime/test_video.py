@@ -123,7 +123,7 @@ def test_quantized_packages_stay_close(tiny_source, tiny_package, tmp_path, prec
     package = tmp_path / precision
     said = []
     manifest = convert(tiny_source("svd"), package, precision=precision, progress=said.append)
-    assert manifest.components["unet"].precision == stored
+    assert manifest.components["unet"].precision == manifest.components["image_encoder"].precision == stored
     assert precision == stored or any("int8-weights" in line for line in said)
     got = _ours(package, 4, 5, 1.0, 3.0, 2)
     want = _ours(tiny_package("svd"), 4, 5, 1.0, 3.0, 2)
