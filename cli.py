@@ -144,13 +144,13 @@ def _bench_epilog() -> str:
 
 
 # generate's options for images only: an image-to-video model refuses them (a video takes no
-# prompt file, batch, mask, hires pass, ControlNet, refiner, SDXL conditioning or memory plan)
+# prompt file, batch, mask, hires pass, ControlNet, refiner or SDXL conditioning)
 _IMAGE_ONLY = ("prompt_file", "batch_count", "strength", "mask", "mask_blur", "inpainting_fill", "inpaint_full_res",
                "inpaint_full_res_padding", "invert_mask", "hires_scale", "hires_width", "hires_height",
                "hires_upscaler", "hires_steps", "hires_strength", "controlnet", "control_image",
                "control_preprocessor", "control_start", "control_end", "clip_skip", "refiner", "refiner_start",
                "original_size", "crop", "target_size", "aesthetic_score", "negative_aesthetic_score",
-               "cache_interval", "memory_budget")
+               "cache_interval")
 # generate's options for image-to-video models (Pipeline.generate's names), passed on only when given
 _VIDEO_OPTIONS = ("frames", "fps", "motion_bucket_id", "noise_aug_strength", "min_guidance", "decode_chunk")
 
@@ -743,8 +743,8 @@ def _generate_video(args, pipe) -> int:
     """An image-to-video model's run (Pipeline.generate checks the prompt is absent and
     --init-image given): the frames as an animated WebP or GIF (--output; default
     edgediff-SEED.webp unless --frames-dir alone) and/or one PNG a frame in --frames-dir. The
-    pre-load memory check (_check_memory) is skipped: runtime.memory estimates one image and
-    knows nothing of frames; the pipeline decodes the frames as many at a time as memory allows."""
+    pre-load check (_check_memory) is the image's; a video's plan is the pipeline's (runtime.memory
+    with the frames: guidance split, the decode chunk), said after the run."""
     import random
 
     from edgediff.runtime.image import save_image, save_video
@@ -771,6 +771,7 @@ def _generate_video(args, pipe) -> int:
               f"{first.width}x{first.height}, seed {seed})")
     print(f"device: {pipe.device}")
     print(f"ran: {pipe.ran()}")
+    print(f"memory: {pipe.memory_note()}")
     print(f"time: {pipe.timings.summary()}")
     return 0
 
