@@ -156,3 +156,30 @@ def test_a_scheduler_config_without_betas_is_refused():
 
     with pytest.raises(PackageError, match="no beta_start/beta_end"):
         DiscreteSchedule.from_config({})
+
+
+@pytest.mark.parametrize("steps", [1, 4, 25])
+def test_continuous_edm_schedule_matches_diffusers_svd(steps):
+    """Stable Video Diffusion's scheduler: Karras sigmas between its config's 0.002 and 700, and
+    c_noise = ln(sigma) / 4 as the model's timestep (EulerDiscreteScheduler, 'continuous')."""
+    pytest.importorskip("torch")
+    from diffusers import EulerDiscreteScheduler
+
+    from edgediff.runtime.schedules import ContinuousSchedule, model_schedule
+
+    from tiny_models import SVD_SCHEDULER
+
+    ref = EulerDiscreteScheduler.from_config(SVD_SCHEDULER)
+    ref.set_timesteps(steps)
+    ds = model_schedule(SVD_SCHEDULER, "v")
+    assert isinstance(ds, ContinuousSchedule)
+    for name in ("normal", "karras"):
+        sigmas = get_sigmas(name, ds, steps)
+        np.testing.assert_allclose(sigmas, ref.sigmas.numpy(), rtol=1e-6)
+    t = [ds.sigma_to_t(s) for s in get_sigmas("karras", ds, steps)[:-1]]
+    np.testing.assert_allclose(t, ref.timesteps.numpy(), rtol=1e-5)
+    for name in ("exponential", "sgm_uniform", "simple", "beta"):  # every schedule runs on it
+        sigmas = get_sigmas(name, ds, steps)
+        assert sigmas[-1] == 0 and np.all(np.diff(sigmas) <= 0) and sigmas[0] <= 700.0 + 1e-6
+    with pytest.raises(Exception, match="continuous timesteps with eps"):
+        model_schedule(SVD_SCHEDULER, "eps")
