@@ -107,7 +107,7 @@ BENCH_TOOLS = {
     "load": "session creation with and without the optimized-graph cache",
     "fuzz": "fuzz the file readers (pip install atheris)",
     "graph_build": "how long building each full-size component's graph takes",
-    "synthetic": "write a full-size diffusers folder with random weights (sd15, sdxl)",
+    "synthetic": "write a full-size diffusers folder with random weights (sd15, sdxl, svd)",
     "synthetic_dit": "write a full-size DiT (flux-schnell, sd35-medium) with random weights as one GGUF file",
     "train_tiny": "train the embedded tiny model",
     "batch": "edgediff batch in this process vs on a local Ray: images/minute, Ray's cost per job and at start",

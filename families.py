@@ -412,6 +412,10 @@ FAMILIES: dict[str, Family] = {
             ),
         ),
         Family(
+            # the full-size architecture at 1024x576, 14 frames (benchmarks/RESULTS.md, issue 30): the
+            # U-Net's activations 0.50-0.60 GB a frame (fp32, int8-weights), the temporal decoder's
+            # 3.6 GB a frame (6.1 KB a pixel: decode chunks of 1, 2 and 4 peaked at 2.8, 6.4, 13.6 GB)
+            memory=Memory(denoiser_per_latent_pixel=6.5e4, vae_per_pixel=6.2e3),
             name="svd",
             title="Stable Video Diffusion (image to video)",
             text_encoders=(),

@@ -1,7 +1,7 @@
 """Full-size architectures with random weights, so anyone can benchmark without downloading
 weights (compute does not depend on the values). Needs the `convert` extra.
 
-    python benchmarks/synthetic.py sd15 OUT_DIR     # writes a diffusers folder
+    python benchmarks/synthetic.py sd15 OUT_DIR     # writes a diffusers folder (sd15, sdxl, svd)
 """
 
 from __future__ import annotations
@@ -48,7 +48,32 @@ SDXL = {
                   "timestep_spacing": "leading", "interpolation_type": "linear", "use_karras_sigmas": False,
                   "prediction_type": "epsilon"},
 }
-ARCHITECTURES = {"sd15": SD15, "sdxl": SDXL}
+# Stable Video Diffusion img2vid (stabilityai/stable-video-diffusion-img2vid configs; -xt differs only in
+# num_frames=25): the spatio-temporal U-Net (8 input channels: the noisy latent and the image's), the
+# CLIP ViT-H/14 vision encoder (its projection is the U-Net's context), the KL encoder with a temporal decoder
+SVD = {
+    "family": "svd",
+    "unet": dict(sample_size=96, in_channels=8, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280), num_attention_heads=(5, 10, 20, 20),
+                 cross_attention_dim=1024, transformer_layers_per_block=1, addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=768, num_frames=14,
+                 down_block_types=("CrossAttnDownBlockSpatioTemporal",) * 3 + ("DownBlockSpatioTemporal",),
+                 up_block_types=("UpBlockSpatioTemporal",) + ("CrossAttnUpBlockSpatioTemporal",) * 3),
+    "vae": dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=768,
+                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                scaling_factor=0.18215, force_upcast=True),
+    "vision": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                   num_channels=3, image_size=224, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5,
+                   projection_dim=1024),
+    # EDM: continuous sigmas, v-prediction (tests/tiny_models.SVD_SCHEDULER holds the same values)
+    "scheduler": {"_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                  "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
+                  "num_train_timesteps": 1000, "prediction_type": "v_prediction", "set_alpha_to_one": False,
+                  "sigma_max": 700.0, "sigma_min": 0.002, "skip_prk_steps": True, "steps_offset": 1,
+                  "timestep_spacing": "leading", "timestep_type": "continuous", "trained_betas": None,
+                  "use_karras_sigmas": True},
+}
+ARCHITECTURES = {"sd15": SD15, "sdxl": SDXL, "svd": SVD}
 
 
 SD1_MODEL_INDEX = {  # what diffusers' and optimum's pipelines read to know the folder's parts
@@ -82,6 +107,12 @@ MODEL_INDEX = {
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
              "text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
              "image_encoder": [None, None], "feature_extractor": [None, None]},
+    "svd": {"_class_name": "StableVideoDiffusionPipeline", "_diffusers_version": "0.24.0",
+            "feature_extractor": ["transformers", "CLIPImageProcessor"],
+            "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            "unet": ["diffusers", "UNetSpatioTemporalConditionModel"],
+            "vae": ["diffusers", "AutoencoderKLTemporalDecoder"]},
 }
 
 
@@ -102,6 +133,8 @@ def build(name: str, dst: Path, seed: int = 0) -> Path:
     arch = ARCHITECTURES[name]
     dst = Path(dst)
     torch.manual_seed(seed)
+    if arch.get("family") == "svd":
+        return _build_svd(arch, dst)
     tokenizer = Path(edgediff.convert.__file__).parent / "data" / "clip_tokenizer"
     parts = [("unet", lambda: UNet2DConditionModel(**arch["unet"])), ("vae", lambda: AutoencoderKL(**arch["vae"])),
              ("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**arch["text"])))]
@@ -117,6 +150,24 @@ def build(name: str, dst: Path, seed: int = 0) -> Path:
     (dst / "scheduler").mkdir(exist_ok=True)
     (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps(arch["scheduler"], indent=2))
     write_model_index(dst, arch.get("family", "sd1"))
+    return dst
+
+
+def _build_svd(arch: dict, dst: Path) -> Path:
+    """A StableVideoDiffusionPipeline folder (U-Net 1.52 B parameters, 6.1 GB at fp32), one module
+    at a time."""
+    from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    parts = [("image_encoder", lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**arch["vision"]))),
+             ("unet", lambda: UNetSpatioTemporalConditionModel(**arch["unet"])),
+             ("vae", lambda: AutoencoderKLTemporalDecoder(**arch["vae"]))]
+    for folder, make in parts:
+        make().save_pretrained(dst / folder)  # each module is freed before the next is made
+    CLIPImageProcessor(crop_size=224, size=224).save_pretrained(dst / "feature_extractor")
+    (dst / "scheduler").mkdir(parents=True, exist_ok=True)
+    (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps(arch["scheduler"], indent=2))
+    write_model_index(dst, "svd")
     return dst
 
 

@@ -812,13 +812,9 @@ class Pipeline:
         sigmas = get_sigmas(schedule, self.schedule, steps)
         down = m.vae_downscale
         shape = (1, frames, m.latent_channels, height // down, width // down)
-        guided = guidance > 1
-        if not chunk:  # the most frames whose decode fits the budget (or the memory available)
-            budget = self.memory_budget * memory.GB if self.memory_budget is not None else memory.available()
-            chunk = next((c for c in range(frames, 1, -1) if budget is None or memory.stages(
-                self.package, width=width, height=height, guided=guided, level=self._asked_level, vae_tile=self.vae_tile,
-                split_guidance=True, img2img=True, keep_loaded=self.keep_loaded, decode_frames=c)["VAE decode"] <= budget),
-                1)
+        guided, auto = guidance > 1, not chunk
+        budget = self.memory_budget * memory.GB if self.memory_budget is not None else None
+        chunk = chunk or self._decode_frames(width, height, frames, budget or memory.available())
         plan = self._plan(width, height, guided, True, frames=frames, decode_frames=chunk)
 
         self.timings = Timings()
@@ -849,6 +845,8 @@ class Pipeline:
         clock = _StepClock(self.timings, progress, len(sigmas) - 1, interrupt, on_step)
         x, interrupted = self._denoise([(self, sigmas)], [(cond, uncond)], x, ramp, sampler, rng, clock, 1,
                                        plan.split_guidance, None, None)
+        if auto and budget is None:  # again, now that the memory the denoiser held is known
+            chunk = min(chunk, self._decode_frames(width, height, frames, memory.available()))
         decoder = self._open("vae_decoder")
         started = time.perf_counter()
         pixels = vae.decode(decoder, x[0].astype(np.float32), m.latent_scale, m.latent_shift, plan.vae_tile, down,
@@ -887,6 +885,15 @@ class Pipeline:
         first = random.randrange(2**32) if seed is None else int(seed)
         return [self.generate(p, n, seed=(first + i) % 2**32, **options)
                 for i, (p, n) in enumerate(zip(prompts, negatives, strict=True))]
+
+    def _decode_frames(self, width: int, height: int, frames: int, budget: float | None) -> int:
+        """The most frames (up to `frames`) whose decode's estimate fits `budget` bytes (1 if none;
+        where the system does not say what is available, 8 GB)."""
+        budget = budget or 8 * memory.GB
+        return next((c for c in range(frames, 1, -1) if memory.stages(
+            self.package, width=width, height=height, guided=False, level=self._asked_level, vae_tile=self.vae_tile,
+            split_guidance=False, img2img=True, keep_loaded=self.keep_loaded, decode_frames=c)["VAE decode"] <= budget),
+            1)
 
     def _plan(self, width: int, height: int, guided: bool, img2img: bool, frames: int = 1,
               decode_frames: int = 1) -> memory.Plan:
