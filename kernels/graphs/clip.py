@@ -59,6 +59,20 @@ def _layer_count(shapes: Mapping, stem: str) -> int:
     return max(found) + 1 if found else 0
 
 
+def clip_layer(g: Graph, x: str, p: str, n: Mapping, layout: str, width: int, heads: int, hidden_act: str,
+               bias: str | None = None) -> str:
+    """One pre-norm transformer layer of CLIP's text or vision tower under `p` (`n`: the
+    layout's layer names); OpenCLIP's fused q/k/v is one MatMul, then split."""
+    h = layer_norm(g, x, p + n["ln1"], eps=EPS)
+    if layout == "open_clip":
+        q, k, v = g.chunk(matmul(g, h, p + "attn.in_proj_weight", p + "attn.in_proj_bias"), 3, width)
+    else:
+        q, k, v = (linear(g, h, p + f"self_attn.{part}_proj") for part in "qkv")
+    x = g.op("Add", x, linear(g, attention(g, q, k, v, heads, bias), p + n["out"]))
+    h = layer_norm(g, x, p + n["ln2"], eps=EPS)
+    return g.op("Add", x, linear(g, activation(g, linear(g, h, p + n["fc1"]), hidden_act), p + n["fc2"]))
+
+
 def _causal_bias(g: Graph, input_ids: str) -> str:
     """[1, 1, S, S] for the run-time S: 0 on and below the diagonal, `_MASKED` above."""
     s = g.dim(input_ids, 1)
@@ -93,17 +107,7 @@ def build_clip(shapes: Mapping[str, tuple[int, ...]], prefix: str, layout: str, 
 
     outputs = []
     for i in range(layers):
-        p = f"{n['layers']}{i}."
-        h = layer_norm(g, x, p + n["ln1"], eps=EPS)
-        if layout == "open_clip":  # one MatMul on the fused [3W, W] weight, then split
-            qkv = matmul(g, h, p + "attn.in_proj_weight", p + "attn.in_proj_bias")
-            q, k, v = g.chunk(qkv, 3, width)
-        else:
-            q, k, v = (linear(g, h, p + f"self_attn.{part}_proj") for part in "qkv")
-        x = g.op("Add", x, linear(g, attention(g, q, k, v, heads, bias), p + n["out"]))
-        h = layer_norm(g, x, p + n["ln2"], eps=EPS)
-        h = linear(g, activation(g, linear(g, h, p + n["fc1"]), hidden_act), p + n["fc2"])
-        x = g.op("Add", x, h)
+        x = clip_layer(g, x, f"{n['layers']}{i}.", n, layout, width, heads, hidden_act, bias)
         outputs.append(x)
 
     last = layer_norm(g, x, n["final"], eps=EPS)

@@ -19,18 +19,8 @@ from collections.abc import Mapping
 import onnx
 
 from edgediff.errors import SourceError
-from edgediff.kernels.graphs.builder import (
-    Graph,
-    activation,
-    attention,
-    conv,
-    indices,
-    layer_norm,
-    linear,
-    matmul,
-)
-
-EPS = 1e-5  # CLIP's and OpenCLIP's layer norms
+from edgediff.kernels.graphs.builder import Graph, conv, indices, layer_norm, matmul
+from edgediff.kernels.graphs.clip import EPS, clip_layer
 
 
 def _names(layout: str, prefix: str) -> dict:
@@ -89,17 +79,9 @@ def build_clip_vision(shapes: Mapping[str, tuple[int, ...]], prefix: str, layout
 
     for i in layers:
         p = f"{n['layers']}{i}."
-        h = layer_norm(g, x, p + n["ln1"], eps=EPS)
-        if layout == "open_clip":  # one MatMul on the fused [3W, W] weight, then split
+        if layout == "open_clip":
             g.fits((p + "attn.in_proj_weight", 1), (patch_weight, 0))
-            qkv = matmul(g, h, p + "attn.in_proj_weight", p + "attn.in_proj_bias")
-            q, k, v = g.chunk(qkv, 3, width)
-        else:
-            q, k, v = (linear(g, h, p + f"self_attn.{part}_proj") for part in "qkv")
-        x = g.op("Add", x, linear(g, attention(g, q, k, v, heads), p + n["out"]))
-        h = layer_norm(g, x, p + n["ln2"], eps=EPS)
-        h = linear(g, activation(g, linear(g, h, p + n["fc1"]), hidden_act), p + n["fc2"])
-        x = g.op("Add", x, h)
+        x = clip_layer(g, x, p, n, layout, width, heads, hidden_act)
 
     pooled = layer_norm(g, g.op("Gather", x, g.const(0), axis=1), n["post"], eps=EPS)  # the class token [B, W]
     if layout == "open_clip":
