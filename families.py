@@ -80,7 +80,6 @@ class ImageEncoder:
     ldm_layout: str = "open_clip"  # its names there ('hf': transformers' CLIPVisionModelWithProjection)
     head_dim: int = 80  # its heads' width, when the config must be rebuilt from a single file
     hidden_act: str = "gelu"
-    size: int = 224  # the image's side as the encoder sees it
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,18 @@ def filled(model: onnx.ModelProto, weights: Mapping[str, np.ndarray]) -> onnx.Mo
     return out
 
 
+def ldm_vae_weights(state_dict: Mapping, config: Mapping) -> dict[str, np.ndarray]:
+    """A diffusers VAE's weights (torch tensors or arrays) under their LDM/SGM names and shapes."""
+    from edgediff.kernels.ldm_names import ldm_shape, vae_name
+
+    weights = {}
+    for key, value in state_dict.items():
+        name = vae_name(key, config)
+        array = np.asarray(value)
+        weights[name] = array.reshape(ldm_shape(name, array.shape))
+    return weights
+
+
 def run(model: onnx.ModelProto, weights: Mapping[str, np.ndarray], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     import onnxruntime as ort
 

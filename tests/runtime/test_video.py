@@ -77,7 +77,9 @@ def _single_file(folder, path):
 
     from safetensors.numpy import load_file, save_file
 
-    from edgediff.kernels.ldm_names import clip_vision_open_clip, ldm_shape, unet_name, vae_name
+    from edgediff.kernels.ldm_names import clip_vision_open_clip, unet_name
+
+    from built import ldm_vae_weights
 
     def read(part):
         name = "model.safetensors" if part == "image_encoder" else "diffusion_pytorch_model.safetensors"
@@ -86,10 +88,7 @@ def _single_file(folder, path):
     unet, config = read("unet")
     vae, vae_config = read("vae")
     vision, _ = read("image_encoder")
-    tensors = {unet_name(k, config): v for k, v in unet.items()}
-    for k, v in vae.items():
-        name = vae_name(k, vae_config)
-        tensors[name] = v.reshape(ldm_shape(name, v.shape))
+    tensors = {unet_name(k, config): v for k, v in unet.items()} | ldm_vae_weights(vae, vae_config)
     tensors.update(clip_vision_open_clip(vision))
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(path))
     return path

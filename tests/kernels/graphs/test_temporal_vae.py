@@ -10,10 +10,9 @@ import pytest
 
 from edgediff.kernels.bind import is_placeholder
 from edgediff.kernels.graphs.vae import build_vae_decoder, build_vae_encoder
-from edgediff.kernels.ldm_names import ldm_shape, vae_name
 from edgediff.runtime import vae as runtime_vae
 
-from built import filled, run
+from built import filled, ldm_vae_weights, run
 from tiny_models import svd_modules
 
 PREFIX = "first_stage_model."
@@ -25,13 +24,8 @@ def tiny_vae(request):
     """(diffusers AutoencoderKLTemporalDecoder, its weights under SGM names and shapes)."""
     pytest.importorskip("torch")
     vae = svd_modules(request.param)[2]
-    config = dict(vae.config)
-    weights = {}
-    for key, value in vae.state_dict().items():
-        name = vae_name(key, config)
-        assert name.startswith(PREFIX)
-        array = value.numpy()
-        weights[name] = array.reshape(ldm_shape(name, array.shape))
+    weights = ldm_vae_weights(vae.state_dict(), dict(vae.config))
+    assert all(name.startswith(PREFIX) for name in weights)
     assert len(weights) == len(vae.state_dict())  # no two diffusers names on one
     return vae, weights
 

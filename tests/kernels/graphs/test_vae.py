@@ -9,9 +9,8 @@ import pytest
 
 from edgediff.errors import SourceError
 from edgediff.kernels.graphs.vae import build_vae_decoder, build_vae_encoder
-from edgediff.kernels.ldm_names import ldm_shape, vae_name
 
-from built import run
+from built import ldm_vae_weights, run
 from tiny_models import CONFIGS
 
 PREFIX = "first_stage_model."
@@ -34,13 +33,8 @@ def tiny_vae(request):
         for param in vae.parameters():
             if param.ndim == 1:
                 param.add_(torch.randn_like(param) * 0.1)
-    config = dict(vae.config)
-    weights = {}
-    for key, value in vae.state_dict().items():
-        name = vae_name(key, config)
-        assert name.startswith(PREFIX)
-        array = value.numpy()
-        weights[name] = array.reshape(ldm_shape(name, array.shape))
+    weights = ldm_vae_weights(vae.state_dict(), dict(vae.config))
+    assert all(name.startswith(PREFIX) for name in weights)
     return vae, weights
 
 
